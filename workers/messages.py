@@ -1,0 +1,95 @@
+"""Typed messages that cross process boundaries.
+
+driver -> every shard, once per request (Ray call): NewRequest
+leader -> followers, once per step (torch.distributed broadcast): StepPlan, deltas only
+leader -> driver, batched (Ray long-poll): RequestDelta"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptEmbedsRef:
+    """A (seq_len, hidden_size) array in the Ray object store, put there once.
+
+    The array is numpy (zero-copy on a node); bfloat16 travels viewed as uint16, so
+    `dtype` names the torch dtype to view it back as."""
+
+    ref: object  # ray.ObjectRef of a numpy array
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request's full data, sent to every shard once, at intake."""
+
+    req_id: str
+    prompt_token_ids: tuple[int, ...] | None  # None for an embeddings prompt
+    prompt_embeds: PromptEmbedsRef | None
+    sampling_params: SamplingParams
+
+    @property
+    def prompt_len(self) -> int:
+        if self.prompt_embeds is not None:
+            return self.prompt_embeds.shape[0]
+        return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: rows [num_computed_tokens, +num_new_tokens)."""
+
+    req_id: str
+    num_computed_tokens: int  # tokens whose K/V are already in the cache
+    num_new_tokens: int  # rows this step computes
+    new_block_ids: tuple[int, ...]  # appended to the request's block table this step
+    is_sampled: bool  # the step reaches the request's last token: sample one more
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every shard executes in one step. Followers apply it to their mirror of
+    request state; the leader applies the same plan so all ranks stay identical."""
+
+    step_id: int
+    appended_tokens: tuple[tuple[str, int], ...]  # (req_id, token) sampled last step
+    preempted_req_ids: tuple[str, ...]  # block tables cleared; recomputed from 0 later
+    finished_req_ids: tuple[str, ...]  # finished or aborted: state dropped
+    scheduled: tuple[ScheduledRequest, ...]
+    shutdown: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities (raw model distribution) for one generated token."""
+
+    token_logprob: float
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """New tokens of one request since the last delta the driver received."""
+
+    req_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprobs, ...] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(self.num_total_blocks, 1)

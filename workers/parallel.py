@@ -1,0 +1,101 @@
+"""The tensor-parallel group a shard belongs to, passed into the model as an object.
+
+At world size 1 every collective is a no-op, so layers test in one process against
+nn.Linear / nn.Embedding. Runs in each shard process."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class ProcessGroup:
+    """Rank, size and the collectives the model and step loop use.
+
+    `all_reduce` and `gather` run on the device group (NCCL on GPU, gloo on CPU);
+    `broadcast_object` and `all_reduce_min` run on a CPU (gloo) group, for step plans.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device_group=None, cpu_group=None):
+        self.rank = rank
+        self.world_size = world_size
+        self._device_group = device_group
+        self._cpu_group = cpu_group
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns x."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self._device_group)
+        return x
+
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate every rank's x along `dim` on rank 0; None on other ranks."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_leader else None
+        dist.gather(x, parts, dst=0, group=self._device_group)
+        return torch.cat(parts, dim=dim) if self.is_leader else None
+
+    def broadcast_object(self, obj=None):
+        """Rank 0's `obj` on every rank (pickled; a length then the bytes)."""
+        if self.world_size == 1:
+            return obj
+        if self.is_leader:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self._cpu_group)
+        if not self.is_leader:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(payload, src=0, group=self._cpu_group)
+        return obj if self.is_leader else pickle.loads(payload.numpy().tobytes())
+
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest `value` over ranks (e.g. KV blocks that fit on every shard)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        return int(t.item())
+
+
+def init_process_group(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device: str,
+    timeout_s: float = 1800.0,
+    store: dist.Store | None = None,
+) -> ProcessGroup:
+    """Joins the torch.distributed group (NCCL on GPU, gloo on CPU) plus a gloo CPU group.
+
+    Rank 0 passes the TCPStore it already bound on a free port (see `bind_store`)."""
+    if world_size == 1:
+        return ProcessGroup()
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
+    device_group = dist.group.WORLD
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else device_group
+    return ProcessGroup(rank, world_size, device_group, cpu_group)
+
+
+def bind_store(host: str, world_size: int, timeout_s: float = 1800.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store on a port the OS picks (no hard-coded port, no race)."""
+    return dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s)
+    )
