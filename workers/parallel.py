@@ -96,6 +96,9 @@ def init_process_group(
 
 def bind_store(host: str, world_size: int, timeout_s: float = 1800.0) -> dist.TCPStore:
     """Rank 0's rendezvous store on a port the OS picks (no hard-coded port, no race)."""
+    # wait_for_workers=False: return at once so the caller can publish the port; the
+    # default would block here until every rank had joined, which needs that port.
     return dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s)
+        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
     )

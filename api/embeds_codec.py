@@ -1,0 +1,322 @@
+"""Safe decoding of untrusted `prompt_embeds` (base64 of a torch.save zip archive) into a
+validated (seq_len, hidden_size) tensor; runs in the Serve ingress, before any shard sees it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import pickle
+import pickletools
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from cluster.prompts import validate_prompt_embeds
+
+_EXPECTED = "prompt_embeds must be a torch.save of one dense floating-point tensor"
+_REBUILD = "torch._utils _rebuild_tensor_v2"
+_ORDERED_DICT = "collections OrderedDict"
+# torch.save (2.x, including 2.13) names legacy typed storages for these four dtypes.
+_STORAGE_DTYPES = {
+    "torch FloatStorage": torch.float32,
+    "torch HalfStorage": torch.float16,
+    "torch BFloat16Storage": torch.bfloat16,
+    "torch DoubleStorage": torch.float64,
+}
+_ALLOWED_GLOBALS = {_REBUILD, _ORDERED_DICT, *_STORAGE_DTYPES}
+# Exactly what torch.save (pickle protocol 2) writes for one tensor; torch.load's
+# weights_only unpickler refuses protocol 4 anyway.
+_PUSH_ARG_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "BINUNICODE"}
+_CONSTANT_OPS = {"NEWTRUE": True, "NEWFALSE": False, "EMPTY_TUPLE": ()}
+_TUPLE_N_OPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MEMO_PUT_OPS = {"BINPUT", "LONG_BINPUT"}
+_MEMO_GET_OPS = {"BINGET", "LONG_BINGET"}
+# Members torch.save writes beside data.pkl and the storage records (data/<key>).
+_METADATA_MEMBERS = {"version", ".data/version", "byteorder", ".format_version",
+                     ".storage_alignment", ".data/serialization_id"}
+_MAX_MEMBERS = 16
+_MAX_PICKLE_BYTES = 4096  # a single tensor's data.pkl is ~150 bytes
+_MAX_REASON_CHARS = 200
+_MARK = object()
+_EMPTY_HOOKS = object()  # the OrderedDict() of backward hooks every tensor pickle carries
+
+
+class PromptEmbedsError(ValueError):
+    """A prompt_embeds payload that cannot be accepted; the message says what was expected."""
+
+    param = "prompt_embeds"
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str  # "module qualname", as pickle's GLOBAL opcode writes it
+
+
+@dataclass(frozen=True)
+class _Storage:
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """What data.pkl declares, read without building anything."""
+
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def encode_prompt_embeds(tensor: torch.Tensor) -> str:
+    """base64 of torch.save(tensor): the wire format of the `prompt_embeds` field."""
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_prompt_embeds(
+    data: str, *, hidden_size: int, dtype: torch.dtype, max_bytes: int
+) -> torch.Tensor:
+    """A validated (seq_len, hidden_size) tensor in `dtype`, or PromptEmbedsError."""
+    raw = _decode_base64(data, max_bytes)
+    members = _read_members(raw, max_bytes)
+    spec = _inspect_pickle(members["data.pkl"])
+    _check_spec(spec, members, max_bytes)
+    tensor = _load(members, spec)
+    try:
+        return validate_prompt_embeds(tensor, hidden_size, dtype)
+    except ValueError as exc:
+        raise PromptEmbedsError(str(exc)) from None
+
+
+def _decode_base64(data: str, max_bytes: int) -> bytes:
+    if not isinstance(data, str):
+        raise PromptEmbedsError(
+            f"prompt_embeds must be a base64 string, got {type(data).__name__}")
+    # Every 4 base64 characters carry 3 bytes: refuse oversized text before decoding it.
+    max_chars = 4 * math.ceil(max_bytes / 3)
+    if len(data) > max_chars:
+        raise PromptEmbedsError(
+            f"prompt_embeds is {len(data)} base64 characters (~{len(data) * 3 // 4} bytes); "
+            f"the limit is {max_bytes} decoded bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PromptEmbedsError(
+            f"prompt_embeds must be standard base64 with padding and no whitespace: {exc}"
+        ) from None
+    if len(raw) > max_bytes:
+        raise PromptEmbedsError(
+            f"prompt_embeds decodes to {len(raw)} bytes; the limit is {max_bytes}")
+    return raw
+
+
+def _read_members(raw: bytes, max_bytes: int) -> dict[str, bytes]:
+    """The archive's members keyed by name below the archive folder, after size checks."""
+    if raw[:1] == b"\x80":
+        raise PromptEmbedsError(
+            "prompt_embeds is a legacy (non-zip) torch.save; save with the default "
+            "zip format (torch.save(tensor, f))")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+        infos = _checked_infos(archive.infolist(), max_bytes)
+        return {name: archive.read(info) for name, info in infos.items()}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error,
+            NotImplementedError, RuntimeError) as exc:
+        raise PromptEmbedsError(
+            f"prompt_embeds is not a readable torch.save zip archive: "
+            f"{_bounded(str(exc))}") from None
+
+
+def _checked_infos(infos: list[zipfile.ZipInfo], max_bytes: int) -> dict[str, zipfile.ZipInfo]:
+    if not 0 < len(infos) <= _MAX_MEMBERS:
+        raise PromptEmbedsError(
+            f"prompt_embeds archive has {len(infos)} members; torch.save of one tensor "
+            f"writes at most {_MAX_MEMBERS}")
+    declared = sum(info.file_size for info in infos)
+    if declared > max_bytes:
+        raise PromptEmbedsError(
+            f"prompt_embeds archive declares {declared} uncompressed bytes; "
+            f"the limit is {max_bytes}")
+    prefixes = {info.filename.split("/", 1)[0] for info in infos}
+    names = [info.filename.partition("/")[2] for info in infos]
+    # Two members of one name could let torch read a different data.pkl than we inspect.
+    if len(prefixes) != 1 or len(set(names)) != len(names):
+        raise PromptEmbedsError(
+            "prompt_embeds archive must have one top folder and no duplicate members")
+    for name, info in zip(names, infos):
+        if name != "data.pkl" and name not in _METADATA_MEMBERS \
+                and not re.fullmatch(r"data/\d+", name):
+            raise PromptEmbedsError(f"{_EXPECTED}; found unexpected member {info.filename!r}")
+        # torch.save stores members uncompressed; compression only serves zip bombs.
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise PromptEmbedsError(
+                f"{_EXPECTED}; member {info.filename!r} is compressed or encrypted")
+    if "data.pkl" not in names:
+        raise PromptEmbedsError(f"{_EXPECTED}; the archive has no data.pkl")
+    return dict(zip(names, infos))
+
+
+def _inspect_pickle(data: bytes) -> _TensorSpec:
+    """Interpret data.pkl's opcodes symbolically: nothing is imported or called."""
+    if len(data) > _MAX_PICKLE_BYTES:
+        raise PromptEmbedsError(
+            f"{_EXPECTED}; its data.pkl is {len(data)} bytes, over {_MAX_PICKLE_BYTES}")
+    try:
+        ops = [(op.name, arg, pos) for op, arg, pos in pickletools.genops(data)]
+    except ValueError as exc:
+        raise PromptEmbedsError(f"{_EXPECTED}; data.pkl is malformed: {exc}") from None
+    if ops[-1][2] != len(data) - 1:
+        raise PromptEmbedsError(f"{_EXPECTED}; data.pkl has bytes after STOP")
+    stack: list = []
+    memo: dict = {}
+    for name, arg, _ in ops[:-1]:
+        _step(name, arg, stack, memo)
+    if len(stack) != 1 or not isinstance(stack[0], _TensorSpec):
+        found = type(stack[-1]).__name__ if stack else "nothing"
+        raise PromptEmbedsError(f"{_EXPECTED}; the top-level object is {found}")
+    return stack[0]
+
+
+def _step(name: str, arg, stack: list, memo: dict) -> None:
+    if name == "PROTO" and arg > 2:
+        raise PromptEmbedsError(f"{_EXPECTED}; data.pkl uses pickle protocol {arg}, "
+                                "use torch.save's default (2)")
+    if name == "PROTO":
+        return
+    if name in _PUSH_ARG_OPS:
+        stack.append(arg)
+    elif name in _CONSTANT_OPS:
+        stack.append(_CONSTANT_OPS[name])
+    elif name == "MARK":
+        stack.append(_MARK)
+    elif name == "TUPLE":
+        items = []
+        while (item := _pop(stack, allow_mark=True)) is not _MARK:
+            items.append(item)
+        stack.append(tuple(reversed(items)))
+    elif name in _TUPLE_N_OPS:
+        items = [_pop(stack) for _ in range(_TUPLE_N_OPS[name])]
+        stack.append(tuple(reversed(items)))
+    elif name in _MEMO_PUT_OPS:
+        memo[arg] = _pop(stack, keep=True)
+    elif name in _MEMO_GET_OPS:
+        if arg not in memo:
+            raise PromptEmbedsError(f"{_EXPECTED}; data.pkl is malformed (unknown memo {arg})")
+        stack.append(memo[arg])
+    elif name == "GLOBAL":
+        stack.append(_global(arg))
+    elif name == "BINPERSID":
+        stack.append(_storage(_pop(stack)))
+    elif name == "REDUCE":
+        args, func = _pop(stack), _pop(stack)
+        stack.append(_reduce(func, args))
+    else:
+        raise PromptEmbedsError(f"{_EXPECTED}; found pickle opcode {name}")
+
+
+def _pop(stack: list, *, allow_mark: bool = False, keep: bool = False):
+    if not stack or (stack[-1] is _MARK and not allow_mark):
+        raise PromptEmbedsError(f"{_EXPECTED}; data.pkl is malformed (stack underflow)")
+    return stack[-1] if keep else stack.pop()
+
+
+def _global(name: str) -> _Global:
+    if name not in _ALLOWED_GLOBALS:
+        raise PromptEmbedsError(f"{_EXPECTED}; found {name.replace(' ', '.')}")
+    return _Global(name)
+
+
+def _storage(pid) -> _Storage:
+    """torch's persistent id: ("storage", storage type, key, location, numel)."""
+    if (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _Global) and pid[1].name in _STORAGE_DTYPES
+            and isinstance(pid[2], str) and pid[2].isdigit()
+            and isinstance(pid[3], str) and type(pid[4]) is int):
+        return _Storage(_STORAGE_DTYPES[pid[1].name], pid[2], pid[4])
+    raise PromptEmbedsError(f"{_EXPECTED}; data.pkl has a malformed storage record")
+
+
+def _reduce(func, args):
+    if func == _Global(_ORDERED_DICT) and args == ():
+        return _EMPTY_HOOKS
+    if func == _Global(_REBUILD):
+        return _tensor_spec(args)
+    found = func.name.replace(" ", ".") if isinstance(func, _Global) else type(func).__name__
+    raise PromptEmbedsError(f"{_EXPECTED}; found a call to {found}")
+
+
+def _tensor_spec(args) -> _TensorSpec:
+    """_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks)."""
+    if (isinstance(args, tuple) and len(args) == 6 and isinstance(args[0], _Storage)
+            and _is_int_tuple((args[1],)) and _is_int_tuple(args[2])
+            and _is_int_tuple(args[3]) and isinstance(args[4], bool)
+            and args[5] is _EMPTY_HOOKS):
+        return _TensorSpec(args[0], args[1], args[2], args[3])
+    raise PromptEmbedsError(f"{_EXPECTED}; data.pkl has a malformed tensor record")
+
+
+def _is_int_tuple(values) -> bool:
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _check_spec(spec: _TensorSpec, members: dict[str, bytes], max_bytes: int) -> None:
+    """Bounds the tensor before torch builds it: storage matches its record, the view fits."""
+    storage, itemsize = spec.storage, spec.storage.dtype.itemsize
+    records = [name for name in members if name.startswith("data/")]
+    if records != [f"data/{storage.key}"]:
+        raise PromptEmbedsError(f"{_EXPECTED}; expected one storage record "
+                                f"data/{storage.key}, found {records}")
+    record_bytes = len(members[records[0]])
+    if storage.numel * itemsize != record_bytes:
+        raise PromptEmbedsError(
+            f"prompt_embeds storage declares {storage.numel} elements of {itemsize} bytes, "
+            f"but its record holds {record_bytes} bytes")
+    if len(spec.size) != len(spec.stride):
+        raise PromptEmbedsError(
+            f"prompt_embeds shape {spec.size} and strides {spec.stride} differ in length")
+    numel = math.prod(spec.size)
+    if numel * itemsize > max_bytes:
+        raise PromptEmbedsError(
+            f"prompt_embeds shape {spec.size} needs {numel * itemsize} bytes; "
+            f"the limit is {max_bytes}")
+    needed = 0 if numel == 0 else spec.offset + 1 + sum(
+        (n - 1) * s for n, s in zip(spec.size, spec.stride))
+    if needed > storage.numel:
+        raise PromptEmbedsError(
+            f"prompt_embeds shape {spec.size} with strides {spec.stride} at offset "
+            f"{spec.offset} needs {needed} elements, but its storage holds {storage.numel}")
+
+
+def _load(members: dict[str, bytes], spec: _TensorSpec) -> torch.Tensor:
+    """torch.load of a fresh archive holding exactly the members inspected above, so a
+    zip parser that reads the original bytes differently cannot see another data.pkl."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in members.items():
+            archive.writestr(f"archive/{name}", content)
+    buffer.seek(0)
+    try:
+        tensor = torch.load(buffer, weights_only=True, map_location="cpu", mmap=False)
+    except (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, EOFError,
+            KeyError) as exc:
+        raise PromptEmbedsError(
+            f"prompt_embeds could not be loaded as a tensor: {_bounded(str(exc))}") from None
+    if (type(tensor) is not torch.Tensor or tensor.dtype != spec.storage.dtype
+            or tuple(tensor.shape) != spec.size or tensor.stride() != spec.stride
+            or tensor.storage_offset() != spec.offset):
+        raise PromptEmbedsError(f"{_EXPECTED}; the loaded object differs from its declaration")
+    return tensor
+
+
+def _bounded(reason: str) -> str:
+    if len(reason) <= _MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:_MAX_REASON_CHARS]}... ({len(reason) - _MAX_REASON_CHARS} more characters)"

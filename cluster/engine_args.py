@@ -1,0 +1,82 @@
+"""EngineArgs: the user-facing engine settings (LLM(...) keywords and `shardserve serve`
+flags), resolved against the model folder into a frozen EngineConfig. Runs on the driver
+or a Serve replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from cluster.default_model import default_model_path
+from cluster.tokenizer import load_tokenizer
+from workers.config import EngineConfig, ModelConfig, parse_dtype
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = None  # a Hugging Face model folder; None: the built-in default
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    enable_prompt_embeds: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    placement_strategy: str = "STRICT_PACK"
+
+    def resolve(self):
+        """(EngineConfig, tokenizer or None). ValueError for a bad setting."""
+        model_dir = Path(self.model) if self.model else default_model_path()
+        if not model_dir.is_dir():
+            raise ValueError(
+                f"model {str(model_dir)!r} is not a folder; pass a local Hugging Face model "
+                "folder (config.json, *.safetensors, tokenizer files)"
+            )
+        model_config = ModelConfig.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        max_model_len = self.max_model_len or model_config.max_position_embeddings
+        config = EngineConfig(
+            model=str(model_dir),
+            model_config=model_config,
+            tensor_parallel_size=self.tensor_parallel_size,
+            dtype=self._resolve_dtype(model_config),
+            load_format=self.load_format,
+            device=self._resolve_device(),
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max(max_model_len, 2048),
+            enable_prompt_embeds=self.enable_prompt_embeds,
+            seed=self.seed,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            placement_strategy=self.placement_strategy,
+            eos_token_ids=_eos_token_ids(model_config, tokenizer),
+        )
+        return config, tokenizer
+
+    def _resolve_dtype(self, model_config: ModelConfig) -> str:
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+            return self.dtype
+        name = model_config.torch_dtype
+        return "float32" if name in ("float", "float32") else str(parse_dtype(name)).removeprefix("torch.")
+
+    def _resolve_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def _eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    ids = list(model_config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(ids)

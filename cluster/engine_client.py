@@ -1,0 +1,168 @@
+"""EngineClient: owns one tensor-parallel engine's shard actors. Takes requests in
+(prompt embeddings put once into the object store, the reference fanned out to every
+shard), streams deltas out, aborts, shuts down. Runs on the driver or a Serve replica."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Callable
+
+import numpy as np
+import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from cluster.placement import create_placement_group, shard_actor_options
+from workers.config import EngineConfig
+from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
+from workers.sampling_params import SamplingParams
+from workers.shard_worker import ShardWorker
+
+logger = logging.getLogger(__name__)
+
+INIT_TIMEOUT_S = 600.0  # loading a large checkpoint; a hung rendezvous fails, not wedges
+POLL_TIMEOUT_S = 1.0
+# Actor threads: the step loop, the output long-poll, request intake and control calls.
+SHARD_MAX_CONCURRENCY = 16
+
+DeltaSink = Callable[[RequestDelta], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's shards stopped; in-flight requests end with finish_reason "error"."""
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig, placement_group: PlacementGroup | None = None):
+        self.config = config
+        self._owns_group = placement_group is None
+        self.placement_group = placement_group or create_placement_group(
+            config.tensor_parallel_size, config.device, config.placement_strategy
+        )
+        self._sinks: dict[str, DeltaSink] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+        self.dead_reason: str | None = None
+        self.shards = self._start_shards()
+        self.leader = self.shards[0]
+        self._run_refs = [shard.run.remote() for shard in self.shards]
+        self._poller = threading.Thread(target=self._poll_outputs, name="shardserve-outputs", daemon=True)
+        self._poller.start()
+
+    def _start_shards(self) -> list:
+        actor_cls = ray.remote(max_concurrency=SHARD_MAX_CONCURRENCY)(ShardWorker)
+        shards = [
+            actor_cls.options(
+                **shard_actor_options(self.placement_group, rank, self.config.device)
+            ).remote(self.config, rank)
+            for rank in range(self.config.tensor_parallel_size)
+        ]
+        try:
+            host, port = ray.get(shards[0].rendezvous_address.remote(), timeout=INIT_TIMEOUT_S)
+            blocks = ray.get([s.init.remote(host, port) for s in shards], timeout=INIT_TIMEOUT_S)
+        except Exception:
+            for shard in shards:
+                ray.kill(shard)
+            self._release_group()
+            raise
+        self.num_kv_blocks = blocks[0]
+        return shards
+
+    def next_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(
+        self,
+        req_id: str,
+        sampling_params: SamplingParams,
+        sink: DeltaSink,
+        prompt_token_ids: tuple[int, ...] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        embeds_dtype: str | None = None,
+    ) -> None:
+        """Sends a validated request to every shard; `sink` receives its deltas on the
+        output thread, the last one with a finish_reason."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        embeds_ref = None
+        if prompt_embeds is not None:
+            # Put once; every shard on a node reads the same zero-copy buffer.
+            embeds_ref = PromptEmbedsRef(ray.put(prompt_embeds), embeds_dtype, tuple(prompt_embeds.shape))
+        new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params)
+        with self._lock:
+            self._sinks[req_id] = sink
+        for shard in self.shards:
+            shard.add_request.remote(new)
+
+    def abort(self, req_id: str) -> None:
+        """Stops a request and frees its KV blocks; its sink gets a final "abort" delta."""
+        with self._lock:
+            known = req_id in self._sinks
+        if known and self.dead_reason is None:
+            self.leader.abort.remote(req_id)
+
+    def stats(self) -> EngineStats:
+        return ray.get(self.leader.stats.remote())
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
+    def _poll_outputs(self) -> None:
+        while not self._closed:
+            try:
+                deltas = ray.get(self.leader.get_outputs.remote(POLL_TIMEOUT_S))
+            except Exception as exc:  # the leader died or was killed
+                self._mark_dead(f"engine shard failed: {type(exc).__name__}: {exc}")
+                return
+            for delta in deltas:
+                self._deliver(delta)
+            done, _ = ray.wait(self._run_refs, num_returns=1, timeout=0)
+            if done and not self._closed:
+                self._mark_dead(self._run_failure(done[0]))
+                return
+
+    def _deliver(self, delta: RequestDelta) -> None:
+        with self._lock:
+            sink = self._sinks.get(delta.req_id)
+            if delta.finish_reason is not None:
+                self._sinks.pop(delta.req_id, None)
+        if sink is not None:
+            sink(delta)
+
+    @staticmethod
+    def _run_failure(ref) -> str:
+        try:
+            ray.get(ref)
+        except Exception as exc:
+            return f"engine shard failed: {type(exc).__name__}: {exc}"
+        return "engine shard stopped"
+
+    def _mark_dead(self, reason: str) -> None:
+        """Ends every in-flight request with an error instead of leaving it hanging."""
+        logger.error("shardserve engine is dead: %s", reason)
+        self.dead_reason = reason
+        with self._lock:
+            sinks, self._sinks = self._sinks, {}
+        for req_id, sink in sinks.items():
+            sink(RequestDelta(req_id, (), None, finish_reason="error", error=reason))
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops the step loops, then the actors, then frees the placement group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.dead_reason is None:
+            self.leader.shutdown.remote()
+            ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=timeout_s)
+        for shard in self.shards:
+            ray.kill(shard)
+        self._release_group()
+        self._poller.join(timeout=POLL_TIMEOUT_S * 2)
+
+    def _release_group(self) -> None:
+        if self._owns_group:
+            remove_placement_group(self.placement_group)

@@ -1,0 +1,148 @@
+"""The offline API: `LLM(model, tensor_parallel_size=N, enable_prompt_embeds=True)
+.generate(prompts, sampling_params)`, prompts being text, token ids or prompt embeddings
+in any mix. Runs on the driver; the engine's shards are Ray actors."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+from collections.abc import Sequence
+
+import ray
+from tqdm.auto import tqdm
+
+from cluster.engine_args import EngineArgs
+from cluster.engine_client import EngineClient, EngineDeadError
+from cluster.outputs import CompletionTracker, RequestOutput
+from cluster.prompts import EnginePrompt, check_length, parse_prompt
+from workers.sampling_params import SamplingParams
+
+
+class LLM:
+    """A tensor-parallel engine on Ray for offline batch inference.
+
+    `LLM()` with no model uses the built-in tiny default model. Starts a local Ray if
+    none is running; `shutdown()` (or leaving a `with` block) frees the shard actors."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        self.config, self.tokenizer = self.engine_args.resolve()
+        self.engine = EngineClient(self.config)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Results in input order. A bad prompt or parameter raises ValueError before
+        any request is sent, so the LLM stays usable."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = self._per_prompt_params(sampling_params, len(prompts))
+        parsed = [self._parse(p) for p in prompts]
+        params = [
+            dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, self.config.max_model_len))
+            for p, sp in zip(parsed, params)
+        ]
+        return self._run(parsed, params, use_tqdm)
+
+    def _parse(self, prompt) -> EnginePrompt:
+        model = self.config.model_config
+        return parse_prompt(
+            prompt,
+            tokenizer=self.tokenizer,
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            dtype=self.config.torch_dtype,
+            enable_prompt_embeds=self.config.enable_prompt_embeds,
+        )
+
+    @staticmethod
+    def _per_prompt_params(sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != num_prompts:
+            raise ValueError(
+                f"got {len(sampling_params)} sampling_params for {num_prompts} prompts; "
+                "pass one, or one per prompt"
+            )
+        return sampling_params
+
+    def _run(self, prompts: list[EnginePrompt], params: list[SamplingParams], use_tqdm: bool):
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        outputs, trackers = [], {}
+        for prompt, sp in zip(prompts, params):
+            request_id = self.engine.next_request_id()
+            outputs.append(RequestOutput(
+                request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
+                prompt.num_tokens,
+            ))
+            for index in range(sp.n):
+                req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
+                sample_params = _sample_params(sp, index)
+                trackers[req_id] = (len(outputs) - 1, CompletionTracker(
+                    index, self.tokenizer, prompt.prompt_token_ids, sample_params))
+                self.engine.add_request(
+                    req_id, sample_params, deltas.put, prompt.prompt_token_ids,
+                    prompt.prompt_embeds, prompt.embeds_dtype,
+                )
+        try:
+            self._collect(deltas, trackers, len(prompts), use_tqdm)
+        except BaseException:
+            for req_id, (_, tracker) in trackers.items():
+                if not tracker.is_finished:
+                    self.engine.abort(req_id)
+            raise
+        for position, tracker in trackers.values():
+            outputs[position].outputs.append(tracker.output())
+        for output in outputs:
+            output.finished = True
+        return outputs
+
+    def _collect(self, deltas: queue.SimpleQueue, trackers: dict, num_prompts: int, use_tqdm: bool):
+        remaining = {}
+        for position, tracker in trackers.values():
+            remaining[position] = remaining.get(position, 0) + 1
+        progress = tqdm(total=num_prompts, desc="Processed prompts", disable=not use_tqdm)
+        with progress:
+            while remaining:
+                delta = deltas.get()
+                position, tracker = trackers[delta.req_id]
+                if tracker.is_finished:
+                    continue
+                tracker.apply(delta)
+                if not tracker.is_finished:
+                    continue
+                if tracker.finish_reason == "error":
+                    raise EngineDeadError(tracker.error)
+                if delta.finish_reason is None:  # finished by a stop string on this side
+                    self.engine.abort(delta.req_id)
+                remaining[position] -= 1
+                if remaining[position] == 0:
+                    del remaining[position]
+                    progress.update(1)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of n: a distinct seed per sample, so n seeded samples differ."""
+    single = dataclasses.replace(params, n=1)
+    if params.seed is not None and index:
+        single = dataclasses.replace(single, seed=params.seed + index)
+    return single

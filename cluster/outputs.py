@@ -1,0 +1,112 @@
+"""Request outputs as vLLM users know them, and the per-sample tracker that turns the
+engine's token deltas into text, logprobs and a finish reason. Runs on the driver or a
+Serve replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.detokenizer import IncrementalDetokenizer
+from workers.messages import RequestDelta
+from workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Logprob:
+    logprob: float
+    rank: int | None = None  # 1 = most likely
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None  # None for an embeddings prompt
+    num_prompt_tokens: int  # rows of prompt_embeds, or len(prompt_token_ids)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+
+class CompletionTracker:
+    """One sample's state on the driver: token ids, incremental text, logprobs."""
+
+    def __init__(self, index: int, tokenizer, prompt_token_ids, params: SamplingParams):
+        self.index = index
+        self.params = params
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, prompt_token_ids, params) if tokenizer else None
+        )
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text if self.detokenizer else ""
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def apply(self, delta: RequestDelta) -> str:
+        """Folds in one delta; returns the text that became final. A stop string that
+        matches finishes the sample here (the caller then aborts it in the engine)."""
+        if self.is_finished:
+            return ""
+        self.token_ids.extend(delta.new_token_ids)
+        self._add_logprobs(delta)
+        new_text = ""
+        if self.detokenizer is not None:
+            new_text = self.detokenizer.update(
+                list(delta.new_token_ids), delta.finish_reason, delta.stop_reason
+            )
+            if self.detokenizer.stop_matched is not None:
+                self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
+                return new_text
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            self.error = delta.error
+        return new_text
+
+    def _add_logprobs(self, delta: RequestDelta) -> None:
+        if self.logprobs is None or delta.new_logprobs is None:
+            return
+        for token, entry in zip(delta.new_token_ids, delta.new_logprobs):
+            top = {tid: Logprob(lp, rank + 1, self._decode(tid)) for rank, (tid, lp) in enumerate(entry.top)}
+            if token not in top:
+                top[token] = Logprob(entry.token_logprob, None, self._decode(token))
+            self.logprobs.append(top)
+            self.cumulative_logprob += entry.token_logprob
+
+    def _decode(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer else None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )

@@ -1,0 +1,146 @@
+"""Parsing and validation of prompts — text, token ids or prompt embeddings — into what
+the engine takes. Every problem is a ValueError that says what was expected, raised
+before anything reaches a shard. Runs on the driver or a Serve replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """One validated prompt. Exactly one of prompt_token_ids / prompt_embeds is set."""
+
+    prompt: str | None  # the text, when the prompt was text
+    prompt_token_ids: tuple[int, ...] | None
+    prompt_embeds: np.ndarray | None  # (seq_len, hidden); bfloat16 viewed as uint16
+    embeds_dtype: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        if self.prompt_embeds is not None:
+            return self.prompt_embeds.shape[0]
+        return len(self.prompt_token_ids)
+
+
+def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (seq_len, hidden_size) dense floating tensor of finite values, cast to `dtype`.
+
+    A leading batch dimension of 1 is squeezed. Anything else is a ValueError."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"prompt_embeds must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise ValueError(f"prompt_embeds must be a dense tensor, got layout {tensor.layout}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"prompt_embeds must have a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {tensor.dtype}"
+        )
+    if tensor.dim() == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 2 or tensor.shape[1] != hidden_size:
+        raise ValueError(
+            f"prompt_embeds: expected shape (seq_len, {hidden_size}), got {tuple(tensor.shape)}"
+        )
+    if tensor.shape[0] == 0:
+        raise ValueError("prompt_embeds must have at least one row, got shape "
+                         f"{tuple(tensor.shape)}")
+    tensor = tensor.detach().to("cpu", dtype)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
+    return tensor.contiguous()
+
+
+def to_object_store_array(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """numpy for the object store (zero-copy on a node, unlike pickled tensors);
+    bfloat16, which numpy lacks, travels viewed as uint16 with its name beside it."""
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy(), dtype_name
+    return tensor.numpy(), dtype_name
+
+
+def parse_prompt(
+    prompt,
+    *,
+    tokenizer,
+    vocab_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    enable_prompt_embeds: bool,
+) -> EnginePrompt:
+    """str | {"prompt": str} | {"prompt_token_ids": [...]} | {"prompt_embeds": tensor}."""
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    if not isinstance(prompt, dict):
+        raise ValueError(
+            "a prompt must be a string or a dict with one of 'prompt', 'prompt_token_ids', "
+            f"'prompt_embeds'; got {type(prompt).__name__}"
+        )
+    keys = [k for k in ("prompt", "prompt_token_ids", "prompt_embeds") if prompt.get(k) is not None]
+    if len(keys) != 1:
+        raise ValueError(
+            "a prompt dict needs exactly one of 'prompt', 'prompt_token_ids', 'prompt_embeds'; "
+            f"got {sorted(prompt)}"
+        )
+    if keys[0] == "prompt_embeds":
+        if not enable_prompt_embeds:
+            raise ValueError(
+                "prompt_embeds given but prompt embeddings are disabled; "
+                "pass enable_prompt_embeds=True"
+            )
+        tensor = validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype)
+        array, dtype_name = to_object_store_array(tensor)
+        return EnginePrompt(None, None, array, dtype_name)
+    if keys[0] == "prompt":
+        return EnginePrompt(prompt["prompt"], _tokenize(prompt["prompt"], tokenizer), None)
+    return EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)
+
+
+def _tokenize(text, tokenizer) -> tuple[int, ...]:
+    if not isinstance(text, str):
+        raise ValueError(f"'prompt' must be a string, got {type(text).__name__}")
+    if tokenizer is None:
+        raise ValueError(
+            "this model has no tokenizer, so text prompts cannot be used; "
+            "send prompt_token_ids or prompt_embeds"
+        )
+    ids = tuple(tokenizer.encode(text))
+    if not ids:
+        raise ValueError("the prompt is empty: it tokenizes to no tokens")
+    return ids
+
+
+def validate_token_ids(token_ids, vocab_size: int) -> tuple[int, ...]:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.tolist()
+    if not isinstance(token_ids, (list, tuple)) or not token_ids:
+        raise ValueError("prompt_token_ids must be a non-empty list of integers")
+    for token in token_ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ValueError(
+                f"prompt_token_ids must be integers in [0, {vocab_size}); got {token!r}"
+            )
+    return tuple(token_ids)
+
+
+def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The max_tokens to use: as asked, or what fits when None. ValueError if too long."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"the prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len}: "
+            "no room to generate"
+        )
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more"
+        )
+    return max_tokens

@@ -1,0 +1,325 @@
+"""prompt_embeds codec: round trips, and every hostile or malformed payload is a
+PromptEmbedsError raised before torch builds anything it should not."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+
+import pytest
+import torch
+
+from api import embeds_codec
+from api.embeds_codec import PromptEmbedsError, decode_prompt_embeds, encode_prompt_embeds
+
+H = 8
+LIMIT = 1 << 20
+EXPECTED = "prompt_embeds must be a torch.save of one dense floating-point tensor"
+
+
+def decode(data, *, hidden_size=H, dtype=torch.float32, max_bytes=LIMIT):
+    return decode_prompt_embeds(data, hidden_size=hidden_size, dtype=dtype, max_bytes=max_bytes)
+
+
+def saved(obj, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def members(raw: bytes) -> dict[str, bytes]:
+    archive = zipfile.ZipFile(io.BytesIO(raw))
+    return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def zipped(entries, compression=zipfile.ZIP_STORED) -> bytes:
+    """entries: dict or list of (name, bytes) pairs (a list allows duplicate names)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns on duplicate names
+        with zipfile.ZipFile(buffer, "w", compression) as archive:
+            for name, content in dict(entries).items() if isinstance(entries, dict) else entries:
+                archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def with_pickle(pkl: bytes, storage: bytes = bytes(24)) -> str:
+    """A torch.save-shaped archive whose data.pkl is `pkl`."""
+    entries = members(saved(torch.zeros(2, 3)))
+    entries["archive/data.pkl"] = pkl
+    entries["archive/data/0"] = storage
+    return b64(zipped(entries))
+
+
+def _int(value: int) -> bytes:
+    return b"J" + struct.pack("<i", value)  # BININT
+
+
+def _str(value: str) -> bytes:
+    return b"X" + struct.pack("<I", len(value)) + value.encode()  # BINUNICODE
+
+
+def _tuple(values) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"
+
+
+def tensor_pickle(*, numel, size, stride, offset=0, storage="FloatStorage") -> bytes:
+    """data.pkl of _rebuild_tensor_v2 written opcode by opcode, so shapes can lie."""
+    pid = b"(" + _str("storage") + f"ctorch\n{storage}\n".encode() + _str("0") + _str("cpu")
+    pid += _int(numel) + b"tQ"
+    hooks = b"ccollections\nOrderedDict\n)R"
+    args = b"(" + pid + _int(offset) + _tuple(size) + _tuple(stride) + b"\x89" + hooks + b"t"
+    return b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R."
+
+
+def call_pickle(module: str, name: str, argument: str) -> bytes:
+    """data.pkl that calls module.name(argument) when unpickled."""
+    return b"\x80\x02" + f"c{module}\n{name}\n".encode() + _str(argument) + b"\x85R."
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_round_trip_keeps_values_and_casts(dtype):
+    tensor = torch.randn(5, H).to(dtype)
+    assert torch.equal(decode(encode_prompt_embeds(tensor), dtype=dtype), tensor)
+    as_f32 = decode(encode_prompt_embeds(tensor), dtype=torch.float32)
+    assert as_f32.dtype == torch.float32 and torch.equal(as_f32, tensor.float())
+
+
+def test_batch_of_one_is_squeezed():
+    tensor = torch.randn(1, 4, H)
+    assert torch.equal(decode(encode_prompt_embeds(tensor)), tensor[0])
+
+
+def test_non_contiguous_view_saved_directly_round_trips():
+    base = torch.randn(H, 12)
+    view = base[:, 2:6].t()  # (4, H), strides (1, 12), offset 2, storage of 96
+    out = decode(b64(saved(view)))
+    assert out.is_contiguous() and torch.equal(out, view)
+
+
+def test_hand_written_pickle_matches_torch_save():
+    values = torch.arange(6, dtype=torch.float32)
+    data = with_pickle(tensor_pickle(numel=6, size=(2, 3), stride=(3, 1)), values.numpy().tobytes())
+    assert torch.equal(decode(data, hidden_size=3), values.reshape(2, 3))
+
+
+@pytest.mark.parametrize("data", [b"abcd", None, 5, ["abcd"]])
+def test_rejects_non_string(data):
+    with pytest.raises(PromptEmbedsError, match="must be a base64 string"):
+        decode(data)
+
+
+def test_oversize_text_is_rejected_before_decoding(monkeypatch):
+    calls = []
+    monkeypatch.setattr(embeds_codec.base64, "b64decode", lambda *a, **k: calls.append(a))
+    with pytest.raises(PromptEmbedsError, match="limit is 1024 decoded bytes"):
+        decode("A" * 50_000_000, max_bytes=1024)
+    assert calls == []
+
+
+def test_size_limit_is_exact_on_decoded_bytes():
+    raw = saved(torch.randn(2, H))
+    assert decode(b64(raw), max_bytes=len(raw)).shape == (2, H)
+    with pytest.raises(PromptEmbedsError, match=f"limit is {len(raw) - 1}"):
+        decode(b64(raw), max_bytes=len(raw) - 1)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda s: s + "!",
+    lambda s: " " + s,
+    lambda s: s + "\n",
+    lambda s: s[:76] + "\n" + s[76:],  # MIME line wrapping
+    lambda s: s.replace("+", "-").replace("/", "_") if ("+" in s or "/" in s) else s + "-",
+    lambda s: s.rstrip("=")[:-1],  # bad padding
+    lambda s: s[:10] + "é" + s[10:],
+])
+def test_rejects_anything_but_strict_standard_base64(mangle):
+    with pytest.raises(PromptEmbedsError, match="standard base64"):
+        decode(mangle(encode_prompt_embeds(torch.randn(3, H))))
+
+
+@pytest.mark.parametrize("raw", [b"", os.urandom(1000), b"PK\x03\x04" + os.urandom(300)])
+def test_rejects_bytes_that_are_not_a_zip(raw):
+    with pytest.raises(PromptEmbedsError, match="not a readable torch.save zip archive"):
+        decode(b64(raw))
+
+
+def test_rejects_truncated_zip():
+    raw = saved(torch.randn(3, H))
+    for cut in (len(raw) // 2, len(raw) - 10):
+        with pytest.raises(PromptEmbedsError, match="not a readable"):
+            decode(b64(raw[:cut]))
+
+
+def test_rejects_legacy_pickle_format():
+    raw = saved(torch.randn(3, H), _use_new_zipfile_serialization=False)
+    with pytest.raises(PromptEmbedsError, match="legacy"):
+        decode(b64(raw))
+
+
+def test_rejects_zip_bomb_by_declared_size():
+    entries = members(saved(torch.randn(3, H)))
+    entries["archive/data/0"] = bytes(8 << 20)
+    raw = zipped(entries, zipfile.ZIP_DEFLATED)
+    assert len(raw) < 256 << 10
+    with pytest.raises(PromptEmbedsError, match=r"declares \d+ uncompressed bytes"):
+        decode(b64(raw), max_bytes=256 << 10)
+
+
+def test_rejects_compressed_members():
+    raw = zipped(members(saved(torch.randn(3, H))), zipfile.ZIP_DEFLATED)
+    with pytest.raises(PromptEmbedsError, match="compressed"):
+        decode(b64(raw))
+
+
+def test_rejects_duplicate_and_unexpected_members():
+    entries = members(saved(torch.randn(3, H)))
+    evil = call_pickle("os", "system", "true")
+    with pytest.raises(PromptEmbedsError, match="duplicate"):
+        decode(b64(zipped([*entries.items(), ("archive/data.pkl", evil)])))
+    with pytest.raises(PromptEmbedsError, match="unexpected member 'archive/evil.py'"):
+        decode(b64(zipped({**entries, "archive/evil.py": b"x"})))
+
+
+def test_os_system_pickle_is_rejected_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = call_pickle("os", "system", f"touch {marker}")
+    pickle.loads(payload)  # the payload is live: plain unpickling runs the command
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(PromptEmbedsError, match=f"{EXPECTED}; found os.system"):
+        decode(with_pickle(payload))
+    assert not marker.exists()
+
+
+def test_builtins_eval_pickle_is_rejected_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = call_pickle("builtins", "eval", f"open({str(marker)!r}, 'w').close()")
+    pickle.loads(payload)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(PromptEmbedsError, match="found builtins.eval"):
+        decode(with_pickle(payload))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("module, name", [
+    ("torch._utils", "_rebuild_wrapper_subclass"),
+    ("torch._utils", "_rebuild_qtensor"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch", "load"),
+])
+def test_rejects_globals_outside_the_allowlist(module, name):
+    with pytest.raises(PromptEmbedsError, match=f"found {module}.{name}"):
+        decode(with_pickle(call_pickle(module, name, "x")))
+
+
+def test_rejects_calling_an_allowlisted_storage_type():
+    with pytest.raises(PromptEmbedsError, match="found a call to torch.FloatStorage"):
+        decode(with_pickle(call_pickle("torch", "FloatStorage", "x")))
+
+
+def _sparse_coo_out_of_range():
+    indices = torch.tensor([[0, 1_000_000], [0, 1_000_000]])
+    return torch.sparse_coo_tensor(indices, torch.ones(2), (2, H), check_invariants=False)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_sparse_coo_out_of_range, "found torch._utils._rebuild_sparse_tensor"),
+    (lambda: torch.eye(H).to_sparse_csr(), "found torch._utils._rebuild_sparse_tensor"),
+    (lambda: torch.quantize_per_tensor(torch.ones(2, H), 0.1, 0, torch.qint8),
+     "found torch._utils._rebuild_qtensor"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2, H), torch.ones(1, H)]),
+     "found torch._utils._rebuild_nested_tensor"),
+    (lambda: torch.nn.Parameter(torch.ones(2, H)), "found torch._utils._rebuild_parameter"),
+    (lambda: torch.ones(2, H, dtype=torch.int32), "found torch.IntStorage"),
+    (lambda: torch.ones(2, H, dtype=torch.int64), "found torch.LongStorage"),
+    (lambda: torch.ones(2, H, dtype=torch.bool), "found torch.BoolStorage"),
+    (lambda: torch.ones(2, H, dtype=torch.complex64), "found torch.ComplexFloatStorage"),
+    (lambda: torch.ones(2, H, dtype=torch.float8_e4m3fn), "found torch._utils._rebuild_tensor_v3"),
+    (lambda: {"embeds": torch.ones(2, H)}, "found pickle opcode EMPTY_DICT"),
+    (lambda: [torch.ones(2, H)], "found pickle opcode EMPTY_LIST"),
+    (lambda: (torch.ones(2, H),), "the top-level object is tuple"),
+    (lambda: (torch.ones(2, H), torch.ones(2, H)), "the top-level object is tuple"),
+])
+def test_rejects_everything_but_one_dense_float_tensor(make, reason):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR, quantized and nested warn on creation
+        payload = b64(saved(make()))
+    with pytest.raises(PromptEmbedsError, match=re.escape(f"{EXPECTED}; {reason}")):
+        decode(payload)
+
+
+def test_rejects_pickle_protocol_other_than_torch_default():
+    with pytest.raises(PromptEmbedsError, match="pickle protocol 4"):
+        decode(b64(saved(torch.ones(2, H), pickle_protocol=4)))
+
+
+def test_rejects_bytes_after_stop():
+    pkl = tensor_pickle(numel=6, size=(2, 3), stride=(3, 1))
+    with pytest.raises(PromptEmbedsError, match="after STOP"):
+        decode(with_pickle(pkl + b"cos\nsystem\n"), hidden_size=3)
+
+
+def test_rejects_shape_larger_than_its_storage():
+    pkl = tensor_pickle(numel=6, size=(9, 3), stride=(3, 1))
+    with pytest.raises(PromptEmbedsError, match="needs 27 elements, but its storage holds 6"):
+        decode(with_pickle(pkl), hidden_size=3)
+    pkl = tensor_pickle(numel=6, size=(2, 3), stride=(3, 1), offset=1)
+    with pytest.raises(PromptEmbedsError, match="at offset 1 needs 7 elements"):
+        decode(with_pickle(pkl), hidden_size=3)
+
+
+def test_rejects_storage_count_that_disagrees_with_its_record():
+    pkl = tensor_pickle(numel=100, size=(2, 3), stride=(3, 1))
+    with pytest.raises(PromptEmbedsError, match="declares 100 elements of 4 bytes, but its "
+                                                 "record holds 24 bytes"):
+        decode(with_pickle(pkl), hidden_size=3)
+
+
+def test_rejects_broadcast_strides_that_would_densify_past_the_limit():
+    pkl = tensor_pickle(numel=6, size=(1_000_000, 3), stride=(0, 1))
+    with pytest.raises(PromptEmbedsError, match=r"needs 12000000 bytes; the limit is"):
+        decode(with_pickle(pkl), hidden_size=3)
+
+
+@pytest.mark.parametrize("shape", [(3, H + 1), (H,), (2, 3, H), (1, 1, 3, H)])
+def test_rejects_wrong_shape_with_expected_shape(shape):
+    expected = f"expected shape (seq_len, {H}), got {tuple(shape)}"
+    with pytest.raises(PromptEmbedsError, match=re.escape(expected)):
+        decode(encode_prompt_embeds(torch.randn(shape)))
+
+
+def test_rejects_zero_rows():
+    with pytest.raises(PromptEmbedsError, match="at least one row"):
+        decode(encode_prompt_embeds(torch.zeros(0, H)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_nan_and_inf(bad):
+    tensor = torch.randn(3, H)
+    tensor[1, 2] = bad
+    with pytest.raises(PromptEmbedsError, match="NaN or Inf"):
+        decode(encode_prompt_embeds(tensor))
+
+
+def test_rejects_values_that_overflow_the_model_dtype():
+    with pytest.raises(PromptEmbedsError, match="NaN or Inf"):
+        decode(encode_prompt_embeds(torch.full((2, H), 1e30)), dtype=torch.float16)
+
+
+def test_error_is_a_value_error_naming_its_param():
+    with pytest.raises(ValueError) as info:
+        decode("!!!!")
+    assert info.value.param == "prompt_embeds"

@@ -1,0 +1,163 @@
+"""The offline LLM on the built-in default model through Ray at tensor_parallel_size 2:
+text prompts against Hugging Face, continuous batching, sampling, and bad inputs that
+raise ValueError while the LLM keeps working."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cluster import LLM, SamplingParams
+from tests.hf_reference import hf_greedy, load_hf_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(ray_cluster):
+    with LLM(tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=256,
+             kv_cache_memory_bytes=32 << 20) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def hf_model(llm):
+    return load_hf_model(llm.config.model)
+
+
+def _random_ids(seed: int, length: int, vocab: int) -> list[int]:
+    return torch.randint(5, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_text_prompts_match_hf(llm, hf_model):
+    tokenizer = llm.get_tokenizer()
+    texts = ["The quick brown fox", "Ray places one shard on each GPU, and", "1 2 3"]
+    outputs = llm.generate(texts, GREEDY, use_tqdm=False)
+    for text, output in zip(texts, outputs):
+        ids = tokenizer.encode(text)
+        assert output.prompt == text and output.prompt_token_ids == ids
+        reference = hf_greedy(hf_model, GREEDY.max_tokens, input_ids=ids)
+        assert output.outputs[0].token_ids == reference.token_ids
+        assert output.outputs[0].text == tokenizer.decode(reference.token_ids, skip_special_tokens=True)
+
+
+def _generate_staggered(engine, prompts, params_list):
+    """Submits prompts in three waves, each after the previous wave produced tokens."""
+    results = {i: [] for i in range(len(prompts))}
+    done = {i: threading.Event() for i in range(len(prompts))}
+    progressed = {i: threading.Event() for i in range(len(prompts))}
+
+    def sink_for(i):
+        def sink(delta):
+            results[i].extend(delta.new_token_ids)
+            if len(results[i]) >= 3:
+                progressed[i].set()
+            if delta.finish_reason is not None:
+                done[i].set()
+        return sink
+
+    waves = [[0, 1], [2, 3], [4, 5]]
+    for wave in waves:
+        for i in wave:
+            engine.add_request(f"stagger-{i}", params_list[i], sink_for(i), tuple(prompts[i]))
+        for i in wave:
+            assert progressed[i].wait(60)
+    for i in done:
+        assert done[i].wait(60)
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_continuous_batching_matches_each_alone(llm):
+    vocab = llm.config.model_config.vocab_size
+    lengths, max_tokens = [3, 40, 17, 70, 9, 33], [20, 6, 14, 9, 25, 12]
+    prompts = [_random_ids(i, n, vocab) for i, n in enumerate(lengths)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    alone = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
+             for p, sp in zip(prompts, params)]
+    together = _generate_staggered(llm.engine, prompts, params)
+    assert together == alone
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_preemption_under_kv_pressure_keeps_outputs(ray_cluster):
+    # 20 blocks of 16 tokens: six 60-token requests cannot all be resident at once.
+    with LLM(tensor_parallel_size=2, max_model_len=256, kv_cache_memory_bytes=20 * 32 * 1024) as small:
+        vocab = small.config.model_config.vocab_size
+        prompts = [{"prompt_token_ids": _random_ids(100 + i, 40, vocab)} for i in range(6)]
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        together = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
+        alone = [small.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        assert together == alone
+        stats = small.engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_seeded_sampling_is_reproducible_and_n_samples_differ(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, n=3, ignore_eos=True)
+    first = llm.generate("Once upon a time", params, use_tqdm=False)[0]
+    second = llm.generate(["Once upon a time", "noise"], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in second.outputs]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+
+
+def test_stop_string_cuts_text(llm):
+    reference = llm.generate("The sky is", GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = reference.text[4:7]
+    assert stop and stop.strip()
+    cut = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=12, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == reference.text[: reference.text.index(stop)]
+
+
+BAD_EMBEDS = {
+    "wrong hidden size": (torch.randn(4, 17), "expected shape (seq_len, 256), got (4, 17)"),
+    "1-D": (torch.randn(256), "expected shape (seq_len, 256), got (256,)"),
+    "3-D with batch > 1": (torch.randn(2, 4, 256), "expected shape (seq_len, 256), got (2, 4, 256)"),
+    "integer dtype": (torch.ones(4, 256, dtype=torch.int64), "floating dtype"),
+    "NaN": (torch.full((4, 256), float("nan")), "NaN or Inf"),
+    "Inf": (torch.full((4, 256), float("inf")), "NaN or Inf"),
+    "empty": (torch.empty(0, 256), "at least one row"),
+    "sparse": (torch.randn(4, 256).to_sparse(), "dense"),
+    "not a tensor": ([[0.0] * 256], "must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EMBEDS))
+def test_bad_prompt_embeds_raise_and_llm_keeps_working(llm, case):
+    tensor, message = BAD_EMBEDS[case]
+    with pytest.raises(ValueError, match=_escape(message)):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_embeds": tensor}], GREEDY, use_tqdm=False)
+    good = llm.generate({"prompt_embeds": torch.randn(4, 256)}, GREEDY, use_tqdm=False)[0]
+    assert len(good.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ({"prompt_token_ids": [1, 10**9]}, "integers in"),
+    ({"prompt_token_ids": []}, "non-empty"),
+    ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one of"),
+    ({"prompt_token_ids": list(range(5, 260))}, "maximum context length"),
+    (42, "must be a string or a dict"),
+])
+def test_bad_prompts_raise(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert llm.generate("still serving", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_embeddings_without_flag_raise(ray_cluster):
+    with LLM(max_model_len=128) as plain:
+        with pytest.raises(ValueError, match="enable_prompt_embeds=True"):
+            plain.generate({"prompt_embeds": torch.randn(3, 256)}, GREEDY, use_tqdm=False)
+        assert plain.generate("hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

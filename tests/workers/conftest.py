@@ -1,0 +1,99 @@
+"""Helpers for the shard-side tests: safetensors slices of in-memory tensors, and running
+a function on a gloo process group of several local processes (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import queue
+import time
+import traceback
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workers.parallel import bind_store, init_process_group
+
+DISTRIBUTED_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def as_slices(tmp_path):
+    """tensors {name: Tensor} -> {name: safetensors slice}, as the loader hands them over."""
+    handles = []
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict:
+        path = tmp_path / f"weights{len(handles)}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        handles.append(handle)
+        return {name: handle.get_slice(name) for name in tensors}
+
+    return convert
+
+
+def _to_bytes(obj) -> bytes:
+    # Tensors go through a queue as bytes: torch's shared-memory pickling needs the
+    # sender alive until the receiver reads, and the sender exits right after.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _entry(fn, rank: int, world_size: int, ports, results, args) -> None:
+    try:
+        torch.set_num_threads(1)
+        store = None
+        if rank == 0:
+            store = bind_store("127.0.0.1", world_size, timeout_s=DISTRIBUTED_TIMEOUT_S)
+            for _ in range(world_size - 1):
+                ports.put(store.port)
+            port = store.port
+        else:
+            port = ports.get(timeout=DISTRIBUTED_TIMEOUT_S)
+        pg = init_process_group(rank, world_size, "127.0.0.1", port, "cpu", DISTRIBUTED_TIMEOUT_S, store)
+        results.put((rank, None, _to_bytes(fn(pg, *args))))
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        results.put((rank, traceback.format_exc(), None))
+
+
+def _collect(procs, results, by_rank: dict, errors: list) -> None:
+    """Waits for every rank's result; stops at the first error or a rank that died."""
+    deadline = time.monotonic() + DISTRIBUTED_TIMEOUT_S
+    while len(by_rank) < len(procs) and not errors:
+        try:
+            rank, error, payload = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} before reporting")
+            elif time.monotonic() > deadline:
+                errors.append(f"no result within {DISTRIBUTED_TIMEOUT_S} s")
+            continue
+        if error:
+            errors.append(f"rank {rank}:\n{error}")
+        else:
+            by_rank[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def run_distributed(fn, world_size: int, *args) -> list:
+    """fn(pg, *args) on `world_size` spawned processes; returns each rank's result."""
+    ctx = multiprocessing.get_context("spawn")
+    ports, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, ports, results, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    by_rank, errors = {}, []
+    try:
+        _collect(procs, results, by_rank, errors)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else DISTRIBUTED_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        pytest.fail("\n".join(errors))
+    return [by_rank[r] for r in range(world_size)]

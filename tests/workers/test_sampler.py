@@ -1,0 +1,173 @@
+"""Sampler: greedy, top-k/top-p, seeded reproducibility, temperature statistics, raw
+logprobs, min_tokens masking and each penalty formula on hand-made logits."""
+
+import math
+
+import pytest
+import torch
+
+from workers.request import Request
+from workers.sampler import Sampler, apply_penalties
+from workers.sampling_params import SamplingParams
+
+EOS = 0
+
+
+def make_request(req_id="r", *, prompt_token_ids=(5, 6), output_token_ids=(), **params):
+    prompt = list(prompt_token_ids) if prompt_token_ids is not None else None
+    request = Request(req_id, prompt, 3 if prompt is None else len(prompt),
+                      SamplingParams(**params), (EOS,), 1024)
+    request.output_token_ids = list(output_token_ids)
+    return request
+
+
+def random_logits(num_rows, vocab_size, seed=0):
+    return torch.randn(num_rows, vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def token_ids(results):
+    return [r.token_id for r in results]
+
+
+def test_greedy_is_argmax_with_first_index_on_ties():
+    logits = random_logits(6, 50)
+    logits[5] = torch.tensor([1.0, 3.0, 3.0] + [0.0] * 47)
+    results = Sampler(seed=1)(logits, [make_request(temperature=0.0) for _ in range(6)])
+    assert token_ids(results) == logits.argmax(dim=-1).tolist()
+    assert token_ids(results)[5] == 1
+    assert all(r.logprobs is None for r in results)
+
+
+@pytest.mark.parametrize("params", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "top_p": 0.5}])
+def test_top_k_one_and_tiny_top_p_are_greedy(params):
+    logits = random_logits(8, 100, seed=3)
+    sampler = Sampler(seed=0)
+    for _ in range(3):
+        results = sampler(logits, [make_request(temperature=1.5, **params) for _ in range(8)])
+        assert token_ids(results) == logits.argmax(dim=-1).tolist()
+
+
+def draw_sequence(seed, batch_position, batch_size, num_steps=6):
+    """Tokens of a seeded request sampled `num_steps` times among unseeded neighbours."""
+    sampler = Sampler(seed=batch_size)  # other rows use a different shared stream per case
+    request = make_request("seeded", seed=seed, temperature=1.0)
+    tokens = []
+    for step in range(num_steps):
+        batch = [make_request(f"n{i}", temperature=0.8) for i in range(batch_size - 1)]
+        batch.insert(batch_position, request)
+        logits = torch.zeros(batch_size, 1000)  # uniform: every draw depends on the noise
+        logits[:, step] = 1.0
+        tokens.append(token_ids(sampler(logits, batch))[batch_position])
+    return tokens
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    alone = draw_sequence(seed=42, batch_position=0, batch_size=1)
+    assert draw_sequence(seed=42, batch_position=0, batch_size=1) == alone
+    assert draw_sequence(seed=42, batch_position=2, batch_size=5) == alone
+    assert draw_sequence(seed=42, batch_position=7, batch_size=8) == alone
+    assert draw_sequence(seed=43, batch_position=0, batch_size=1) != alone
+
+
+def empirical_distribution(logits_row, num_draws=20000, **params):
+    logits = logits_row.expand(num_draws, -1)
+    requests = [make_request(str(i), **params) for i in range(num_draws)]
+    tokens = torch.tensor(token_ids(Sampler(seed=0)(logits, requests)))
+    return torch.bincount(tokens, minlength=logits.shape[1]).float() / num_draws
+
+
+def tempered(probs, temperature):
+    """softmax(log p / T) = p^(1/T), renormalized."""
+    weights = [p ** (1.0 / temperature) for p in probs]
+    return [w / sum(weights) for w in weights]
+
+
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        ({"temperature": 1.0}, [0.5, 0.3, 0.2]),
+        ({"temperature": 2.0}, tempered((0.5, 0.3, 0.2), 2.0)),
+        ({"temperature": 0.5}, tempered((0.5, 0.3, 0.2), 0.5)),
+        ({"temperature": 1.0, "top_k": 2}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),
+        ({"temperature": 1.0, "top_p": 0.7}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),
+        ({"temperature": 1.0, "top_p": 0.85}, [0.5, 0.3, 0.2]),
+    ],
+)
+def test_sampled_distribution_matches_temperature_top_k_top_p(params, expected):
+    logits_row = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]]) + 1.7
+    observed = empirical_distribution(logits_row, **params)
+    assert observed.tolist() == pytest.approx(expected, abs=0.015)
+
+
+def test_logprobs_come_from_raw_logits_with_top_k_ordering():
+    logits = random_logits(3, 40, seed=5)
+    requests = [
+        make_request("a", logprobs=5, temperature=0.7, repetition_penalty=1.5,
+                     output_token_ids=(1, 2), frequency_penalty=1.0),
+        make_request("b", logprobs=0, temperature=0.0),
+        make_request("c", temperature=0.0),
+    ]
+    results = Sampler(seed=0)(logits, requests)
+    raw = torch.log_softmax(logits, dim=-1)
+    first = results[0].logprobs
+    assert first.token_logprob == pytest.approx(raw[0, results[0].token_id].item(), abs=1e-6)
+    top_values, top_ids = raw[0].topk(5)
+    assert [t for t, _ in first.top] == top_ids.tolist()
+    assert [v for _, v in first.top] == pytest.approx(top_values.tolist(), abs=1e-6)
+    assert [v for _, v in first.top] == sorted((v for _, v in first.top), reverse=True)
+    second = results[1].logprobs
+    assert second.top == ()
+    assert second.token_logprob == pytest.approx(raw[1].max().item(), abs=1e-6)
+    assert results[2].logprobs is None
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
+    logits = torch.tensor([[9.0, 1.0, 8.0, 7.0]])  # eos (0) then stop token 2 lead
+    params = {"temperature": 0.0, "min_tokens": 2, "stop_token_ids": (2,)}
+    sampler = Sampler()
+    assert token_ids(sampler(logits, [make_request(**params)])) == [3]
+    assert token_ids(sampler(logits, [make_request(output_token_ids=(3,), **params)])) == [3]
+    assert token_ids(sampler(logits, [make_request(output_token_ids=(3, 3), **params)])) == [0]
+    ignoring = make_request(ignore_eos=True, **params)
+    assert token_ids(sampler(logits, [ignoring])) == [0]  # eos is not a stop token here
+    assert logits.tolist() == [[9.0, 1.0, 8.0, 7.0]]  # the caller's logits are untouched
+
+
+LOGITS = [2.0, -2.0, 1.0, 0.5, 3.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    "params,prompt_token_ids,expected",
+    [
+        # seen: prompt {0, 5} + outputs {1, 2}; positive / 2, negative * 2
+        ({"repetition_penalty": 2.0}, (0, 5), [1.0, -4.0, 0.5, 0.5, 3.0, -2.0]),
+        # embeddings prompt: only outputs {1, 2} are seen
+        ({"repetition_penalty": 2.0}, None, [2.0, -4.0, 0.5, 0.5, 3.0, -1.0]),
+        # counts: token 1 once, token 2 twice
+        ({"frequency_penalty": 0.5}, (0, 5), [2.0, -2.5, 0.0, 0.5, 3.0, -1.0]),
+        ({"presence_penalty": 0.3}, (0, 5), [2.0, -2.3, 0.7, 0.5, 3.0, -1.0]),
+        ({"presence_penalty": -1.0, "frequency_penalty": 1.0, "repetition_penalty": 0.5}, (3,),
+         [2.0, -1.0 - 1.0 + 1.0, 2.0 - 2.0 + 1.0, 1.0, 3.0, -1.0]),
+    ],
+)
+def test_penalty_formulas(params, prompt_token_ids, expected):
+    logits = torch.tensor([LOGITS, LOGITS])
+    requests = [
+        make_request(prompt_token_ids=prompt_token_ids, output_token_ids=(1, 2, 2), **params),
+        make_request(prompt_token_ids=prompt_token_ids, output_token_ids=(1, 2, 2)),  # no penalty
+    ]
+    apply_penalties(logits, requests)
+    assert logits[0].tolist() == pytest.approx(expected)
+    assert logits[1].tolist() == LOGITS
+
+
+def test_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([[1.0, 5.0, 4.0]]).repeat(2, 1)  # prompt ids 5, 6: out of vocab, ignored
+    plain = make_request(temperature=0.0, output_token_ids=(1, 1))
+    penalized = make_request(temperature=0.0, output_token_ids=(1, 1), frequency_penalty=1.0)
+    assert token_ids(Sampler()(logits, [plain, penalized])) == [1, 2]
+
+
+def test_logits_shape_must_match_requests():
+    with pytest.raises(ValueError, match="logits must be"):
+        Sampler()(torch.zeros(2, 5), [make_request()])

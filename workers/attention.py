@@ -1,0 +1,243 @@
+"""Paged attention, plain-torch reference: the per-layer KV cache, the per-step metadata
+that locates every row in it, and causal (optionally sliding-window) GQA attention over
+it with SDPA. Runs in each shard, on CPU or CUDA tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.config import ModelConfig
+from workers.layers import num_local_kv_heads
+from workers.parallel import ProcessGroup
+
+NULL_BLOCK = 0  # reserved, always zeros: padded gathers read it instead of garbage
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes on one rank: K and V, every layer."""
+    kv_heads = num_local_kv_heads(config.num_key_value_heads, tp_size)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * kv_heads * config.head_dim * element_size
+
+
+def allocate_kv_caches(
+    config: ModelConfig, pg: ProcessGroup, num_blocks: int, block_size: int, dtype: torch.dtype, device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k_cache, v_cache), each [num_blocks, block_size, kv_heads_local, head_dim];
+    uninitialized except the null block 0, which is zeroed."""
+    if num_blocks < 2:
+        raise ValueError(f"num_blocks must be >= 2 (block 0 is the reserved null block), got {num_blocks}")
+    shape = (num_blocks, block_size, num_local_kv_heads(config.num_key_value_heads, pg.world_size), config.head_dim)
+    caches = []
+    for _ in range(config.num_hidden_layers):
+        k_cache = torch.empty(shape, dtype=dtype, device=device)
+        v_cache = torch.empty(shape, dtype=dtype, device=device)
+        k_cache[NULL_BLOCK].zero_()
+        v_cache[NULL_BLOCK].zero_()
+        caches.append((k_cache, v_cache))
+    return caches
+
+
+@dataclass
+class PrefillSpan:
+    """A request with several new rows: rows [row_start, row_end) of the batch, whose
+    queries sit at positions num_computed .. seq_len - 1 and see keys 0 .. seq_len - 1."""
+
+    row_start: int
+    row_end: int
+    num_computed: int
+    kv_slots: torch.Tensor  # LongTensor [seq_len]: cache slot of each key position
+    q_positions: torch.Tensor  # LongTensor [num_new, 1]
+    kv_positions: torch.Tensor  # LongTensor [1, seq_len]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's N rows (R requests, each's rows contiguous) live in the paged cache.
+
+    Requests with one new row are decodes, batched into one SDPA call over keys gathered
+    into [B, max_seq_len]; the others are prefill spans, one SDPA call each.
+    """
+
+    positions: torch.Tensor  # LongTensor [N]
+    query_start_loc: torch.Tensor  # LongTensor [R + 1]
+    seq_lens: torch.Tensor  # LongTensor [R]: computed + new
+    block_tables: torch.Tensor  # LongTensor [R, max_blocks], padded with the null block
+    slot_mapping: torch.Tensor  # LongTensor [N]: block_id * block_size + offset
+    decode_rows: torch.Tensor  # LongTensor [B]: batch row of each decode request
+    decode_kv_slots: torch.Tensor  # LongTensor [B, max_seq_len], padded with slot 0
+    decode_kv_positions: torch.Tensor  # LongTensor [B, max_seq_len]; -1 past the end
+    decode_q_positions: torch.Tensor  # LongTensor [B, 1]
+    prefills: list[PrefillSpan]
+    _masks: dict = field(default_factory=dict, repr=False)  # per sliding window, per step
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode_rows.numel()
+
+    @classmethod
+    def build(
+        cls,
+        num_computed_tokens: list[int],
+        num_new_tokens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device,
+    ) -> "AttentionMetadata":
+        _check_batch(num_computed_tokens, num_new_tokens, block_tables, block_size)
+        seq_lens = [c + n for c, n in zip(num_computed_tokens, num_new_tokens)]
+        starts = [0]
+        for n in num_new_tokens:
+            starts.append(starts[-1] + n)
+        positions = torch.cat([torch.arange(c, s) for c, s in zip(num_computed_tokens, seq_lens)])
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        request_of_row = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new_tokens))
+        slot_mapping = _slots(tables[request_of_row], positions[:, None], block_size)[:, 0]
+        decodes = [r for r, n in enumerate(num_new_tokens) if n == 1]
+        return cls(
+            positions=positions.to(device),
+            query_start_loc=torch.tensor(starts, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            block_tables=tables.to(device),
+            slot_mapping=slot_mapping.to(device),
+            **_decode_fields(decodes, starts, seq_lens, tables, block_size, device),
+            prefills=[
+                _prefill_span(r, starts, num_computed_tokens, seq_lens, tables, block_size, device)
+                for r, n in enumerate(num_new_tokens)
+                if n > 1
+            ],
+        )
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Bool [B, 1, 1, max_seq_len]: True where a decode query may attend."""
+        key = ("decode", sliding_window)
+        if key not in self._masks:
+            self._masks[key] = _visible(self.decode_q_positions, self.decode_kv_positions, sliding_window)[:, None, None]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, sliding_window: int | None) -> torch.Tensor | None:
+        """Bool [num_new, seq_len] for prefill span `index`; None means plain is_causal."""
+        span = self.prefills[index]
+        if span.num_computed == 0 and sliding_window is None:
+            return None
+        key = (index, sliding_window)
+        if key not in self._masks:
+            self._masks[key] = _visible(span.q_positions, span.kv_positions, sliding_window)
+        return self._masks[key]
+
+
+def _check_batch(num_computed, num_new, block_tables, block_size) -> None:
+    if not (len(num_computed) == len(num_new) == len(block_tables)) or not num_new:
+        raise ValueError(
+            "num_computed_tokens, num_new_tokens and block_tables need one entry per request "
+            f"(at least one); got {len(num_computed)}, {len(num_new)}, {len(block_tables)}"
+        )
+    for r, (c, n, table) in enumerate(zip(num_computed, num_new, block_tables)):
+        if n < 1 or c < 0:
+            raise ValueError(f"request {r}: num_new_tokens must be >= 1 and num_computed_tokens >= 0; got {n}, {c}")
+        if len(table) * block_size < c + n:
+            raise ValueError(
+                f"request {r}: block table of {len(table)} blocks holds {len(table) * block_size} "
+                f"tokens, fewer than its {c + n} (computed + new)"
+            )
+
+
+def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of each position: tables [K, max_blocks], positions [K, L] -> [K, L]."""
+    blocks = torch.gather(tables, 1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
+def _visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Causal (and HF Mistral's window: kv > q - window) visibility; kv_pos -1 is padding."""
+    mask = (kv_pos <= q_pos) & (kv_pos >= 0)
+    if sliding_window is not None:
+        mask &= kv_pos > q_pos - sliding_window
+    return mask
+
+
+def _decode_fields(decodes, starts, seq_lens, tables, block_size, device) -> dict:
+    lens = torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long)
+    max_len = int(lens.max()) if decodes else 0
+    kv_pos = torch.arange(max_len).expand(len(decodes), max_len)
+    is_real = kv_pos < lens[:, None]
+    slots = _slots(tables[decodes], kv_pos * is_real, block_size) * is_real  # padding -> slot 0
+    return dict(
+        decode_rows=torch.tensor([starts[r] for r in decodes], dtype=torch.long, device=device),
+        decode_kv_slots=slots.to(device),
+        decode_kv_positions=torch.where(is_real, kv_pos, -1).to(device),
+        decode_q_positions=(lens - 1)[:, None].to(device),
+    )
+
+
+def _prefill_span(r, starts, num_computed, seq_lens, tables, block_size, device) -> PrefillSpan:
+    kv_positions = torch.arange(seq_lens[r])
+    return PrefillSpan(
+        row_start=starts[r],
+        row_end=starts[r + 1],
+        num_computed=num_computed[r],
+        kv_slots=_slots(tables[r : r + 1], kv_positions[None], block_size)[0].to(device),
+        q_positions=torch.arange(num_computed[r], seq_lens[r])[:, None].to(device),
+        kv_positions=kv_positions[None, :].to(device),
+    )
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the paged cache, then attends each row causally.
+
+    forward(q [N, heads, d], k [N, kv_heads, d], v [N, kv_heads, d], kv_cache, metadata)
+    -> [N, heads, d]. Head counts are this rank's; heads share KV heads in groups (GQA).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata):
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kvh, d]
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, metadata.slot_mapping, k)
+        v_flat.index_copy_(0, metadata.slot_mapping, v)
+        out = torch.empty_like(q)
+        if metadata.num_decodes:
+            out.index_copy_(0, metadata.decode_rows, self._decode(q, k_flat, v_flat, metadata))
+        for index, span in enumerate(metadata.prefills):
+            rows = slice(span.row_start, span.row_end)
+            if span.num_computed == 0:  # no earlier context: this step's rows are all the keys
+                keys, values = k[rows], v[rows]
+            else:
+                keys, values = k_flat[span.kv_slots], v_flat[span.kv_slots]
+            mask = metadata.prefill_mask(index, self.sliding_window)
+            out[rows] = self._sdpa(q[rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
+        return out
+
+    def _decode(self, q, k_flat, v_flat, metadata: AttentionMetadata) -> torch.Tensor:
+        """[B, heads, d]: each decode row against its gathered, padded, masked context."""
+        slots = metadata.decode_kv_slots  # [B, L]
+        keys = k_flat[slots]  # [B, L, kvh, d]
+        values = v_flat[slots]
+        queries = q[metadata.decode_rows].unsqueeze(1)  # [B, 1, heads, d]
+        return self._sdpa(queries, keys, values, metadata.decode_mask(self.sliding_window))[:, 0]
+
+    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
+        """q [B, Lq, h, d], k/v [B, Lk, kvh, d], mask broadcastable to [B, h, Lq, Lk] or
+        None for causal -> [B, Lq, h, d]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.transpose(1, 2)

@@ -1,0 +1,148 @@
+"""Turns a StepPlan into one sharded forward pass. Every shard keeps the same mirror of
+request state (tokens, prompt embeddings, block table) and applies the same plan.
+Runs in each shard process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.intake import Intake, RequestState
+from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
+from workers.config import EngineConfig
+from workers.loader import load_weights
+from workers.messages import ScheduledRequest, StepPlan
+from workers.models import get_model_class
+from workers.parallel import ProcessGroup
+
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's CPU backend sizes its cache in GiB the same way
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [N]
+    attn_metadata: AttentionMetadata
+    input_embeds: torch.Tensor | None  # [N, hidden], rows used where embeds_mask
+    embeds_mask: torch.Tensor | None  # [N] bool
+    sample_rows: torch.Tensor  # [M] index of each sampled request's last row
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, pg: ProcessGroup, device: torch.device):
+        self.config = config
+        self.pg = pg
+        self.device = device
+        model_config = config.model_config
+        self.model = get_model_class(model_config.architecture)(
+            model_config, pg, config.torch_dtype, device
+        )
+        load_weights(self.model, config.model, config.load_format, seed=config.seed)
+        self.model.eval()
+        self.num_blocks = pg.all_reduce_min(self._num_blocks_that_fit())
+        self.kv_caches = allocate_kv_caches(
+            model_config, pg, self.num_blocks, config.block_size, config.torch_dtype, device
+        )
+        self.requests: dict[str, RequestState] = {}
+
+    def _num_blocks_that_fit(self) -> int:
+        per_block = kv_cache_bytes_per_block(
+            self.config.model_config,
+            self.pg.world_size,
+            self.config.block_size,
+            self.config.torch_dtype,
+        )
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * self.config.gpu_memory_utilization) - used
+        elif budget is None:
+            budget = CPU_KV_CACHE_BYTES
+        num_blocks = budget // per_block
+        min_blocks = self.config.max_model_len // self.config.block_size + 2
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.config.block_size} tokens, "
+                f"fewer than one request of max_model_len={self.config.max_model_len} needs; "
+                "lower max_model_len or give the cache more memory"
+            )
+        return int(num_blocks)
+
+    def apply(self, plan: StepPlan, intake: Intake, intake_timeout_s: float) -> None:
+        """Applies the plan's deltas to the mirrors; a request scheduled the first time
+        is taken from the intake, where its data arrived through Ray."""
+        for req_id in plan.finished_req_ids:
+            if self.requests.pop(req_id, None) is None:
+                intake.drop(req_id)
+        for req_id in plan.preempted_req_ids:
+            self.requests[req_id].block_ids.clear()
+        for req_id, token in plan.appended_tokens:
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.output_token_ids.append(token)
+        for sched in plan.scheduled:
+            state = self.requests.get(sched.req_id)
+            if state is None:
+                state = intake.take(sched.req_id, intake_timeout_s)
+                self.requests[sched.req_id] = state
+            state.block_ids.extend(sched.new_block_ids)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
+        """Runs the forward pass; returns float32 logits [M, vocab] of the sampled
+        rows on the leader (in `scheduled` order), None on followers."""
+        if not scheduled:
+            return None
+        inputs = self._prepare(scheduled)
+        hidden = self.model(
+            inputs.input_ids,
+            inputs.attn_metadata.positions,
+            inputs.attn_metadata,
+            self.kv_caches,
+            input_embeds=inputs.input_embeds,
+            embeds_mask=inputs.embeds_mask,
+        )
+        if inputs.sample_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _prepare(self, scheduled: tuple[ScheduledRequest, ...]) -> StepInputs:
+        input_ids: list[int] = []
+        sample_rows: list[int] = []
+        embeds_pieces: list[tuple[int, torch.Tensor]] = []  # (first row, rows)
+        for sched in scheduled:
+            state = self.requests[sched.req_id]
+            start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
+            if state.prompt_embeds is not None and start < state.prompt_len:
+                embeds_pieces.append((len(input_ids), state.prompt_embeds[start : min(end, state.prompt_len)]))
+            input_ids.extend(state.token_ids(start, end))
+            if sched.is_sampled:
+                sample_rows.append(len(input_ids) - 1)
+        attn_metadata = AttentionMetadata.build(
+            [s.num_computed_tokens for s in scheduled],
+            [s.num_new_tokens for s in scheduled],
+            [self.requests[s.req_id].block_ids for s in scheduled],
+            self.config.block_size,
+            self.device,
+        )
+        input_embeds, embeds_mask = self._gather_embeds(embeds_pieces, len(input_ids))
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            attn_metadata=attn_metadata,
+            input_embeds=input_embeds,
+            embeds_mask=embeds_mask,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+        )
+
+    def _gather_embeds(self, pieces, num_rows: int):
+        """Scatters the prompt-embedding rows of this step into an [N, hidden] tensor."""
+        if not pieces:
+            return None, None
+        hidden = self.config.model_config.hidden_size
+        embeds = torch.zeros(num_rows, hidden, dtype=self.config.torch_dtype, device=self.device)
+        mask = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
+        for first_row, rows in pieces:
+            embeds[first_row : first_row + rows.shape[0]] = rows
+            mask[first_row : first_row + rows.shape[0]] = True
+        return embeds, mask

@@ -1,0 +1,121 @@
+"""The leader shard's mutable record of one request: tokens so far, KV blocks, status.
+Built from a NewRequest at intake; read by the scheduler and the sampler."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from workers.messages import NewRequest
+from workers.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One request as the scheduler sees it.
+
+    An embeddings prompt has no token ids (`prompt_token_ids is None`): it still takes
+    `prompt_len` KV slots, but penalties only see the output tokens."""
+
+    def __init__(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int] | None,
+        prompt_len: int,
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if prompt_len < 1:
+            raise ValueError(f"request {req_id!r}: prompt must have >= 1 token, got {prompt_len}")
+        if prompt_token_ids is not None and len(prompt_token_ids) != prompt_len:
+            raise ValueError(
+                f"request {req_id!r}: prompt_len {prompt_len} != "
+                f"len(prompt_token_ids) {len(prompt_token_ids)}"
+            )
+        self.req_id = req_id
+        self.prompt_token_ids = list(prompt_token_ids) if prompt_token_ids is not None else None
+        self.prompt_len = prompt_len
+        self.sampling_params = sampling_params
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.block_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | None = None  # the stop token id that finished it
+        self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
+        # Own generator so a seeded request samples the same tokens whatever its batch.
+        self.generator: torch.Generator | None = None
+        if sampling_params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sampling_params.seed)
+
+    @classmethod
+    def from_new_request(
+        cls,
+        new: NewRequest,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> "Request":
+        prompt_token_ids = None if new.prompt_embeds is not None else list(new.prompt_token_ids)
+        return cls(
+            new.req_id,
+            prompt_token_ids,
+            new.prompt_len,
+            new.sampling_params,
+            eos_token_ids,
+            max_model_len,
+            device=device,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" | "length" | "abort" once finished, else None."""
+        return _FINISH_REASONS.get(self.status)
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end the request (once min_tokens is reached): eos unless
+        ignore_eos, plus the request's stop_token_ids."""
+        params = self.sampling_params
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return eos + params.stop_token_ids
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.req_id!r}, status={self.status.name}, prompt_len={self.prompt_len}, "
+            f"num_output_tokens={self.num_output_tokens}, "
+            f"num_computed_tokens={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

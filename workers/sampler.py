@@ -1,0 +1,180 @@
+"""Turns the logits of sampled rows into one token per request, with optional logprobs.
+Runs once per step, on the leader shard. Logits: [num_sampled, vocab_size] float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.messages import TokenLogprobs
+from workers.request import Request
+
+_TINY = 1e-20  # floor for exponential noise: a 0 draw would turn masked 0/0 into NaN
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+class Sampler:
+    """Order: raw logprobs, min_tokens mask, penalties, then greedy or temperature,
+    top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
+    do not depend on the batch; the others share this sampler's generator."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(
+                f"logits must be [num_requests={len(requests)}, vocab_size], "
+                f"got {tuple(logits.shape)}"
+            )
+        logits = logits.float()
+        wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+        logits = logits.clone()  # the caller's tensor stays raw
+        apply_min_tokens(logits, requests)
+        apply_penalties(logits, requests)
+        token_ids = self._sample(logits, requests).tolist()
+        if raw_logprobs is None:
+            return [SampleResult(token_id, None) for token_id in token_ids]
+        logprobs = gather_logprobs(raw_logprobs, token_ids, requests)
+        return [SampleResult(t, lp) for t, lp in zip(token_ids, logprobs)]
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """[M, V] processed logits -> [M] token ids."""
+        token_ids = logits.argmax(dim=-1)  # greedy rows keep this; first index on ties
+        rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        if not rows:
+            return token_ids
+        chosen = [requests[i] for i in rows]
+        params = [r.sampling_params for r in chosen]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        scaled = logits[rows] / temperature[:, None]
+        scaled = apply_top_k_top_p(
+            scaled,
+            torch.tensor([p.top_k for p in params], device=logits.device),
+            torch.tensor([p.top_p for p in params], device=logits.device),
+        )
+        probs = torch.softmax(scaled, dim=-1)
+        noise = self._exponential_noise(probs, chosen)
+        token_ids[rows] = (probs / noise).argmax(dim=-1)
+        return token_ids
+
+    def _exponential_noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Exp(1) noise; argmax(probs / noise) is a draw from `probs` (the exponential race),
+        so each row needs only its own noise and a seeded row uses only its generator."""
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+        if unseeded:
+            draws = torch.empty(len(unseeded), probs.shape[1], device=probs.device)
+            draws.exponential_(generator=self._shared_generator(probs.device))
+            noise[unseeded] = draws
+        for i, request in enumerate(requests):
+            if request.generator is not None:
+                row = torch.empty(probs.shape[1], device=request.generator.device)
+                noise[i] = row.exponential_(generator=request.generator).to(probs.device)
+        return noise.clamp_min_(_TINY)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            if self.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return self._generators[device]
+
+
+def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place: while a request has fewer than min_tokens outputs, its stop tokens
+    (eos unless ignore_eos, and stop_token_ids) get -inf."""
+    vocab_size = logits.shape[1]
+    for i, request in enumerate(requests):
+        if request.num_output_tokens >= request.sampling_params.min_tokens:
+            continue
+        token_ids = [t for t in request.end_token_ids if 0 <= t < vocab_size]
+        if token_ids:
+            logits[i, token_ids] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place, OpenAI/vLLM semantics. Repetition: seen tokens (prompt ids + outputs) have
+    positive logits divided and negative ones multiplied by the penalty. Frequency and
+    presence: subtract penalty * count and penalty * (count > 0), over outputs only."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+    if not rows:
+        return
+    vocab_size, device = logits.shape[1], logits.device
+    output_counts = torch.zeros(len(rows), vocab_size, device=device)
+    in_prompt = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+    for j, i in enumerate(rows):
+        request = requests[i]
+        output_ids = _token_tensor(request.output_token_ids, vocab_size, device)
+        output_counts[j].index_add_(0, output_ids, torch.ones_like(output_ids, dtype=torch.float))
+        if request.prompt_token_ids is not None:
+            in_prompt[j, _token_tensor(request.prompt_token_ids, vocab_size, device)] = True
+    params = [requests[i].sampling_params for i in rows]
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    selected = logits[rows]
+    seen = in_prompt | (output_counts > 0)
+    repeated = torch.where(selected > 0, selected / repetition, selected * repetition)
+    selected = torch.where(seen, repeated, selected)
+    selected -= frequency * output_counts + presence * (output_counts > 0).float()
+    logits[rows] = selected
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """[M, V] logits, [M] top_k (0: off), [M] top_p (1: off) -> logits with the rest -inf.
+    top-p keeps the smallest most-likely set whose mass reaches top_p (at least one token)."""
+    if not bool((top_k > 0).any() or (top_p < 1.0).any()):
+        return logits
+    vocab_size = logits.shape[1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+    kth_logit = sorted_logits.gather(1, (k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_logit, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token, so it always stays
+    outside_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: list[int], requests: list[Request]
+) -> list[TokenLogprobs | None]:
+    """The sampled token's logprob and the top-k (k = sampling_params.logprobs), most
+    likely first, from the raw [M, V] log-softmax."""
+    max_k = min(max((r.sampling_params.logprobs or 0) for r in requests), raw_logprobs.shape[1])
+    top_values, top_ids = raw_logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+    rows = torch.arange(len(token_ids), device=raw_logprobs.device)
+    sampled = raw_logprobs[rows, torch.tensor(token_ids, device=raw_logprobs.device)].tolist()
+    top_values = top_values.tolist() if max_k else None
+    top_ids = top_ids.tolist() if max_k else None
+    results: list[TokenLogprobs | None] = []
+    for i, request in enumerate(requests):
+        k = request.sampling_params.logprobs
+        if k is None:
+            results.append(None)
+            continue
+        top = tuple(zip(top_ids[i][:k], top_values[i][:k])) if k else ()
+        results.append(TokenLogprobs(token_logprob=sampled[i], top=top))
+    return results
+
+
+def _token_tensor(token_ids: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Token ids as a long tensor, ids outside the vocab (padding, ids of a larger
+    tokenizer) dropped so they cannot index out of range."""
+    ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+    return ids[(ids >= 0) & (ids < vocab_size)]

@@ -1,0 +1,291 @@
+"""Continuous batching with chunked prefill over a paged KV cache, vLLM-v1 style: one token
+budget per step, shared by decodes and prefill chunks. Runs on the leader shard; pure Python.
+
+Call order per step: schedule() -> forward pass -> sampler -> update(out, samples)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from workers.block_manager import BlockManager
+from workers.messages import EngineStats, RequestDelta, ScheduledRequest
+from workers.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from workers.sampler import SampleResult
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's decisions; the step loop copies these three fields into a StepPlan."""
+
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted_req_ids: tuple[str, ...]  # blocks freed; recomputed from token 0 later
+    finished_req_ids: tuple[str, ...]  # finished or aborted since the previous schedule()
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def sampled_req_ids(self) -> tuple[str, ...]:
+        """Requests sampled this step, in `scheduled` order (the order of the logits rows)."""
+        return tuple(s.req_id for s in self.scheduled if s.is_sampled)
+
+
+class Scheduler:
+    """FCFS admission, running requests first, recompute-mode preemption.
+
+    Invariants: `running` and `waiting` are each in arrival order and every running request
+    arrived before every waiting one, so the last running request is the latest-arrived
+    (the preemption victim) and a preempted request goes back to the front of `waiting`."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}  # live, plus finished until next schedule()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._num_arrived = 0
+        self._finished_req_ids: list[str] = []  # since the previous schedule()
+        self._pending_deltas: list[RequestDelta] = []  # requests that finished outside a step
+
+    # -- intake and queries ------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in the scheduler")
+        if request.status is not RequestStatus.WAITING or request.block_ids:
+            raise ValueError(f"request {request.req_id!r} must be new (waiting, no blocks)")
+        request.arrival_index = self._num_arrived
+        self._num_arrived += 1
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, req_id: str) -> bool:
+        """Frees the request's blocks now; its "abort" delta comes out of the next update()
+        (or take_pending_deltas()). False when the id is unknown or already finished."""
+        request = self.requests.get(req_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._pending_deltas.append(_final_delta(request))
+        return True
+
+    def get(self, req_id: str) -> Request:
+        try:
+            return self.requests[req_id]
+        except KeyError:
+            raise KeyError(f"unknown request id {req_id!r}") from None
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_total_blocks=self.block_manager.num_total_blocks,
+            num_free_blocks=self.block_manager.num_free_blocks,
+        )
+
+    def take_pending_deltas(self) -> list[RequestDelta]:
+        """Deltas of requests that finished outside a step: aborted ("abort") or never
+        fitting the KV cache ("length"). update() returns them too; call this when there
+        is no step to update."""
+        deltas, self._pending_deltas = self._pending_deltas, []
+        return deltas
+
+    # -- schedule ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Running requests first, in order, then waiting ones FCFS. A step that preempts
+        admits nobody, so a preempted request never reappears in the step that evicted it."""
+        scheduled, preempted, budget = self._schedule_running(self.max_num_batched_tokens)
+        if not preempted:
+            scheduled += self._schedule_waiting(budget)
+        finished = tuple(self._finished_req_ids)
+        self._finished_req_ids.clear()
+        for req_id in finished:
+            del self.requests[req_id]  # followers drop them with this plan; so do we
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), finished)
+
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledRequest], list[str], int]:
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        req_index = 0
+        while req_index < len(self.running) and budget > 0:
+            request = self.running[req_index]
+            # 1 row when decoding; the rest of the prompt (or recompute) when chunked.
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_block_ids = self._allocate_or_preempt(request, num_new_tokens, preempted)
+            if new_block_ids is None:
+                break  # it preempted itself: it was the last running request
+            scheduled.append(_scheduled(request, num_new_tokens, new_block_ids))
+            budget -= num_new_tokens
+            req_index += 1
+        return scheduled, preempted, budget
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new_tokens: int, preempted: list[str]
+    ) -> list[int] | None:
+        """Blocks for the request's next rows, preempting the latest-arrived running
+        requests until they fit. None when the request itself had to be preempted."""
+        num_blocks = self._num_blocks_to_append(request, num_new_tokens)
+        while not self.block_manager.can_allocate(num_blocks):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.req_id)
+            if victim is request:
+                return None
+        return self._allocate(request, num_blocks)
+
+    def _schedule_waiting(self, budget: int) -> list[ScheduledRequest]:
+        scheduled: list[ScheduledRequest] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if not self._can_ever_fit(request):
+                # Finished as "length" (vLLM's FINISHED_IGNORED) so it cannot wedge the queue.
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+                self._pending_deltas.append(_final_delta(request))
+                continue
+            num_new_tokens = min(request.num_tokens, budget)  # a waiting request has 0 computed
+            num_blocks = self._num_blocks_to_append(request, num_new_tokens)
+            if not self.block_manager.can_allocate(num_blocks):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_block_ids = self._allocate(request, num_blocks)
+            scheduled.append(_scheduled(request, num_new_tokens, new_block_ids))
+            budget -= num_new_tokens
+        return scheduled
+
+    def _can_ever_fit(self, request: Request) -> bool:
+        """Its whole sequence (prompt + outputs kept across a preemption) fits an empty cache."""
+        num_blocks = self.block_manager.blocks_needed(request.num_tokens)
+        return (
+            num_blocks <= self.block_manager.num_total_blocks
+            and request.num_tokens <= self.max_model_len
+        )
+
+    def _num_blocks_to_append(self, request: Request, num_new_tokens: int) -> int:
+        num_cached = request.num_computed_tokens + num_new_tokens
+        return max(0, self.block_manager.blocks_needed(num_cached) - len(request.block_ids))
+
+    def _allocate(self, request: Request, num_blocks: int) -> list[int]:
+        new_block_ids = self.block_manager.allocate(num_blocks)
+        request.block_ids.extend(new_block_ids)
+        return new_block_ids
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute mode: drop the KV cache, keep the output tokens, requeue at the front."""
+        self.block_manager.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    # -- update ------------------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, samples: dict[str, SampleResult]) -> list[RequestDelta]:
+        """Applies a finished step: advances computed tokens, appends sampled tokens, checks
+        stop conditions. One delta per sampled request, then pending abort/length deltas."""
+        deltas: list[RequestDelta] = []
+        for scheduled in out.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if request is None or request.is_finished:
+                continue  # aborted while its step ran; its "abort" delta is pending
+            request.num_computed_tokens += scheduled.num_new_tokens
+            if not scheduled.is_sampled:
+                continue
+            if scheduled.req_id not in samples:
+                raise ValueError(f"no sample for sampled request {scheduled.req_id!r}")
+            deltas.append(self._append_sample(request, samples[scheduled.req_id]))
+        deltas.extend(self.take_pending_deltas())
+        return deltas
+
+    def _append_sample(self, request: Request, sample: SampleResult) -> RequestDelta:
+        request.output_token_ids.append(sample.token_id)
+        status = _check_stop(request, sample.token_id)
+        if status is not None:
+            self._finish(request, status)
+        logprobs = (sample.logprobs,) if sample.logprobs is not None else None
+        return RequestDelta(
+            req_id=request.req_id,
+            new_token_ids=(sample.token_id,),
+            new_logprobs=logprobs,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        if request.block_ids:
+            self.block_manager.free(request.block_ids)
+            request.block_ids = []
+        request.status = status
+        self._finished_req_ids.append(request.req_id)
+
+
+def _check_stop(request: Request, token_id: int) -> RequestStatus | None:
+    """Stop token (once min_tokens is reached) first, then max_tokens, then max_model_len.
+    A stop token stays in output_token_ids (vLLM convention); the driver strips its text."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens and token_id in request.end_token_ids:
+        request.stop_reason = token_id
+        return RequestStatus.FINISHED_STOPPED
+    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    if request.num_tokens >= request.max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+def _scheduled(request: Request, num_new_tokens: int, new_block_ids: list[int]) -> ScheduledRequest:
+    return ScheduledRequest(
+        req_id=request.req_id,
+        num_computed_tokens=request.num_computed_tokens,
+        num_new_tokens=num_new_tokens,
+        new_block_ids=tuple(new_block_ids),
+        is_sampled=request.num_computed_tokens + num_new_tokens == request.num_tokens,
+    )
+
+
+def _final_delta(request: Request) -> RequestDelta:
+    """A request that finished without sampling: no new tokens, just the reason."""
+    return RequestDelta(
+        req_id=request.req_id,
+        new_token_ids=(),
+        new_logprobs=None,
+        finish_reason=request.finish_reason,
+    )

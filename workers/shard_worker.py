@@ -1,0 +1,127 @@
+"""ShardWorker: one tensor-parallel rank, run as a threaded Ray actor (cluster/ wraps it
+with ray.remote). Ray places it, hands it requests and collects outputs; its step loop
+runs on its own thread and talks to the other ranks only through torch.distributed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import numpy as np
+import torch
+
+from workers.config import EngineConfig
+from workers.intake import Intake, RequestState
+from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
+from workers.model_runner import ModelRunner
+from workers.parallel import bind_store, init_process_group
+from workers.request import Request
+from workers.step_loop import LeaderLoop, run_follower
+
+
+class ShardWorker:
+    def __init__(self, config: EngineConfig, rank: int):
+        # No CUDA calls here: the device is chosen in init(), after Ray set the env.
+        self.config = config
+        self.rank = rank
+        self.intake = Intake()
+        self._store = None
+        self.runner: ModelRunner | None = None
+        self.leader: LeaderLoop | None = None
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0 binds the torch.distributed store on a port the OS picks."""
+        host = self.node_ip()
+        self._store = bind_store(host, self.config.tensor_parallel_size)
+        return host, self._store.port
+
+    def init(self, master_addr: str, master_port: int) -> int:
+        """Joins the process group, builds the model shard and its KV cache.
+        Returns the number of KV blocks (equal on every rank)."""
+        device = self._select_device()
+        pg = init_process_group(
+            self.rank,
+            self.config.tensor_parallel_size,
+            master_addr,
+            master_port,
+            device.type,
+            store=self._store,
+        )
+        torch.manual_seed(self.config.seed)
+        self.runner = ModelRunner(self.config, pg, device)
+        if pg.is_leader:
+            self.leader = LeaderLoop(self.config, self.runner, pg, self.intake)
+        return self.runner.num_blocks
+
+    def _select_device(self) -> torch.device:
+        if self.config.device == "cpu":
+            return torch.device("cpu")
+        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU.
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+
+    def run(self) -> None:
+        """Runs the step loop until shutdown. Called once; returns only at the end."""
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)
+        if self.leader is not None:
+            self.leader.run()
+        else:
+            run_follower(self.runner, self.runner.pg, self.intake)
+
+    def add_request(self, new: NewRequest) -> None:
+        state = RequestState(
+            req_id=new.req_id,
+            prompt_len=new.prompt_len,
+            prompt_token_ids=list(new.prompt_token_ids) if new.prompt_token_ids else None,
+            prompt_embeds=self._fetch_embeds(new.prompt_embeds),
+        )
+        self.intake.put(state)
+        if self.leader is not None:
+            self.leader.add_request(
+                Request.from_new_request(
+                    new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device
+                )
+            )
+
+    def _fetch_embeds(self, embeds: PromptEmbedsRef | None) -> torch.Tensor | None:
+        """The request's (seq_len, hidden) array from the object store, as a tensor in
+        the model's dtype on this shard's device."""
+        if embeds is None:
+            return None
+        import ray
+
+        array: np.ndarray = ray.get(embeds.ref)  # zero-copy, read-only view
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only arrays
+            tensor = torch.from_numpy(array)
+        if embeds.dtype == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        # .to() copies, which also releases the object-store view.
+        return tensor.to(self.runner.device, self.config.torch_dtype, copy=True)
+
+    def abort(self, req_id: str) -> None:
+        self.leader.abort(req_id)
+
+    def get_outputs(self, timeout_s: float = 1.0) -> list[RequestDelta]:
+        """Long-poll: the deltas produced since the last call, waiting up to timeout_s."""
+        return self.leader.outbox.take(timeout_s)
+
+    def stats(self) -> EngineStats:
+        return self.leader.stats()
+
+    def shutdown(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def hostname(self) -> str:
+        return socket.gethostname()

@@ -1,0 +1,156 @@
+"""The step loop that runs on the shards, with no Ray call per step.
+
+Leader (rank 0): schedule, broadcast the plan, execute, sample, update, hand deltas to
+the outbox. Follower: receive the plan, execute. Runs on one thread of each shard actor."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.intake import Intake
+from workers.messages import EngineStats, RequestDelta, StepPlan
+from workers.model_runner import ModelRunner
+from workers.parallel import ProcessGroup
+from workers.request import Request
+from workers.sampler import Sampler
+from workers.scheduler import Scheduler, SchedulerOutput
+
+# An idle leader still broadcasts an empty plan this often, so followers blocked in the
+# broadcast never reach the process group's timeout.
+KEEPALIVE_S = 30.0
+# How long a follower waits for a scheduled request's data to arrive through Ray.
+INTAKE_TIMEOUT_S = 120.0
+MAX_EARLY_ABORTS = 4096
+
+
+class Outbox:
+    """Deltas waiting for the driver's long-poll; batched when the driver lags."""
+
+    def __init__(self) -> None:
+        self._deltas: list[RequestDelta] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, deltas: list[RequestDelta]) -> None:
+        with self._cond:
+            self._deltas.extend(deltas)
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float) -> list[RequestDelta]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._deltas or self._closed, timeout_s)
+            deltas, self._deltas = self._deltas, []
+            return deltas
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class LeaderLoop:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, pg: ProcessGroup, intake: Intake):
+        self.config = config
+        self.runner = runner
+        self.pg = pg
+        self.intake = intake
+        self.outbox = Outbox()
+        self.scheduler = Scheduler(
+            BlockManager(runner.num_blocks, config.block_size),
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+        )
+        self.sampler = Sampler(seed=config.seed)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # Aborts that overtook their request (actor threads run calls concurrently), or
+        # that raced its finish. Bounded: a stale entry only costs a finished request.
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()
+        self._stats = self.scheduler.stats()
+
+    # Called from actor threads other than the loop's.
+    def add_request(self, request: Request) -> None:
+        self._commands.put(("add", request))
+
+    def abort(self, req_id: str) -> None:
+        self._commands.put(("abort", req_id))
+
+    def stop(self) -> None:
+        self._commands.put(("stop", None))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def run(self) -> None:
+        appended: tuple[tuple[str, int], ...] = ()
+        step_id = 0
+        try:
+            while self._drain_commands():
+                out = self.scheduler.schedule()
+                plan = StepPlan(step_id, appended, out.preempted_req_ids, out.finished_req_ids, out.scheduled)
+                deltas = self._step(plan, out)
+                appended = tuple((d.req_id, t) for d in deltas for t in d.new_token_ids)
+                self._stats = self.scheduler.stats()
+                if deltas:
+                    self.outbox.put(deltas)
+                step_id += 1
+            self.pg.broadcast_object(StepPlan(step_id, (), (), (), (), shutdown=True))
+        finally:
+            self.outbox.close()
+
+    def _step(self, plan: StepPlan, out: SchedulerOutput) -> list[RequestDelta]:
+        self.pg.broadcast_object(plan)
+        self.runner.apply(plan, self.intake, INTAKE_TIMEOUT_S)
+        logits = self.runner.execute(plan.scheduled)
+        sampled = [s.req_id for s in plan.scheduled if s.is_sampled]
+        samples = {}
+        if sampled:
+            requests = [self.scheduler.get(req_id) for req_id in sampled]
+            samples = dict(zip(sampled, self.sampler(logits, requests)))
+        return self.scheduler.update(out, samples)
+
+    def _drain_commands(self) -> bool:
+        """Applies queued adds and aborts; waits for one when there is no work.
+        Returns False once asked to stop."""
+        idle = not self.scheduler.has_unfinished_requests()
+        try:
+            command = self._commands.get(timeout=KEEPALIVE_S) if idle else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, arg = command
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(arg)
+            elif not self.scheduler.abort_request(arg):
+                self._remember_early_abort(arg)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+
+    def _remember_early_abort(self, req_id: str) -> None:
+        self._early_aborts[req_id] = None
+        if len(self._early_aborts) > MAX_EARLY_ABORTS:
+            self._early_aborts.popitem(last=False)
+
+    def _add(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        if self._early_aborts.pop(request.req_id, 0) is None:
+            # Added then aborted at once, so every shard hears it finished and drops it.
+            self.scheduler.abort_request(request.req_id)
+
+
+def run_follower(runner: ModelRunner, pg: ProcessGroup, intake: Intake) -> None:
+    while True:
+        plan = pg.broadcast_object()
+        if plan.shutdown:
+            return
+        runner.apply(plan, intake, INTAKE_TIMEOUT_S)
+        runner.execute(plan.scheduled)
