@@ -39,6 +39,8 @@ _MEMO_GET_OPS = {"BINGET", "LONG_BINGET"}
 # Members torch.save writes beside data.pkl and the storage records (data/<key>).
 _METADATA_MEMBERS = {"version", ".data/version", "byteorder", ".format_version",
                      ".storage_alignment", ".data/serialization_id"}
+# Records describing the original file's layout (alignment, offsets), not our repacked one.
+_LAYOUT_MEMBERS = {".format_version", ".storage_alignment", ".data/serialization_id"}
 _MAX_MEMBERS = 16
 _MAX_PICKLE_BYTES = 4096  # a single tensor's data.pkl is ~150 bytes
 _MAX_REASON_CHARS = 200
@@ -301,7 +303,8 @@ def _load(members: dict[str, bytes], spec: _TensorSpec) -> torch.Tensor:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for name, content in members.items():
-            archive.writestr(f"archive/{name}", content)
+            if name not in _LAYOUT_MEMBERS:
+                archive.writestr(f"archive/{name}", content)
     buffer.seek(0)
     try:
         tensor = torch.load(buffer, weights_only=True, map_location="cpu", mmap=False)

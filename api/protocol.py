@@ -80,7 +80,8 @@ class CompletionRequest(BaseModel):
                 continue
             neutral = _UNSUPPORTED_NEUTRAL.get(name, ())
             if not any(type(value) is type(v) and value == v for v in neutral):
-                hint = f"; only {' or '.join(map(json.dumps, neutral))} is accepted" if neutral else ""
+                accepted = " or ".join(map(json.dumps, neutral))
+                hint = f"; only {accepted} is accepted" if neutral else ""
                 raise PydanticCustomError(
                     "unsupported_field", "unsupported field '{field}'{hint}",
                     {"field": name, "hint": hint})
@@ -121,7 +122,9 @@ class PromptInput:
     value: str | tuple[int, ...]
 
 
-def split_prompts(request: CompletionRequest, *, max_prompts: int = MAX_PROMPTS) -> list[PromptInput]:
+def split_prompts(
+    request: CompletionRequest, *, max_prompts: int = MAX_PROMPTS
+) -> list[PromptInput]:
     """All prompt_embeds first, in order, then the prompts (vLLM's choice order).
     A `prompt` of "" or null beside prompt_embeds means no text prompt."""
     embeds = [request.prompt_embeds] if isinstance(request.prompt_embeds, str) \

@@ -69,7 +69,7 @@ class IncrementalDetokenizer:
             num_chars = len(self._decoded)
             self._decoded += self._decode_next(token_id)
             if len(self.token_ids) <= self.params.min_tokens:
-                self._stop_floor = len(self._decoded)
+                pass
             if self._match_stop(num_chars):
                 break
         if finish_reason is not None or stop_reason is not None or self.stop_matched is not None:

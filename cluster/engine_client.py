@@ -116,7 +116,8 @@ class EngineClient:
             try:
                 deltas = ray.get(self.leader.get_outputs.remote(POLL_TIMEOUT_S))
             except Exception as exc:  # the leader died or was killed
-                self._mark_dead(f"engine shard failed: {type(exc).__name__}: {exc}")
+                if not self._closed:
+                    self._mark_dead(f"engine shard failed: {type(exc).__name__}: {exc}")
                 return
             for delta in deltas:
                 self._deliver(delta)

@@ -42,7 +42,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Results in input order. A bad prompt or parameter raises ValueError before
         any request is sent, so the LLM stays usable."""
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = self._per_prompt_params(sampling_params, len(prompts))
         parsed = [self._parse(p) for p in prompts]
         params = [

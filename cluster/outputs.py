@@ -49,7 +49,7 @@ class CompletionTracker:
         self.index = index
         self.params = params
         self.tokenizer = tokenizer
-        self.token_ids: list[int] = []
+        self._token_ids: list[int] = []  # without a tokenizer; else the detokenizer's
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.detokenizer = (
@@ -58,6 +58,11 @@ class CompletionTracker:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Output tokens, ending with the one that completed a stop string if any."""
+        return self.detokenizer.token_ids if self.detokenizer else self._token_ids
 
     @property
     def text(self) -> str:
@@ -72,16 +77,17 @@ class CompletionTracker:
         matches finishes the sample here (the caller then aborts it in the engine)."""
         if self.is_finished:
             return ""
-        self.token_ids.extend(delta.new_token_ids)
-        self._add_logprobs(delta)
         new_text = ""
-        if self.detokenizer is not None:
+        if self.detokenizer is None:
+            self._token_ids.extend(delta.new_token_ids)
+        else:
             new_text = self.detokenizer.update(
                 list(delta.new_token_ids), delta.finish_reason, delta.stop_reason
             )
-            if self.detokenizer.stop_matched is not None:
-                self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
-                return new_text
+        self._add_logprobs(delta)
+        if self.detokenizer is not None and self.detokenizer.stop_matched is not None:
+            self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
+            return new_text
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
             self.error = delta.error
@@ -90,7 +96,9 @@ class CompletionTracker:
     def _add_logprobs(self, delta: RequestDelta) -> None:
         if self.logprobs is None or delta.new_logprobs is None:
             return
-        for token, entry in zip(delta.new_token_ids, delta.new_logprobs):
+        # One entry per kept token: tokens after a matched stop string are dropped.
+        num_kept = len(self.token_ids) - len(self.logprobs)
+        for token, entry in zip(delta.new_token_ids[:num_kept], delta.new_logprobs):
             top = {tid: Logprob(lp, rank + 1, self._decode(tid)) for rank, (tid, lp) in enumerate(entry.top)}
             if token not in top:
                 top[token] = Logprob(entry.token_logprob, None, self._decode(token))

@@ -109,7 +109,8 @@ def test_non_contiguous_view_saved_directly_round_trips():
 
 def test_hand_written_pickle_matches_torch_save():
     values = torch.arange(6, dtype=torch.float32)
-    data = with_pickle(tensor_pickle(numel=6, size=(2, 3), stride=(3, 1)), values.numpy().tobytes())
+    pkl = tensor_pickle(numel=6, size=(2, 3), stride=(3, 1))
+    data = with_pickle(pkl, values.numpy().tobytes())
     assert torch.equal(decode(data, hidden_size=3), values.reshape(2, 3))
 
 

@@ -81,6 +81,21 @@ def test_incomplete_character_is_held_then_flushed_at_finish(tokenizer):
     assert detok.text == "ok\ufffd" and detok.update(emoji[-1:]) == ""
 
 
+def test_prompt_cut_inside_a_character_does_not_merge_with_the_output(tokenizer):
+    emoji = _encode(tokenizer, "😀")
+    output = emoji[2:] + _encode(tokenizer, "ok")
+    detok = IncrementalDetokenizer(tokenizer, _encode(tokenizer, "a ") + emoji[:2], SamplingParams())
+    assert "".join(_stream(detok, output)) == tokenizer.decode(output) == "\ufffd\ufffdok"
+
+
+def test_stop_string_in_text_flushed_at_finish_still_truncates(tokenizer):
+    space_and_lead_bytes = tokenizer.convert_tokens_to_ids("ĠâĢ")  # " " + 2 of 3 bytes of "—"
+    assert tokenizer.decode([space_and_lead_bytes]) == " \ufffd"
+    detok = IncrementalDetokenizer(tokenizer, None, SamplingParams(stop=(" ",)))
+    assert detok.update(_encode(tokenizer, "ok") + [space_and_lead_bytes]) == "ok"
+    assert detok.update([], "length") == "" and detok.stop_matched == " " and detok.text == "ok"
+
+
 def test_special_tokens_skipped_or_kept(tokenizer):
     ids = [2] + _encode(tokenizer, "user") + [3] + _encode(tokenizer, " hi")
     kept = IncrementalDetokenizer(tokenizer, None, SamplingParams(skip_special_tokens=False))
@@ -95,6 +110,7 @@ def test_special_tokens_skipped_or_kept(tokenizer):
     (("eat",), False, "Café au lait 😀 naïve 日本語 — the w"),  # inside the token " weather"
     (("ther is f",), False, "Café au lait 😀 naïve 日本語 — the wea"),  # across three tokens
     (("naïve 日",), False, "Café au lait 😀 "),  # ends inside a multi-byte token run
+    (("weat", "ea"), False, "Café au lait 😀 naïve 日本語 — the w"),  # first to complete wins
     (("mat.",), True, TEXT),
     (("the m", "he mat"), True, "Café au lait 😀 naïve 日本語 — the weather is fine. The cat sat on the m"),
 ])
