@@ -146,7 +146,7 @@ def _model_config(tokenizer: Tokenizer) -> dict:
     config = json.loads(_TINY_CONFIG_PATH.read_text())
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["bos_token_id"] = tokenizer.token_to_id(BOS_TOKEN)
-    config["eos_token_id"] = [tokenizer.token_to_id(END_OF_TEXT_TOKEN), tokenizer.token_to_id(EOT_TOKEN)]
+    config["eos_token_id"] = [tokenizer.token_to_id(t) for t in (END_OF_TEXT_TOKEN, EOT_TOKEN)]
     config["pad_token_id"] = tokenizer.token_to_id(PAD_TOKEN)
     return config
 
@@ -200,6 +200,7 @@ def model_shape_path(name: str) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=".config.", dir=target)
     with os.fdopen(fd, "wb") as tmp:
         tmp.write(content)
+    os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600
     os.replace(tmp_name, config_path)
     return target
 

@@ -9,6 +9,9 @@ from workers.sampling_params import SamplingParams
 # the leading space / merge it would get in context.
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
+# Returned text beyond this many chars moves out of the working string, so appending to it
+# stays O(1) however long the output grows.
+_MAX_WORKING_CHARS = 4096
 
 
 class IncrementalDetokenizer:
@@ -39,14 +42,16 @@ class IncrementalDetokenizer:
         self._window: list[int] = self._prompt_context(prompt_token_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._window)
-        self._decoded = ""  # text decoded so far; may run ahead of what was returned
+        self._retired: list[str] = []  # returned text no stop string can reach any more
+        self._decoded = ""  # the rest of the text decoded so far; may run ahead of returned
         self._num_returned = 0  # chars of _decoded returned by update()
-        self._stop_floor = 0  # a stop string may only start at or after this char
+        self._stop_floor = 0  # in _decoded, a stop string may only start at or after this
+        self._max_stop_len = max(map(len, params.stop), default=0)
 
     @property
     def text(self) -> str:
         """The output text returned so far (held-back characters excluded)."""
-        return self._decoded[: self._num_returned]
+        return "".join(self._retired) + self._decoded[: self._num_returned]
 
     def update(
         self,
@@ -69,7 +74,7 @@ class IncrementalDetokenizer:
             num_chars = len(self._decoded)
             self._decoded += self._decode_next(token_id)
             if len(self.token_ids) <= self.params.min_tokens:
-                pass
+                self._stop_floor = len(self._decoded)
             if self._match_stop(num_chars):
                 break
         if finish_reason is not None or stop_reason is not None or self.stop_matched is not None:
@@ -142,10 +147,18 @@ class IncrementalDetokenizer:
     def _take(self, num_chars: int) -> str:
         piece = self._decoded[self._num_returned : num_chars]
         self._num_returned = max(self._num_returned, num_chars)
+        if self._num_returned > _MAX_WORKING_CHARS + self._max_stop_len:
+            # Keep the chars a stop string ending in later text could start in.
+            cut = self._num_returned - self._max_stop_len
+            self._retired.append(self._decoded[:cut])
+            self._decoded = self._decoded[cut:]
+            self._num_returned -= cut
+            self._stop_floor = max(0, self._stop_floor - cut)
         return piece
 
     def _prompt_context(self, prompt_token_ids: list[int] | None) -> list[int]:
-        tail = [t for t in (prompt_token_ids or [])[-_PROMPT_CONTEXT_TOKENS:] if t not in self._skip_ids]
+        tail = (prompt_token_ids or [])[-_PROMPT_CONTEXT_TOKENS:]
+        tail = [token_id for token_id in tail if token_id not in self._skip_ids]
         # A prompt cut inside a character would merge its bytes with the output's.
         return [] if self._decode(tail).endswith(_REPLACEMENT) else tail
 

@@ -46,3 +46,11 @@ def shard_actor_options(group: PlacementGroup, bundle_index: int, device: str) -
             placement_group_capture_child_tasks=True,
         ),
     }
+
+
+def replica_bundles(tensor_parallel_size: int, device: str, replica_cpus: float = 1.0) -> list[dict[str, float]]:
+    """A Serve replica's placement group: the shards' bundles, with the replica's own CPU
+    merged into bundle 0 (the replica takes no GPU, so nothing is counted twice)."""
+    bundles = shard_bundles(tensor_parallel_size, device)
+    bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + replica_cpus
+    return bundles

@@ -139,8 +139,10 @@ def test_racing_builders_in_threads_keep_one_folder(tmp_path):
         (folder / "marker").write_text(threading.current_thread().name)
         barrier.wait(timeout=10)  # both builds finish before either renames
 
-    threads = [threading.Thread(target=lambda: results.append(default_model._publish(target, build)))
-               for _ in range(2)]
+    def publish() -> None:
+        results.append(default_model._publish(target, build))
+
+    threads = [threading.Thread(target=publish) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -167,14 +169,15 @@ print(path, "ray" in sys.modules, "transformers" in sys.modules)
 def test_two_processes_racing_yield_one_valid_folder(tmp_path):
     """Also checks that building imports neither Ray nor transformers."""
     cache, go = tmp_path / "cache", tmp_path / "go"
+    readies = [tmp_path / "ready0", tmp_path / "ready1"]
     env = {**os.environ, "SHARDSERVE_CACHE_DIR": str(cache)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, str(MODULE_PATH), str(tmp_path / f"ready{i}"),
-                          str(go)], env=env, stdout=subprocess.PIPE, text=True)
-        for i in range(2)
+        subprocess.Popen([sys.executable, "-c", RACER, str(MODULE_PATH), str(ready), str(go)],
+                         env=env, stdout=subprocess.PIPE, text=True)
+        for ready in readies
     ]
     deadline = time.monotonic() + 60
-    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+    while not all(ready.exists() for ready in readies) and time.monotonic() < deadline:
         time.sleep(0.01)
     go.touch()
     outputs = [proc.communicate(timeout=60)[0].split() for proc in procs]

@@ -8,18 +8,21 @@ import random
 import pytest
 
 from cluster.default_model import default_model_path
+from cluster import detokenizer
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.tokenizer import load_tokenizer
 from workers.sampling_params import SamplingParams
 
-TEXT = "Café au lait 😀 naïve 日本語 — the weather is fine. The cat sat on the mat."
+HEAD = "Café au lait 😀 naïve 日本語 — the"
+TEXT = HEAD + " weather is fine. The cat sat on the mat."
 EOT = 4
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SHARDSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "shardserve-cache"))
+        cache = tmp_path_factory.getbasetemp() / "shardserve-cache"  # shared with other modules
+        patch.setenv("SHARDSERVE_CACHE_DIR", str(cache))
         return load_tokenizer(default_model_path())
 
 
@@ -84,7 +87,8 @@ def test_incomplete_character_is_held_then_flushed_at_finish(tokenizer):
 def test_prompt_cut_inside_a_character_does_not_merge_with_the_output(tokenizer):
     emoji = _encode(tokenizer, "😀")
     output = emoji[2:] + _encode(tokenizer, "ok")
-    detok = IncrementalDetokenizer(tokenizer, _encode(tokenizer, "a ") + emoji[:2], SamplingParams())
+    prompt = _encode(tokenizer, "a ") + emoji[:2]
+    detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
     assert "".join(_stream(detok, output)) == tokenizer.decode(output) == "\ufffd\ufffdok"
 
 
@@ -105,14 +109,14 @@ def test_special_tokens_skipped_or_kept(tokenizer):
 
 
 @pytest.mark.parametrize("stops, include, expected", [
-    (("on the",), False, "Café au lait 😀 naïve 日本語 — the weather is fine. The cat sat "),
-    (("dog", "sat", "cat"), False, "Café au lait 😀 naïve 日本語 — the weather is fine. The "),
-    (("eat",), False, "Café au lait 😀 naïve 日本語 — the w"),  # inside the token " weather"
-    (("ther is f",), False, "Café au lait 😀 naïve 日本語 — the wea"),  # across three tokens
+    (("on the",), False, HEAD + " weather is fine. The cat sat "),
+    (("dog", "sat", "cat"), False, HEAD + " weather is fine. The "),
+    (("eat",), False, HEAD + " w"),  # inside the token " weather"
+    (("ther is f",), False, HEAD + " wea"),  # across tokens
     (("naïve 日",), False, "Café au lait 😀 "),  # ends inside a multi-byte token run
-    (("weat", "ea"), False, "Café au lait 😀 naïve 日本語 — the w"),  # first to complete wins
+    (("weat", "ea"), False, HEAD + " w"),  # first to complete wins
     (("mat.",), True, TEXT),
-    (("the m", "he mat"), True, "Café au lait 😀 naïve 日本語 — the weather is fine. The cat sat on the m"),
+    (("the m", "he mat"), True, HEAD + " weather is fine. The cat sat on the m"),
 ])
 def test_stop_strings_truncate_where_openai_does(tokenizer, stops, include, expected):
     ids = _encode(tokenizer, TEXT)
@@ -138,7 +142,14 @@ def test_text_that_may_begin_a_stop_is_held_until_disambiguated(tokenizer):
     assert detok.stop_matched == "the mat" and detok.update(_encode(tokenizer, " more")) == ""
 
 
-def test_random_streams_with_stop_strings_match_the_reference(tokenizer):
+@pytest.fixture(params=[4096, 8], ids=["default", "tiny-working-string"])
+def working_chars(request, monkeypatch):
+    """A tiny working string retires returned text on almost every update."""
+    monkeypatch.setattr(detokenizer, "_MAX_WORKING_CHARS", request.param)
+    return request.param
+
+
+def test_random_streams_with_stop_strings_match_the_reference(tokenizer, working_chars):
     rng = random.Random(1)
     words = TEXT.split() + ["the", "he", "at", "a", "é"]
     for _ in range(150):
@@ -154,11 +165,20 @@ def test_random_streams_with_stop_strings_match_the_reference(tokenizer):
         assert detok.stop_matched == stop
 
 
-def test_stop_strings_wait_for_min_tokens(tokenizer):
+def test_stop_strings_wait_for_min_tokens(tokenizer, working_chars):
     ids = _encode(tokenizer, "at home, at work")
     params = SamplingParams(stop=("at",), min_tokens=2)
     detok = IncrementalDetokenizer(tokenizer, None, params)
     assert "".join(_stream(detok, ids)) == "at home, "
+    text = TEXT * 4
+    ids = _encode(tokenizer, text)
+    for min_tokens in range(len(ids) // 2, len(ids) // 2 + 40, 3):
+        if tokenizer.decode(ids[:min_tokens]).endswith("\ufffd"):
+            continue
+        floor = len(tokenizer.decode(ids[:min_tokens]))
+        detok = IncrementalDetokenizer(tokenizer, None, SamplingParams(
+            stop=("cat sat", "zzz"), min_tokens=min_tokens, max_tokens=None))
+        assert "".join(_stream(detok, ids)) == text[: text.index("cat sat", floor)], min_tokens
 
 
 def test_stop_token_is_kept_in_ids_but_not_in_text(tokenizer):
@@ -195,7 +215,20 @@ def test_work_per_token_stays_constant(tokenizer):
             lengths.append(len(ids))
             return decode(ids, **kwargs)
 
-    ids = _encode(tokenizer, TEXT * 30)
+    ids = _encode(tokenizer, TEXT * 15) + [2, 3] * 20 + _encode(tokenizer, TEXT * 15)
     detok = IncrementalDetokenizer(Spy(), list(range(10, 30)), SamplingParams(stop=("zebra",)))
-    assert "".join(_stream(detok, ids)) == TEXT * 30
+    assert "".join(_stream(detok, ids)) == TEXT * 30  # skipped special tokens in the middle
     assert len(ids) > 1000 and max(lengths) <= 8
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_straddling_retired_text(tokenizer, include, working_chars):
+    """Returned text leaves the working string; a stop may begin in text already returned."""
+    text = TEXT * (80 if working_chars > 8 else 2) + " a zebra crossing ahead"
+    ids = _encode(tokenizer, text)
+    params = SamplingParams(stop=("zebra cross", "zzz"), include_stop_str_in_output=include)
+    detok = IncrementalDetokenizer(tokenizer, None, params)
+    pieces = _stream(detok, ids, finish_reason=None)
+    expected = text[: text.index("zebra cross") + (len("zebra cross") if include else 0)]
+    assert "".join(pieces) == detok.text == expected and detok.stop_matched == "zebra cross"
+

@@ -130,5 +130,7 @@ def test_bfloat16_tracks_hf_bfloat16(checkpoint_paths):
     config, model = _build(path, ProcessGroup(), torch.bfloat16)
     ours = _run(model, config, ProcessGroup(), _token_ids(), SCHEDULES["chunked_decode"], dtype=torch.bfloat16)
     assert ours.dtype == torch.float32
-    assert (ours - ref).abs().mean() < 0.02 * ref.abs().max()
+    scale = ref.abs().max()
+    assert (ours - ref).abs().mean() < 2e-3 * scale  # bf16 keeps ~3 significant digits
+    assert (ours - ref).abs().max() < 1e-2 * scale
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

@@ -1,0 +1,103 @@
+"""`shardserve serve [MODEL] ...`: starts (or joins) Ray, runs the Serve application on
+HOST:PORT, and stays up until Ctrl-C / SIGTERM, then shuts down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from api.settings import ServerSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardserve", description="Tensor-parallel LLM serving on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="Hugging Face model folder (default: the built-in tiny model)")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    serve.add_argument("--enable-prompt-embeds", action="store_true",
+                       help="accept prompt_embeds in /v1/completions (off by default)")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--num-replicas", type=int, default=1)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--placement-strategy", default="STRICT_PACK",
+                       choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])
+    serve.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument("--max-prompt-embeds-bytes", type=int, default=64 << 20,
+                       help="largest decoded prompt_embeds payload accepted (bytes)")
+    serve.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        model=args.model, served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size, enable_prompt_embeds=args.enable_prompt_embeds,
+        max_model_len=args.max_model_len, dtype=args.dtype, load_format=args.load_format,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device, placement_strategy=args.placement_strategy,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        num_replicas=args.num_replicas, api_key=args.api_key,
+        max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
+    )
+
+
+def _local_cpus(settings: ServerSettings) -> int:
+    """Logical CPUs for a local Ray: at least what the replicas' bundles reserve (a shard
+    and a replica each take one), so a TP=2 server starts on a 2-core machine too."""
+    needed = settings.num_replicas * (settings.tensor_parallel_size + 1) + 1
+    return max(os.cpu_count() or 1, needed)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from api.app import build_app
+
+    settings = settings_from_args(args)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(settings), name="shardserve", route_prefix="/", blocking=False)
+    print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
+          f"(tensor_parallel_size={settings.tensor_parallel_size}, "
+          f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shardserve: shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return serve_command(args)
+    except ValueError as exc:
+        print(f"shardserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

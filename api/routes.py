@@ -1,0 +1,104 @@
+"""The FastAPI application: /v1/completions, /v1/models, /health, /version, /metrics,
+with OpenAI-shaped errors and an optional API key. Built per Serve replica around an
+OpenAIServing; testable with a fake engine. Runs in the Serve ingress."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from api.protocol import CompletionRequest, error_body, validation_error_body
+from api.serving import APIError, OpenAIServing
+from cluster.engine_client import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DEFAULT_MAX_BODY_BYTES = 100 << 20
+
+
+def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None):
+    return JSONResponse(error_body(message, type=type, param=param, code=status), status_code=status)
+
+
+def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
+                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="shardserve", version=VERSION)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                              type="authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return _error(exc.status, exc.message, type=exc.type, param=exc.param)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_request, exc: EngineDeadError):
+        return _error(503, "the engine is unavailable; retry shortly", type="service_unavailable")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        logger.exception("unhandled error in a request")
+        return _error(500, "internal server error", type="internal_server_error")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        completion = await _parse_completion(request, max_body_bytes)
+        result = await serving.create_completion(completion)
+        if completion.stream:
+            return StreamingResponse(result, media_type="text/event-stream")
+        return JSONResponse(result.model_dump())
+
+    @app.get("/v1/models")
+    async def models():
+        return JSONResponse(serving.list_models().model_dump())
+
+    @app.get("/health")
+    async def health():
+        serving.engine.check_health()
+        return PlainTextResponse("")
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics():
+        stats = await serving.engine.stats()
+        return PlainTextResponse(serving.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _parse_completion(request: Request, max_body_bytes: int) -> CompletionRequest:
+    """The body as a CompletionRequest; 413 past the size limit, 400 for bad JSON or fields."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise APIError(413, f"request body is larger than the {max_body_bytes}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise APIError(413, f"request body is larger than the {max_body_bytes}-byte limit")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        body = validation_error_body(exc.errors())["error"]
+        raise APIError(400, body["message"], param=body["param"]) from None

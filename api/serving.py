@@ -1,0 +1,232 @@
+"""The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely,
+off the event loop) → one engine stream per choice → an OpenAI response or SSE stream.
+Runs in the Serve ingress; the engine sits behind the AsyncEngine protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from api.embeds_codec import decode_prompt_embeds
+from api.metrics import Metrics
+from api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    ModelCard,
+    ModelList,
+    PromptInput,
+    ProtocolError,
+    UsageInfo,
+    split_prompts,
+)
+from cluster.prompts import EnginePrompt, check_length
+from cluster import SamplingParams
+
+DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
+
+
+class APIError(Exception):
+    """An answer other than 200: status, message, OpenAI error type and param."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One (prompt, sample) pair of a request, in response order."""
+
+    index: int
+    prompt: EnginePrompt
+    params: SamplingParams
+    req_id: str
+
+
+class OpenAIServing:
+    def __init__(self, engine, *, served_model_name: str, enable_prompt_embeds: bool,
+                 max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None):
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.enable_prompt_embeds = enable_prompt_embeds
+        self.max_embeds_bytes = max_embeds_bytes
+        self.metrics = metrics or Metrics()
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.served_model_name, root=self.served_model_name,
+                                         max_model_len=self.engine.max_model_len)])
+
+    async def create_completion(self, request: CompletionRequest):
+        """A CompletionResponse, or an async iterator of SSE lines when streaming."""
+        if request.model is not None and request.model != self.served_model_name:
+            raise APIError(404, f"The model `{request.model}` does not exist.",
+                           type="NotFoundError", param="model")
+        try:
+            params = request.to_sampling_params()
+            inputs = split_prompts(request)
+        except ProtocolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        if request.echo and params.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", param="echo")
+        prompts = [await self._prepare(item) for item in inputs]
+        choices = self._choices(prompts, params)
+        if request.stream:
+            return self._stream(request, choices)
+        return await self._complete(request, choices)
+
+    async def _prepare(self, item: PromptInput) -> EnginePrompt:
+        param = "prompt_embeds" if item.kind == "embeds" else "prompt"
+        try:
+            if item.kind == "embeds":
+                if not self.enable_prompt_embeds:
+                    raise ValueError("prompt_embeds is disabled on this server; start it with "
+                                     "--enable-prompt-embeds to accept embeddings")
+                tensor = await asyncio.to_thread(
+                    decode_prompt_embeds, item.value, hidden_size=self.engine.hidden_size,
+                    dtype=self.engine.dtype, max_bytes=self.max_embeds_bytes)
+                return self.engine.parse_prompt({"prompt_embeds": tensor})
+            if item.kind == "text":
+                return self.engine.parse_prompt({"prompt": item.value})
+            return self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=param) from None
+
+    def _choices(self, prompts: list[EnginePrompt], params: SamplingParams) -> list[Choice]:
+        base = uuid.uuid4().hex
+        choices = []
+        for position, prompt in enumerate(prompts):
+            try:
+                max_tokens = check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="max_tokens") from None
+            for sample in range(params.n):
+                seed = None if params.seed is None else params.seed + sample
+                sample_params = dataclasses.replace(params, n=1, max_tokens=max_tokens, seed=seed)
+                index = position * params.n + sample
+                choices.append(Choice(index, prompt, sample_params, f"cmpl-{base}-{index}"))
+        return choices
+
+    async def _complete(self, request: CompletionRequest, choices: list[Choice]) -> CompletionResponse:
+        results = await asyncio.gather(*(self._run_choice(request, c) for c in choices))
+        completion_tokens = sum(num for _, num in results)
+        return CompletionResponse(
+            model=self.served_model_name,
+            choices=[choice for choice, _ in results],
+            usage=UsageInfo.of(_prompt_tokens(choices), completion_tokens),
+        )
+
+    async def _run_choice(self, request: CompletionRequest, choice: Choice):
+        text, token_ids, logprobs, last = self._echo(request, choice), [], [], None
+        generated = ""
+        async for update in self._generate(choice):
+            generated += update.text
+            text += update.text
+            token_ids += update.token_ids
+            logprobs += update.logprobs or ()
+            last = update
+        return CompletionChoice(
+            index=choice.index, text=text,
+            logprobs=_openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(text) - len(generated))
+            if choice.params.logprobs is not None else None,
+            finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+        ), len(token_ids)
+
+    async def _generate(self, choice: Choice):
+        """The engine's updates for one choice, timed for the metrics."""
+        start = time.monotonic()
+        num_tokens, status = 0, "error"
+        try:
+            async for update in self.engine.generate(choice.req_id, choice.prompt, choice.params):
+                num_tokens += len(update.token_ids)
+                yield update
+                if update.finish_reason is not None:
+                    status = update.finish_reason
+                    self.metrics.observe_request(start, update.first_token_time, time.monotonic(), num_tokens)
+        finally:
+            self.metrics.count_finished(status if status != "error" or num_tokens else "error")
+
+    def _echo(self, request: CompletionRequest, choice: Choice) -> str:
+        if not request.echo:
+            return ""
+        if choice.prompt.prompt is not None:
+            return choice.prompt.prompt
+        return self.engine.tokenizer.decode(list(choice.prompt.prompt_token_ids))
+
+    async def _stream(self, request: CompletionRequest, choices: list[Choice]) -> AsyncIterator[str]:
+        """SSE lines: a chunk per update per choice, the usage chunk if asked, [DONE]."""
+        created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(request, c, queue)) for c in choices]
+        completion_tokens, remaining = 0, len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                    continue
+                completion_tokens += item[1]
+                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
+                                                    choices=[item[0]]))
+            if request.is_include_usage:
+                usage = UsageInfo.of(_prompt_tokens(choices), completion_tokens)
+                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
+                                                    choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()  # a disconnected client: each choice's engine request is aborted
+
+    async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
+        try:
+            echo, offset = self._echo(request, choice), 0
+            async for update in self._generate(choice):
+                logprobs = None
+                if choice.params.logprobs is not None:
+                    logprobs = _openai_logprobs(update.token_ids, update.logprobs or (),
+                                                choice.params.logprobs, offset)
+                    offset += sum(len(t) for t in logprobs.tokens)
+                chunk = CompletionChoice(index=choice.index, text=echo + update.text, logprobs=logprobs,
+                                         finish_reason=update.finish_reason, stop_reason=update.stop_reason)
+                echo = ""
+                queue.put_nowait((chunk, len(update.token_ids)))
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+
+def _prompt_tokens(choices: list[Choice]) -> int:
+    """Prompt tokens count once per prompt (embedding rows for embeddings), not per sample."""
+    seen = {}
+    for choice in choices:
+        seen[id(choice.prompt)] = choice.prompt.num_tokens
+    return sum(seen.values())
+
+
+def _openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> CompletionLogprobs:
+    """Our per-token {token_id: Logprob} dicts in OpenAI's completions logprobs shape:
+    the sampled token's string and logprob, the top `num_top`, and text offsets."""
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        sampled = entry[token_id]
+        ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+        out.tokens.append(sampled.decoded_token or "")
+        out.token_logprobs.append(sampled.logprob)
+        out.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in ranked[:num_top]})
+        out.text_offset.append(text_offset)
+        text_offset += len(sampled.decoded_token or "")
+    return out
+
+
+def _sse(chunk: CompletionStreamResponse) -> str:
+    return f"data: {json.dumps(chunk.model_dump(exclude_none=False))}\n\n"

@@ -1,0 +1,61 @@
+"""ServerSettings: what `shardserve serve` flags and a Serve config's `args:` set, frozen
+and validated; the engine's part becomes EngineArgs. Runs on the CLI and in replicas."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.serving import DEFAULT_MAX_EMBEDS_BYTES
+from api.routes import DEFAULT_MAX_BODY_BYTES
+from cluster.engine_args import EngineArgs
+
+DEFAULT_MODEL_NAME = "shardserve-tiny-llama"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str | None = None  # None: the built-in default model
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    enable_prompt_embeds: bool = False
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    device: str = "auto"
+    placement_strategy: str = "STRICT_PACK"
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    num_replicas: int = 1
+    api_key: str | None = None
+    max_prompt_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        for name in ("max_prompt_embeds_bytes", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, args: dict) -> "ServerSettings":
+        """From a Serve config's `args:`; an unknown key is a ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**args)
+
+    def engine_args(self) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(EngineArgs)}
+        return EngineArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return str(Path(self.model)) if self.model else DEFAULT_MODEL_NAME

@@ -1,0 +1,109 @@
+"""AsyncEngine: the engine behind an async-generator protocol, for the Serve ingress.
+Each sample streams `SampleUpdate`s; closing the generator aborts the request and frees
+its KV blocks. Runs in a Serve replica (or any asyncio program)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray.util.placement_group import PlacementGroup
+
+from cluster.engine_args import EngineArgs
+from cluster.engine_client import EngineClient, EngineDeadError
+from cluster.outputs import CompletionTracker, Logprob
+from cluster.prompts import EnginePrompt, parse_prompt
+from workers.messages import EngineStats
+from workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleUpdate:
+    """What one sample gained since its previous update."""
+
+    text: str  # newly final text
+    token_ids: tuple[int, ...]
+    logprobs: tuple[dict[int, Logprob], ...] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_token_time: float | None = None  # monotonic time of the sample's first token
+
+
+class AsyncEngine:
+    def __init__(self, engine_args: EngineArgs, placement_group: PlacementGroup | None = None):
+        self.config, self.tokenizer = engine_args.resolve()
+        self.engine = EngineClient(self.config, placement_group)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.model_config.hidden_size
+
+    @property
+    def dtype(self):
+        return self.config.torch_dtype
+
+    def parse_prompt(self, prompt) -> EnginePrompt:
+        """Validates a text / token-id / embeddings prompt; ValueError if bad."""
+        model = self.config.model_config
+        return parse_prompt(
+            prompt,
+            tokenizer=self.tokenizer,
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            dtype=self.config.torch_dtype,
+            enable_prompt_embeds=self.config.enable_prompt_embeds,
+        )
+
+    async def generate(
+        self, req_id: str, prompt: EnginePrompt, params: SamplingParams
+    ) -> AsyncIterator[SampleUpdate]:
+        """Streams one sample (params.n must be 1). Raises EngineDeadError if the
+        engine fails mid-request."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        tracker = CompletionTracker(0, self.tokenizer, prompt.prompt_token_ids, params)
+        self.engine.add_request(
+            req_id, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
+            prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype,
+        )
+        first_token_time = None
+        engine_finished = False
+        try:
+            while not tracker.is_finished:
+                delta = await deltas.get()
+                engine_finished = delta.finish_reason is not None
+                num_tokens, num_logprobs = len(tracker.token_ids), len(tracker.logprobs or ())
+                text = tracker.apply(delta)
+                if first_token_time is None and tracker.token_ids:
+                    first_token_time = time.monotonic()
+                if tracker.finish_reason == "error":
+                    raise EngineDeadError(tracker.error)
+                yield SampleUpdate(
+                    text=text,
+                    token_ids=tuple(tracker.token_ids[num_tokens:]),
+                    logprobs=tuple(tracker.logprobs[num_logprobs:]) if tracker.logprobs is not None else None,
+                    finish_reason=tracker.finish_reason,
+                    stop_reason=tracker.stop_reason,
+                    first_token_time=first_token_time,
+                )
+        finally:
+            if not engine_finished:
+                # A client that went away, or a stop string matched on this side.
+                self.engine.abort(req_id)
+
+    async def stats(self) -> EngineStats:
+        return await self.engine.leader.stats.remote()
+
+    def check_health(self) -> None:
+        """Raises if the engine is dead, so Serve replaces the replica."""
+        if self.engine.dead_reason is not None:
+            raise EngineDeadError(self.engine.dead_reason)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
