@@ -27,18 +27,17 @@ def kv_cache_bytes_per_block(config: ModelConfig, tp_size: int, block_size: int,
 def allocate_kv_caches(
     config: ModelConfig, pg: ProcessGroup, num_blocks: int, block_size: int, dtype: torch.dtype, device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (k_cache, v_cache), each [num_blocks, block_size, kv_heads_local, head_dim];
-    uninitialized except the null block 0, which is zeroed."""
+    """Per layer (k_cache, v_cache), each [num_blocks, block_size, kv_heads_local, head_dim],
+    zeroed: decode gathers whole blocks, and masked-out slots a request never wrote must
+    hold finite values (NaN garbage would poison attention even at weight 0). Block 0 is
+    the null block that padding reads."""
     if num_blocks < 2:
         raise ValueError(f"num_blocks must be >= 2 (block 0 is the reserved null block), got {num_blocks}")
     shape = (num_blocks, block_size, num_local_kv_heads(config.num_key_value_heads, pg.world_size), config.head_dim)
     caches = []
     for _ in range(config.num_hidden_layers):
-        k_cache = torch.empty(shape, dtype=dtype, device=device)
-        v_cache = torch.empty(shape, dtype=dtype, device=device)
-        k_cache[NULL_BLOCK].zero_()
-        v_cache[NULL_BLOCK].zero_()
-        caches.append((k_cache, v_cache))
+        caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(shape, dtype=dtype, device=device)))
     return caches
 
 
@@ -69,8 +68,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # LongTensor [R, max_blocks], padded with the null block
     slot_mapping: torch.Tensor  # LongTensor [N]: block_id * block_size + offset
     decode_rows: torch.Tensor  # LongTensor [B]: batch row of each decode request
-    decode_kv_slots: torch.Tensor  # LongTensor [B, max_seq_len], padded with slot 0
-    decode_kv_positions: torch.Tensor  # LongTensor [B, max_seq_len]; -1 past the end
+    decode_block_tables: torch.Tensor  # LongTensor [B, max_blocks], padded with the null block
+    decode_kv_positions: torch.Tensor  # LongTensor [B, max_blocks * block_size]; -1 past the end
     decode_q_positions: torch.Tensor  # LongTensor [B, 1]
     prefills: list[PrefillSpan]
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window, per step
@@ -162,15 +161,15 @@ def _visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, sliding_window: int | No
 
 
 def _decode_fields(decodes, starts, seq_lens, tables, block_size, device) -> dict:
+    """Decodes gather whole blocks (contiguous copies, far cheaper than per-slot
+    indexing); positions past a request's length are masked as padding."""
     lens = torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long)
-    max_len = int(lens.max()) if decodes else 0
-    kv_pos = torch.arange(max_len).expand(len(decodes), max_len)
-    is_real = kv_pos < lens[:, None]
-    slots = _slots(tables[decodes], kv_pos * is_real, block_size) * is_real  # padding -> slot 0
+    num_blocks = (int(lens.max()) + block_size - 1) // block_size if decodes else 0
+    kv_pos = torch.arange(num_blocks * block_size).expand(len(decodes), -1)
     return dict(
         decode_rows=torch.tensor([starts[r] for r in decodes], dtype=torch.long, device=device),
-        decode_kv_slots=slots.to(device),
-        decode_kv_positions=torch.where(is_real, kv_pos, -1).to(device),
+        decode_block_tables=tables[decodes, :num_blocks].to(device),
+        decode_kv_positions=torch.where(kv_pos < lens[:, None], kv_pos, -1).to(device),
         decode_q_positions=(lens - 1)[:, None].to(device),
     )
 
@@ -209,7 +208,7 @@ class Attention(nn.Module):
         v_flat.index_copy_(0, metadata.slot_mapping, v)
         out = torch.empty_like(q)
         if metadata.num_decodes:
-            out.index_copy_(0, metadata.decode_rows, self._decode(q, k_flat, v_flat, metadata))
+            out.index_copy_(0, metadata.decode_rows, self._decode(q, kv_cache, metadata))
         for index, span in enumerate(metadata.prefills):
             rows = slice(span.row_start, span.row_end)
             if span.num_computed == 0:  # no earlier context: this step's rows are all the keys
@@ -220,11 +219,12 @@ class Attention(nn.Module):
             out[rows] = self._sdpa(q[rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
         return out
 
-    def _decode(self, q, k_flat, v_flat, metadata: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
         """[B, heads, d]: each decode row against its gathered, padded, masked context."""
-        slots = metadata.decode_kv_slots  # [B, L]
-        keys = k_flat[slots]  # [B, L, kvh, d]
-        values = v_flat[slots]
+        tables = metadata.decode_block_tables  # [B, nb]
+        shape = (tables.shape[0], -1, self.num_kv_heads, self.head_dim)
+        keys = kv_cache[0].index_select(0, tables.flatten()).view(shape)  # [B, nb * bs, kvh, d]
+        values = kv_cache[1].index_select(0, tables.flatten()).view(shape)
         queries = q[metadata.decode_rows].unsqueeze(1)  # [B, 1, heads, d]
         return self._sdpa(queries, keys, values, metadata.decode_mask(self.sliding_window))[:, 0]
 

@@ -16,7 +16,7 @@ from workers.messages import ScheduledRequest, StepPlan
 from workers.models import get_model_class
 from workers.parallel import ProcessGroup
 
-CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's CPU backend sizes its cache in GiB the same way
+CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
 
 
 @dataclass(frozen=True)

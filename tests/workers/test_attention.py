@@ -75,8 +75,10 @@ def test_paged_attention_matches_dense(heads, kv_heads, head_dim, block_size, wi
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
     tables = _block_tables(lengths, block_size, num_blocks, rng)
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    kv_cache = (torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype))
-    kv_cache[0][0].zero_(), kv_cache[1][0].zero_()  # garbage everywhere but the null block
+    # Large finite garbage everywhere but the null block (the cache is zero-initialized and
+    # freed blocks keep stale finite values): any slot read without masking shows up.
+    kv_cache = tuple((torch.randn(shape, generator=gen) * 1e3).to(dtype) for _ in range(2))
+    kv_cache[0][0].zero_(), kv_cache[1][0].zero_()
     attention = Attention(heads, kv_heads, head_dim, window)
     outputs = [torch.full((n, heads, head_dim), float("nan")) for n in lengths]
     chunks = [_chunks(n, rng) for n in lengths]
@@ -105,10 +107,11 @@ def test_metadata_locates_rows_in_the_paged_cache():
     assert meta.block_tables.tolist() == [[7, 2, 0], [5, 9, 3]]
     assert meta.slot_mapping.tolist() == [7 * 4 + 2, 7 * 4 + 3, 2 * 4 + 0, 9 * 4 + 0]
     assert meta.decode_rows.tolist() == [3]
-    assert meta.decode_kv_slots.tolist() == [[20, 21, 22, 23, 36]]
+    assert meta.decode_block_tables.tolist() == [[5, 9]]
+    assert meta.decode_kv_positions.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1]]
     assert [(p.row_start, p.row_end, p.num_computed) for p in meta.prefills] == [(0, 3, 2)]
     assert meta.prefills[0].kv_slots.tolist() == [28, 29, 30, 31, 8]
-    assert meta.decode_mask(2)[0, 0, 0].tolist() == [False, False, False, True, True]
+    assert meta.decode_mask(2)[0, 0, 0].tolist() == [False, False, False, True, True, False, False, False]
 
 
 def test_metadata_rejects_inconsistent_batches():
