@@ -52,13 +52,13 @@ def time_engine(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
 def load_hf(model_dir: str, load_format: str, dtype: torch.dtype, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if load_format == "dummy":
-        config = AutoConfig.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if load_format == "dummy":  # random weights of the same shapes, built on the device
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.generation_config.eos_token_id = None
-    return model.to(device).eval()
+    return model.eval()
 
 
 @torch.inference_mode()
