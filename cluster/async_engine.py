@@ -14,7 +14,7 @@ from ray.util.placement_group import PlacementGroup
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, EngineDeadError
 from cluster.outputs import CompletionTracker, Logprob
-from cluster.prompts import EnginePrompt, parse_prompt
+from cluster.prompts import EnginePrompt, parse_engine_prompt
 from workers.messages import EngineStats
 from workers.sampling_params import SamplingParams
 
@@ -50,15 +50,7 @@ class AsyncEngine:
 
     def parse_prompt(self, prompt) -> EnginePrompt:
         """Validates a text / token-id / embeddings prompt; ValueError if bad."""
-        model = self.config.model_config
-        return parse_prompt(
-            prompt,
-            tokenizer=self.tokenizer,
-            vocab_size=model.vocab_size,
-            hidden_size=model.hidden_size,
-            dtype=self.config.torch_dtype,
-            enable_prompt_embeds=self.config.enable_prompt_embeds,
-        )
+        return parse_engine_prompt(prompt, self.config, self.tokenizer)
 
     async def generate(
         self, req_id: str, prompt: EnginePrompt, params: SamplingParams

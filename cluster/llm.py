@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, EngineDeadError
 from cluster.outputs import CompletionTracker, RequestOutput
-from cluster.prompts import EnginePrompt, check_length, parse_prompt
+from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt
 from workers.sampling_params import SamplingParams
 
 
@@ -52,15 +52,7 @@ class LLM:
         return self._run(parsed, params, use_tqdm)
 
     def _parse(self, prompt) -> EnginePrompt:
-        model = self.config.model_config
-        return parse_prompt(
-            prompt,
-            tokenizer=self.tokenizer,
-            vocab_size=model.vocab_size,
-            hidden_size=model.hidden_size,
-            dtype=self.config.torch_dtype,
-            enable_prompt_embeds=self.config.enable_prompt_embeds,
-        )
+        return parse_engine_prompt(prompt, self.config, self.tokenizer)
 
     @staticmethod
     def _per_prompt_params(sampling_params, num_prompts: int) -> list[SamplingParams]:

@@ -102,6 +102,18 @@ def parse_prompt(
     return EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)
 
 
+def parse_engine_prompt(prompt, config, tokenizer) -> EnginePrompt:
+    """parse_prompt with the facts and settings of an engine's EngineConfig."""
+    return parse_prompt(
+        prompt,
+        tokenizer=tokenizer,
+        vocab_size=config.model_config.vocab_size,
+        hidden_size=config.model_config.hidden_size,
+        dtype=config.torch_dtype,
+        enable_prompt_embeds=config.enable_prompt_embeds,
+    )
+
+
 def _tokenize(text, tokenizer) -> tuple[int, ...]:
     if not isinstance(text, str):
         raise ValueError(f"'prompt' must be a string, got {type(text).__name__}")
