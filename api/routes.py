@@ -32,7 +32,7 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and _route_path(request.scope).startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -79,6 +79,13 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
         return PlainTextResponse(serving.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _route_path(scope) -> str:
+    """The path below the app's mount point: Serve passes a route_prefix as root_path and
+    keeps it in path, so url.path of /prefix/v1/... does not start with /v1."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
 
 async def _parse_completion(request: Request, max_body_bytes: int) -> CompletionRequest:

@@ -106,8 +106,9 @@ class OpenAIServing:
         for position, prompt in enumerate(prompts):
             try:
                 max_tokens = check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="max_tokens") from None
+            except ValueError as exc:  # embedding rows count against the context, as the issue asks
+                param = "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens"
+                raise APIError(400, str(exc), param=param) from None
             for sample in range(params.n):
                 seed = None if params.seed is None else params.seed + sample
                 sample_params = dataclasses.replace(params, n=1, max_tokens=max_tokens, seed=seed)
@@ -151,8 +152,12 @@ class OpenAIServing:
                 if update.finish_reason is not None:
                     status = update.finish_reason
                     self.metrics.observe_request(start, update.first_token_time, time.monotonic(), num_tokens)
+        except (asyncio.CancelledError, GeneratorExit):
+            if status == "error":
+                status = "abort"  # the client went away before the end: not an engine error
+            raise
         finally:
-            self.metrics.count_finished(status if status != "error" or num_tokens else "error")
+            self.metrics.count_finished(status)
 
     def _echo(self, request: CompletionRequest, choice: Choice) -> str:
         if not request.echo:
@@ -189,17 +194,21 @@ class OpenAIServing:
 
     async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
         try:
-            echo, offset = self._echo(request, choice), 0
+            echo, offset, num_held = self._echo(request, choice), 0, 0
             async for update in self._generate(choice):
                 logprobs = None
                 if choice.params.logprobs is not None:
                     logprobs = _openai_logprobs(update.token_ids, update.logprobs or (),
                                                 choice.params.logprobs, offset)
                     offset += sum(len(t) for t in logprobs.tokens)
+                if not (echo or update.text or logprobs or update.finish_reason):
+                    num_held += len(update.token_ids)  # counted in usage with the next chunk
+                    continue  # text held back (a partial character or a possible stop string)
                 chunk = CompletionChoice(index=choice.index, text=echo + update.text, logprobs=logprobs,
                                          finish_reason=update.finish_reason, stop_reason=update.stop_reason)
                 echo = ""
-                queue.put_nowait((chunk, len(update.token_ids)))
+                queue.put_nowait((chunk, num_held + len(update.token_ids)))
+                num_held = 0
             queue.put_nowait(None)
         except Exception as exc:
             queue.put_nowait(exc)

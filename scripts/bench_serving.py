@@ -1,0 +1,279 @@
+"""Online serving benchmark for a running `shardserve serve`, in the manner of
+`vllm bench serve`: random prompts streamed to /v1/completions at a request rate or a
+maximum concurrency; request and output-token throughput, TTFT, TPOT and ITL.
+
+    shardserve serve --tensor-parallel-size 2 --enable-prompt-embeds --max-model-len 1024 &
+    python scripts/bench_serving.py --num-prompts 64 --input-len 128 --output-len 64
+    python scripts/bench_serving.py --compare-embeds          # token ids vs prompt_embeds
+    python scripts/bench_serving.py --serving-overhead        # TTFT minus the engine's own
+
+`--prompt-embeds` sends the same random token ids as prompt_embeds: the model's own input
+embeddings of them (rows of the checkpoint's `model.embed_tokens.weight`, what Hugging Face's
+`get_input_embeddings()` returns), so both modes do the same work. `--serving-overhead`
+measures, at concurrency 1 and interleaved prompt by prompt, the HTTP time to first token
+and the offline engine's own (an in-process `LLM` with the same settings, `generate` with
+max_tokens=1, which includes the engine client's Ray intake and output path) and reports
+the difference of the medians: what HTTP, Ray Serve and the ingress add. That LLM needs
+its own shards beside the server's (on one GPU keep --engine-kv-cache-memory-bytes small).
+Talks only to loopback addresses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import torch
+
+from api.embeds_codec import encode_prompt_embeds
+from cluster.default_model import default_model_path
+from workers.config import ModelConfig
+
+NUM_WARMUP = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    parser.add_argument("--model-path", default=None,
+                        help="the served model's folder, for vocab and embeddings (default: built-in)")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests/s, Poisson arrivals; inf sends all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-embeds", action="store_true", help="send the prompts as prompt_embeds")
+    parser.add_argument("--compare-embeds", action="store_true", help="run token ids and prompt_embeds, print the ratio")
+    parser.add_argument("--serving-overhead", action="store_true",
+                        help="also measure TTFT at concurrency 1 minus the engine's own TTFT")
+    parser.add_argument("--overhead-prompts", type=int, default=20, help="prompts for --serving-overhead")
+    # The in-process engine of --serving-overhead: the server's settings.
+    parser.add_argument("--tensor-parallel-size", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--engine-kv-cache-memory-bytes", type=int, default=64 << 20)
+    return parser.parse_args(argv)
+
+
+def check_loopback(base_url: str) -> None:
+    host = urlparse(base_url).hostname or ""
+    try:
+        is_loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        is_loopback = False
+    if not is_loopback:
+        raise SystemExit(f"--base-url must be a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
+
+
+def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Random token ids, clear of the low ids where small vocabularies keep their specials."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (num_prompts, length), generator=gen).tolist()
+
+
+def embed_rows(model_path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The checkpoint's input embeddings of each prompt, (input_len, hidden) each."""
+    from safetensors import safe_open
+
+    name = "model.embed_tokens.weight"
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as checkpoint:
+            if name in checkpoint.keys():
+                table = checkpoint.get_tensor(name)
+                return [table[ids].clone() for ids in prompts]
+    raise SystemExit(f"{model_path} has no {name} in its *.safetensors; --prompt-embeds needs the weights")
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+
+async def send(http: httpx.AsyncClient, url: str, body: bytes) -> RequestResult:
+    """One streamed completion; times its first chunk and the gaps between chunks."""
+    start = last = time.perf_counter()
+    result = RequestResult(ok=False)
+    async with http.stream("POST", url, content=body, headers={"content-type": "application/json"}) as response:
+        if response.status_code != 200:
+            result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk, now = json.loads(line[6:]), time.perf_counter()
+            if chunk.get("usage"):
+                result.output_tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"]:
+                continue
+            if result.ttft == 0.0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+    result.latency, result.ok = time.perf_counter() - start, True
+    return result
+
+
+def client(args, max_connections: int) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers)
+
+
+async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | None, rate: float):
+    """Sends `bodies` on a Poisson schedule (or all at once), at most max_concurrency in
+    flight, after NUM_WARMUP untimed requests."""
+    in_flight = max_concurrency or len(bodies)
+    semaphore = asyncio.Semaphore(in_flight)
+    arrivals = random.Random(args.seed)
+
+    async def limited(body: bytes) -> RequestResult:
+        async with semaphore:
+            return await send(http, url, body)
+
+    async with client(args, in_flight) as http:
+        for body in bodies[:NUM_WARMUP]:
+            await send(http, url, body)
+        start, tasks = time.perf_counter(), []
+        for body in bodies:
+            tasks.append(asyncio.create_task(limited(body)))
+            if rate != float("inf"):
+                await asyncio.sleep(arrivals.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def completion_body(model: str, prompt, output_len: int) -> dict:
+    body = {"model": model, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if isinstance(prompt, torch.Tensor):
+        return {**body, "prompt": "", "prompt_embeds": encode_prompt_embeds(prompt)}
+    return {**body, "prompt": prompt}
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, float]:
+    done = [r for r in results if r.ok]
+    if not done:
+        raise SystemExit(f"every request failed; first error: {results[0].error}")
+    ms = lambda values: np.asarray(values, dtype=float) * 1000.0  # noqa: E731
+    ttft = ms([r.ttft for r in done])
+    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1] or [0.0])
+    itl = ms([gap for r in done for gap in r.itl] or [0.0])
+    output_tokens = sum(r.output_tokens for r in done)
+    metrics = {"successful requests": len(done), "failed requests": len(results) - len(done),
+               "duration (s)": duration, "request throughput (req/s)": len(done) / duration,
+               "output token throughput (tok/s)": output_tokens / duration,
+               "total output tokens": output_tokens}
+    for name, values in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl)):
+        metrics[f"mean {name} (ms)"] = float(values.mean())
+        metrics[f"median {name} (ms)"] = float(np.median(values))
+        metrics[f"p99 {name} (ms)"] = float(np.percentile(values, 99))
+    return metrics
+
+
+def print_table(title: str, columns: dict[str, dict[str, float]], ratio: bool = False) -> None:
+    names = list(columns)
+    header = f"{'':<34}" + "".join(f"{n:>16}" for n in names) + (f"{'ratio':>10}" if ratio else "")
+    print(f"\n{'=' * 20} {title} {'=' * 20}\n{header}")
+    for key in columns[names[0]]:
+        values = [columns[n][key] for n in names]
+        row = f"{key:<34}" + "".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}" for v in values)
+        if ratio and values[0]:
+            row += f"{values[-1] / values[0]:>9.3f}x"
+        print(row)
+
+
+def serving_overhead(args, url: str, model: str, model_path: Path, prompts: dict[str, list]) -> dict:
+    """Per mode, median TTFT over HTTP and of the in-process engine at concurrency 1."""
+    import ray
+
+    from cluster import LLM
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, args.tensor_parallel_size), include_dashboard=False,
+                 log_to_driver=False)
+    with LLM(str(model_path), tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+             load_format=args.load_format, max_model_len=args.max_model_len, enable_prompt_embeds=True,
+             kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes) as llm:
+        return {mode: asyncio.run(_overhead(args, url, model, llm, mode_prompts))
+                for mode, mode_prompts in prompts.items()}
+
+
+async def _overhead(args, url: str, model: str, llm, prompts: list) -> dict:
+    """Interleaved, prompt by prompt: the engine's TTFT (LLM.generate, max_tokens=1, which
+    returns at the first token) then the same prompt over HTTP on a kept-alive connection."""
+    from cluster import SamplingParams
+
+    one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    http_ms, engine_ms = [], []
+    async with client(args, 1) as http:
+        for i, prompt in enumerate(prompts):
+            offline = {"prompt_embeds": prompt} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": prompt}
+            body = json.dumps(completion_body(model, prompt, 1)).encode()
+            start = time.perf_counter()
+            llm.generate([offline], one_token, use_tqdm=False)  # blocks the loop: nothing else runs
+            engine_s = time.perf_counter() - start
+            result = await send(http, url, body)
+            if not result.ok:
+                raise SystemExit(f"request failed: {result.error}")
+            if i >= NUM_WARMUP:
+                engine_ms.append(engine_s * 1000)
+                http_ms.append(result.ttft * 1000)
+    http_median, engine_median = statistics.median(http_ms), statistics.median(engine_ms)
+    return {"median HTTP TTFT (ms)": http_median, "median engine TTFT (ms)": engine_median,
+            "serving overhead (ms)": http_median - engine_median, "samples": len(http_ms)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    check_loopback(args.base_url)
+    url = args.base_url.rstrip("/") + "/completions"
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(args.base_url.rstrip("/") + "/models", headers=headers).json()["data"][0]["id"]
+    model_path = Path(args.model_path) if args.model_path else default_model_path()
+    vocab = ModelConfig.from_pretrained(model_path).vocab_size
+    token_prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    modes = ["token ids", "prompt_embeds"] if args.compare_embeds else \
+        ["prompt_embeds" if args.prompt_embeds else "token ids"]
+    prompts = {m: embed_rows(model_path, token_prompts) if m == "prompt_embeds" else token_prompts for m in modes}
+    print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
+          f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
+    report = {}
+    for mode in modes:
+        bodies = [json.dumps(completion_body(model, p, args.output_len)).encode() for p in prompts[mode]]
+        results, duration = asyncio.run(run(args, url, bodies, max_concurrency=args.max_concurrency,
+                                            rate=args.request_rate))
+        report[mode] = summarize(results, duration)
+    print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
+    if args.serving_overhead:
+        overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)
+        per_mode = {m: embed_rows(model_path, overhead_prompts) if m == "prompt_embeds" else overhead_prompts
+                    for m in modes}
+        overhead = serving_overhead(args, url, model, model_path, per_mode)
+        print_table("Serving overhead at concurrency 1 (max_tokens=1)", overhead, ratio=len(modes) == 2)
+        report["overhead"] = overhead
+    return report
+
+
+if __name__ == "__main__":
+    main()

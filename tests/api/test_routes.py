@@ -1,0 +1,409 @@
+"""The HTTP layer (routes + OpenAIServing) around a fake engine, no Ray: error shapes, API
+key, choice order and usage, SSE framing, /metrics, 500s without internals, and a client
+that disconnects mid-stream cancelling the engine's generator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from api.embeds_codec import encode_prompt_embeds
+from api.routes import build_fastapi_app
+from api.serving import OpenAIServing
+from cluster.async_engine import SampleUpdate
+from cluster.default_model import default_model_path
+from cluster.engine_client import EngineDeadError
+from cluster.outputs import Logprob
+from cluster.prompts import parse_prompt
+from cluster.tokenizer import load_tokenizer
+from workers.messages import EngineStats
+
+MODEL = "fake-model"
+H = 16
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+class FakeEngine:
+    """What OpenAIServing uses of AsyncEngine. Each sample's text is "[tag|s<seed>]"
+    followed by " w1", " w2", ...: one piece per token, the tag naming the prompt
+    (e<first value> for embeddings, the text itself, or t<length> for token ids)."""
+
+    max_model_len = 64
+    hidden_size = H
+    dtype = torch.float32
+
+    def __init__(self, tokenizer, *, fail: bool = False, hang_after: int | None = None,
+                 hold_back: bool = False):
+        self.tokenizer = tokenizer
+        self.fail = fail  # generate raises an internal error
+        self.hang_after = hang_after  # yield this many updates, then wait forever
+        self.hold_back = hold_back  # add updates with tokens but no final text yet
+        self.is_dead = False
+        self.started: list[str] = []
+        self.closed: set[str] = set()
+        self.generated: dict[str, int] = {}
+
+    def parse_prompt(self, prompt):
+        return parse_prompt(prompt, tokenizer=self.tokenizer, vocab_size=len(self.tokenizer),
+                            hidden_size=H, dtype=self.dtype, enable_prompt_embeds=True)
+
+    @staticmethod
+    def tag(prompt) -> str:
+        if prompt.prompt_embeds is not None:
+            return f"e{prompt.prompt_embeds[0, 0]:g}"
+        return prompt.prompt if prompt.prompt is not None else f"t{len(prompt.prompt_token_ids)}"
+
+    async def generate(self, req_id, prompt, params):
+        self.started.append(req_id)
+        try:
+            if self.fail:
+                raise RuntimeError("shard 1 failed at /srv/secret/model_runner.py:42 (token sk-123)")
+            pieces = [f"[{self.tag(prompt)}|s{params.seed}]"]
+            pieces += [f" w{i}" for i in range(1, params.max_tokens)]
+            start = time.monotonic()
+            for i, piece in enumerate(pieces):
+                if i == self.hang_after:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(0)
+                if self.hold_back and i < len(pieces) - 1:  # a token whose text is not final yet
+                    self.generated[req_id] = self.generated.get(req_id, 0) + 1
+                    yield SampleUpdate("", (900 + i,), None, first_token_time=start)
+                is_last = i == len(pieces) - 1
+                self.generated[req_id] = self.generated.get(req_id, 0) + 1
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs = ({100 + i: Logprob(-0.5 * (i + 1), 1, piece)},)
+                yield SampleUpdate(piece, (100 + i,), logprobs,
+                                   finish_reason="length" if is_last else None,
+                                   first_token_time=start)
+        finally:
+            self.closed.add(req_id)
+
+    async def stats(self):
+        return EngineStats(num_running=3, num_waiting=1, num_total_blocks=8, num_free_blocks=2)
+
+    def check_health(self):
+        if self.is_dead:
+            raise EngineDeadError("shard 0 died")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(default_model_path())
+
+
+def make_app(engine, *, enable_prompt_embeds=True, api_key=None, max_body_bytes=1 << 20,
+             max_embeds_bytes=1 << 16):
+    serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=enable_prompt_embeds,
+                            max_embeds_bytes=max_embeds_bytes)
+    return build_fastapi_app(serving, api_key=api_key, max_body_bytes=max_body_bytes)
+
+
+@pytest.fixture
+def engine(tokenizer):
+    return FakeEngine(tokenizer)
+
+
+@pytest.fixture
+def client(engine):
+    return TestClient(make_app(engine), raise_server_exceptions=False)
+
+
+def embeds(value: float, rows: int = 3) -> str:
+    return encode_prompt_embeds(torch.full((rows, H), float(value)))
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
+    assert body["error"]["code"] == status and body["error"]["message"]
+    return body["error"]
+
+
+def sse_events(text: str) -> list[str]:
+    """The data of each server-sent event; every event is exactly 'data: ...\\n\\n'."""
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    assert all(event.startswith("data: ") and "\n" not in event for event in events), text
+    return [event.removeprefix("data: ") for event in events]
+
+
+def post(client, body, **kwargs):
+    return client.post("/v1/completions", json=body, **kwargs)
+
+
+# Errors -------------------------------------------------------------------------------
+
+def test_unknown_model_is_404(client):
+    error = error_of(post(client, {"model": "gpt-9", "prompt": "hi"}), 404)
+    assert "gpt-9" in error["message"] and error["param"] == "model"
+
+
+def test_unknown_field_is_400_naming_it(client, engine):
+    error = error_of(post(client, {"model": MODEL, "prompt": "hi", "logit_bias_v2": {}}), 400)
+    assert error["param"] == "logit_bias_v2" and "logit_bias_v2" in error["message"]
+    assert error["type"] == "invalid_request_error" and engine.started == []
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"model": "fake-model", "prompt": ', "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b'["hi"]', "must be a JSON object"),
+    (b'"hi"', "must be a JSON object"),
+    (b"null", "must be a JSON object"),
+])
+def test_invalid_json_and_non_object_bodies_are_400(client, content, expected):
+    response = client.post("/v1/completions", content=content,
+                           headers={"content-type": "application/json"})
+    assert expected in error_of(response, 400)["message"]
+
+
+def test_oversized_body_is_413_by_declared_length_and_by_streamed_bytes(engine):
+    client = TestClient(make_app(engine, max_body_bytes=1000), raise_server_exceptions=False)
+    body = json.dumps({"model": MODEL, "prompt": "x" * 2000}).encode()
+    assert "1000-byte limit" in error_of(client.post("/v1/completions", content=body), 413)["message"]
+
+    def chunks():  # no content-length: the limit is enforced while reading
+        yield body[:600]
+        yield body[600:]
+
+    error_of(client.post("/v1/completions", content=chunks()), 413)
+    assert engine.started == []
+
+
+def test_prompt_embeds_with_flag_off_names_the_flag(engine):
+    client = TestClient(make_app(engine, enable_prompt_embeds=False), raise_server_exceptions=False)
+    error = error_of(post(client, {"model": MODEL, "prompt": "", "prompt_embeds": embeds(1)}), 400)
+    assert "--enable-prompt-embeds" in error["message"] and error["param"] == "prompt_embeds"
+    assert engine.started == []
+
+
+@pytest.mark.parametrize("body, param, expected", [
+    ({}, "prompt", "either prompt or prompt_embeds"),
+    ({"prompt": ""}, "prompt", "either prompt or prompt_embeds"),
+    ({"prompt": None, "prompt_embeds": []}, "prompt", "either prompt or prompt_embeds"),
+    ({"prompt_embeds": "EMBEDS", "echo": True}, "echo", "echo is not supported with prompt_embeds"),
+    ({"prompt": "hi", "temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"prompt": "hi", "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"prompt": "hi", "n": 0}, "n", "n must be >= 1"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs", "logprobs must be between 0 and 20"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature", "temperature: "),
+    ({"prompt": "hi", "stop": [""]}, "stop", "stop must be a non-empty string"),
+    ({"prompt": "hi", "max_tokens": 64}, "max_tokens", "maximum context length is 64"),
+    ({"prompt_embeds": "EMBEDS", "max_tokens": 62}, "prompt_embeds", "maximum context length is 64"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+    ({"prompt": [[]]}, "prompt", "prompt[0] is an empty list"),
+    ({"prompt": [1, 99999]}, "prompt", "prompt_token_ids must be integers in [0, 1536)"),
+])
+def test_bad_requests_are_400_naming_the_field(client, engine, body, param, expected):
+    if body.get("prompt_embeds") == "EMBEDS":
+        body = {**body, "prompt_embeds": embeds(1)}
+    error = error_of(post(client, {"model": MODEL, **body}), 400)
+    assert error["param"] == param and expected in error["message"]
+    assert engine.started == []
+
+
+@pytest.mark.parametrize("payload, expected", [
+    ("not base64!!", "standard base64"),
+    (encode_prompt_embeds(torch.ones(2, H + 1)), f"expected shape (seq_len, {H}), got (2, {H + 1})"),
+    (encode_prompt_embeds(torch.ones(2, H, dtype=torch.int64)), "found torch.LongStorage"),
+    (encode_prompt_embeds(torch.ones(1100, H)), "the limit is 65536"),
+])
+def test_bad_prompt_embeds_are_400_with_param_prompt_embeds(client, engine, payload, expected):
+    body = {"model": MODEL, "prompt": "", "prompt_embeds": [embeds(1), payload]}
+    error = error_of(post(client, body), 400)
+    assert error["param"] == "prompt_embeds" and expected in error["message"]
+    assert engine.started == []
+
+
+def test_internal_error_is_500_without_internals(tokenizer):
+    client = TestClient(make_app(FakeEngine(tokenizer, fail=True)), raise_server_exceptions=False)
+    response = post(client, {"model": MODEL, "prompt": "hi"})
+    error = error_of(response, 500)
+    assert error == {"message": "internal server error", "type": "internal_server_error",
+                     "param": None, "code": 500}
+    for leak in ("Traceback", "RuntimeError", "secret", "sk-123", ".py"):
+        assert leak not in response.text
+
+
+def test_dead_engine_is_503_on_health(engine, client):
+    assert client.get("/health").status_code == 200
+    engine.is_dead = True
+    assert error_of(client.get("/health"), 503)["type"] == "service_unavailable"
+
+
+# API key ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("root_path", ["", "/prefix"])  # Serve passes route_prefix as root_path
+def test_api_key_guards_v1_and_leaves_health_and_metrics_open(engine, root_path):
+    client = TestClient(make_app(engine, api_key="s3cret"), root_path=root_path,
+                        raise_server_exceptions=False)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        error = error_of(client.post(f"{root_path}/v1/completions", json=body, headers=headers), 401)
+        assert error["type"] == "authentication_error"
+        error_of(client.get(f"{root_path}/v1/models", headers=headers), 401)
+    assert engine.started == []
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.post(f"{root_path}/v1/completions", json=body, headers=good).status_code == 200
+    assert client.get(f"{root_path}/v1/models", headers=good).status_code == 200
+    assert client.get(f"{root_path}/health").status_code == 200
+    assert client.get(f"{root_path}/metrics").status_code == 200
+
+
+# Responses ----------------------------------------------------------------------------
+
+def test_choices_are_embeds_first_and_indexed_position_times_n_plus_sample(client, tokenizer):
+    body = {"model": MODEL, "prompt": ["alpha", "beta"], "prompt_embeds": [embeds(7, rows=3), embeds(2, rows=5)],
+            "n": 2, "seed": 40, "max_tokens": 3}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    tags = ["e7", "e2", "alpha", "beta"]
+    expected = [f"[{tag}|s{40 + sample}] w1 w2" for tag in tags for sample in range(2)]
+    assert [c["index"] for c in result["choices"]] == list(range(8))
+    assert [c["text"] for c in result["choices"]] == expected
+    assert {c["finish_reason"] for c in result["choices"]} == {"length"}
+    # Prompt tokens count once per prompt: 3 + 5 embedding rows, then the texts' tokens.
+    text_tokens = sum(len(tokenizer.encode(t)) for t in ("alpha", "beta"))
+    assert result["usage"] == {"prompt_tokens": 8 + text_tokens, "completion_tokens": 24,
+                               "total_tokens": 32 + text_tokens}
+    assert result["model"] == MODEL and result["object"] == "text_completion"
+
+
+def test_token_id_prompts_and_echo(client):
+    result = post(client, {"model": MODEL, "prompt": [[5, 6], [7, 8, 9]], "max_tokens": 1}).json()
+    assert [c["text"] for c in result["choices"]] == ["[t2|sNone]", "[t3|sNone]"]
+    assert result["usage"]["prompt_tokens"] == 5
+    echoed = post(client, {"model": MODEL, "prompt": "hello", "echo": True, "max_tokens": 2}).json()
+    assert echoed["choices"][0]["text"] == "hello[hello|sNone] w1"
+
+
+def test_logprobs_shape_and_offsets(client):
+    result = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "logprobs": 1}).json()
+    logprobs = result["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["[hi|sNone]", " w1", " w2"]
+    assert logprobs["token_logprobs"] == [-0.5, -1.0, -1.5]
+    assert logprobs["top_logprobs"] == [{"[hi|sNone]": -0.5}, {" w1": -1.0}, {" w2": -1.5}]
+    assert logprobs["text_offset"] == [0, 10, 13]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_framing_ends_with_done_and_matches_the_full_response(client, include_usage):
+    body = {"model": MODEL, "prompt": "alpha", "prompt_embeds": embeds(3), "n": 2, "seed": 1, "max_tokens": 4}
+    full = post(client, body).json()
+    stream_body = {**body, "stream": True}
+    if include_usage:
+        stream_body["stream_options"] = {"include_usage": True}
+    response = post(client, stream_body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    if include_usage:
+        usage_chunk = chunks.pop()
+        assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert all(chunk["usage"] is None and len(chunk["choices"]) == 1 for chunk in chunks)
+    texts = {}
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert [texts[i] for i in sorted(texts)] == [c["text"] for c in full["choices"]]
+    finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
+
+
+def test_stream_skips_held_back_updates_but_counts_their_tokens(tokenizer):
+    engine = FakeEngine(tokenizer, hold_back=True)
+    client = TestClient(make_app(engine), raise_server_exceptions=False)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = [json.loads(e) for e in sse_events(post(client, body).text)[:-1]]
+    usage = chunks.pop()["usage"]
+    assert [c["choices"][0]["text"] for c in chunks] == ["[hi|sNone]", " w1", " w2"]
+    assert usage["completion_tokens"] == sum(engine.generated.values()) == 5
+
+
+def test_models_version_health_and_metrics(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(MODEL, 64)]
+    assert client.get("/version").json() == {"version": "0.1.0"}
+    assert client.get("/health").status_code == 200
+    post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    lines = metrics.text.splitlines()
+    for sample in ('shardserve_requests_total{status="length"} 1.0',
+                   "shardserve_time_to_first_token_seconds_count 1.0",
+                   "shardserve_time_per_output_token_seconds_count 1.0",
+                   "shardserve_e2e_request_latency_seconds_count 1.0",
+                   "shardserve_generation_tokens_total 3.0",
+                   "shardserve_num_requests_running 3.0",
+                   "shardserve_num_requests_waiting 1.0",
+                   "shardserve_kv_cache_usage_perc 0.75"):
+        assert sample in lines, sample
+
+
+# Disconnect ---------------------------------------------------------------------------
+
+async def _stream_then_disconnect(app, engine: FakeEngine, body: dict):
+    """Drives the ASGI app by hand: sends the request, waits for the first SSE chunk,
+    then reports http.disconnect as a closed connection does. Returns what was sent and
+    which engine generators had closed, looked at before asyncio.run's teardown could
+    cancel anything itself."""
+    raw = json.dumps(body).encode()
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+    first_chunk, gone = asyncio.Event(), asyncio.Event()
+    sent: list[dict] = []
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(first_chunk.wait(), 10)
+    gone.set()
+    await asyncio.wait_for(task, 10)
+    for _ in range(100):  # the cancelled generators run their finally on later loop turns
+        if engine.closed == set(engine.started):
+            break
+        await asyncio.sleep(0.01)
+    return sent, set(engine.closed)
+
+
+def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer):
+    engine = FakeEngine(tokenizer, hang_after=1)
+    body = {"model": MODEL, "prompt": "hi", "prompt_embeds": embeds(1), "max_tokens": 50, "stream": True}
+    app = make_app(engine)
+    sent, closed = asyncio.run(_stream_then_disconnect(app, engine, body))
+    assert sent[0]["status"] == 200
+    assert len(engine.started) == 2
+    # The generators were parked forever after their first token: only cancellation ends them.
+    assert closed == set(engine.started)
+    assert b"[DONE]" not in b"".join(m.get("body", b"") for m in sent[1:])
+    metrics = TestClient(app).get("/metrics").text.splitlines()
+    assert 'shardserve_requests_total{status="abort"} 2.0' in metrics
+    assert not any(line.startswith('shardserve_requests_total{status="error"}') for line in metrics)

@@ -1,0 +1,70 @@
+"""One real shardserve Serve application per test session, started from
+configs/default.yaml's args (tensor_parallel_size 2, default model, prompt embeddings on)
+on the session's local Ray, listening on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+# The session's only change to the config's args: a KV cache of 64 MiB per shard instead
+# of the 1 GiB CPU default (the machine is shared; 2,048 blocks are plenty here).
+KV_CACHE_BYTES = 64 << 20
+HEALTH_TIMEOUT_S = 120.0
+
+
+def config_application() -> dict:
+    """The single application entry of configs/default.yaml."""
+    (application,) = yaml.safe_load(CONFIG_PATH.read_text())["applications"]
+    return application
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Bounded wait for the proxy to route /health to a ready replica."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s} s")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def server_args() -> dict:
+    return {**config_application()["args"], "kv_cache_memory_bytes": KV_CACHE_BYTES}
+
+
+@pytest.fixture(scope="session")
+def server_url(ray_cluster, server_args):
+    """Base URL (no /v1) of the running application."""
+    from ray import serve
+
+    from api.app import build_app
+
+    port = free_port()
+    application = config_application()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(server_args), name=application["name"],
+                  route_prefix=application["route_prefix"])
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        yield url
+    finally:
+        serve.shutdown()

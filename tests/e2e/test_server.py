@@ -1,0 +1,396 @@
+"""End to end through Ray Serve and HTTP with the real `openai` client: the default model on
+a tensor-parallel engine of two CPU shards, prompt embeddings on. Results are checked
+against the offline LLM on the same weights; every bad payload is a 400 and the server
+keeps answering; a client that goes away mid-stream frees its KV blocks."""
+
+from __future__ import annotations
+
+import os
+import random
+import runpy
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+from safetensors.torch import load_file
+
+from api.app import build_app
+from api.embeds_codec import encode_prompt_embeds
+from api.settings import DEFAULT_MODEL_NAME, ServerSettings
+from cluster import LLM, SamplingParams
+from cluster.default_model import default_model_path
+from tests.api.test_embeds_codec import _sparse_coo_out_of_range, b64, call_pickle, saved, with_pickle
+from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, wait_healthy
+
+H = 256  # the default model's hidden size
+MAX_MODEL_LEN = 1024
+TEXTS = ["The quick brown fox", "Ray places one shard on each GPU, and"]
+GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def llm(ray_cluster):
+    """A second, offline engine with the server's settings: the reference for HTTP results."""
+    with LLM(tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=MAX_MODEL_LEN,
+             kv_cache_memory_bytes=KV_CACHE_BYTES) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def embed_table(server_url):
+    """The default model's input embedding matrix (vocab, H)."""
+    return load_file(default_model_path() / "model.safetensors")["model.embed_tokens.weight"]
+
+
+def random_embeds(seed: int, rows: int = 5) -> torch.Tensor:
+    return torch.randn(rows, H, generator=torch.Generator().manual_seed(seed))
+
+
+def random_ids(seed: int, length: int = 6) -> list[int]:
+    return torch.randint(10, 1500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def complete(client, embeds=(), prompt="", **kwargs):
+    """A completion with `embeds` (tensors) sent as prompt_embeds beside `prompt`."""
+    extra_body = {**GREEDY["extra_body"], **kwargs.pop("extra_body", {})}
+    kwargs = {**GREEDY, **kwargs, "extra_body": None}
+    del kwargs["extra_body"]
+    if embeds:
+        extra_body["prompt_embeds"] = [encode_prompt_embeds(e) for e in embeds]
+    return client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt,
+                                     extra_body=extra_body, **kwargs)
+
+
+def stream_texts(client, embeds=(), prompt="", **kwargs) -> tuple[dict[int, str], dict | None]:
+    """Concatenated text per choice index and the usage chunk of a streamed completion."""
+    texts, usage = {}, None
+    stream = complete(client, embeds, prompt, stream=True,
+                      stream_options={"include_usage": True}, **kwargs)
+    for chunk in stream:
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    return texts, usage
+
+
+def metrics(server_url: str) -> dict[str, float]:
+    text = httpx.get(f"{server_url}/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+# The config file ----------------------------------------------------------------------
+
+def test_config_file_is_a_valid_serve_config_whose_args_build_the_app(server_args):
+    config = yaml.safe_load(CONFIG_PATH.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+    application = config_application()
+    assert (application["name"], application["route_prefix"], application["import_path"]) == \
+        ("shardserve", "/", "api.app:build_app")
+    args = application["args"]
+    assert args == {"tensor_parallel_size": 2, "enable_prompt_embeds": True, "max_model_len": 1024}
+    settings = ServerSettings.from_dict(args)
+    assert (settings.tensor_parallel_size, settings.enable_prompt_embeds, settings.max_model_len) == (2, True, 1024)
+    assert isinstance(build_app(args), Application)
+    # The session's server runs these very args (plus a smaller KV cache).
+    assert server_args == {**args, "kv_cache_memory_bytes": KV_CACHE_BYTES}
+    with pytest.raises(ValueError, match="unknown setting"):
+        build_app({**args, "tensor_parallel": 2})
+
+
+# Plain endpoints ----------------------------------------------------------------------
+
+def test_models_health_version_metrics(client, server_url):
+    (card,) = client.models.list().data
+    assert card.id == DEFAULT_MODEL_NAME and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert httpx.get(f"{server_url}/health").status_code == 200
+    assert httpx.get(f"{server_url}/version").json() == {"version": "0.1.0"}
+    before = metrics(server_url)
+    complete(client, prompt=TEXTS[0], max_tokens=3)
+    after = metrics(server_url)
+    finished = 'shardserve_requests_total{status="length"}'
+    assert after[finished] == before.get(finished, 0.0) + 1
+    for name in ("shardserve_time_to_first_token_seconds_count",
+                 "shardserve_time_per_output_token_seconds_count"):
+        assert after[name] == before[name] + 1
+    assert after["shardserve_generation_tokens_total"] == before["shardserve_generation_tokens_total"] + 3
+    assert after["shardserve_num_requests_running"] == after["shardserve_num_requests_waiting"] == 0
+    assert after["shardserve_kv_cache_usage_perc"] == 0
+
+
+# Prompt embeddings --------------------------------------------------------------------
+
+def test_single_embeddings_streamed_equals_not_streamed(client):
+    embeds = random_embeds(0, rows=7)
+    result = complete(client, [embeds])
+    (choice,) = result.choices
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.text
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (7, 8)
+    texts, usage = stream_texts(client, [embeds])
+    assert texts == {0: choice.text} and usage == result.usage.model_dump()
+
+
+def test_batch_of_one_and_bfloat16_embeddings_are_accepted(client):
+    embeds = random_embeds(1)
+    reference = complete(client, [embeds]).choices[0].text
+    assert complete(client, [embeds[None]]).choices[0].text == reference
+    as_bf16 = complete(client, [embeds.to(torch.bfloat16)])
+    assert as_bf16.usage.prompt_tokens == 5 and as_bf16.choices[0].finish_reason == "length"
+
+
+def test_list_of_embeddings_and_mixed_prompt_put_embeddings_first(client):
+    first, second = random_embeds(2, rows=4), random_embeds(3, rows=9)
+    singles = [complete(client, [e]).choices[0].text for e in (first, second)]
+    text_only = complete(client, prompt=TEXTS[0])
+    listed = complete(client, [first, second])
+    assert [(c.index, c.text) for c in listed.choices] == [(0, singles[0]), (1, singles[1])]
+    assert listed.usage.prompt_tokens == 13
+    mixed = complete(client, [first, second], prompt=TEXTS[0])
+    assert [c.text for c in mixed.choices] == [*singles, text_only.choices[0].text]
+    assert [c.index for c in mixed.choices] == [0, 1, 2]
+    assert mixed.usage.prompt_tokens == 13 + text_only.usage.prompt_tokens
+    texts, usage = stream_texts(client, [first, second], prompt=TEXTS[0])
+    assert texts == {c.index: c.text for c in mixed.choices} and usage == mixed.usage.model_dump()
+
+
+def test_http_results_equal_llm_generate(client, llm, embed_table):
+    ids = random_ids(4)
+    prompts = [TEXTS[0], TEXTS[1], {"prompt_token_ids": ids},
+               {"prompt_embeds": random_embeds(5)}, {"prompt_embeds": embed_table[ids]}]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    offline = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, expected in zip(prompts, offline):
+        if isinstance(prompt, str):
+            result = complete(client, prompt=prompt)
+        elif "prompt_token_ids" in prompt:
+            result = complete(client, prompt=prompt["prompt_token_ids"])
+        else:
+            result = complete(client, [prompt["prompt_embeds"]])
+        (choice,) = result.choices
+        assert choice.text == expected.outputs[0].text and choice.finish_reason == "length"
+        assert result.usage.prompt_tokens == expected.num_prompt_tokens
+        assert result.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    # The model's own embeddings of the ids continue exactly as the ids do.
+    assert offline[4].outputs[0].token_ids == offline[2].outputs[0].token_ids
+
+
+def test_logprobs_shape_and_values_match_the_engine(client, llm):
+    embeds = random_embeds(6)
+    result = complete(client, [embeds], logprobs=3, max_tokens=6)
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) \
+        == len(logprobs.text_offset) == 6
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    (expected,) = llm.generate([{"prompt_embeds": embeds}], params, use_tqdm=False)[0].outputs
+    offset = 0
+    for i, token_id in enumerate(expected.token_ids):
+        chosen = expected.logprobs[i][token_id]
+        assert logprobs.tokens[i] == chosen.decoded_token
+        assert logprobs.token_logprobs[i] == pytest.approx(chosen.logprob, abs=1e-4)
+        top = logprobs.top_logprobs[i]
+        assert 1 <= len(top) <= 3 and max(top.values()) == logprobs.token_logprobs[i]  # greedy
+        assert logprobs.text_offset[i] == offset
+        offset += len(logprobs.tokens[i])
+
+
+def test_n_samples_are_indexed_distinct_and_reproducible_with_seed(client):
+    embeds = random_embeds(7)
+    sampled = {"temperature": 1.0, "n": 3, "seed": 11, "max_tokens": 8}
+    first = complete(client, [embeds], **sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert len({c.text for c in first.choices}) == 3
+    assert [c.text for c in complete(client, [embeds], **sampled).choices] == \
+        [c.text for c in first.choices]
+    assert first.usage.prompt_tokens == 5 and first.usage.completion_tokens == 24
+    two_prompts = complete(client, [embeds], prompt=TEXTS[0], **{**sampled, "n": 2})
+    assert [c.index for c in two_prompts.choices] == [0, 1, 2, 3]
+    assert [c.text for c in two_prompts.choices[:2]] == [c.text for c in first.choices[:2]]
+
+
+def test_seed_reproducibility(client):
+    sampled = {"temperature": 0.9, "max_tokens": 10}
+    texts = [complete(client, prompt=TEXTS[1], seed=seed, **sampled).choices[0].text
+             for seed in (5, 5, 6)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def _stop_string(text: str) -> str:
+    """A 2-character piece of `text` whose first occurrence is past its start."""
+    for start in range(len(text) // 2, 0, -1):
+        piece = text[start:start + 2]
+        if len(piece) == 2 and "\ufffd" not in piece and text.find(piece) == start:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_strings_cut_the_text_exactly(client):
+    embeds = random_embeds(8)
+    full = complete(client, [embeds], max_tokens=16).choices[0].text
+    stop = _stop_string(full)
+    result = complete(client, [embeds], max_tokens=16, stop=[stop, "never-seen-stop"])
+    (choice,) = result.choices
+    assert choice.text == full[:full.index(stop)]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == stop
+    assert result.usage.completion_tokens < 16
+    texts, usage = stream_texts(client, [embeds], max_tokens=16, stop=[stop, "never-seen-stop"])
+    assert texts == {0: choice.text} and usage == result.usage.model_dump()
+
+
+# Bad payloads -------------------------------------------------------------------------
+
+def _nan_embeds() -> torch.Tensor:
+    tensor = random_embeds(9)
+    tensor[2, 3] = float("nan")
+    return tensor
+
+
+def _pwned_path() -> str:
+    return f"/tmp/shardserve-e2e-pwned-{os.getpid()}"
+
+
+BAD_PAYLOADS = {
+    "wrong hidden size": (lambda: encode_prompt_embeds(torch.randn(4, 128)),
+                          "expected shape (seq_len, 256), got (4, 128)"),
+    "1-D": (lambda: encode_prompt_embeds(torch.randn(H)), "expected shape (seq_len, 256), got (256,)"),
+    "3-D batch of 2": (lambda: encode_prompt_embeds(torch.randn(2, 3, H)),
+                       "expected shape (seq_len, 256), got (2, 3, 256)"),
+    "zero rows": (lambda: encode_prompt_embeds(torch.zeros(0, H)), "at least one row"),
+    "NaN": (lambda: encode_prompt_embeds(_nan_embeds()), "NaN or Inf"),
+    "int dtype": (lambda: encode_prompt_embeds(torch.ones(3, H, dtype=torch.int32)), "found torch.IntStorage"),
+    "sparse COO out of range": (lambda: b64(saved(_sparse_coo_out_of_range())),
+                                "found torch._utils._rebuild_sparse_tensor"),
+    "os.system pickle": (lambda: with_pickle(call_pickle("os", "system", f"touch {_pwned_path()}")),
+                         "found os.system"),
+    "truncated": (lambda: b64(saved(random_embeds(10))[:300]), "not a readable torch.save zip archive"),
+    "random bytes": (lambda: b64(random.Random(0).randbytes(2000)), "not a readable torch.save zip archive"),
+    "not base64": (lambda: "this is not base64!", "standard base64"),
+    "too long": (lambda: encode_prompt_embeds(random_embeds(11, rows=MAX_MODEL_LEN - 4)),
+                 "maximum context length is 1024"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PAYLOADS))
+def test_bad_payload_is_400_on_prompt_embeds_and_the_server_keeps_answering(client, name):
+    make, expected = BAD_PAYLOADS[name]
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, prompt="", extra_body={"prompt_embeds": make()})
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == "prompt_embeds"
+    assert expected in error["message"] and error["type"] == "invalid_request_error"
+    assert not os.path.exists(_pwned_path())
+    after = complete(client, [random_embeds(12)], max_tokens=2)
+    assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 2
+
+
+# Disconnect ---------------------------------------------------------------------------
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks(server_url):
+    before = metrics(server_url)
+    aborted_before = before.get('shardserve_requests_total{status="abort"}', 0.0)
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": TEXTS[0], "max_tokens": 1000,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server_url}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            # Keep the iterator referenced: closing it (as `break` in a for loop would)
+            # closes the connection, and the request must still run here.
+            lines, events = response.iter_lines(), 0
+            while events < 3:
+                events += next(lines).startswith("data: {")
+            during = metrics(server_url)
+            lines.close()  # the client goes away mid-stream
+    assert during["shardserve_num_requests_running"] >= 1
+    assert during["shardserve_kv_cache_usage_perc"] > 0
+    # The abort reaches the shards from another process: a bounded wait for the free
+    # (usually ~40 ms, seconds on a loaded machine). A request left running would finish
+    # as "length", not "abort", so the counter below tells the two apart.
+    for _ in range(100):
+        after = metrics(server_url)
+        if after["shardserve_kv_cache_usage_perc"] == 0 and after["shardserve_num_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert after["shardserve_kv_cache_usage_perc"] == 0
+    assert after["shardserve_num_requests_running"] == 0
+    assert after['shardserve_requests_total{status="abort"}'] == aborted_before + 1
+
+
+# The examples, run as written (in this process, on this session's Ray and server) -------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "scripts" / "examples"
+BENCH = EXAMPLES.parent / "bench_serving.py"
+
+
+def test_offline_example_embeddings_continue_like_their_token_ids(ray_cluster, capsys):
+    main = runpy.run_path(str(EXAMPLES / "offline_prompt_embeds.py"))["main"]
+    from_embeds, from_ids = main(["--max-tokens", "8"])
+    assert from_embeds.prompt_token_ids is None and from_embeds.num_prompt_tokens == len(from_ids.prompt_token_ids)
+    assert from_embeds.outputs[0].token_ids == from_ids.outputs[0].token_ids
+    assert "[prompt_embeds]" in capsys.readouterr().out
+
+
+def test_openai_client_example_against_the_server(client, server_url, capsys):
+    main = runpy.run_path(str(EXAMPLES / "openai_client_prompt_embeds.py"))["main"]
+    text = main(["--base-url", f"{server_url}/v1", "--max-tokens", "8"])
+    out = capsys.readouterr().out
+    assert f"{DEFAULT_MODEL_NAME}: " in out and "streamed, same text: True" in out
+    assert text and repr(text) in out
+
+
+def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, capsys):
+    main = runpy.run_path(str(BENCH))["main"]
+    report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "4", "--input-len", "16",
+                   "--output-len", "4", "--compare-embeds", "--serving-overhead", "--overhead-prompts", "3"])
+    for mode in ("token ids", "prompt_embeds"):
+        assert report[mode]["successful requests"] == 4 and report[mode]["failed requests"] == 0
+        assert report[mode]["total output tokens"] == 16
+        assert 0 < report[mode]["median TTFT (ms)"] <= report[mode]["p99 TTFT (ms)"]
+        overhead = report["overhead"][mode]
+        assert overhead["samples"] == 3 and overhead["median engine TTFT (ms)"] > 0
+        assert overhead["serving overhead (ms)"] == pytest.approx(
+            overhead["median HTTP TTFT (ms)"] - overhead["median engine TTFT (ms)"])
+    out = capsys.readouterr().out
+    assert "Serving Benchmark Result" in out and "serving overhead (ms)" in out and "ratio" in out
+
+
+def test_bench_serving_refuses_non_loopback_addresses():
+    main = runpy.run_path(str(BENCH))["main"]
+    with pytest.raises(SystemExit, match="loopback"):
+        main(["--base-url", "http://10.1.2.3:8000/v1"])
+
+
+# A second application with the flag off -----------------------------------------------
+
+def test_flag_off_application_rejects_prompt_embeds_and_guards_its_api_key(server_url):
+    from ray import serve
+
+    args = {"tensor_parallel_size": 1, "max_model_len": 256, "kv_cache_memory_bytes": 16 << 20,
+            "api_key": "e2e-key"}
+    serve.run(build_app(args), name="shardserve-noembeds", route_prefix="/noembeds")
+    try:
+        wait_healthy(f"{server_url}/noembeds")
+        base = f"{server_url}/noembeds/v1"
+        keyless = openai.OpenAI(base_url=base, api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            complete(keyless, prompt=TEXTS[0])
+        keyed = openai.OpenAI(base_url=base, api_key="e2e-key", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as info:
+            complete(keyed, [random_embeds(13)])
+        assert "--enable-prompt-embeds" in info.value.body["message"]
+        assert info.value.body["param"] == "prompt_embeds"
+        assert complete(keyed, prompt=TEXTS[0]).choices[0].finish_reason == "length"
+    finally:
+        serve.delete("shardserve-noembeds")
