@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="device of the in-process engine for --serving-overhead (match the server's)")
     parser.add_argument("--engine-kv-cache-memory-bytes", type=int, default=64 << 20)
     return parser.parse_args(argv)
 
@@ -214,7 +216,7 @@ def serving_overhead(args, url: str, model: str, model_path: Path, prompts: dict
                  log_to_driver=False)
     with LLM(str(model_path), tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
              load_format=args.load_format, max_model_len=args.max_model_len, enable_prompt_embeds=True,
-             kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes) as llm:
+             kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes, device=args.device) as llm:
         return {mode: asyncio.run(_overhead(args, url, model, llm, mode_prompts))
                 for mode, mode_prompts in prompts.items()}
 
