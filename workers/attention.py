@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import ModelConfig
+from workers.kernels import paged_attention
 from workers.layers import num_local_kv_heads
 from workers.parallel import ProcessGroup
 
@@ -71,6 +72,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # LongTensor [B, max_blocks], padded with the null block
     decode_kv_positions: torch.Tensor  # LongTensor [B, max_blocks * block_size]; -1 past the end
     decode_q_positions: torch.Tensor  # LongTensor [B, 1]
+    decode_seq_lens: torch.Tensor  # IntTensor [B]: context of each decode row, its own token included
     prefills: list[PrefillSpan]
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window, per step
 
@@ -171,6 +173,7 @@ def _decode_fields(decodes, starts, seq_lens, tables, block_size, device) -> dic
         decode_block_tables=tables[decodes, :num_blocks].to(device),
         decode_kv_positions=torch.where(kv_pos < lens[:, None], kv_pos, -1).to(device),
         decode_q_positions=(lens - 1)[:, None].to(device),
+        decode_seq_lens=lens.to(device, torch.int32),
     )
 
 
@@ -220,7 +223,12 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        """[B, heads, d]: each decode row against its gathered, padded, masked context."""
+        """[B, heads, d]: each decode row against its context. On CUDA the Triton kernel
+        reads the paged cache in place; otherwise gather, pad and mask for SDPA."""
+        if paged_attention.is_available(q.device, self.head_dim, kv_cache[0].shape[1]):
+            return paged_attention.paged_decode_attention(
+                q[metadata.decode_rows], kv_cache[0], kv_cache[1], metadata.decode_block_tables,
+                metadata.decode_seq_lens, self.scale, self.sliding_window)
         tables = metadata.decode_block_tables  # [B, nb]
         shape = (tables.shape[0], -1, self.num_kv_heads, self.head_dim)
         keys = kv_cache[0].index_select(0, tables.flatten()).view(shape)  # [B, nb * bs, kvh, d]
