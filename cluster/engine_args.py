@@ -30,6 +30,7 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
+    enforce_eager: bool = False  # as in vLLM: skip CUDA-graph capture of decode steps
 
     def resolve(self):
         """(EngineConfig, tokenizer or None). ValueError for a bad setting."""
@@ -58,6 +59,7 @@ class EngineArgs:
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,
             placement_strategy=self.placement_strategy,
+            enforce_eager=self.enforce_eager,
             eos_token_ids=_eos_token_ids(model_config, tokenizer),
         )
         return config, tokenizer

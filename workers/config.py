@@ -174,6 +174,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, measured on GPU
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
+    enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
     eos_token_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from workers.intake import Intake, RequestState
 from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
+from workers.cuda_graphs import DecodeGraphs
 from workers.loader import load_weights
 from workers.messages import ScheduledRequest, StepPlan
 from workers.models import get_model_class
@@ -39,11 +40,25 @@ class ModelRunner:
         )
         load_weights(self.model, config.model, config.load_format, seed=config.seed)
         self.model.eval()
-        self.num_blocks = pg.all_reduce_min(self._num_blocks_that_fit())
+        # Blocks the scheduler hands out are ids < num_blocks; one more past them is the
+        # scratch block that padding rows of captured decode steps write to.
+        self.num_blocks = pg.all_reduce_min(self._num_blocks_that_fit()) - 1
         self.kv_caches = allocate_kv_caches(
-            model_config, pg, self.num_blocks, config.block_size, config.torch_dtype, device
+            model_config, pg, self.num_blocks + 1, config.block_size, config.torch_dtype, device
         )
+        self.decode_graphs = self._make_decode_graphs()
         self.requests: dict[str, RequestState] = {}
+
+    def _make_decode_graphs(self) -> DecodeGraphs | None:
+        config = self.config
+        head_dim = config.model_config.head_dim
+        if config.enforce_eager or not DecodeGraphs.supports(self.device, head_dim, config.block_size):
+            return None
+        return DecodeGraphs(
+            self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+            max_blocks_per_seq=-(-config.max_model_len // config.block_size),
+            block_size=config.block_size, scratch_block=self.num_blocks, device=self.device,
+        )
 
     def _num_blocks_that_fit(self) -> int:
         per_block = kv_cache_bytes_per_block(
@@ -94,6 +109,8 @@ class ModelRunner:
         rows on the leader (in `scheduled` order), None on followers."""
         if not scheduled:
             return None
+        if self._is_graphable(scheduled):
+            return self._execute_graph(scheduled)
         inputs = self._prepare(scheduled)
         hidden = self.model(
             inputs.input_ids,
@@ -106,6 +123,25 @@ class ModelRunner:
         if inputs.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _is_graphable(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
+        """One token-id row per request (decodes): what the captured graphs run."""
+        if self.decode_graphs is None or len(scheduled) > self.decode_graphs.buckets[-1]:
+            return False
+        for sched in scheduled:
+            state = self.requests[sched.req_id]
+            if sched.num_new_tokens != 1 or not sched.is_sampled:
+                return False
+            if state.prompt_embeds is not None and sched.num_computed_tokens < state.prompt_len:
+                return False
+        return True
+
+    def _execute_graph(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
+        positions = [s.num_computed_tokens for s in scheduled]
+        states = [self.requests[s.req_id] for s in scheduled]
+        input_ids = [state.token_ids(p, p + 1)[0] for state, p in zip(states, positions)]
+        hidden = self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states])
+        return self.model.compute_logits(hidden)
 
     def _prepare(self, scheduled: tuple[ScheduledRequest, ...]) -> StepInputs:
         input_ids: list[int] = []
