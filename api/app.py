@@ -27,6 +27,7 @@ def build_app(args: dict | None = None) -> Application:
     return ShardServeServer.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 0},
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
         placement_group_bundles=replica_bundles(settings.tensor_parallel_size, device, REPLICA_CPUS),
         placement_group_strategy=settings.placement_strategy,
     ).bind(settings)

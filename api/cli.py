@@ -9,7 +9,9 @@ import signal
 import sys
 import threading
 
+from api.serving import DEFAULT_MAX_WAITING_REQUESTS
 from api.settings import ServerSettings
+from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--max-prompt-embeds-bytes", type=int, default=64 << 20,
                        help="largest decoded prompt_embeds payload accepted (bytes)")
+    serve.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                       help="requests queued beyond --max-num-seqs before new ones get 503 + Retry-After")
+    serve.add_argument("--step-timeout-s", type=float, default=DEFAULT_STEP_TIMEOUT_S,
+                       help="a step running longer (a hung shard) marks the engine dead; Serve replaces it")
+    serve.add_argument("--graceful-shutdown-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM / Ctrl-C, how long in-flight requests may run before being cut")
     serve.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -54,6 +62,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         num_replicas=args.num_replicas, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
+        max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
     )
 
 
@@ -75,19 +85,32 @@ def serve_command(args: argparse.Namespace) -> int:
         ray.init(address=args.address, log_to_driver=False)
     else:
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
+    # Before anything is served (and after ray.init, whose handler would only log): a
+    # signal during start-up still ends in the drain below.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(settings), name="shardserve", route_prefix="/", blocking=False)
     print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
           f"(tensor_parallel_size={settings.tensor_parallel_size}, "
           f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}); Ctrl-C to stop", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("shardserve: shutting down", flush=True)
+    _shutdown(settings)
+    return 0
+
+
+def _shutdown(settings: ServerSettings) -> None:
+    import ray
+    from ray import serve
+
+    print(f"shardserve: shutting down; in-flight requests get up to {settings.graceful_shutdown_timeout_s:g} s "
+          "to finish", flush=True)
+    # Deleting the application first drains its replicas while the proxy still carries their
+    # streams; serve.shutdown() alone would stop the proxy under them.
+    serve.delete("shardserve")
     serve.shutdown()
     ray.shutdown()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

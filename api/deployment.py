@@ -19,23 +19,29 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(
     name="ShardServe",
-    max_ongoing_requests=1024,  # the engine queues and batches; Serve should not
-    health_check_period_s=10,
+    # The replica bounds its own queue (max_num_seqs + max_waiting_requests choices, then
+    # 503 + Retry-After); Serve's per-proxy queue is bounded too, never unbounded.
+    max_ongoing_requests=2048,
+    max_queued_requests=512,
+    # check_health only reads a flag: probing often shortens recovery from a dead shard.
+    health_check_period_s=2,
     health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
 )
 @serve.ingress()
 class ShardServeServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        # Shards go into this replica's own placement group (bundle i for rank i).
-        self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group())
+        # Shards go into this replica's own placement group (bundle i for rank i), named
+        # shardserve-<app>-<replica>-rank<r> so an operator can find them.
+        self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),
+                                  name=_engine_name(), step_timeout_s=settings.step_timeout_s)
         self.serving = OpenAIServing(
             self.engine,
             served_model_name=settings.model_name(),
             enable_prompt_embeds=settings.enable_prompt_embeds,
             max_embeds_bytes=settings.max_prompt_embeds_bytes,
-            metrics=Metrics(),
+            metrics=Metrics(stats_source=self.engine.stats),
+            max_in_flight=settings.max_in_flight,
         )
         logger.info("shardserve replica ready: model %s, tp=%d",
                     settings.model_name(), settings.tensor_parallel_size)
@@ -52,3 +58,8 @@ class ShardServeServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _engine_name() -> str:
+    replica_id = serve.get_replica_context().replica_id
+    return f"{replica_id.deployment_id.app_name}-{replica_id.unique_id}"

@@ -88,6 +88,15 @@ def decode_prompt_embeds(
 ) -> torch.Tensor:
     """A validated (seq_len, hidden_size) tensor in `dtype`, or PromptEmbedsError."""
     raw = _decode_base64(data, max_bytes)
+    return load_prompt_embeds_bytes(raw, hidden_size=hidden_size, dtype=dtype, max_bytes=max_bytes)
+
+
+def load_prompt_embeds_bytes(
+    raw: bytes, *, hidden_size: int, dtype: torch.dtype, max_bytes: int
+) -> torch.Tensor:
+    """The same checks on the raw bytes of a torch.save archive (e.g. a `.pt` file)."""
+    if len(raw) > max_bytes:
+        raise PromptEmbedsError(f"prompt_embeds is {len(raw)} bytes; the limit is {max_bytes}")
     members = _read_members(raw, max_bytes)
     spec = _inspect_pickle(members["data.pkl"])
     _check_spec(spec, members, max_bytes)

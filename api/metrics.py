@@ -1,56 +1,112 @@
-"""Prometheus metrics of one replica, served as text on /metrics: requests by status,
-time to first token, time per output token, running and waiting requests, KV-cache
-usage. Runs in the Serve ingress."""
+"""Metrics of one replica, recorded twice: Prometheus text on the replica's /metrics, and
+Ray's metrics (tagged with Serve's deployment / replica / application), which every
+node's Ray metrics exporter serves under the `ray_` prefix. Runs in the Serve ingress."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from ray.serve import metrics as ray_metrics
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# name -> (kind, help, buckets or tag names): the one list both exporters are built from.
+METRICS = {
+    "shardserve_requests": ("counter", "Finished completion choices, by finish status", ("status",)),
+    "shardserve_generation_tokens": ("counter", "Generated tokens", ()),
+    "shardserve_time_to_first_token_seconds": ("histogram", "Time to first token", LATENCY_BUCKETS),
+    "shardserve_time_per_output_token_seconds": (
+        "histogram", "Time per output token after the first", TOKEN_BUCKETS),
+    "shardserve_e2e_request_latency_seconds": ("histogram", "End-to-end latency of a choice", LATENCY_BUCKETS),
+    "shardserve_num_requests_running": ("gauge", "Requests running in the engine", ()),
+    "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", ()),
+    "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", ()),
+}
+ENGINE_REFRESH_S = 2.0
+
+StatsSource = Callable[[], Awaitable[object]]
+
+
+def _prometheus_metric(name: str, registry: CollectorRegistry):
+    kind, doc, extra = METRICS[name]
+    if kind == "histogram":
+        return Histogram(name, doc, buckets=extra, registry=registry)
+    return {"counter": Counter, "gauge": Gauge}[kind](name, doc, list(extra), registry=registry)
+
+
+def _ray_metric(name: str):
+    kind, doc, extra = METRICS[name]
+    if kind == "histogram":
+        return ray_metrics.Histogram(name, doc, boundaries=list(extra))
+    return {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge}[kind](name, doc, tag_keys=extra or None)
 
 
 class Metrics:
-    """One registry per replica (no process-global state)."""
+    """One Prometheus registry per replica (no process-global state). With `stats_source`
+    (the engine's async stats), the engine gauges are refreshed every ENGINE_REFRESH_S
+    once requests flow, so Ray's exporter sees them without anyone scraping /metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats_source: StatsSource | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "shardserve_requests", "Finished completion choices, by finish status",
-            ["status"], registry=self.registry)
-        self.ttft = Histogram(
-            "shardserve_time_to_first_token_seconds", "Time to first token",
-            buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram(
-            "shardserve_time_per_output_token_seconds", "Time per output token after the first",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=self.registry)
-        self.e2e = Histogram(
-            "shardserve_e2e_request_latency_seconds", "End-to-end latency of a choice",
-            buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.generation_tokens = Counter(
-            "shardserve_generation_tokens", "Generated tokens", registry=self.registry)
-        self.running = Gauge("shardserve_num_requests_running", "Requests running in the engine",
-                             registry=self.registry)
-        self.waiting = Gauge("shardserve_num_requests_waiting", "Requests waiting for KV blocks",
-                             registry=self.registry)
-        self.kv_usage = Gauge("shardserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
-                              registry=self.registry)
+        self.prometheus = {name: _prometheus_metric(name, self.registry) for name in METRICS}
+        self.ray = {name: _ray_metric(name) for name in METRICS}
+        self._stats_source = stats_source
+        self._refresher: asyncio.Task | None = None
 
     def count_finished(self, status: str) -> None:
-        self.requests.labels(status=status).inc()
+        self.prometheus["shardserve_requests"].labels(status=status).inc()
+        self.ray["shardserve_requests"].inc(1, tags={"status": status})
+        self._ensure_refresher()
 
     def observe_request(self, start: float, first_token: float | None, end: float, num_tokens: int) -> None:
-        self.e2e.observe(end - start)
-        self.generation_tokens.inc(num_tokens)
+        self._observe("shardserve_e2e_request_latency_seconds", end - start)
+        self.prometheus["shardserve_generation_tokens"].inc(num_tokens)
+        if num_tokens:
+            self.ray["shardserve_generation_tokens"].inc(num_tokens)
         if first_token is not None:
-            self.ttft.observe(first_token - start)
+            self._observe("shardserve_time_to_first_token_seconds", first_token - start)
             if num_tokens > 1:
-                self.tpot.observe((end - first_token) / (num_tokens - 1))
+                self._observe("shardserve_time_per_output_token_seconds", (end - first_token) / (num_tokens - 1))
+
+    def _observe(self, name: str, value: float) -> None:
+        self.prometheus[name].observe(value)
+        self.ray[name].observe(value)
 
     def render(self, stats) -> bytes:
         """Prometheus text exposition, with the engine gauges refreshed from `stats`."""
-        if stats is not None:
-            self.running.set(stats.num_running)
-            self.waiting.set(stats.num_waiting)
-            self.kv_usage.set(stats.kv_cache_usage)
+        self.set_engine_stats(stats)
         return generate_latest(self.registry)
+
+    def set_engine_stats(self, stats) -> None:
+        """Engine gauges from an EngineStats (None: the engine is gone; keep the last)."""
+        if stats is None:
+            return
+        for name, value in (("shardserve_num_requests_running", stats.num_running),
+                            ("shardserve_num_requests_waiting", stats.num_waiting),
+                            ("shardserve_kv_cache_usage_perc", stats.kv_cache_usage)):
+            self.prometheus[name].set(value)
+            self.ray[name].set(value)
+
+    def _ensure_refresher(self) -> None:
+        """Starts the gauge refresher on the replica's event loop, from the first request
+        (the constructor may run where no loop is)."""
+        if self._stats_source is None or self._refresher is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._refresher = loop.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                self.set_engine_stats(await self._stats_source())
+            except Exception:  # a failed read must not end the refresher
+                logger.exception("reading engine stats for metrics failed")
+            await asyncio.sleep(ENGINE_REFRESH_S)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
-from api.serving import APIError, OpenAIServing
+from api.serving import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError, OpenAIServing
 from cluster.engine_client import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,11 @@ VERSION = "0.1.0"
 DEFAULT_MAX_BODY_BYTES = 100 << 20
 
 
-def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(error_body(message, type=type, param=param, code=status), status_code=status)
+def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+           retry_after_s: int | None = None):
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(error_body(message, type=type, param=param, code=status), status_code=status,
+                        headers=headers)
 
 
 def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
@@ -41,11 +44,12 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
-        return _error(exc.status, exc.message, type=exc.type, param=exc.param)
+        return _error(exc.status, exc.message, type=exc.type, param=exc.param, retry_after_s=exc.retry_after_s)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_request, exc: EngineDeadError):
-        return _error(503, "the engine is unavailable; retry shortly", type="service_unavailable")
+        # Serve replaces the replica (its health check fails); a retry reaches the new one.
+        return _error(503, ENGINE_UNAVAILABLE, type="service_unavailable", retry_after_s=RETRY_AFTER_S)
 
     @app.exception_handler(Exception)
     async def internal_error(_request, exc: Exception):
@@ -102,10 +106,32 @@ async def _parse_completion(request: Request, max_body_bytes: int) -> Completion
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    _check_unicode(data)
     try:
         return CompletionRequest.model_validate(data)
     except ValidationError as exc:
         body = validation_error_body(exc.errors())["error"]
         raise APIError(400, body["message"], param=body["param"]) from None
+
+
+def _check_unicode(data) -> None:
+    """400 for a string holding a lone surrogate (valid JSON escapes, invalid text): the
+    tokenizer and the detokenizer cannot take one."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "request body is not valid JSON: a string holds a lone UTF-16 "
+                               "surrogate (\\ud800-\\udfff) that is not part of a pair") from None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,21 +27,57 @@ from api.protocol import (
     PromptInput,
     ProtocolError,
     UsageInfo,
+    error_body,
     split_prompts,
 )
+from cluster.engine_client import EngineDeadError
 from cluster.prompts import EnginePrompt, check_length
 from cluster import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
+# Choices admitted beyond the engine's max_num_seqs before new requests are refused.
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+RETRY_AFTER_S = 1
+ENGINE_UNAVAILABLE = "the engine is unavailable (a shard failed or stopped); retry shortly"
 
 
 class APIError(Exception):
     """An answer other than 200: status, message, OpenAI error type and param."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None):
+                 param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """Backpressure: a bound on choices in the engine (running + waiting). A request is
+    admitted whole or refused with a 503 + Retry-After, so the queue never grows unbounded."""
+
+    def __init__(self, max_in_flight: int):
+        self.max_in_flight = max_in_flight
+        self.num_in_flight = 0
+
+    def reserve(self, num_choices: int) -> "Reservation":
+        if self.num_in_flight + num_choices > self.max_in_flight:
+            raise APIError(503, f"the server is at capacity ({self.num_in_flight} requests in flight, "
+                           f"limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
+                           type="service_unavailable", retry_after_s=RETRY_AFTER_S)
+        self.num_in_flight += num_choices
+        return Reservation(self, num_choices)
+
+
+class Reservation:
+    def __init__(self, admission: Admission, num_choices: int):
+        self._admission, self._num_choices = admission, num_choices
+
+    def release(self) -> None:
+        """Idempotent: called when the request ends, and again if its stream is dropped."""
+        self._admission.num_in_flight -= self._num_choices
+        self._num_choices = 0
 
 
 @dataclass(frozen=True)
@@ -54,8 +92,10 @@ class Choice:
 
 class OpenAIServing:
     def __init__(self, engine, *, served_model_name: str, enable_prompt_embeds: bool,
-                 max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None):
+                 max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None,
+                 max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS):
         self.engine = engine
+        self.admission = Admission(max_in_flight)
         self.served_model_name = served_model_name
         self.enable_prompt_embeds = enable_prompt_embeds
         self.max_embeds_bytes = max_embeds_bytes
@@ -79,9 +119,16 @@ class OpenAIServing:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         prompts = [await self._prepare(item) for item in inputs]
         choices = self._choices(prompts, params)
+        reservation = self.admission.reserve(len(choices))
         if request.stream:
-            return self._stream(request, choices)
-        return await self._complete(request, choices)
+            stream = self._stream(request, choices, reservation)
+            # A stream the server never starts (client gone first) never runs its finally.
+            weakref.finalize(stream, reservation.release)
+            return stream
+        try:
+            return await self._complete(request, choices)
+        finally:
+            reservation.release()
 
     async def _prepare(self, item: PromptInput) -> EnginePrompt:
         param = "prompt_embeds" if item.kind == "embeds" else "prompt"
@@ -166,8 +213,10 @@ class OpenAIServing:
             return choice.prompt.prompt
         return self.engine.tokenizer.decode(list(choice.prompt.prompt_token_ids))
 
-    async def _stream(self, request: CompletionRequest, choices: list[Choice]) -> AsyncIterator[str]:
-        """SSE lines: a chunk per update per choice, the usage chunk if asked, [DONE]."""
+    async def _stream(self, request: CompletionRequest, choices: list[Choice],
+                      reservation: Reservation) -> AsyncIterator[str]:
+        """SSE lines: a chunk per update per choice, the usage chunk if asked, [DONE].
+        A failure after the 200 went out is an error event, then [DONE]."""
         created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(request, c, queue)) for c in choices]
@@ -176,21 +225,24 @@ class OpenAIServing:
             while remaining:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    yield _error_event(item)
+                    break
                 if item is None:
                     remaining -= 1
                     continue
                 completion_tokens += item[1]
                 yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
                                                     choices=[item[0]]))
-            if request.is_include_usage:
-                usage = UsageInfo.of(_prompt_tokens(choices), completion_tokens)
-                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
-                                                    choices=[], usage=usage))
+            else:
+                if request.is_include_usage:
+                    usage = UsageInfo.of(_prompt_tokens(choices), completion_tokens)
+                    yield _sse(CompletionStreamResponse(id=response_id, created=created,
+                                                        model=self.served_model_name, choices=[], usage=usage))
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:
                 task.cancel()  # a disconnected client: each choice's engine request is aborted
+            reservation.release()
 
     async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
         try:
@@ -235,6 +287,16 @@ def _openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> 
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
     return out
+
+
+def _error_event(exc: BaseException) -> str:
+    """The SSE event for a stream that fails mid-way, in OpenAI's error shape."""
+    if isinstance(exc, EngineDeadError):
+        body = error_body(ENGINE_UNAVAILABLE, type="service_unavailable", code=503)
+    else:
+        logger.error("a streamed completion failed", exc_info=exc)
+        body = error_body("internal server error", type="internal_server_error", code=500)
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def _sse(chunk: CompletionStreamResponse) -> str:

@@ -7,9 +7,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.serving import DEFAULT_MAX_EMBEDS_BYTES
+from api.serving import DEFAULT_MAX_EMBEDS_BYTES, DEFAULT_MAX_WAITING_REQUESTS
 from api.routes import DEFAULT_MAX_BODY_BYTES
 from cluster.engine_args import EngineArgs
+from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S
 
 DEFAULT_MODEL_NAME = "shardserve-tiny-llama"
 
@@ -34,10 +35,18 @@ class ServerSettings:
     api_key: str | None = None
     max_prompt_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS  # past max_num_seqs; then 503
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the watchdog: a longer step kills the engine
+    graceful_shutdown_timeout_s: float = 30.0  # in-flight requests' time to finish at shutdown
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        for name in ("step_timeout_s", "graceful_shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("max_prompt_embeds_bytes", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -54,6 +63,11 @@ class ServerSettings:
     def engine_args(self) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         return EngineArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    @property
+    def max_in_flight(self) -> int:
+        """Choices a replica admits at once: a full batch plus the waiting queue."""
+        return self.max_num_seqs + self.max_waiting_requests
 
     def model_name(self) -> str:
         if self.served_model_name:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ray.util.placement_group import PlacementGroup
 
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import EngineClient, EngineDeadError
+from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError
 from cluster.outputs import CompletionTracker, Logprob
 from cluster.prompts import EnginePrompt, parse_engine_prompt
 from workers.messages import EngineStats
@@ -32,9 +32,10 @@ class SampleUpdate:
 
 
 class AsyncEngine:
-    def __init__(self, engine_args: EngineArgs, placement_group: PlacementGroup | None = None):
+    def __init__(self, engine_args: EngineArgs, placement_group: PlacementGroup | None = None, *,
+                 name: str | None = None, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.config, self.tokenizer = engine_args.resolve()
-        self.engine = EngineClient(self.config, placement_group)
+        self.engine = EngineClient(self.config, placement_group, name=name, step_timeout_s=step_timeout_s)
 
     @property
     def max_model_len(self) -> int:
@@ -89,8 +90,14 @@ class AsyncEngine:
                 # A client that went away, or a stop string matched on this side.
                 self.engine.abort(req_id)
 
-    async def stats(self) -> EngineStats:
-        return await self.engine.leader.stats.remote()
+    async def stats(self) -> EngineStats | None:
+        """The leader's scheduler figures; None once the engine is dead."""
+        if self.engine.dead_reason is not None:
+            return None
+        try:
+            return await self.engine.leader.stats.remote()
+        except Exception:  # died since the check: /metrics still answers, without them
+            return None
 
     def check_health(self) -> None:
         """Raises if the engine is dead, so Serve replaces the replica."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 INIT_TIMEOUT_S = 600.0  # loading a large checkpoint; a hung rendezvous fails, not wedges
 POLL_TIMEOUT_S = 1.0
+# The watchdog: a step running longer than this marks the engine dead (a hung shard or a
+# collective waiting on a dead peer). Generous: a long prefill on CPU takes seconds.
+DEFAULT_STEP_TIMEOUT_S = 60.0
 # Actor threads: the step loop, the output long-poll, request intake and control calls.
 SHARD_MAX_CONCURRENCY = 16
 
@@ -34,8 +38,16 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, placement_group: PlacementGroup | None = None):
+    """`name` names the shard actors `shardserve-<name>-rank<r>` (what operators see in
+    `ray list actors`); a random one by default."""
+
+    def __init__(self, config: EngineConfig, placement_group: PlacementGroup | None = None, *,
+                 name: str | None = None, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
+        if step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.config = config
+        self.name = name or uuid.uuid4().hex[:8]
+        self.step_timeout_s = step_timeout_s
         self._owns_group = placement_group is None
         self.placement_group = placement_group or create_placement_group(
             config.tensor_parallel_size, config.device, config.placement_strategy
@@ -55,7 +67,8 @@ class EngineClient:
         actor_cls = ray.remote(max_concurrency=SHARD_MAX_CONCURRENCY)(ShardWorker)
         shards = [
             actor_cls.options(
-                **shard_actor_options(self.placement_group, rank, self.config.device)
+                name=shard_actor_name(self.name, rank),
+                **shard_actor_options(self.placement_group, rank, self.config.device),
             ).remote(self.config, rank)
             for rank in range(self.config.tensor_parallel_size)
         ]
@@ -83,15 +96,15 @@ class EngineClient:
         embeds_dtype: str | None = None,
     ) -> None:
         """Sends a validated request to every shard; `sink` receives its deltas on the
-        output thread, the last one with a finish_reason."""
-        if self.dead_reason is not None:
-            raise EngineDeadError(self.dead_reason)
+        output thread, the last one with a finish_reason. EngineDeadError once dead."""
         embeds_ref = None
         if prompt_embeds is not None:
             # Put once; every shard on a node reads the same zero-copy buffer.
             embeds_ref = PromptEmbedsRef(ray.put(prompt_embeds), embeds_dtype, tuple(prompt_embeds.shape))
         new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params)
-        with self._lock:
+        with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
+            if self.dead_reason is not None:
+                raise EngineDeadError(self.dead_reason)
             self._sinks[req_id] = sink
         for shard in self.shards:
             shard.add_request.remote(new)
@@ -114,17 +127,25 @@ class EngineClient:
     def _poll_outputs(self) -> None:
         while not self._closed:
             try:
-                deltas = ray.get(self.leader.get_outputs.remote(POLL_TIMEOUT_S))
-            except Exception as exc:  # the leader died or was killed
+                deltas = self._get_outputs()
+            except Exception as exc:  # the leader died, hangs, or its watchdog fired
                 if not self._closed:
                     self._mark_dead(f"engine shard failed: {type(exc).__name__}: {exc}")
                 return
             for delta in deltas:
                 self._deliver(delta)
+            # A follower that died leaves the leader waiting in a collective: its run()
+            # call is what fails first.
             done, _ = ray.wait(self._run_refs, num_returns=1, timeout=0)
             if done and not self._closed:
                 self._mark_dead(self._run_failure(done[0]))
                 return
+
+    def _get_outputs(self) -> list[RequestDelta]:
+        """One long-poll; a leader process that stops answering (frozen, not dead) is
+        caught by the timeout on the call itself."""
+        ref = self.leader.get_outputs.remote(POLL_TIMEOUT_S, self.step_timeout_s)
+        return ray.get(ref, timeout=POLL_TIMEOUT_S + self.step_timeout_s)
 
     def _deliver(self, delta: RequestDelta) -> None:
         with self._lock:
@@ -143,13 +164,17 @@ class EngineClient:
         return "engine shard stopped"
 
     def _mark_dead(self, reason: str) -> None:
-        """Ends every in-flight request with an error instead of leaving it hanging."""
-        logger.error("shardserve engine is dead: %s", reason)
-        self.dead_reason = reason
+        """Ends every in-flight request with an error instead of leaving it hanging,
+        then kills the shards still alive: their step loops wait in a collective on the
+        lost peer and would hold their threads (and the devices) forever."""
+        logger.error("shardserve engine %s is dead: %s", self.name, reason)
         with self._lock:
+            self.dead_reason = reason
             sinks, self._sinks = self._sinks, {}
         for req_id, sink in sinks.items():
             sink(RequestDelta(req_id, (), None, finish_reason="error", error=reason))
+        for shard in self.shards:
+            ray.kill(shard)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stops the step loops, then the actors, then frees the placement group."""
@@ -167,3 +192,7 @@ class EngineClient:
     def _release_group(self) -> None:
         if self._owns_group:
             remove_placement_group(self.placement_group)
+
+
+def shard_actor_name(engine_name: str, rank: int) -> str:
+    return f"shardserve-{engine_name}-rank{rank}"

@@ -109,9 +109,13 @@ class ShardWorker:
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)
 
-    def get_outputs(self, timeout_s: float = 1.0) -> list[RequestDelta]:
-        """Long-poll: the deltas produced since the last call, waiting up to timeout_s."""
-        return self.leader.outbox.take(timeout_s)
+    def get_outputs(self, timeout_s: float = 1.0, step_timeout_s: float | None = None) -> list[RequestDelta]:
+        """Long-poll: the deltas produced since the last call, waiting up to timeout_s.
+        Raises StepTimeoutError once a step has run past step_timeout_s (the watchdog)."""
+        deltas = self.leader.outbox.take(timeout_s)
+        if step_timeout_s is not None and not deltas:
+            self.leader.check_progress(step_timeout_s)
+        return deltas
 
     def stats(self) -> EngineStats:
         return self.leader.stats()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import OrderedDict
 
 from workers.block_manager import BlockManager
@@ -25,6 +26,10 @@ KEEPALIVE_S = 30.0
 # How long a follower waits for a scheduled request's data to arrive through Ray.
 INTAKE_TIMEOUT_S = 120.0
 MAX_EARLY_ABORTS = 4096
+
+
+class StepTimeoutError(RuntimeError):
+    """The watchdog's verdict: the step in progress exceeded the step timeout."""
 
 
 class Outbox:
@@ -71,6 +76,9 @@ class LeaderLoop:
         # that raced its finish. Bounded: a stale entry only costs a finished request.
         self._early_aborts: OrderedDict[str, None] = OrderedDict()
         self._stats = self.scheduler.stats()
+        # Monotonic start of the step in progress (None between steps), read by the
+        # watchdog on another thread: a stuck collective shows as a step that never ends.
+        self.step_started: float | None = None
 
     # Called from actor threads other than the loop's.
     def add_request(self, request: Request) -> None:
@@ -85,6 +93,15 @@ class LeaderLoop:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def check_progress(self, step_timeout_s: float) -> None:
+        """Raises StepTimeoutError if the step in progress has run past step_timeout_s
+        (a shard hangs, or a collective waits on a peer that will never answer)."""
+        started = self.step_started
+        if started is not None and time.monotonic() - started > step_timeout_s:
+            raise StepTimeoutError(
+                f"a step made no progress for {step_timeout_s:g} s (a shard hangs or a "
+                "collective waits on a dead peer)")
+
     def run(self) -> None:
         appended: tuple[tuple[str, int], ...] = ()
         step_id = 0
@@ -92,7 +109,9 @@ class LeaderLoop:
             while self._drain_commands():
                 out = self.scheduler.schedule()
                 plan = StepPlan(step_id, appended, out.preempted_req_ids, out.finished_req_ids, out.scheduled)
+                self.step_started = time.monotonic()
                 deltas = self._step(plan, out)
+                self.step_started = None
                 appended = tuple((d.req_id, t) for d in deltas for t in d.new_token_ids)
                 self._stats = self.scheduler.stats()
                 if deltas:

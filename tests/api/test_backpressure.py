@@ -1,0 +1,125 @@
+"""Backpressure and mid-stream failures in the HTTP layer, around the fake engine of
+test_routes (no Ray): past max_in_flight choices a request is a 503 with Retry-After;
+every way a request ends gives its slots back; an engine that dies mid-stream ends the
+stream with an error event and [DONE], without internals."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from api.protocol import CompletionRequest
+from api.routes import build_fastapi_app
+from api.serving import APIError, OpenAIServing
+from cluster.engine_client import EngineDeadError
+from tests.api.test_routes import MODEL, FakeEngine, error_of, post, sse_events, tokenizer  # noqa: F401
+
+
+class DyingEngine(FakeEngine):
+    """Streams one update, then fails as EngineClient does when a shard dies."""
+
+    async def generate(self, req_id, prompt, params):
+        async for update in super().generate(req_id, prompt, params):
+            yield update
+            raise EngineDeadError("shard 1 died: RayActorError at /srv/secret/worker.py:7")
+
+
+def serving_of(engine, max_in_flight: int) -> OpenAIServing:
+    return OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
+                         max_in_flight=max_in_flight)
+
+
+def request(**fields) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": MODEL, "prompt": "hi", "max_tokens": 4, **fields})
+
+
+def test_past_capacity_is_503_with_retry_after_and_slots_come_back(tokenizer):
+    async def scenario():
+        serving = serving_of(FakeEngine(tokenizer, hang_after=1), max_in_flight=2)
+        streams = [await serving.create_completion(request(stream=True)) for _ in range(2)]
+        for stream in streams:
+            assert (await anext(stream)).startswith("data: {")  # running, then hangs
+        with pytest.raises(APIError) as info:
+            await serving.create_completion(request(stream=True))
+        assert (info.value.status, info.value.retry_after_s) == (503, 1)
+        assert "at capacity (2 requests in flight, limit 2)" in info.value.message
+        await streams[0].aclose()  # the client went away: its slot is free again
+        third = await serving.create_completion(request(stream=True))
+        assert serving.admission.num_in_flight == 2
+        await anext(third)
+        for stream in (streams[1], third):
+            await stream.aclose()
+        assert serving.admission.num_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_refusal_over_http_is_openai_shaped_with_retry_after(tokenizer):
+    engine = FakeEngine(tokenizer)
+    client = TestClient(build_fastapi_app(serving_of(engine, max_in_flight=2)), raise_server_exceptions=False)
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 3})
+    error = error_of(response, 503)
+    assert error["type"] == "service_unavailable" and response.headers["retry-after"] == "1"
+    assert engine.started == []  # refused before the engine saw it
+    assert post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_finished_or_failed_requests_give_their_slots_back(tokenizer, fail):
+    serving = serving_of(FakeEngine(tokenizer, fail=fail), max_in_flight=4)
+    client = TestClient(build_fastapi_app(serving), raise_server_exceptions=False)
+    for stream in (False, True):
+        response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 4, "stream": stream})
+        assert response.status_code == (500 if fail and not stream else 200)
+    assert serving.admission.num_in_flight == 0
+
+
+def test_a_stream_never_started_gives_its_slots_back(tokenizer):
+    async def scenario():
+        serving = serving_of(FakeEngine(tokenizer), max_in_flight=3)
+        stream = await serving.create_completion(request(stream=True, n=3))
+        assert serving.admission.num_in_flight == 3
+        del stream  # the client left before the response started
+        gc.collect()
+        assert serving.admission.num_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_engine_death_mid_stream_is_an_error_event_then_done(tokenizer):
+    serving = serving_of(DyingEngine(tokenizer), max_in_flight=8)
+    client = TestClient(build_fastapi_app(serving), raise_server_exceptions=False)
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True})
+    assert response.status_code == 200  # the headers went out before the failure
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["text"]
+    error = json.loads(events[-2])["error"]
+    assert (error["code"], error["type"]) == (503, "service_unavailable")
+    assert "retry" in error["message"] and "secret" not in response.text
+    assert serving.admission.num_in_flight == 0
+
+
+def test_engine_death_without_stream_is_503_with_retry_after(tokenizer):
+    client = TestClient(build_fastapi_app(serving_of(DyingEngine(tokenizer), 8)), raise_server_exceptions=False)
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 5})
+    error = error_of(response, 503)
+    assert response.headers["retry-after"] == "1" and "secret" not in response.text
+    assert error["type"] == "service_unavailable"
+
+
+def test_settings_and_flags_set_the_bounds_and_reject_bad_values():
+    from api.cli import build_parser, settings_from_args
+    from api.settings import ServerSettings
+
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "8", "--max-waiting-requests", "3",
+                                      "--step-timeout-s", "5", "--graceful-shutdown-timeout-s", "7"])
+    settings = settings_from_args(args)
+    assert (settings.max_in_flight, settings.step_timeout_s, settings.graceful_shutdown_timeout_s) == (11, 5.0, 7.0)
+    for bad, name in (({"max_waiting_requests": -1}, "max_waiting_requests"), ({"step_timeout_s": 0}, "step_timeout_s"),
+                      ({"graceful_shutdown_timeout_s": -2}, "graceful_shutdown_timeout_s")):
+        with pytest.raises(ValueError, match=name):
+            ServerSettings(**bad)

@@ -1,0 +1,102 @@
+"""Engine faults on the session's Ray at tensor_parallel_size 2: a shard killed mid-generation
+(leader or follower) and a shard that hangs (frozen with SIGSTOP, caught by the step
+watchdog) end every in-flight request with an error within seconds, never a hang, and
+leave no shard process behind."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster import LLM, SamplingParams
+from cluster.engine_args import EngineArgs
+from cluster.engine_client import EngineClient, EngineDeadError, shard_actor_name
+from workers.sampling_params import SamplingParams as Params
+
+LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+ENGINE = {"tensor_parallel_size": 2, "max_model_len": 512, "kv_cache_memory_bytes": 16 << 20}
+DEADLINE_S = 10.0  # the issue's bound on how long an in-flight request may take to fail
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Bounded polling, for state that lives in another process."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def is_process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def generate_in_thread(llm: LLM, prompts) -> tuple[threading.Thread, queue.SimpleQueue]:
+    """llm.generate on a thread; its result or exception lands in the queue."""
+    results: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run():
+        try:
+            results.put(llm.generate(prompts, LONG, use_tqdm=False))
+        except BaseException as exc:  # handed to the test thread to assert on
+            results.put(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, results
+
+
+@pytest.mark.parametrize("rank", [0, 1], ids=["leader", "follower"])
+def test_killed_shard_fails_every_in_flight_request_within_10s(ray_cluster, rank):
+    with LLM(**ENGINE) as llm:
+        pids = [ray.get(shard.pid.remote()) for shard in llm.engine.shards]
+        _, results = generate_in_thread(llm, ["The quick brown fox", "1 2 3", {"prompt_token_ids": [7, 8, 9]}])
+        assert wait_until(lambda: llm.engine.stats().num_running == 3, 30)
+        killed_at = time.monotonic()
+        ray.kill(llm.engine.shards[rank])
+        outcome = results.get(timeout=DEADLINE_S)
+        failed_after = time.monotonic() - killed_at
+        assert isinstance(outcome, EngineDeadError), outcome
+        assert "engine shard failed" in str(outcome) and failed_after < DEADLINE_S
+        print(f"killed rank {rank}: generate raised after {failed_after:.2f} s")
+        # The survivor was waiting in a collective on the lost peer: killed too.
+        assert wait_until(lambda: all(is_process_gone(pid) for pid in pids), 15)
+        with pytest.raises(EngineDeadError, match="engine shard failed"):
+            llm.generate(["again"], LONG, use_tqdm=False)
+
+
+def test_hung_follower_is_caught_by_the_step_watchdog(ray_cluster):
+    config, _ = EngineArgs(**ENGINE).resolve()
+    engine = EngineClient(config, name="watchdog-test", step_timeout_s=2.0)
+    follower_pid = ray.get(engine.shards[1].pid.remote())
+    try:
+        assert ray.get_actor(shard_actor_name("watchdog-test", 1)) is not None  # named for operators
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        engine.add_request("r0", Params(temperature=0.0, max_tokens=400, ignore_eos=True), deltas.put,
+                           prompt_token_ids=(5, 6, 7))
+        assert deltas.get(timeout=30).new_token_ids  # decoding
+        os.kill(follower_pid, signal.SIGSTOP)  # alive but silent: the leader waits in a collective
+        frozen_at = time.monotonic()
+        while (delta := deltas.get(timeout=DEADLINE_S)).finish_reason is None:
+            pass
+        assert delta.finish_reason == "error" and "no progress for 2 s" in delta.error
+        assert time.monotonic() - frozen_at < DEADLINE_S
+        print(f"frozen follower: request failed after {time.monotonic() - frozen_at:.2f} s")
+        with pytest.raises(EngineDeadError, match="no progress"):
+            engine.add_request("r1", Params(), deltas.put, prompt_token_ids=(5,))
+    finally:
+        if not is_process_gone(follower_pid):
+            os.kill(follower_pid, signal.SIGCONT)  # lets ray.kill's exit request through
+        engine.shutdown()
+    assert wait_until(lambda: is_process_gone(follower_pid), 15)

@@ -1,0 +1,134 @@
+"""Through Ray Serve and HTTP, on an application of its own (tensor_parallel_size 2, route
+/faults, small queue bounds) beside the session's server: past its bounds a burst is
+refused with 503 + Retry-After; a shard that dies or hangs ends in-flight requests within
+10 s (503 in OpenAI's shape; a stream: an error event, then [DONE]), the replica fails its
+health check, Serve replaces it with new shards, and requests succeed again with no
+operator action."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import runpy
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+
+from api.app import build_app
+from tests.cluster.test_engine_faults import DEADLINE_S, is_process_gone, wait_until
+from tests.e2e.test_server import metrics
+
+APP = "faults"
+ARGS = {"tensor_parallel_size": 2, "max_model_len": 1024, "kv_cache_memory_bytes": 16 << 20,
+        "step_timeout_s": 3.0, "max_num_seqs": 4, "max_waiting_requests": 4, "enable_prompt_embeds": True}
+LOAD_TEST = Path(__file__).resolve().parents[2] / "scripts" / "load_test.py"
+LONG = {"prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True, "temperature": 0.0}
+RECOVERY_TIMEOUT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def faults_url(server_url):
+    from ray import serve
+
+    serve.run(build_app(ARGS), name=APP, route_prefix="/faults")
+    try:
+        yield f"{server_url}/faults"
+    finally:
+        serve.delete(APP)
+
+
+def shard_actors() -> dict[str, object]:
+    """name -> handle of the shards of this module's application (named by EngineClient)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in named if a["name"].startswith(f"shardserve-{APP}-")}
+
+
+def stream_events(url: str) -> list[str]:
+    """The data of every SSE event of a long streamed completion, until the server ends it."""
+    with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def wait_recovered(url: str, timeout_s: float = RECOVERY_TIMEOUT_S) -> None:
+    """Bounded polling until a short completion succeeds again (a new replica serves)."""
+    body = {"prompt": "hello", "max_tokens": 2}
+
+    def ok():
+        try:
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(ok, timeout_s, interval_s=0.5), f"no recovery within {timeout_s} s"
+
+
+def fail_in_flight_requests(url: str, inject) -> tuple[float, list[str], httpx.Response]:
+    """Starts a stream and a plain request, injects the fault once both run, and returns
+    (seconds until both ended, the stream's events, the plain response)."""
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(stream_events, url)
+        plain = pool.submit(httpx.post, f"{url}/v1/completions", json=LONG, timeout=60)
+        assert wait_until(lambda: metrics(url)["shardserve_num_requests_running"] == 2, 60, 0.1)
+        injected_at = time.monotonic()
+        inject()
+        events, response = stream.result(timeout=DEADLINE_S + 5), plain.result(timeout=DEADLINE_S + 5)
+        return time.monotonic() - injected_at, events, response
+
+
+def assert_failed_cleanly(events: list[str], response: httpx.Response) -> None:
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert (error["code"], error["type"]) == (503, "service_unavailable")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "service_unavailable"
+    assert "Ray" not in response.text and "Traceback" not in response.text
+
+
+def test_a_burst_past_the_bounds_is_refused_with_retry_after_and_the_rest_completes(faults_url):
+    wait_recovered(faults_url)
+    main = runpy.run_path(str(LOAD_TEST))["main"]
+    report = main(["--base-url", f"{faults_url}/v1", "--clients", "40", "--rounds", "1", "--max-tokens", "128",
+                   "--disconnect-fraction", "0", "--time-limit-s", "120"])
+    totals = report["totals"]
+    assert report["ok"] and totals["error"] == 0, report["failures"]
+    # At most 4 running + 4 waiting at a time: much of a burst of 40 is refused.
+    assert totals["refused"] >= 10 and totals["completed"] >= 8
+    assert totals["completed"] + totals["refused"] == 40
+
+
+@pytest.mark.parametrize("fault", ["kill follower", "kill leader", "hang follower"])
+def test_shard_fault_fails_in_flight_requests_and_serve_replaces_the_replica(faults_url, fault):
+    wait_recovered(faults_url)
+    before = shard_actors()
+    assert len(before) == 2
+    victim = sorted(before)[0 if fault == "kill leader" else 1]
+    pid = ray.get(before[victim].pid.remote())
+
+    def inject():
+        if fault.startswith("kill"):
+            ray.kill(before[victim])
+        else:
+            os.kill(pid, signal.SIGSTOP)  # alive but silent: caught by the 3 s step watchdog
+
+    try:
+        failed_after, events, response = fail_in_flight_requests(faults_url, inject)
+        assert failed_after < DEADLINE_S
+        assert_failed_cleanly(events, response)
+        started = time.monotonic()
+        wait_recovered(faults_url)
+        print(f"{fault}: in-flight requests failed after {failed_after:.1f} s; "
+              f"recovered {time.monotonic() - started + failed_after:.1f} s after the fault")
+    finally:
+        if fault.startswith("hang") and not is_process_gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    after = shard_actors()
+    assert len(after) == 2 and not set(after) & set(before)  # a new replica, new shards
+    assert wait_until(lambda: is_process_gone(pid), 30)

@@ -1,0 +1,52 @@
+"""`shardserve serve` as users run it (a subprocess with its own local Ray, tensor_parallel_size
+2): SIGTERM lets an in-flight streamed request finish, then the CLI exits 0 and every
+process it started (Ray's, the replica's, the shards') is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+
+from scripts.load_test import descendants
+from tests.cluster.test_engine_faults import is_process_gone, wait_until
+from tests.e2e.conftest import free_port, wait_healthy
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 90.0
+
+
+def test_sigterm_drains_in_flight_requests_then_stops_everything(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--tensor-parallel-size", "2",
+               "--max-model-len", "512", "--kv-cache-memory-bytes", str(16 << 20), "--device", "cpu"]
+    log = open(tmp_path / "serve.log", "w+")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", START_TIMEOUT_S)
+        started = descendants(server.pid)
+        body = {"prompt": "The quick brown fox", "max_tokens": 150, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 1:
+                        server.send_signal(signal.SIGTERM)  # mid-stream
+        assert server.wait(STOP_TIMEOUT_S) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.seek(0)
+        output = log.read()
+    assert events[-1] == "[DONE]", output[-3000:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length", output[-3000:]
+    assert "shutting down" in output
+    assert len(started) >= 4  # Ray's own processes, the replica and two shards at least
+    assert wait_until(lambda: all(is_process_gone(pid) for pid in started), 30), \
+        [pid for pid in started if not is_process_gone(pid)]
