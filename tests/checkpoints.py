@@ -34,18 +34,19 @@ _LLAMA3_ROPE = dict(
 )
 
 
-def _config(family: str, tie_word_embeddings: bool):
+def _config(family: str, tie_word_embeddings: bool, overrides: dict):
     import transformers
 
     tie = tie_word_embeddings or family == "llama-tied"
+    common = {**_COMMON, **overrides}
     if family in ("llama", "llama-tied"):
-        return transformers.LlamaConfig(**_COMMON, rope_parameters=dict(_LLAMA3_ROPE), tie_word_embeddings=tie)
+        return transformers.LlamaConfig(**common, rope_parameters=dict(_LLAMA3_ROPE), tie_word_embeddings=tie)
     if family == "mistral":
-        return transformers.MistralConfig(**_COMMON, sliding_window=8, tie_word_embeddings=tie)
+        return transformers.MistralConfig(**common, sliding_window=8, tie_word_embeddings=tie)
     if family == "qwen2":
-        return transformers.Qwen2Config(**_COMMON, rope_theta=1e6, tie_word_embeddings=tie)
+        return transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=tie)
     if family == "qwen3":
-        return transformers.Qwen3Config(**_COMMON, rope_theta=1e6, tie_word_embeddings=tie)
+        return transformers.Qwen3Config(**common, rope_theta=1e6, tie_word_embeddings=tie)
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
@@ -73,12 +74,14 @@ def make_tiny_checkpoint(
     tie_word_embeddings: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    **config_overrides,
 ) -> Path:
     """Builds the HF model class of `family` (llama with llama3 RoPE, llama-tied, mistral
-    with sliding_window 8, qwen2, qwen3) from a tiny config and saves it at `path`."""
+    with sliding_window 8, qwen2, qwen3) from a tiny config and saves it at `path`.
+    `config_overrides` replace the tiny config's sizes (e.g. more heads for TP=8)."""
     import transformers
 
-    config = _config(family, tie_word_embeddings)
+    config = _config(family, tie_word_embeddings, config_overrides)
     torch_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinitialize(torch_model, seed)
     path = Path(path)

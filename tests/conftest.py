@@ -34,8 +34,8 @@ def shardserve_cache(tmp_path_factory):
 def ray_cluster(shardserve_cache):
     import ray
 
-    # Logical CPUs: a TP=2 engine plus a Serve replica need more bundles than 2 cores.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    # Logical CPUs: TP=8 engines and Serve replicas need more bundles than 2 cores.
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"SHARDSERVE_CACHE_DIR": str(shardserve_cache)}})
     yield ray
     ray.shutdown()
