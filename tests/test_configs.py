@@ -5,10 +5,12 @@ Grafana dashboard queries exactly the metrics api/metrics.py exports through Ray
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
@@ -95,6 +97,22 @@ def test_serve_controller_merges_the_overrides_into_gpu_replicas(name):
     tensor_parallel_size = GPU_CONFIGS[name][1]
     assert [b.get("GPU") for b in replica.placement_group_bundles] == [1.0] * tensor_parallel_size
     assert replica.placement_group_strategy == "STRICT_PACK"
+
+
+def test_rayservice_matches_the_crd_schema_and_a_typo_does_not():
+    """Checked against configs/k8s/rayservice.schema.json (the RayService CRD's fields the
+    manifest uses); a misspelled field or a wrong type is a schema error."""
+    schema = json.loads((CONFIGS / "k8s" / "rayservice.schema.json").read_text())
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    jsonschema.validate(manifest, schema)
+    typo = copy.deepcopy(manifest)
+    typo["spec"]["rayClusterConfig"]["workerGroupSpec"] = typo["spec"]["rayClusterConfig"].pop("workerGroupSpecs")
+    with pytest.raises(jsonschema.ValidationError, match="workerGroupSpec"):
+        jsonschema.validate(typo, schema)
+    wrong_type = copy.deepcopy(manifest)
+    wrong_type["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "4"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong_type, schema)
 
 
 def test_rayservice_serves_the_8b_config_on_gpu_pods_that_fit_it():
