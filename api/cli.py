@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])
     serve.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="run decode steps eagerly (no CUDA-graph capture)")
     serve.add_argument("--max-prompt-embeds-bytes", type=int, default=64 << 20,
                        help="largest decoded prompt_embeds payload accepted (bytes)")
     serve.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
@@ -59,7 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device=args.device, placement_strategy=args.placement_strategy,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed,
         num_replicas=args.num_replicas, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
         max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,

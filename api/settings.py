@@ -30,6 +30,7 @@ class ServerSettings:
     placement_strategy: str = "STRICT_PACK"
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # no CUDA-graph capture of decode steps
     seed: int = 0
     num_replicas: int = 1
     api_key: str | None = None
