@@ -157,8 +157,7 @@ class OpenAIServing:
                 param = "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens"
                 raise APIError(400, str(exc), param=param) from None
             for sample in range(params.n):
-                seed = None if params.seed is None else params.seed + sample
-                sample_params = dataclasses.replace(params, n=1, max_tokens=max_tokens, seed=seed)
+                sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)
                 index = position * params.n + sample
                 choices.append(Choice(index, prompt, sample_params, f"cmpl-{base}-{index}"))
         return choices

@@ -79,7 +79,7 @@ class LLM:
             ))
             for index in range(sp.n):
                 req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
-                sample_params = _sample_params(sp, index)
+                sample_params = sp.for_sample(index)
                 trackers[req_id] = (len(outputs) - 1, CompletionTracker(
                     index, self.tokenizer, prompt.prompt_token_ids, sample_params))
                 self.engine.add_request(
@@ -130,11 +130,3 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Sample `index` of n: a distinct seed per sample, so n seeded samples differ."""
-    single = dataclasses.replace(params, n=1)
-    if params.seed is not None and index:
-        single = dataclasses.replace(single, seed=params.seed + index)
-    return single

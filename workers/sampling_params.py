@@ -3,6 +3,7 @@ so a bad value is a ValueError on the driver, never an error inside a shard."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -59,6 +60,12 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The params of sample `index` of n: one sample, and a distinct seed per sample
+        (seed + index) so n seeded samples differ yet each is reproducible."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def is_greedy(self) -> bool:
