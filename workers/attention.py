@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import ModelConfig
-from workers.kernels import paged_attention
+from workers.kernels import elementwise, paged_attention
 from workers.layers import num_local_kv_heads
 from workers.parallel import ProcessGroup
 
@@ -207,8 +207,13 @@ class Attention(nn.Module):
     def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata):
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kvh, d]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, metadata.slot_mapping, k)
-        v_flat.index_copy_(0, metadata.slot_mapping, v)
+        if elementwise.is_available(q.device):
+            elementwise.store_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+        else:
+            k_flat.index_copy_(0, metadata.slot_mapping, k)
+            v_flat.index_copy_(0, metadata.slot_mapping, v)
+        if metadata.num_decodes == q.shape[0]:  # all decodes (captured steps): no scatter
+            return self._decode(q, kv_cache, metadata, all_rows=True)
         out = torch.empty_like(q)
         if metadata.num_decodes:
             out.index_copy_(0, metadata.decode_rows, self._decode(q, kv_cache, metadata))
@@ -222,18 +227,20 @@ class Attention(nn.Module):
             out[rows] = self._sdpa(q[rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
         return out
 
-    def _decode(self, q, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        """[B, heads, d]: each decode row against its context. On CUDA the Triton kernel
-        reads the paged cache in place; otherwise gather, pad and mask for SDPA."""
+    def _decode(self, q, kv_cache, metadata: AttentionMetadata, all_rows: bool = False) -> torch.Tensor:
+        """[B, heads, d]: each decode row against its context (all_rows: every row of q is
+        a decode, in order). On CUDA the Triton kernel reads the paged cache in place;
+        otherwise gather, pad and mask for SDPA."""
+        queries = q if all_rows else q[metadata.decode_rows]  # [B, heads, d]
         if paged_attention.is_available(q.device, self.head_dim, kv_cache[0].shape[1]):
             return paged_attention.paged_decode_attention(
-                q[metadata.decode_rows], kv_cache[0], kv_cache[1], metadata.decode_block_tables,
+                queries, kv_cache[0], kv_cache[1], metadata.decode_block_tables,
                 metadata.decode_seq_lens, self.scale, self.sliding_window)
         tables = metadata.decode_block_tables  # [B, nb]
         shape = (tables.shape[0], -1, self.num_kv_heads, self.head_dim)
         keys = kv_cache[0].index_select(0, tables.flatten()).view(shape)  # [B, nb * bs, kvh, d]
         values = kv_cache[1].index_select(0, tables.flatten()).view(shape)
-        queries = q[metadata.decode_rows].unsqueeze(1)  # [B, 1, heads, d]
+        queries = queries.unsqueeze(1)  # [B, 1, heads, d]
         return self._sdpa(queries, keys, values, metadata.decode_mask(self.sliding_window))[:, 0]
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from workers.kernels import elementwise
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -54,7 +56,8 @@ class RotaryEmbedding(nn.Module):
 
     Holds cos and sin tables [max_position, head_dim / 2] in the model dtype (computed in
     float32 and cast, as HF does per call). forward(positions [N], q [N, h, d], k [N, kvh, d])
-    -> rotated (q, k), new tensors of the same shapes.
+    -> rotated (q, k) of the same shapes: new tensors, or on CUDA q and k rotated in place
+    by one Triton kernel (their last dim must be contiguous).
     """
 
     def __init__(
@@ -73,6 +76,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().to(dtype=dtype, device=device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if elementwise.is_available(q.device):
+            elementwise.rotary_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [N, 1, d/2], broadcast over heads
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -14,12 +14,17 @@ except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
 
+TILE_KEYS = 64  # keys per inner step: several blocks' loads in flight at once
+
+
 def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
-    """The kernel runs on CUDA with power-of-two head_dim and block_size (Triton ranges)."""
+    """The kernel runs on CUDA with power-of-two head_dim >= 16 and block_size (Triton
+    ranges; tensor-core dots need 16)."""
     def is_pow2(n: int) -> bool:
         return n > 0 and n & (n - 1) == 0
 
-    return triton is not None and device.type == "cuda" and is_pow2(head_dim) and is_pow2(block_size)
+    return (triton is not None and device.type == "cuda" and is_pow2(head_dim) and head_dim >= 16
+            and is_pow2(block_size))
 
 
 if triton is not None:
@@ -30,19 +35,20 @@ if triton is not None:
         scale, window,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        HAS_WINDOW: tl.constexpr,
+        TILE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ):
         """One program per (sequence, KV head): the GROUP query heads that share the KV
-        head, with an online softmax over the sequence's blocks."""
+        head (padded to BLOCK_G >= 16 rows for tensor-core dots), with an online softmax
+        over tiles of TILE keys, each tile gathered from TILE / BLOCK_SIZE paged blocks."""
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, HEAD_DIM)
-        s = tl.arange(0, BLOCK_SIZE)
+        t = tl.arange(0, TILE)
         heads = kv_head * GROUP + g
         g_ok = g < GROUP
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None], other=0.0).to(tl.float32)  # [G, D]
+                    mask=g_ok[:, None], other=0.0)  # [G, D]
         seq_len = tl.load(seq_lens_ptr + seq)
         first = 0
         if HAS_WINDOW:  # HF Mistral: a key is visible if its position > query - window
@@ -50,19 +56,20 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for block in range(first // BLOCK_SIZE, tl.cdiv(seq_len, BLOCK_SIZE)):
-            physical = tl.load(tables_ptr + seq * stride_tb + block).to(tl.int64)
-            pos = block * BLOCK_SIZE + s
+        for tile in range(first // TILE, tl.cdiv(seq_len, TILE)):
+            pos = tile * TILE + t
             visible = (pos < seq_len) & (pos >= first)
-            offsets = physical * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-            k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)  # [S, D]
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, S]
+            physical = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=visible, other=0)
+            offsets = (physical.to(tl.int64)[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks
+                       + kv_head * stride_kh + d[None, :])
+            k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0)  # [T, D]
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G, T]
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)  # [S, D]
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0)  # [T, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / l[:, None]
@@ -93,7 +100,7 @@ def paged_decode_attention(
         scale, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HAS_WINDOW=sliding_window is not None,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, TILE=max(TILE_KEYS, block_size), HAS_WINDOW=sliding_window is not None,
     )
     return out

@@ -90,7 +90,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm residual block, in HF's order of operations."""
+    """Pre-norm residual block, in HF's order of operations and roundings."""
 
     def __init__(self, config: ModelConfig, pg: ProcessGroup, dtype, device):
         super().__init__()
@@ -99,10 +99,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(config, pg, dtype, device)
 
-    def forward(self, hidden, rotary_emb, positions, kv_cache, attn_metadata) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(hidden), rotary_emb, positions, kv_cache, attn_metadata)
-        hidden = hidden + attn_out
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, rotary_emb, positions, kv_cache, attn_metadata):
+        """(hidden, residual) -> (hidden, residual), the residual add deferred into the
+        next norm: the layer's output is hidden + residual (residual None: layer 0)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary_emb, positions, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -129,9 +135,10 @@ class LlamaModel(nn.Module):
         if embeds_mask is not None:
             # Prompt-embedding rows replace the token embedding; no data-dependent branching.
             hidden = torch.where(embeds_mask.unsqueeze(-1), input_embeds, hidden)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, self.rotary_emb, positions, kv_cache, attn_metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, self.rotary_emb, positions, kv_cache, attn_metadata)
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
