@@ -8,7 +8,13 @@
     python scripts/bench_offline.py --num-prompts 128 --batch-sizes 32 \
         --input-len-min 8 --input-len 128 --output-len-min 8 --output-len 128   # varied lengths
 
-Prints output tokens/s of each side and their ratio per batch size. With --num-prompts,
+    python scripts/bench_offline.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --num-prompts 1000 --input-len 256 --output-len 256 --batch-sizes 256 \
+        --max-num-batched-tokens 8192 --hf-batch-sizes 64 128 --hf-num-prompts 128 --compare-embeds
+
+Prints output tokens/s of each side and their ratio per batch size; Hugging Face's figure is
+its best over --hf-batch-sizes (tokens/s, so timing it on the first --hf-num-prompts
+prompts keeps its run short). With --num-prompts,
 each run is that many prompts of random lengths in [min, max] and random output lengths,
 as in offline batch inference: the engine runs them with max_num_seqs = batch size
 (continuous batching); Hugging Face runs them in batches of that size, left-padded, each
@@ -40,7 +46,14 @@ def parse_args() -> argparse.Namespace:
                         help="varied workload: this many prompts of random lengths per batch size")
     parser.add_argument("--input-len-min", type=int, default=None, help="varied workload: shortest prompt")
     parser.add_argument("--output-len-min", type=int, default=None, help="varied workload: shortest output")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step")
     parser.add_argument("--skip-hf", action="store_true", help="engine only (no Hugging Face baseline)")
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=None,
+                        help="Hugging Face batch sizes to try (default: the engine's); its best is the baseline")
+    parser.add_argument("--hf-num-prompts", type=int, default=None,
+                        help="time Hugging Face on the first this many prompts of each workload (tok/s)")
+    parser.add_argument("--compare-embeds", action="store_true",
+                        help="also run the same workload as prompt_embeds (random rows) and compare")
     return parser.parse_args()
 
 
@@ -59,15 +72,24 @@ def make_workload(args, batch: int, vocab: int, seed: int) -> list[tuple[list[in
     return [(torch.randint(10, vocab - 10, (n,), generator=gen).tolist(), m) for n, m in zip(inputs, outputs)]
 
 
-def time_engine(llm: LLM, workload) -> float:
+def time_engine(llm: LLM, workload, as_embeds: bool = False) -> float:
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in workload]
+    prompts = [embeds_prompt(llm, p) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p, _ in workload], params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != sum(m for _, m in workload):
         raise RuntimeError(f"engine produced {produced} tokens, expected {sum(m for _, m in workload)}")
     return elapsed
+
+
+def embeds_prompt(llm: LLM, token_ids: list[int]) -> dict:
+    """Random rows of the model's hidden size, as many as the prompt's tokens (the cost of an
+    embeddings prompt does not depend on its values)."""
+    gen = torch.Generator().manual_seed(len(token_ids) * 7919 + token_ids[0])
+    rows = torch.randn(len(token_ids), llm.config.model_config.hidden_size, generator=gen) * 0.02
+    return {"prompt_embeds": rows.to(llm.config.torch_dtype)}
 
 
 def load_hf(model_dir: str, load_format: str, dtype: torch.dtype, device: str):
@@ -109,8 +131,10 @@ def main() -> None:
     args = parse_args()
     model = str(model_shape_path(args.model_shape)) if args.model_shape else args.model
     max_num_seqs = max(args.batch_sizes) if args.num_prompts else 256
+    extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-              load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs)
+              load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
+              enable_prompt_embeds=args.compare_embeds, **extra)
     config = llm.config
     vocab = config.model_config.vocab_size
     warmup = [(p, 4) for p, _ in make_workload(args, 2, vocab, 0)[:2]]
@@ -118,26 +142,51 @@ def main() -> None:
     rows = []
     for batch in args.batch_sizes:
         workload = make_workload(args, batch, vocab, batch)
-        rows.append([batch, sum(m for _, m in workload) / time_engine(llm, workload)])
+        tokens = sum(m for _, m in workload)
+        row = {"batch": batch, "engine": tokens / time_engine(llm, workload)}
+        if args.compare_embeds:
+            time_engine(llm, warmup, as_embeds=True)
+            row["embeds"] = tokens / time_engine(llm, workload, as_embeds=True)
+        rows.append(row)
     llm.shutdown()
     if not args.skip_hf:
-        if config.device == "cpu":
-            torch.set_num_threads(args.tensor_parallel_size)  # the same cores the shards use
-        hf = load_hf(config.model, config.load_format, config.torch_dtype, config.device)
-        time_hf(hf, warmup, 2, config.device)
+        best_hf = time_hf_best(args, config, vocab, warmup)
         for row in rows:
-            workload = make_workload(args, row[0], vocab, row[0])
-            row.append(sum(m for _, m in workload) / time_hf(hf, workload, row[0], config.device))
-    shape = (f"num_prompts={args.num_prompts} input_len={args.input_len_min}-{args.input_len} "
-             f"output_len={args.output_len_min}-{args.output_len}" if args.num_prompts
+            row["hf"], row["hf_batch"] = best_hf[row["batch"]]
+    print_table(args, config, rows)
+
+
+def time_hf_best(args, config, vocab: int, warmup) -> dict:
+    """{engine batch: (best HF tok/s, its batch)} on the same workloads (or their first
+    --hf-num-prompts prompts)."""
+    if config.device == "cpu":
+        torch.set_num_threads(args.tensor_parallel_size)  # the same cores the shards use
+    hf = load_hf(config.model, config.load_format, config.torch_dtype, config.device)
+    time_hf(hf, warmup, 2, config.device)
+    best = {}
+    for batch in args.batch_sizes:
+        workload = make_workload(args, batch, vocab, batch)[: args.hf_num_prompts]
+        tokens = sum(m for _, m in workload)
+        for hf_batch in args.hf_batch_sizes or [batch]:
+            tps = tokens / time_hf(hf, workload, hf_batch, config.device)
+            if batch not in best or tps > best[batch][0]:
+                best[batch] = (tps, hf_batch)
+    return best
+
+
+def print_table(args, config, rows) -> None:
+    shape = (f"num_prompts={args.num_prompts} input_len={args.input_len_min or args.input_len}-{args.input_len} "
+             f"output_len={args.output_len_min or args.output_len}-{args.output_len}" if args.num_prompts
              else f"input_len={args.input_len} output_len={args.output_len}")
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} "
           f"device={config.device} {shape}")
-    print(f"{'batch':>6} {'shardserve tok/s':>17} {'HF generate tok/s':>18} {'ratio':>7}")
+    embeds = f" {'embeds tok/s':>13} {'embeds/ids':>10}" if args.compare_embeds else ""
+    print(f"{'batch':>6} {'shardserve tok/s':>17} {'HF generate tok/s':>18} {'HF batch':>8} {'ratio':>7}{embeds}")
     for row in rows:
-        hf_tps = f"{row[2]:18.1f}" if len(row) > 2 else f"{'-':>18}"
-        ratio = f"{row[1] / row[2]:6.2f}x" if len(row) > 2 else f"{'-':>7}"
-        print(f"{row[0]:>6} {row[1]:17.1f} {hf_tps} {ratio}")
+        hf = row.get("hf")
+        hf_cols = f"{hf:18.1f} {row['hf_batch']:>8} {row['engine'] / hf:6.2f}x" if hf else f"{'-':>18} {'-':>8} {'-':>7}"
+        embeds = f" {row['embeds']:13.1f} {row['embeds'] / row['engine']:9.3f}x" if args.compare_embeds else ""
+        print(f"{row['batch']:>6} {row['engine']:17.1f} {hf_cols}{embeds}")
 
 
 if __name__ == "__main__":
