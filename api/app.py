@@ -14,6 +14,22 @@ from api.settings import ServerSettings
 from cluster.placement import replica_bundles
 
 REPLICA_CPUS = 1.0
+# Ray Serve settings that cut per-request latency (measured on the 2-core dev machine at
+# concurrency 1: 3.5 ms of ~26 ms time to first token). The replica runs our async code on
+# its own event loop instead of a second loop in a second thread (our code never blocks it:
+# payload decoding and ray.put go to a worker thread), and Serve's per-request logs go to
+# its log files only, not also to the worker's stderr, which Ray's log monitor tails.
+REPLICA_ENV_VARS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+}
+# The same for the HTTP proxy (its router on the proxy's own loop), which Serve starts
+# from the cluster's environment: `shardserve serve` sets these before starting a local
+# Ray; on an existing cluster, set them in the environment of `ray start`.
+PROXY_ENV_VARS = {
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+}
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -26,7 +42,8 @@ def build_app(args: dict | None = None) -> Application:
     settings = dataclasses.replace(settings, device=device)
     return ShardServeServer.options(
         num_replicas=settings.num_replicas,
-        ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 0},
+        ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 0,
+                           "runtime_env": {"env_vars": REPLICA_ENV_VARS}},
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
         placement_group_bundles=replica_bundles(settings.tensor_parallel_size, device, REPLICA_CPUS),
         placement_group_strategy=settings.placement_strategy,

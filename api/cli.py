@@ -80,12 +80,15 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from api.app import build_app
+    from api.app import PROXY_ENV_VARS, build_app
 
     settings = settings_from_args(args)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
+        # The local Ray's processes (Serve's proxy among them) inherit this environment.
+        for name, value in PROXY_ENV_VARS.items():
+            os.environ.setdefault(name, value)
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
     # Before anything is served (and after ray.init, whose handler would only log): a
     # signal during start-up still ends in the drain below.

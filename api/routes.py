@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
 from api.serving import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError, OpenAIServing
@@ -32,15 +33,8 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
 def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="shardserve", version=VERSION)
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and _route_path(request.scope).startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                              type="authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -83,6 +77,26 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
         return PlainTextResponse(serving.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class APIKeyMiddleware:
+    """401 for a /v1 request without 'Authorization: Bearer <key>'. Plain ASGI, not
+    @app.middleware("http"): that runs each request in a task group of its own and passes
+    every streamed chunk through a memory stream, on the path of each token."""
+
+    def __init__(self, app, *, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), self.expected):
+                response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                  type="authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _route_path(scope) -> str:
