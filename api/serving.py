@@ -1,6 +1,7 @@
-"""The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely,
-off the event loop) → one engine stream per choice → an OpenAI response or SSE stream.
-Runs in the Serve ingress; the engine sits behind the AsyncEngine protocol."""
+"""The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely
+and put into the object store once, off the event loop) → one engine stream per choice →
+an OpenAI response or SSE stream. Runs in the Serve ingress; the engine sits behind the
+AsyncEngine protocol."""
 
 from __future__ import annotations
 
@@ -137,15 +138,19 @@ class OpenAIServing:
                 if not self.enable_prompt_embeds:
                     raise ValueError("prompt_embeds is disabled on this server; start it with "
                                      "--enable-prompt-embeds to accept embeddings")
-                tensor = await asyncio.to_thread(
-                    decode_prompt_embeds, item.value, hidden_size=self.engine.hidden_size,
-                    dtype=self.engine.dtype, max_bytes=self.max_embeds_bytes)
-                return self.engine.parse_prompt({"prompt_embeds": tensor})
+                return await asyncio.to_thread(self._decode_embeds, item.value)
             if item.kind == "text":
                 return self.engine.parse_prompt({"prompt": item.value})
             return self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
         except ValueError as exc:
             raise APIError(400, str(exc), param=param) from None
+
+    def _decode_embeds(self, data: str) -> EnginePrompt:
+        """In a worker thread: the safe decoder, which also validates the tensor (so the
+        engine does not read it again), then the one ray.put of the prompt's embeddings."""
+        tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
+                                      max_bytes=self.max_embeds_bytes)
+        return self.engine.put_embeds_prompt(tensor)
 
     def _choices(self, prompts: list[EnginePrompt], params: SamplingParams) -> list[Choice]:
         base = uuid.uuid4().hex
@@ -299,4 +304,4 @@ def _error_event(exc: BaseException) -> str:
 
 
 def _sse(chunk: CompletionStreamResponse) -> str:
-    return f"data: {json.dumps(chunk.model_dump(exclude_none=False))}\n\n"
+    return f"data: {chunk.model_dump_json()}\n\n"

@@ -5,16 +5,18 @@ its KV blocks. Runs in a Serve replica (or any asyncio program)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
 from ray.util.placement_group import PlacementGroup
 
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError
 from cluster.outputs import CompletionTracker, Logprob
-from cluster.prompts import EnginePrompt, parse_engine_prompt
+from cluster.prompts import EnginePrompt, embeds_prompt, parse_engine_prompt
 from workers.messages import EngineStats
 from workers.sampling_params import SamplingParams
 
@@ -52,6 +54,14 @@ class AsyncEngine:
     def parse_prompt(self, prompt) -> EnginePrompt:
         """Validates a text / token-id / embeddings prompt; ValueError if bad."""
         return parse_engine_prompt(prompt, self.config, self.tokenizer)
+
+    def put_embeds_prompt(self, tensor: torch.Tensor) -> EnginePrompt:
+        """The prompt of a (seq_len, hidden) tensor that validate_prompt_embeds already
+        returned (api.embeds_codec.decode_prompt_embeds runs it), with its embeddings put
+        into the object store once for all of its samples. Blocks: call it off the loop."""
+        prompt = embeds_prompt(tensor, self.hidden_size, self.dtype)
+        ref = self.engine.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        return dataclasses.replace(prompt, prompt_embeds=ref)
 
     async def generate(
         self, req_id: str, prompt: EnginePrompt, params: SamplingParams

@@ -86,21 +86,28 @@ class EngineClient:
     def next_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
+    @staticmethod
+    def put_prompt_embeds(array: np.ndarray, dtype: str) -> PromptEmbedsRef:
+        """A prompt's (seq_len, hidden) array into the object store, once: every shard on
+        a node reads the same zero-copy buffer. Pass the result to add_request for each
+        sample of the prompt. Blocks for the put (~1 ms): keep it off an event loop."""
+        return PromptEmbedsRef(ray.put(array), dtype, tuple(array.shape))
+
     def add_request(
         self,
         req_id: str,
         sampling_params: SamplingParams,
         sink: DeltaSink,
         prompt_token_ids: tuple[int, ...] | None = None,
-        prompt_embeds: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | PromptEmbedsRef | None = None,
         embeds_dtype: str | None = None,
     ) -> None:
         """Sends a validated request to every shard; `sink` receives its deltas on the
-        output thread, the last one with a finish_reason. EngineDeadError once dead."""
-        embeds_ref = None
-        if prompt_embeds is not None:
-            # Put once; every shard on a node reads the same zero-copy buffer.
-            embeds_ref = PromptEmbedsRef(ray.put(prompt_embeds), embeds_dtype, tuple(prompt_embeds.shape))
+        output thread, the last one with a finish_reason. EngineDeadError once dead.
+        An embeddings array is put into the object store here; a PromptEmbedsRef was."""
+        embeds_ref = prompt_embeds
+        if isinstance(prompt_embeds, np.ndarray):
+            embeds_ref = self.put_prompt_embeds(prompt_embeds, embeds_dtype)
         new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params)
         with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
             if self.dead_reason is not None:

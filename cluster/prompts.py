@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.messages import PromptEmbedsRef
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -18,7 +20,9 @@ class EnginePrompt:
 
     prompt: str | None  # the text, when the prompt was text
     prompt_token_ids: tuple[int, ...] | None
-    prompt_embeds: np.ndarray | None  # (seq_len, hidden); bfloat16 viewed as uint16
+    # (seq_len, hidden), bfloat16 viewed as uint16; or, once put into the object store
+    # (the server puts a prompt's embeddings once, for all its samples), the reference.
+    prompt_embeds: np.ndarray | PromptEmbedsRef | None
     embeds_dtype: str | None = None
 
     @property
@@ -54,6 +58,19 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     if not torch.isfinite(tensor).all():
         raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
     return tensor.contiguous()
+
+
+def embeds_prompt(tensor: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> EnginePrompt:
+    """The prompt of a tensor that validate_prompt_embeds returned (the server's payload
+    decoder runs it), without reading its values a second time. Only what costs nothing is
+    checked again: a tensor that skipped validation is a ValueError, not a bad request."""
+    if (not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[0] == 0
+            or tensor.shape[1] != hidden_size or tensor.dtype != dtype or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()):
+        raise ValueError(f"embeds_prompt takes a validated (seq_len, {hidden_size}) {dtype} CPU tensor "
+                         "(see validate_prompt_embeds)")
+    array, dtype_name = to_object_store_array(tensor)
+    return EnginePrompt(None, None, array, dtype_name)
 
 
 def to_object_store_array(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -94,9 +111,8 @@ def parse_prompt(
                 "prompt_embeds given but prompt embeddings are disabled; "
                 "pass enable_prompt_embeds=True"
             )
-        tensor = validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype)
-        array, dtype_name = to_object_store_array(tensor)
-        return EnginePrompt(None, None, array, dtype_name)
+        return embeds_prompt(validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype),
+                             hidden_size, dtype)
     if keys[0] == "prompt":
         return EnginePrompt(prompt["prompt"], _tokenize(prompt["prompt"], tokenizer), None)
     return EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)

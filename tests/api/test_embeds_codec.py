@@ -324,3 +324,27 @@ def test_error_is_a_value_error_naming_its_param():
     with pytest.raises(ValueError) as info:
         decode("!!!!")
     assert info.value.param == "prompt_embeds"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoded_tensor_makes_the_same_prompt_without_a_second_validation(dtype):
+    """The server builds its prompt with embeds_prompt (no second pass over the values);
+    it equals what the full parse_prompt makes of the same tensor."""
+    from cluster.prompts import embeds_prompt, parse_prompt
+
+    original = torch.randn(5, H)
+    decoded = decode(encode_prompt_embeds(original), dtype=dtype)
+    fast = embeds_prompt(decoded, H, dtype)
+    full = parse_prompt({"prompt_embeds": original}, tokenizer=None, vocab_size=10, hidden_size=H,
+                        dtype=dtype, enable_prompt_embeds=True)
+    assert fast.embeds_dtype == full.embeds_dtype and fast.num_tokens == 5
+    assert (fast.prompt_embeds == full.prompt_embeds).all()
+
+
+@pytest.mark.parametrize("tensor", [torch.ones(3, H + 1), torch.ones(0, H), torch.ones(1, 3, H),
+                                    torch.ones(3, H, dtype=torch.float64), torch.ones(H, 3).t()])
+def test_embeds_prompt_refuses_a_tensor_that_was_not_validated(tensor):
+    from cluster.prompts import embeds_prompt
+
+    with pytest.raises(ValueError, match="validate_prompt_embeds"):
+        embeds_prompt(tensor, H, torch.float32)

@@ -19,7 +19,7 @@ from cluster.async_engine import SampleUpdate
 from cluster.default_model import default_model_path
 from cluster.engine_client import EngineDeadError
 from cluster.outputs import Logprob
-from cluster.prompts import parse_prompt
+from cluster.prompts import embeds_prompt, parse_prompt
 from cluster.tokenizer import load_tokenizer
 from workers.messages import EngineStats
 
@@ -47,10 +47,15 @@ class FakeEngine:
         self.started: list[str] = []
         self.closed: set[str] = set()
         self.generated: dict[str, int] = {}
+        self.num_embeds_puts = 0
 
     def parse_prompt(self, prompt):
         return parse_prompt(prompt, tokenizer=self.tokenizer, vocab_size=len(self.tokenizer),
                             hidden_size=H, dtype=self.dtype, enable_prompt_embeds=True)
+
+    def put_embeds_prompt(self, tensor):
+        self.num_embeds_puts += 1
+        return embeds_prompt(tensor, H, self.dtype)
 
     @staticmethod
     def tag(prompt) -> str:
@@ -320,6 +325,14 @@ def test_stream_framing_ends_with_done_and_matches_the_full_response(client, inc
     assert [texts[i] for i in sorted(texts)] == [c["text"] for c in full["choices"]]
     finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
+
+
+def test_each_prompts_embeddings_are_put_once_for_all_its_samples(client, engine):
+    body = {"model": MODEL, "prompt": "alpha", "prompt_embeds": [embeds(3), embeds(4)], "n": 3, "max_tokens": 2}
+    puts_before = engine.num_embeds_puts
+    result = post(client, body).json()
+    assert len(result["choices"]) == 9
+    assert engine.num_embeds_puts - puts_before == 2
 
 
 def test_stream_skips_held_back_updates_but_counts_their_tokens(tokenizer):
