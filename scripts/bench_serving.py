@@ -58,9 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-embeds", action="store_true", help="send the prompts as prompt_embeds")
     parser.add_argument("--compare-embeds", action="store_true", help="run token ids and prompt_embeds, print the ratio")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of the prompts per mode; with --compare-embeds in A B B A order, so that "
+                             "drift (a warming server, a busy machine) weighs on both modes alike")
     parser.add_argument("--serving-overhead", action="store_true",
                         help="also measure TTFT at concurrency 1 minus the engine's own TTFT")
-    parser.add_argument("--overhead-prompts", type=int, default=20, help="prompts for --serving-overhead")
+    parser.add_argument("--overhead-prompts", type=int, default=40, help="prompts for --serving-overhead")
     # The in-process engine of --serving-overhead: the server's settings.
     parser.add_argument("--tensor-parallel-size", type=int, default=2)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -165,6 +168,14 @@ async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | Non
         return results, time.perf_counter() - start
 
 
+def round_order(modes: list[str], rounds: int) -> list[str]:
+    """Each mode `rounds` times; two modes alternate A B B A A B ..."""
+    order = []
+    for i in range(rounds):
+        order += modes if i % 2 == 0 else modes[::-1]
+    return order
+
+
 def completion_body(model: str, prompt, output_len: int) -> dict:
     body = {"model": model, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -223,7 +234,9 @@ def serving_overhead(args, url: str, model: str, model_path: Path, prompts: dict
 
 async def _overhead(args, url: str, model: str, llm, prompts: list) -> dict:
     """Interleaved, prompt by prompt: the engine's TTFT (LLM.generate, max_tokens=1, which
-    returns at the first token) then the same prompt over HTTP on a kept-alive connection."""
+    returns at the first token) and the same prompt over HTTP on a kept-alive connection,
+    the engine first for even prompts and HTTP first for odd ones (neither always runs
+    just after the other's leftover work)."""
     from cluster import SamplingParams
 
     one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -232,10 +245,13 @@ async def _overhead(args, url: str, model: str, llm, prompts: list) -> dict:
         for i, prompt in enumerate(prompts):
             offline = {"prompt_embeds": prompt} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": prompt}
             body = json.dumps(completion_body(model, prompt, 1)).encode()
+            if i % 2:
+                result = await send(http, url, body)
             start = time.perf_counter()
             llm.generate([offline], one_token, use_tqdm=False)  # blocks the loop: nothing else runs
             engine_s = time.perf_counter() - start
-            result = await send(http, url, body)
+            if not i % 2:
+                result = await send(http, url, body)
             if not result.ok:
                 raise SystemExit(f"request failed: {result.error}")
             if i >= NUM_WARMUP:
@@ -260,12 +276,14 @@ def main(argv=None) -> dict:
     prompts = {m: embed_rows(model_path, token_prompts) if m == "prompt_embeds" else token_prompts for m in modes}
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
           f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
-    report = {}
-    for mode in modes:
-        bodies = [json.dumps(completion_body(model, p, args.output_len)).encode() for p in prompts[mode]]
-        results, duration = asyncio.run(run(args, url, bodies, max_concurrency=args.max_concurrency,
-                                            rate=args.request_rate))
-        report[mode] = summarize(results, duration)
+    bodies = {m: [json.dumps(completion_body(model, p, args.output_len)).encode() for p in prompts[m]] for m in modes}
+    results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
+    for mode in round_order(modes, args.rounds):
+        mode_results, duration = asyncio.run(run(args, url, bodies[mode], max_concurrency=args.max_concurrency,
+                                                 rate=args.request_rate))
+        results[mode] += mode_results
+        durations[mode] += duration
+    report = {m: summarize(results[m], durations[m]) for m in modes}
     print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
     if args.serving_overhead:
         overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)

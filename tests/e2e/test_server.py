@@ -353,10 +353,11 @@ def test_openai_client_example_against_the_server(client, server_url, capsys):
 def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, capsys):
     main = runpy.run_path(str(BENCH))["main"]
     report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "4", "--input-len", "16",
-                   "--output-len", "4", "--compare-embeds", "--serving-overhead", "--overhead-prompts", "3"])
-    for mode in ("token ids", "prompt_embeds"):
-        assert report[mode]["successful requests"] == 4 and report[mode]["failed requests"] == 0
-        assert report[mode]["total output tokens"] == 16
+                   "--output-len", "4", "--compare-embeds", "--rounds", "2", "--serving-overhead",
+                   "--overhead-prompts", "3"])
+    for mode in ("token ids", "prompt_embeds"):  # two rounds of 4 prompts each
+        assert report[mode]["successful requests"] == 8 and report[mode]["failed requests"] == 0
+        assert report[mode]["total output tokens"] == 32
         assert 0 < report[mode]["median TTFT (ms)"] <= report[mode]["p99 TTFT (ms)"]
         overhead = report["overhead"][mode]
         assert overhead["samples"] == 3 and overhead["median engine TTFT (ms)"] > 0
@@ -364,6 +365,12 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
             overhead["median HTTP TTFT (ms)"] - overhead["median engine TTFT (ms)"])
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out and "serving overhead (ms)" in out and "ratio" in out
+
+
+def test_bench_serving_alternates_modes_across_rounds():
+    round_order = runpy.run_path(str(BENCH))["round_order"]
+    assert round_order(["ids", "embeds"], 3) == ["ids", "embeds", "embeds", "ids", "ids", "embeds"]
+    assert round_order(["ids"], 2) == ["ids", "ids"]
 
 
 def test_bench_serving_refuses_non_loopback_addresses():
