@@ -31,6 +31,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # as in vLLM: skip CUDA-graph capture of decode steps
+    async_scheduling: bool = True  # as in vLLM: plan the next decode step while this one runs
 
     def resolve(self):
         """(EngineConfig, tokenizer or None). ValueError for a bad setting."""
@@ -60,6 +61,7 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             placement_strategy=self.placement_strategy,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             eos_token_ids=_eos_token_ids(model_config, tokenizer),
         )
         return config, tokenizer

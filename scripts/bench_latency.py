@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--num-iters", type=int, default=5, help="repeats of each timing (median)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="plan each step after the previous one's samples are read")
     parser.add_argument("--compare-embeds", action="store_true",
                         help="also send the prompts as prompt_embeds and compare")
     parser.add_argument("--goal", type=float, default=None, help="goal in %% of roofline, printed beside")
@@ -123,6 +125,7 @@ def main() -> None:
     llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
               load_format=args.load_format, max_model_len=args.max_model_len,
               max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager,
+              async_scheduling=not args.no_async_scheduling,
               enable_prompt_embeds=args.compare_embeds)
     config = llm.config
     kinds = ["token ids"] + (["prompt_embeds"] if args.compare_embeds else [])
@@ -139,7 +142,8 @@ def main() -> None:
     roofline_s = (weights + kv) / bandwidth
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} device={config.device} "
           f"batch={args.batch_size} input_len={args.input_len} output_len={args.output_len} "
-          f"cuda_graphs={'off' if args.enforce_eager or device == 'cpu' else 'on'}")
+          f"cuda_graphs={'off' if args.enforce_eager or device == 'cpu' else 'on'} "
+          f"async_scheduling={'off' if args.no_async_scheduling else 'on'}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per shard and step: weights {weights / 1e9:.2f} GB, "
           f"KV {kv / 1e6:.1f} MB (mean context {context:.0f}); roofline {roofline_s * 1e3:.3f} ms/step")
     goal = f" {'goal':>6}" if args.goal else ""

@@ -175,6 +175,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
+    async_scheduling: bool = True  # plan the next decode step while this one runs
     eos_token_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:

@@ -25,12 +25,18 @@ class DecodeGraphs:
         self.scratch_block = scratch_block  # padding rows write their K/V here, never read
         self.buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(size, dtype=torch.long, device=device)
+        # Static inputs: rows of `small` are token ids, positions, cache slots, seq lens.
+        self.small = torch.zeros(4, size, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.small.unbind(0)
         self.rows = torch.arange(size + 1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        # Two pinned staging sets, used in turn: a step's inputs are copied while the step
+        # before it may still run (async scheduling), never while the one before that does.
+        pinned = device.type == "cuda"
+        self.staging = [(torch.zeros(4, size, dtype=torch.long, pin_memory=pinned),
+                         torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned))
+                        for _ in range(2)]
+        self._num_loads = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -41,11 +47,19 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def run(self, input_ids, positions, block_tables: list[list[int]]) -> torch.Tensor:
-        """hidden [B, H] for B decode rows (token, position, block table per row)."""
+    def run(self, input_ids, positions, block_tables: list[list[int]],
+            fed_tokens: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """hidden [B, H] for B decode rows (token, position, block table per row); rows in
+        fed_tokens take their token from that device tensor instead of input_ids."""
         batch = len(input_ids)
         bucket = self.bucket_for(batch)
         self._load(input_ids, positions, block_tables, bucket)
+        if fed_tokens is not None:
+            rows, tokens = fed_tokens
+            if rows == list(range(batch)):
+                self.input_ids[:batch].copy_(tokens)
+            else:
+                self.input_ids[torch.tensor(rows, device=self.input_ids.device)] = tokens
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, hidden = self.graphs[bucket]
@@ -53,20 +67,25 @@ class DecodeGraphs:
         return hidden[:batch]
 
     def _load(self, input_ids, positions, block_tables, bucket: int) -> None:
-        """Copies the step's rows into the static buffers; rows past them up to the
-        bucket are padding that writes to the scratch block and reads one key."""
+        """Copies the step's rows into the static buffers (two host-to-device copies);
+        rows past them up to the bucket are padding that writes to the scratch block
+        and reads one key."""
         batch, bs = len(input_ids), self.block_size
         width = max(len(t) for t in block_tables)
         slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
         pad = bucket - batch
-        self.input_ids[:bucket].copy_(torch.tensor(list(input_ids) + [0] * pad), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(list(positions) + [0] * pad), non_blocking=True)
-        self.slot_mapping[:bucket].copy_(
-            torch.tensor(slots + [self.scratch_block * bs] * pad), non_blocking=True)
-        lens = [p + 1 for p in positions] + [1] * pad
-        self.seq_lens[:bucket].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        tables = [t + [0] * (width - len(t)) for t in block_tables] + [[self.scratch_block] * width] * pad
-        self.block_tables[:bucket, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        small, tables = self.staging[self._num_loads % 2]
+        self._num_loads += 1
+        small[:, :bucket] = torch.tensor([
+            list(input_ids) + [0] * pad,
+            list(positions) + [0] * pad,
+            slots + [self.scratch_block * bs] * pad,
+            [p + 1 for p in positions] + [1] * pad,
+        ])
+        rows = [t + [0] * (width - len(t)) for t in block_tables] + [[self.scratch_block] * width] * pad
+        tables[:bucket, :width] = torch.tensor(rows, dtype=torch.int32)
+        self.small[:, :bucket].copy_(small[:, :bucket], non_blocking=True)
+        self.block_tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=True)
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
         """Metadata over the static buffers: all rows are decodes, no prefill spans."""

@@ -61,6 +61,10 @@ class StepPlan:
     finished_req_ids: tuple[str, ...]  # finished or aborted: state dropped
     scheduled: tuple[ScheduledRequest, ...]
     shutdown: bool = False
+    # Planned before the previous step's samples were read (all rows decodes): a row whose
+    # input token the mirrors lack takes it from the previous step's sampled tokens, which
+    # stay on the device (broadcast from the leader); appended_tokens lag one step more.
+    feeds_back: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ class ModelRunner:
         )
         self.decode_graphs = self._make_decode_graphs()
         self.requests: dict[str, RequestState] = {}
+        self._last_sampled_ids: tuple[str, ...] = ()  # the last executed step's, in order
+        # From a feeds_back plan: the previous step's sampled tokens, still on the device,
+        # and each request's index in them; rows the mirrors cannot fill read from here.
+        self._feedback: tuple[dict[str, int], torch.Tensor] | None = None
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
         config = self.config
@@ -84,9 +88,18 @@ class ModelRunner:
             )
         return int(num_blocks)
 
-    def apply(self, plan: StepPlan, intake: Intake, intake_timeout_s: float) -> None:
+    def apply(self, plan: StepPlan, intake: Intake, intake_timeout_s: float,
+              sampled_token_ids: torch.Tensor | None = None) -> None:
         """Applies the plan's deltas to the mirrors; a request scheduled the first time
-        is taken from the intake, where its data arrived through Ray."""
+        is taken from the intake, where its data arrived through Ray. For a feeds_back
+        plan the leader passes the previous step's sampled token ids (on the device);
+        followers receive them by broadcast, in stream order."""
+        self._feedback = None
+        if plan.feeds_back:
+            if sampled_token_ids is None:
+                sampled_token_ids = torch.empty(len(self._last_sampled_ids), dtype=torch.long, device=self.device)
+            self.pg.broadcast(sampled_token_ids)
+            self._feedback = ({r: i for i, r in enumerate(self._last_sampled_ids)}, sampled_token_ids)
         for req_id in plan.finished_req_ids:
             if self.requests.pop(req_id, None) is None:
                 intake.drop(req_id)
@@ -107,6 +120,7 @@ class ModelRunner:
     def execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         """Runs the forward pass; returns float32 logits [M, vocab] of the sampled
         rows on the leader (in `scheduled` order), None on followers."""
+        self._last_sampled_ids = tuple(s.req_id for s in scheduled if s.is_sampled)
         if not scheduled:
             return None
         if self._is_graphable(scheduled):
@@ -139,9 +153,34 @@ class ModelRunner:
     def _execute_graph(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         positions = [s.num_computed_tokens for s in scheduled]
         states = [self.requests[s.req_id] for s in scheduled]
-        input_ids = [state.token_ids(p, p + 1)[0] for state, p in zip(states, positions)]
-        hidden = self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states])
+        input_ids, fed_rows = self._decode_input_ids(scheduled)
+        hidden = self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
+                                        self._fed_tokens(scheduled, fed_rows))
         return self.model.compute_logits(hidden)
+
+    def _decode_input_ids(self, scheduled) -> tuple[list[int], list[int]]:
+        """Each decode row's input token, 0 where the mirror lacks it yet (fed back from
+        the previous step's samples on the device), and the rows that are fed back."""
+        input_ids, fed_rows = [], []
+        for row, sched in enumerate(scheduled):
+            state = self.requests[sched.req_id]
+            ids = state.token_ids(sched.num_computed_tokens, sched.num_computed_tokens + 1)
+            if not ids:
+                fed_rows.append(row)
+            input_ids.append(ids[0] if ids else 0)
+        return input_ids, fed_rows
+
+    def _fed_tokens(self, scheduled, fed_rows: list[int]) -> tuple[list[int], torch.Tensor] | None:
+        """(rows, their tokens [len(rows)] on the device) for rows fed back, else None."""
+        if not fed_rows:
+            return None
+        if self._feedback is None:
+            raise RuntimeError(f"step input of {scheduled[fed_rows[0]].req_id!r} is unknown and not fed back")
+        index, tokens = self._feedback
+        sources = [index[scheduled[row].req_id] for row in fed_rows]
+        if sources == list(range(tokens.shape[0])):  # the same batch as last step: no gather
+            return fed_rows, tokens
+        return fed_rows, tokens[torch.tensor(sources, device=self.device)]
 
     def _prepare(self, scheduled: tuple[ScheduledRequest, ...]) -> StepInputs:
         input_ids: list[int] = []
@@ -152,7 +191,8 @@ class ModelRunner:
             start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
             if state.prompt_embeds is not None and start < state.prompt_len:
                 embeds_pieces.append((len(input_ids), state.prompt_embeds[start : min(end, state.prompt_len)]))
-            input_ids.extend(state.token_ids(start, end))
+            ids = state.token_ids(start, end)
+            input_ids.extend(ids + [0] * (end - start - len(ids)))  # missing: fed back below
             if sched.is_sampled:
                 sample_rows.append(len(input_ids) - 1)
         attn_metadata = AttentionMetadata.build(
@@ -163,8 +203,14 @@ class ModelRunner:
             self.device,
         )
         input_embeds, embeds_mask = self._gather_embeds(embeds_pieces, len(input_ids))
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if self._feedback is not None:  # a feeds_back plan: every row is a decode
+            _, fed_rows = self._decode_input_ids(scheduled)
+            fed = self._fed_tokens(scheduled, fed_rows)
+            if fed is not None:
+                input_ids_t[torch.tensor(fed[0], device=self.device)] = fed[1]
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            input_ids=input_ids_t,
             attn_metadata=attn_metadata,
             input_embeds=input_embeds,
             embeds_mask=embeds_mask,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 class ProcessGroup:
     """Rank, size and the collectives the model and step loop use.
 
-    `all_reduce` and `gather` run on the device group (NCCL on GPU, gloo on CPU);
+    `all_reduce`, `gather` and `broadcast` run on the device group (NCCL on GPU, gloo on CPU);
     `broadcast_object` and `all_reduce_min` run on a CPU (gloo) group, for step plans.
     """
 
@@ -43,6 +43,12 @@ class ProcessGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_leader else None
         dist.gather(x, parts, dst=0, group=self._device_group)
         return torch.cat(parts, dim=dim) if self.is_leader else None
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x into x on every rank (device group, in stream order); returns x."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0, group=self._device_group)
+        return x
 
     def broadcast_object(self, obj=None):
         """Rank 0's `obj` on every rank (pickled; a length then the bytes)."""

@@ -19,6 +19,54 @@ class SampleResult:
     logprobs: TokenLogprobs | None
 
 
+class SampledTokens:
+    """One step's draws, launched on the device. Their host copies (and the logprobs'
+    top-k) are queued right behind the draws, so results() waits for this step only,
+    not for a next step launched after it (async scheduling)."""
+
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, requests: list[Request]):
+        self.token_ids = token_ids  # [M] long on the device, in the order of `requests`
+        self.requests = requests
+        tensors = [token_ids]
+        self._max_k = 0
+        if raw_logprobs is not None:
+            self._max_k = min(max(r.sampling_params.logprobs or 0 for r in requests), raw_logprobs.shape[1])
+            tensors.append(raw_logprobs.gather(1, token_ids[:, None])[:, 0])  # [M]
+            if self._max_k:
+                tensors.extend(raw_logprobs.topk(self._max_k, dim=-1))  # values, ids [M, k]
+        self._host = [_to_host(t) for t in tensors]
+        self._ready = None
+        if token_ids.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def results(self) -> list[SampleResult]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids = self._host[0].tolist()
+        if len(self._host) == 1:
+            return [SampleResult(token_id, None) for token_id in token_ids]
+        sampled = self._host[1].tolist()
+        top_values, top_ids = (self._host[2].tolist(), self._host[3].tolist()) if self._max_k else (None, None)
+        results = []
+        for i, request in enumerate(self.requests):
+            k = request.sampling_params.logprobs
+            if k is None:
+                results.append(SampleResult(token_ids[i], None))
+                continue
+            top = tuple(zip(top_ids[i][:k], top_values[i][:k])) if k else ()
+            results.append(SampleResult(token_ids[i], TokenLogprobs(token_logprob=sampled[i], top=top)))
+        return results
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy queued on the current stream (pinned, asynchronous) for CUDA tensors."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class Sampler:
     """Order: raw logprobs, min_tokens mask, penalties, then greedy or temperature,
     top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
@@ -29,6 +77,10 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        return self.launch(logits, requests).results()
+
+    def launch(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+        """Queues the draws on the logits' device; nothing waits for them."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(
                 f"logits must be [num_requests={len(requests)}, vocab_size], "
@@ -37,14 +89,11 @@ class Sampler:
         logits = logits.float()
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = logits.clone()  # the caller's tensor stays raw
-        apply_min_tokens(logits, requests)
-        apply_penalties(logits, requests)
-        token_ids = self._sample(logits, requests).tolist()
-        if raw_logprobs is None:
-            return [SampleResult(token_id, None) for token_id in token_ids]
-        logprobs = gather_logprobs(raw_logprobs, token_ids, requests)
-        return [SampleResult(t, lp) for t, lp in zip(token_ids, logprobs)]
+        if any(_reads_output(r) for r in requests):
+            logits = logits.clone()  # the caller's tensor stays raw
+            apply_min_tokens(logits, requests)
+            apply_penalties(logits, requests)
+        return SampledTokens(self._sample(logits, requests), raw_logprobs, requests)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """[M, V] processed logits -> [M] token ids."""
@@ -56,11 +105,12 @@ class Sampler:
         params = [r.sampling_params for r in chosen]
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         scaled = logits[rows] / temperature[:, None]
-        scaled = apply_top_k_top_p(
-            scaled,
-            torch.tensor([p.top_k for p in params], device=logits.device),
-            torch.tensor([p.top_p for p in params], device=logits.device),
-        )
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            scaled = apply_top_k_top_p(
+                scaled,
+                torch.tensor([p.top_k for p in params], device=logits.device),
+                torch.tensor([p.top_p for p in params], device=logits.device),
+            )
         probs = torch.softmax(scaled, dim=-1)
         noise = self._exponential_noise(probs, chosen)
         token_ids[rows] = (probs / noise).argmax(dim=-1)
@@ -90,6 +140,12 @@ class Sampler:
                 generator.manual_seed(self.seed)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def _reads_output(request: Request) -> bool:
+    """Its logits depend on its output tokens: a min_tokens mask or penalties."""
+    params = request.sampling_params
+    return params.has_penalties or request.num_output_tokens < params.min_tokens
 
 
 def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -136,9 +192,8 @@ def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
     """[M, V] logits, [M] top_k (0: off), [M] top_p (1: off) -> logits with the rest -inf.
-    top-p keeps the smallest most-likely set whose mass reaches top_p (at least one token)."""
-    if not bool((top_k > 0).any() or (top_p < 1.0).any()):
-        return logits
+    top-p keeps the smallest most-likely set whose mass reaches top_p (at least one token).
+    Rows with both off come back unchanged; no host sync (the caller skips all-off batches)."""
     vocab_size = logits.shape[1]
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
@@ -149,28 +204,6 @@ def apply_top_k_top_p(
     outside_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
-
-
-def gather_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: list[int], requests: list[Request]
-) -> list[TokenLogprobs | None]:
-    """The sampled token's logprob and the top-k (k = sampling_params.logprobs), most
-    likely first, from the raw [M, V] log-softmax."""
-    max_k = min(max((r.sampling_params.logprobs or 0) for r in requests), raw_logprobs.shape[1])
-    top_values, top_ids = raw_logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    rows = torch.arange(len(token_ids), device=raw_logprobs.device)
-    sampled = raw_logprobs[rows, torch.tensor(token_ids, device=raw_logprobs.device)].tolist()
-    top_values = top_values.tolist() if max_k else None
-    top_ids = top_ids.tolist() if max_k else None
-    results: list[TokenLogprobs | None] = []
-    for i, request in enumerate(requests):
-        k = request.sampling_params.logprobs
-        if k is None:
-            results.append(None)
-            continue
-        top = tuple(zip(top_ids[i][:k], top_values[i][:k])) if k else ()
-        results.append(TokenLogprobs(token_logprob=sampled[i], top=top))
-    return results
 
 
 def _token_tensor(token_ids: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:

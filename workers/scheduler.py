@@ -1,7 +1,9 @@
 """Continuous batching with chunked prefill over a paged KV cache, vLLM-v1 style: one token
 budget per step, shared by decodes and prefill chunks. Runs on the leader shard; pure Python.
 
-Call order per step: schedule() -> forward pass -> sampler -> update(out, samples)."""
+Call order per step: schedule() -> forward pass -> sampler -> update(out, samples). In steady
+decoding the next step can be planned before this one's samples are read:
+schedule_ahead(out) -> its forward pass -> update(out, samples) -> ..."""
 
 from __future__ import annotations
 
@@ -135,6 +137,51 @@ class Scheduler:
         for req_id in finished:
             del self.requests[req_id]  # followers drop them with this plan; so do we
         return SchedulerOutput(tuple(scheduled), tuple(preempted), finished)
+
+    def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `out` while `out` still runs (its samples not yet applied): the
+        same requests, one decode row each, at the position after out's row. Only for a
+        batch in steady decoding, where schedule() would decide the same; None otherwise
+        (anyone waiting or finished, a request whose row in `out` may be its last by length,
+        penalties or a min_tokens mask, which read the output tokens, or too few free
+        blocks). A request that ends in `out` by a stop token wastes its ahead row: update()
+        skips it, and its blocks are freed with it."""
+        if self.waiting or self._finished_req_ids or self._pending_deltas or out.preempted_req_ids:
+            return None
+        if len(out.scheduled) != len(self.running) or len(self.running) > self.max_num_batched_tokens:
+            return None
+        num_blocks = []
+        for sched, request in zip(out.scheduled, self.running):
+            if sched.req_id != request.req_id or sched.num_new_tokens != 1 or not sched.is_sampled:
+                return None
+            if not self._can_decode_ahead(request):
+                return None
+            num_blocks.append(self._num_blocks_to_append(request, 2))  # out's row, then ours
+        if not self.block_manager.can_allocate(sum(num_blocks)):
+            return None
+        scheduled = []
+        for request, n in zip(self.running, num_blocks):
+            new_block_ids = self._allocate(request, n)
+            scheduled.append(ScheduledRequest(
+                req_id=request.req_id,
+                num_computed_tokens=request.num_computed_tokens + 1,
+                num_new_tokens=1,
+                new_block_ids=tuple(new_block_ids),
+                is_sampled=True,
+            ))
+        return SchedulerOutput(tuple(scheduled), (), ())
+
+    @staticmethod
+    def _can_decode_ahead(request: Request) -> bool:
+        """After its in-flight row the request is unfinished unless that row samples a stop
+        token, and its sampling does not read output tokens the host has not seen yet."""
+        params = request.sampling_params
+        num_outputs = request.num_output_tokens + 1  # with the in-flight row's token
+        if params.max_tokens is not None and num_outputs >= params.max_tokens:
+            return False
+        if request.num_tokens + 1 >= request.max_model_len:
+            return False
+        return not params.has_penalties and request.num_output_tokens >= params.min_tokens
 
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledRequest], list[str], int]:
         scheduled: list[ScheduledRequest] = []

@@ -1,7 +1,9 @@
 """The step loop that runs on the shards, with no Ray call per step.
 
 Leader (rank 0): schedule, broadcast the plan, execute, sample, update, hand deltas to
-the outbox. Follower: receive the plan, execute. Runs on one thread of each shard actor."""
+the outbox. In steady decoding the next step is planned and launched before this one's
+samples are read, so the host's work overlaps the device's (async scheduling). Follower:
+receive the plan, execute. Runs on one thread of each shard actor."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
@@ -17,7 +20,7 @@ from workers.messages import EngineStats, RequestDelta, StepPlan
 from workers.model_runner import ModelRunner
 from workers.parallel import ProcessGroup
 from workers.request import Request
-from workers.sampler import Sampler
+from workers.sampler import SampledTokens, Sampler
 from workers.scheduler import Scheduler, SchedulerOutput
 
 # An idle leader still broadcasts an empty plan this often, so followers blocked in the
@@ -55,6 +58,14 @@ class Outbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the device whose samples the host has not read yet."""
+
+    out: SchedulerOutput
+    samples: SampledTokens | None  # None when the step samples nobody (prefill chunks)
 
 
 class LeaderLoop:
@@ -103,39 +114,61 @@ class LeaderLoop:
                 "collective waits on a dead peer)")
 
     def run(self) -> None:
-        appended: tuple[tuple[str, int], ...] = ()
-        step_id = 0
+        self._step_id = 0
+        self._unsent_tokens: tuple[tuple[str, int], ...] = ()  # appended, not yet in a plan
+        launched: LaunchedStep | None = None
         try:
-            while self._drain_commands():
-                out = self.scheduler.schedule()
-                plan = StepPlan(step_id, appended, out.preempted_req_ids, out.finished_req_ids, out.scheduled)
+            while self._drain_commands(busy=launched is not None):
                 self.step_started = time.monotonic()
-                deltas = self._step(plan, out)
+                if launched is None:
+                    launched = self._launch(self.scheduler.schedule())
+                ahead = self._launch_ahead(launched)
+                self._complete(launched)
+                launched = ahead
                 self.step_started = None
-                appended = tuple((d.req_id, t) for d in deltas for t in d.new_token_ids)
-                self._stats = self.scheduler.stats()
-                if deltas:
-                    self.outbox.put(deltas)
-                step_id += 1
-            self.pg.broadcast_object(StepPlan(step_id, (), (), (), (), shutdown=True))
+            if launched is not None:
+                self._complete(launched)
+            self.pg.broadcast_object(StepPlan(self._step_id, (), (), (), (), shutdown=True))
         finally:
             self.outbox.close()
 
-    def _step(self, plan: StepPlan, out: SchedulerOutput) -> list[RequestDelta]:
+    def _launch(self, out: SchedulerOutput, feedback: SampledTokens | None = None) -> LaunchedStep:
+        """Broadcasts the plan and queues its forward pass and draws on the device."""
+        plan = StepPlan(self._step_id, self._unsent_tokens, out.preempted_req_ids, out.finished_req_ids,
+                        out.scheduled, feeds_back=feedback is not None)
+        self._step_id += 1
+        self._unsent_tokens = ()
         self.pg.broadcast_object(plan)
-        self.runner.apply(plan, self.intake, INTAKE_TIMEOUT_S)
+        self.runner.apply(plan, self.intake, INTAKE_TIMEOUT_S,
+                          feedback.token_ids if feedback is not None else None)
         logits = self.runner.execute(plan.scheduled)
-        sampled = [s.req_id for s in plan.scheduled if s.is_sampled]
-        samples = {}
-        if sampled:
-            requests = [self.scheduler.get(req_id) for req_id in sampled]
-            samples = dict(zip(sampled, self.sampler(logits, requests)))
-        return self.scheduler.update(out, samples)
+        sampled = [self.scheduler.get(req_id) for req_id in out.sampled_req_ids]
+        return LaunchedStep(out, self.sampler.launch(logits, sampled) if sampled else None)
 
-    def _drain_commands(self) -> bool:
-        """Applies queued adds and aborts; waits for one when there is no work.
-        Returns False once asked to stop."""
-        idle = not self.scheduler.has_unfinished_requests()
+    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """The next step, launched before `launched`'s samples are read, when the batch is
+        in steady decoding and no command waits; None otherwise."""
+        if (not self.config.async_scheduling or launched.samples is None
+                or not self._commands.empty()):
+            return None
+        out = self.scheduler.schedule_ahead(launched.out)
+        return self._launch(out, feedback=launched.samples) if out is not None else None
+
+    def _complete(self, launched: LaunchedStep) -> None:
+        """Reads the step's samples (the host's one wait on the device) and applies them."""
+        samples = {}
+        if launched.samples is not None:
+            samples = dict(zip(launched.out.sampled_req_ids, launched.samples.results()))
+        deltas = self.scheduler.update(launched.out, samples)
+        self._unsent_tokens += tuple((d.req_id, t) for d in deltas for t in d.new_token_ids)
+        self._stats = self.scheduler.stats()
+        if deltas:
+            self.outbox.put(deltas)
+
+    def _drain_commands(self, busy: bool) -> bool:
+        """Applies queued adds and aborts; waits for one when there is no work (nothing
+        unfinished and no step in flight). Returns False once asked to stop."""
+        idle = not busy and not self.scheduler.has_unfinished_requests()
         try:
             command = self._commands.get(timeout=KEEPALIVE_S) if idle else self._commands.get_nowait()
         except queue.Empty:
@@ -152,7 +185,6 @@ class LeaderLoop:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return True
-
 
     def _remember_early_abort(self, req_id: str) -> None:
         self._early_aborts[req_id] = None

@@ -1,0 +1,194 @@
+"""The leader's step loop in one process (world size 1, CPU): async scheduling (the next
+decode step planned and launched before this one's samples are read) gives the same
+tokens as planning each step after the last, through stop tokens that end requests
+mid-batch, length limits, seeded sampling, penalties, logprobs, late arrivals and aborts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from workers.config import EngineConfig, ModelConfig
+from workers.intake import Intake, RequestState
+from workers.messages import NewRequest
+from workers.model_runner import ModelRunner
+from workers.parallel import ProcessGroup
+from workers.request import Request
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.step_loop import LeaderLoop
+
+
+class Engine:
+    """A LeaderLoop on its own thread, fed directly (no Ray)."""
+
+    def __init__(self, path, async_scheduling: bool):
+        model_config = ModelConfig.from_pretrained(path)
+        self.config = EngineConfig(model=str(path), model_config=model_config, max_model_len=64,
+                                   block_size=4, kv_cache_memory_bytes=1 << 20,
+                                   async_scheduling=async_scheduling, eos_token_ids=(2,))
+        self.runner = ModelRunner(self.config, ProcessGroup(), torch.device("cpu"))
+        self.intake = Intake()
+        self.loop = LeaderLoop(self.config, self.runner, ProcessGroup(), self.intake)
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def add(self, req_id: str, prompt: list[int], params: SamplingParams) -> None:
+        new = NewRequest(req_id, tuple(prompt), None, params)
+        self.intake.put(RequestState(req_id, len(prompt), list(prompt), None))
+        self.loop.add_request(Request.from_new_request(new, self.config.eos_token_ids, self.config.max_model_len))
+
+    def collect(self, num_requests: int, on_delta=None) -> dict[str, tuple]:
+        tokens: dict[str, list[int]] = {}
+        logprobs: dict[str, list] = {}
+        finished: dict[str, str] = {}
+        deadline = time.monotonic() + 120
+        while len(finished) < num_requests:
+            assert time.monotonic() < deadline, f"only {sorted(finished)} finished"
+            assert self.thread.is_alive(), "the step loop died"
+            for delta in self.loop.outbox.take(timeout_s=1):
+                tokens.setdefault(delta.req_id, []).extend(delta.new_token_ids)
+                logprobs.setdefault(delta.req_id, []).extend(delta.new_logprobs or ())
+                if delta.finish_reason is not None:
+                    finished[delta.req_id] = delta.finish_reason
+                if on_delta is not None:
+                    on_delta(delta)
+        return {r: (tuple(tokens.get(r, ())), finished[r], tuple(logprobs.get(r, ()))) for r in finished}
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_checkpoints):
+    return tiny_checkpoints("llama")
+
+
+def _workload(stop_token: int) -> list[tuple[str, list[int], SamplingParams]]:
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 301, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 7, 6)]
+    return [
+        ("greedy", prompts[0], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)),
+        ("stops", prompts[1], SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=(stop_token,))),
+        ("seeded", prompts[2], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=25)),
+        ("penalties", prompts[3], SamplingParams(temperature=0.0, max_tokens=15, repetition_penalty=1.3,
+                                                 frequency_penalty=0.5)),
+        ("logprobs", prompts[4], SamplingParams(temperature=0.0, max_tokens=18, logprobs=3, min_tokens=4)),
+        ("to-max-len", prompts[5], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)),
+    ]
+
+
+def _run(path, async_scheduling: bool, stop_token: int):
+    engine = Engine(path, async_scheduling)
+    calls = {"ahead": 0}
+    schedule_ahead = engine.loop.scheduler.schedule_ahead
+
+    def counting(out):
+        result = schedule_ahead(out)
+        calls["ahead"] += result is not None
+        return result
+
+    engine.loop.scheduler.schedule_ahead = counting
+    try:
+        workload = _workload(stop_token)
+        for req_id, prompt, params in workload[:3]:
+            engine.add(req_id, prompt, params)
+        late = workload[3:]
+
+        def add_late(delta):  # arrivals while a batch is decoding
+            if late and delta.req_id == "greedy" and len(late) == 3:
+                for req_id, prompt, params in late:
+                    engine.add(req_id, prompt, params)
+                late.clear()
+
+        results = engine.collect(len(workload), add_late)
+        stats = engine.loop.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
+        return results, calls["ahead"]
+    finally:
+        engine.stop()
+
+
+def test_async_scheduling_matches_sync(model_path):
+    baseline, _ = _run(model_path, False, stop_token=-1)
+    # A stop token the "stops" request meets mid-way, while others keep decoding.
+    stop_token = baseline["stops"][0][5]
+    sync, num_sync_ahead = _run(model_path, False, stop_token)
+    overlapped, num_ahead = _run(model_path, True, stop_token)
+    assert num_sync_ahead == 0
+    assert num_ahead > 10, "async scheduling never ran ahead"
+    assert sync["stops"][1] == "stop" and sync["stops"][0][-1] == stop_token
+    assert len(sync["stops"][0]) < 30
+    assert sync["to-max-len"][1] == "length" and len(sync["to-max-len"][0]) == 64 - 6
+    for req_id in sync:
+        assert overlapped[req_id][:2] == sync[req_id][:2], req_id
+        assert len(overlapped[req_id][2]) == len(sync[req_id][2])
+        for a, b in zip(overlapped[req_id][2], sync[req_id][2]):
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert a.token_logprob == pytest.approx(b.token_logprob, abs=1e-5)
+
+
+def test_abort_while_running_ahead(model_path):
+    """An abort that lands while a step is launched ahead frees the request's blocks; the
+    rest of the batch finishes unchanged."""
+    engine = Engine(model_path, async_scheduling=True)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        engine.add("a", [5, 6, 7], params)
+        engine.add("b", [8, 9, 10, 11], params)
+
+        def abort_a(delta):
+            if delta.req_id == "a" and delta.new_token_ids and delta.finish_reason is None:
+                if not getattr(abort_a, "sent", False):
+                    abort_a.sent = True
+                    engine.loop.abort("a")
+
+        results = engine.collect(2, abort_a)
+        assert results["a"][1] == "abort" and len(results["a"][0]) < 40
+        assert results["b"][1] == "length" and len(results["b"][0]) == 40
+        stats = engine.loop.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        engine.stop()
+
+
+def test_schedule_ahead_declines_unsteady_batches():
+    from workers.block_manager import BlockManager
+
+    def scheduler_with(*params_list, num_blocks=64):
+        scheduler = Scheduler(BlockManager(num_blocks, 4), max_num_seqs=8, max_num_batched_tokens=64,
+                              max_model_len=32)
+        for i, params in enumerate(params_list):
+            scheduler.add_request(Request(f"r{i}", [5, 6, 7], 3, params, (2,), 32))
+        return scheduler
+
+    plain = SamplingParams(temperature=0.0, max_tokens=10)
+    scheduler = scheduler_with(plain, plain)
+    prefill = scheduler.schedule()
+    assert scheduler.schedule_ahead(prefill) is None  # prefill rows: not a steady batch
+    from workers.sampler import SampleResult
+
+    scheduler.update(prefill, {r: SampleResult(9, None) for r in prefill.sampled_req_ids})
+    decode = scheduler.schedule()
+    ahead = scheduler.schedule_ahead(decode)
+    assert [s.num_computed_tokens for s in ahead.scheduled] == [4, 4]  # after decode's row 3
+    assert all(s.num_new_tokens == 1 and s.is_sampled for s in ahead.scheduled)
+    assert [len(s.new_block_ids) for s in ahead.scheduled] == [1, 1]  # position 4: block 2
+    scheduler.add_request(Request("late", [5], 1, plain, (2,), 32))
+    assert scheduler.schedule_ahead(ahead) is None  # someone waits: plan normally
+
+    for params in (SamplingParams(max_tokens=2), SamplingParams(repetition_penalty=1.2),
+                   SamplingParams(min_tokens=3)):
+        scheduler = scheduler_with(params)
+        prefill = scheduler.schedule()
+        scheduler.update(prefill, {r: SampleResult(9, None) for r in prefill.sampled_req_ids})
+        assert scheduler.schedule_ahead(scheduler.schedule()) is None, params
+    scheduler = scheduler_with(plain, num_blocks=2)  # block 1 holds positions 0-3; none free for 4
+    prefill = scheduler.schedule()
+    scheduler.update(prefill, {r: SampleResult(9, None) for r in prefill.sampled_req_ids})
+    assert scheduler.schedule_ahead(scheduler.schedule()) is None
