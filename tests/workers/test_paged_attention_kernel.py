@@ -26,9 +26,9 @@ CASES = [
 ]
 
 
-def _case(heads, kv_heads, head_dim, block_size, dtype, device, seed):
+def _case(heads, kv_heads, head_dim, block_size, dtype, device, seed, max_len=70):
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    lens = [rng.randint(1, 70) for _ in range(rng.randint(1, 6))]
+    lens = [rng.randint(1, max_len) for _ in range(rng.randint(1, 6))]
     num_blocks = sum(-(-n // block_size) for n in lens) + 4
     free = list(range(1, num_blocks))
     rng.shuffle(free)
@@ -62,11 +62,13 @@ def _reference(q, k_cache, v_cache, tables, lens, scale, window):
     return torch.stack(outs)
 
 
-def _check(kernels, case, device, seed):
+def _check(kernels, case, device, seed, num_splits=None, max_len=70):
+    """num_splits: programs per (sequence, KV head), None for the kernel's own choice;
+    longer contexts (max_len) give every split several tiles, shorter ones leave some empty."""
     heads, kv_heads, head_dim, block_size, window, dtype = case
-    q, k_cache, v_cache, tables, lens = _case(heads, kv_heads, head_dim, block_size, dtype, device, seed)
+    q, k_cache, v_cache, tables, lens = _case(heads, kv_heads, head_dim, block_size, dtype, device, seed, max_len)
     scale = head_dim**-0.5
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window, num_splits)
     expected = _reference(q, k_cache, v_cache, tables, lens, scale, window)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
@@ -75,11 +77,12 @@ def _check(kernels, case, device, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("seed", range(4))
-def test_kernel_matches_reference_on_cuda(case, seed):
+@pytest.mark.parametrize("num_splits, max_len", [(None, 70), (None, 600), (1, 600), (5, 600)])
+def test_kernel_matches_reference_on_cuda(case, seed, num_splits, max_len):
     from workers.kernels import paged_attention
 
     assert paged_attention.is_available(torch.device("cuda"), case[2], case[3])
-    _check(paged_attention, case, "cuda", seed)
+    _check(paged_attention, case, "cuda", seed, num_splits, max_len)
 
 
 def test_kernel_logic_in_triton_interpreter():
@@ -92,7 +95,8 @@ def test_kernel_logic_in_triton_interpreter():
         "from workers.kernels import paged_attention\n"
         "for case in [c for c in CASES if c[-1] == torch.float32]:\n"
         "    for seed in range(2):\n"
-        "        _check(paged_attention, case, 'cpu', seed)\n"
+        "        for num_splits, max_len in ((1, 70), (3, 70), (4, 300)):\n"
+        "            _check(paged_attention, case, 'cpu', seed, num_splits, max_len)\n"
         "print('checked')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
