@@ -32,6 +32,7 @@ class EngineArgs:
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # as in vLLM: skip CUDA-graph capture of decode steps
     async_scheduling: bool = True  # as in vLLM: plan the next decode step while this one runs
+    disable_custom_all_reduce: bool = False  # as in vLLM: NCCL only (no one-shot all-reduce)
 
     def resolve(self):
         """(EngineConfig, tokenizer or None). ValueError for a bad setting."""
@@ -62,6 +63,7 @@ class EngineArgs:
             placement_strategy=self.placement_strategy,
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            disable_custom_all_reduce=self.disable_custom_all_reduce,
             eos_token_ids=_eos_token_ids(model_config, tokenizer),
         )
         return config, tokenizer

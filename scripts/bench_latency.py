@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="plan each step after the previous one's samples are read")
+    parser.add_argument("--disable-custom-all-reduce", action="store_true",
+                        help="tensor-parallel all-reduces through NCCL only")
     parser.add_argument("--compare-embeds", action="store_true",
                         help="also send the prompts as prompt_embeds and compare")
     parser.add_argument("--goal", type=float, default=None, help="goal in %% of roofline, printed beside")
@@ -126,6 +128,7 @@ def main() -> None:
               load_format=args.load_format, max_model_len=args.max_model_len,
               max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager,
               async_scheduling=not args.no_async_scheduling,
+              disable_custom_all_reduce=args.disable_custom_all_reduce,
               enable_prompt_embeds=args.compare_embeds)
     config = llm.config
     kinds = ["token ids"] + (["prompt_embeds"] if args.compare_embeds else [])
@@ -143,7 +146,8 @@ def main() -> None:
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} device={config.device} "
           f"batch={args.batch_size} input_len={args.input_len} output_len={args.output_len} "
           f"cuda_graphs={'off' if args.enforce_eager or device == 'cpu' else 'on'} "
-          f"async_scheduling={'off' if args.no_async_scheduling else 'on'}")
+          f"async_scheduling={'off' if args.no_async_scheduling else 'on'} "
+          f"custom_all_reduce={'off' if args.disable_custom_all_reduce else 'on'}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per shard and step: weights {weights / 1e9:.2f} GB, "
           f"KV {kv / 1e6:.1f} MB (mean context {context:.0f}); roofline {roofline_s * 1e3:.3f} ms/step")
     goal = f" {'goal':>6}" if args.goal else ""

@@ -176,6 +176,7 @@ class EngineConfig:
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
     async_scheduling: bool = True  # plan the next decode step while this one runs
+    disable_custom_all_reduce: bool = False  # True: NCCL only, no one-shot all-reduce
     eos_token_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ class ProcessGroup:
         self.world_size = world_size
         self._device_group = device_group
         self._cpu_group = cpu_group
+        self.fast_all_reduce = None  # e.g. OneShotAllReduce: small messages on one host
 
     @property
     def is_leader(self) -> bool:
@@ -32,6 +33,8 @@ class ProcessGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns x."""
         if self.world_size > 1:
+            if self.fast_all_reduce is not None and self.fast_all_reduce.fits(x):
+                return self.fast_all_reduce(x)
             dist.all_reduce(x, group=self._device_group)
         return x
 
@@ -64,6 +67,14 @@ class ProcessGroup:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(payload, src=0, group=self._cpu_group)
         return obj if self.is_leader else pickle.loads(payload.numpy().tobytes())
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (CPU group)."""
+        if self.world_size == 1:
+            return [obj]
+        objects = [None] * self.world_size
+        dist.all_gather_object(objects, obj, group=self._cpu_group)
+        return objects
 
     def all_reduce_min(self, value: int) -> int:
         """The smallest `value` over ranks (e.g. KV blocks that fit on every shard)."""

@@ -15,6 +15,7 @@ from workers.config import EngineConfig
 from workers.intake import Intake, RequestState
 from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
 from workers.model_runner import ModelRunner
+from workers.one_shot_all_reduce import try_one_shot_all_reduce
 from workers.parallel import bind_store, init_process_group
 from workers.request import Request
 from workers.step_loop import LeaderLoop, run_follower
@@ -53,6 +54,8 @@ class ShardWorker:
             device.type,
             store=self._store,
         )
+        if device.type == "cuda" and pg.world_size > 1 and not self.config.disable_custom_all_reduce:
+            pg.fast_all_reduce = try_one_shot_all_reduce(pg, device)
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, pg, device)
         if pg.is_leader:
