@@ -113,8 +113,11 @@ class EngineClient:
             if self.dead_reason is not None:
                 raise EngineDeadError(self.dead_reason)
             self._sinks[req_id] = sink
+        # The ref also goes as a top-level argument, so Ray fetches the array before the
+        # call runs, not on an actor thread beside the step loop.
+        array_ref = embeds_ref.ref if embeds_ref is not None else None
         for shard in self.shards:
-            shard.add_request.remote(new)
+            shard.add_request.remote(new, array_ref)
 
     def abort(self, req_id: str) -> None:
         """Stops a request and frees its KV blocks; its sink gets a final "abort" delta."""

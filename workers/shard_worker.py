@@ -78,12 +78,14 @@ class ShardWorker:
         else:
             run_follower(self.runner, self.runner.pg, self.intake)
 
-    def add_request(self, new: NewRequest) -> None:
+    def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
+        """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
+        caller passes the ref as a top-level argument); fetched here when not given."""
         state = RequestState(
             req_id=new.req_id,
             prompt_len=new.prompt_len,
             prompt_token_ids=list(new.prompt_token_ids) if new.prompt_token_ids else None,
-            prompt_embeds=self._fetch_embeds(new.prompt_embeds),
+            prompt_embeds=self._fetch_embeds(new.prompt_embeds, embeds_array),
         )
         self.intake.put(state)
         if self.leader is not None:
@@ -93,14 +95,15 @@ class ShardWorker:
                 )
             )
 
-    def _fetch_embeds(self, embeds: PromptEmbedsRef | None) -> torch.Tensor | None:
+    def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array from the object store, as a tensor in
         the model's dtype on this shard's device."""
         if embeds is None:
             return None
-        import ray
+        if array is None:
+            import ray
 
-        array: np.ndarray = ray.get(embeds.ref)  # zero-copy, read-only view
+            array = ray.get(embeds.ref)  # zero-copy, read-only view
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only arrays
             tensor = torch.from_numpy(array)
