@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import queue
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +101,14 @@ def run_distributed(fn, world_size: int, *args) -> list:
     if errors:
         pytest.fail("\n".join(errors))
     return [by_rank[r] for r in range(world_size)]
+
+
+def run_in_triton_interpreter(script: str, *argv: str, timeout_s: float = 600) -> None:
+    """Runs `script` (which prints "checked" at its end) in a fresh process under
+    Triton's CPU interpreter, chosen before any kernel is decorated; fails with its stderr."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU-only install)")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script, *argv], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]

@@ -4,18 +4,12 @@ Triton's interpreter where Triton is installed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.workers.conftest import run_in_triton_interpreter
 from workers.layers import RMSNorm, SiluAndMul
 from workers.rotary import RotaryEmbedding
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # (rows, heads, kv_heads, head_dim, hidden)
 SHAPES = [(1, 4, 2, 16, 64), (7, 8, 2, 32, 96), (33, 32, 8, 128, 4096), (5, 6, 6, 80, 200)]
@@ -116,8 +110,7 @@ def test_kernel_matches_reference_on_cuda(check, shape, dtype):
 def test_kernel_logic_in_triton_interpreter():
     """Each kernel's indexing, masks and roundings, run by Triton's CPU interpreter in a
     fresh process (the interpreter must be chosen before the kernels are decorated)."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU-only install)")
-    script = (
+    run_in_triton_interpreter(
         "import torch\n"
         "from tests.workers.test_elementwise_kernels import CHECKS, SHAPES\n"
         "from workers.kernels import elementwise\n"
@@ -127,10 +120,6 @@ def test_kernel_logic_in_triton_interpreter():
         "            check(elementwise, shape, dtype, 'cpu', seed=1)\n"
         "print('checked')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]
 
 
 MODEL_SCRIPT = """
@@ -158,10 +147,5 @@ print("checked")
 def test_model_with_kernels_in_triton_interpreter(tiny_checkpoints):
     """Every family's forward pass with all kernels on (run by the interpreter) equals the
     reference path: chunked prefill, decodes beside a prefill, embedding rows."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU-only install)")
     families = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")
-    argv = [str(a) for family in families for a in (family, tiny_checkpoints(family))]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, *argv], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]
+    run_in_triton_interpreter(MODEL_SCRIPT, *[str(a) for f in families for a in (f, tiny_checkpoints(f))])

@@ -4,16 +4,12 @@ interpreter where Triton is installed."""
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.workers.conftest import run_in_triton_interpreter
 
 # (heads, kv_heads, head_dim, block_size, window, dtype)
 CASES = [
@@ -88,8 +84,7 @@ def test_kernel_matches_reference_on_cuda(case, seed, num_splits, max_len):
 def test_kernel_logic_in_triton_interpreter():
     """The kernel's indexing and online softmax, run by Triton's CPU interpreter in a fresh
     process (the interpreter must be chosen before the kernel is decorated)."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU-only install)")
-    script = (
+    run_in_triton_interpreter(
         "import torch\n"
         "from tests.workers.test_paged_attention_kernel import CASES, _check\n"
         "from workers.kernels import paged_attention\n"
@@ -99,7 +94,3 @@ def test_kernel_logic_in_triton_interpreter():
         "            _check(paged_attention, case, 'cpu', seed, num_splits, max_len)\n"
         "print('checked')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]
