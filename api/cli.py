@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--enforce-eager", action="store_true",
                        help="run decode steps eagerly (no CUDA-graph capture)")
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="plan the next decode step while the GPU runs this one (default: on)")
+    serve.add_argument("--disable-custom-all-reduce", action="store_true",
+                       help="tensor-parallel all-reduces through NCCL only (no one-shot all-reduce)")
     serve.add_argument("--max-prompt-embeds-bytes", type=int, default=64 << 20,
                        help="largest decoded prompt_embeds payload accepted (bytes)")
     serve.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
@@ -62,6 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         device=args.device, placement_strategy=args.placement_strategy,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed,
+        async_scheduling=args.async_scheduling, disable_custom_all_reduce=args.disable_custom_all_reduce,
         num_replicas=args.num_replicas, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
         max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,

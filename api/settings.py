@@ -31,6 +31,8 @@ class ServerSettings:
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # no CUDA-graph capture of decode steps
+    async_scheduling: bool = True  # plan the next decode step while this one runs
+    disable_custom_all_reduce: bool = False  # NCCL only, no one-shot all-reduce
     seed: int = 0
     num_replicas: int = 1
     api_key: str | None = None

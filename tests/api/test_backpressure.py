@@ -123,3 +123,13 @@ def test_settings_and_flags_set_the_bounds_and_reject_bad_values():
                       ({"graceful_shutdown_timeout_s": -2}, "graceful_shutdown_timeout_s")):
         with pytest.raises(ValueError, match=name):
             ServerSettings(**bad)
+
+
+def test_engine_speed_flags_reach_the_engine_config():
+    from api.cli import build_parser, settings_from_args
+
+    defaults = settings_from_args(build_parser().parse_args(["serve"])).engine_args()
+    assert defaults.async_scheduling and not defaults.disable_custom_all_reduce and not defaults.enforce_eager
+    args = build_parser().parse_args(["serve", "--no-async-scheduling", "--disable-custom-all-reduce", "--enforce-eager"])
+    engine_args = settings_from_args(args).engine_args()
+    assert not engine_args.async_scheduling and engine_args.disable_custom_all_reduce and engine_args.enforce_eager
