@@ -6,12 +6,14 @@ Captured in CUDA graphs like NCCL. Runs in each shard."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import torch
 import torch.distributed as dist
 
 MAX_BYTES = 1 << 20  # larger messages (prefill) go through NCCL
+logger = logging.getLogger(__name__)
 
 
 class OneShotAllReduce:
@@ -51,6 +53,6 @@ def try_one_shot_all_reduce(pg, device: torch.device) -> OneShotAllReduce | None
             error = exc
     if pg.all_reduce_min(int(communicator is not None)) == 0:
         if error is not None:
-            print(f"one-shot all-reduce unavailable, using NCCL: {error}", flush=True)
+            logger.warning("one-shot all-reduce unavailable, using NCCL: %s", error)
         return None
     return communicator

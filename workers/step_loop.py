@@ -90,6 +90,8 @@ class LeaderLoop:
         # Monotonic start of the step in progress (None between steps), read by the
         # watchdog on another thread: a stuck collective shows as a step that never ends.
         self.step_started: float | None = None
+        self._step_id = 0
+        self._unsent_tokens: tuple[tuple[str, int], ...] = ()  # applied, not yet in a plan
 
     # Called from actor threads other than the loop's.
     def add_request(self, request: Request) -> None:
@@ -114,8 +116,6 @@ class LeaderLoop:
                 "collective waits on a dead peer)")
 
     def run(self) -> None:
-        self._step_id = 0
-        self._unsent_tokens: tuple[tuple[str, int], ...] = ()  # appended, not yet in a plan
         launched: LaunchedStep | None = None
         try:
             while self._drain_commands(busy=launched is not None):
