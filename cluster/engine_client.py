@@ -186,6 +186,16 @@ class EngineClient:
         for shard in self.shards:
             ray.kill(shard)
 
+    def start_profile(self) -> None:
+        """Starts torch.profiler on every shard (see stop_profile)."""
+        ray.get([shard.start_profile.remote() for shard in self.shards])
+
+    def stop_profile(self, directory: str) -> list[str]:
+        """Stops it; each shard writes rank<r>.json and rank<r>.txt into `directory` on
+        its node. Returns the paths written."""
+        paths = ray.get([shard.stop_profile.remote(directory) for shard in self.shards])
+        return [path for shard_paths in paths for path in shard_paths]
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stops the step loops, then the actors, then frees the placement group."""
         if self._closed:

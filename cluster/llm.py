@@ -5,6 +5,7 @@ in any mix. Runs on the driver; the engine's shards are Ray actors."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 from collections.abc import Sequence
 
@@ -124,6 +125,18 @@ class LLM:
                 if remaining[position] == 0:
                     del remaining[position]
                     progress.update(1)
+
+    def start_profile(self) -> None:
+        """Profiles every shard (torch.profiler: CPU ops of all its threads, and CUDA
+        kernels on GPU) until stop_profile(), as vLLM's LLM.start_profile."""
+        self.engine.start_profile()
+
+    def stop_profile(self, directory: str | None = None) -> list[str]:
+        """Writes each shard's trace (rank<r>.json, for Perfetto or chrome://tracing) and
+        op table (rank<r>.txt) into `directory` (default: $SHARDSERVE_TORCH_PROFILER_DIR,
+        else ./shardserve-profile) on the shard's node; returns the paths."""
+        directory = directory or os.environ.get("SHARDSERVE_TORCH_PROFILER_DIR", "shardserve-profile")
+        return self.engine.stop_profile(os.path.abspath(directory))
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,16 @@ from workers.request import Request
 from workers.step_loop import LeaderLoop, run_follower
 
 
+def _all_threads_config():
+    """Kineto records the ops of every thread, not only the one that started it."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return _ExperimentalConfig(profile_all_threads=True)
+    except TypeError as exc:  # a PyTorch without the option
+        raise RuntimeError(f"this PyTorch ({torch.__version__}) cannot profile the step-loop thread") from exc
+
+
 class ShardWorker:
     def __init__(self, config: EngineConfig, rank: int):
         # No CUDA calls here: the device is chosen in init(), after Ray set the env.
@@ -30,6 +42,8 @@ class ShardWorker:
         self._store = None
         self.runner: ModelRunner | None = None
         self.leader: LeaderLoop | None = None
+        self._profiler = None
+        self._profiler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
 
     def node_ip(self) -> str:
         import ray
@@ -129,6 +143,40 @@ class ShardWorker:
     def shutdown(self) -> None:
         if self.leader is not None:
             self.leader.stop()
+
+    def start_profile(self) -> None:
+        """torch.profiler over this process's threads (the step loop's included) and,
+        on CUDA, the GPU's kernels, until stop_profile. Kineto needs one thread to start
+        and stop it; actor calls may land on any of the actor's threads, so both run on
+        a thread of the profiler's own."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if self._profiler is not None:
+            raise RuntimeError("a profile is already running on this shard")
+        activities = [ProfilerActivity.CPU]
+        if self.runner is not None and self.runner.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._profiler = profile(activities=activities, experimental_config=_all_threads_config())
+        self._profiler_thread.submit(self._profiler.start).result()
+
+    def stop_profile(self, directory: str) -> list[str]:
+        """Writes rank<r>.json (a Chrome / Perfetto trace) and rank<r>.txt (ops by self
+        time) into `directory` on this shard's node; returns their paths."""
+        if self._profiler is None:
+            raise RuntimeError("no profile is running on this shard: call start_profile first")
+        profiler, self._profiler = self._profiler, None
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        trace, table = folder / f"rank{self.rank}.json", folder / f"rank{self.rank}.txt"
+        sort_by = "self_cuda_time_total" if self.runner.device.type == "cuda" else "self_cpu_time_total"
+
+        def stop_and_write() -> None:
+            profiler.stop()
+            profiler.export_chrome_trace(str(trace))
+            table.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+
+        self._profiler_thread.submit(stop_and_write).result()
+        return [str(trace), str(table)]
 
     def pid(self) -> int:
         return os.getpid()

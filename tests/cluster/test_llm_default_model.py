@@ -161,3 +161,19 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_profile_writes_a_trace_and_table_per_rank(llm, tmp_path):
+    """start_profile / stop_profile: every rank's step-loop work (its model's matmuls)
+    is in its own trace; stopping twice is an error that names the fix."""
+    llm.start_profile()
+    llm.generate([{"prompt_token_ids": _random_ids(7, 10, 1536)}], GREEDY, use_tqdm=False)
+    paths = llm.stop_profile(str(tmp_path / "profile"))
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["rank0.json", "rank0.txt", "rank1.json", "rank1.txt"]
+    for rank in (0, 1):
+        trace = (tmp_path / "profile" / f"rank{rank}.json").read_text()
+        assert '"aten::linear"' in trace or '"aten::addmm"' in trace or '"aten::mm"' in trace
+        assert "Self CPU" in (tmp_path / "profile" / f"rank{rank}.txt").read_text()
+    with pytest.raises(Exception, match="start_profile first"):
+        llm.stop_profile(str(tmp_path / "again"))
+    assert llm.generate([{"prompt_token_ids": _random_ids(8, 5, 1536)}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
