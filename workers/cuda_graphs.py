@@ -48,18 +48,15 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     def run(self, input_ids, positions, block_tables: list[list[int]],
-            fed_tokens: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
-        """hidden [B, H] for B decode rows (token, position, block table per row); rows in
-        fed_tokens take their token from that device tensor instead of input_ids."""
+            fed_tokens: tuple[slice | torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """hidden [B, H] for B decode rows (token, position, block table per row);
+        fed_tokens (index, tokens on the device) overwrite the input ids at index."""
         batch = len(input_ids)
         bucket = self.bucket_for(batch)
         self._load(input_ids, positions, block_tables, bucket)
         if fed_tokens is not None:
-            rows, tokens = fed_tokens
-            if rows == list(range(batch)):
-                self.input_ids[:batch].copy_(tokens)
-            else:
-                self.input_ids[torch.tensor(rows, device=self.input_ids.device)] = tokens
+            index, tokens = fed_tokens
+            self.input_ids[index] = tokens
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, hidden = self.graphs[bucket]

@@ -153,37 +153,36 @@ class ModelRunner:
     def _execute_graph(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         positions = [s.num_computed_tokens for s in scheduled]
         states = [self.requests[s.req_id] for s in scheduled]
-        input_ids, fed_rows = self._decode_input_ids(scheduled)
+        input_ids, fed = [], []
+        for row, (sched, state) in enumerate(zip(scheduled, states)):
+            ids = state.token_ids(sched.num_computed_tokens, sched.num_computed_tokens + 1)
+            if not ids:  # the previous step's sample, still on the device
+                fed.append((row, sched.req_id))
+            input_ids.append(ids[0] if ids else 0)
         hidden = self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
-                                        self._fed_tokens(scheduled, fed_rows))
+                                        self._fed_tokens(fed))
         return self.model.compute_logits(hidden)
 
-    def _decode_input_ids(self, scheduled) -> tuple[list[int], list[int]]:
-        """Each decode row's input token, 0 where the mirror lacks it yet (fed back from
-        the previous step's samples on the device), and the rows that are fed back."""
-        input_ids, fed_rows = [], []
-        for row, sched in enumerate(scheduled):
-            state = self.requests[sched.req_id]
-            ids = state.token_ids(sched.num_computed_tokens, sched.num_computed_tokens + 1)
-            if not ids:
-                fed_rows.append(row)
-            input_ids.append(ids[0] if ids else 0)
-        return input_ids, fed_rows
-
-    def _fed_tokens(self, scheduled, fed_rows: list[int]) -> tuple[list[int], torch.Tensor] | None:
-        """(rows, their tokens [len(rows)] on the device) for rows fed back, else None."""
-        if not fed_rows:
+    def _fed_tokens(self, fed: list[tuple[int, str]]):
+        """(index, tokens) for the rows whose input token is fed back: write tokens into
+        the step's input ids at index (a slice when the rows and the previous step's order
+        are the same, as in steady decoding); None when no row is fed back."""
+        if not fed:
             return None
         if self._feedback is None:
-            raise RuntimeError(f"step input of {scheduled[fed_rows[0]].req_id!r} is unknown and not fed back")
-        index, tokens = self._feedback
-        sources = [index[scheduled[row].req_id] for row in fed_rows]
-        if sources == list(range(tokens.shape[0])):  # the same batch as last step: no gather
-            return fed_rows, tokens
-        return fed_rows, tokens[torch.tensor(sources, device=self.device)]
+            raise RuntimeError(f"step input of {fed[0][1]!r} is unknown and not fed back")
+        order, tokens = self._feedback
+        rows = [row for row, _ in fed]
+        sources = [order[req_id] for _, req_id in fed]
+        if sources != list(range(tokens.shape[0])):
+            tokens = tokens[torch.tensor(sources, device=self.device)]
+        if rows == list(range(len(rows))):
+            return slice(0, len(rows)), tokens
+        return torch.tensor(rows, device=self.device), tokens
 
     def _prepare(self, scheduled: tuple[ScheduledRequest, ...]) -> StepInputs:
         input_ids: list[int] = []
+        fed: list[tuple[int, str]] = []  # (row, req_id) of rows whose token is fed back
         sample_rows: list[int] = []
         embeds_pieces: list[tuple[int, torch.Tensor]] = []  # (first row, rows)
         for sched in scheduled:
@@ -192,7 +191,10 @@ class ModelRunner:
             if state.prompt_embeds is not None and start < state.prompt_len:
                 embeds_pieces.append((len(input_ids), state.prompt_embeds[start : min(end, state.prompt_len)]))
             ids = state.token_ids(start, end)
-            input_ids.extend(ids + [0] * (end - start - len(ids)))  # missing: fed back below
+            if len(ids) < end - start:  # a decode row of a feeds_back plan: fed back below
+                fed.append((len(input_ids), sched.req_id))
+                ids = [0]
+            input_ids.extend(ids)
             if sched.is_sampled:
                 sample_rows.append(len(input_ids) - 1)
         attn_metadata = AttentionMetadata.build(
@@ -204,11 +206,10 @@ class ModelRunner:
         )
         input_embeds, embeds_mask = self._gather_embeds(embeds_pieces, len(input_ids))
         input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        if self._feedback is not None:  # a feeds_back plan: every row is a decode
-            _, fed_rows = self._decode_input_ids(scheduled)
-            fed = self._fed_tokens(scheduled, fed_rows)
-            if fed is not None:
-                input_ids_t[torch.tensor(fed[0], device=self.device)] = fed[1]
+        fed_tokens = self._fed_tokens(fed)
+        if fed_tokens is not None:
+            index, tokens = fed_tokens
+            input_ids_t[index] = tokens
         return StepInputs(
             input_ids=input_ids_t,
             attn_metadata=attn_metadata,
