@@ -97,6 +97,13 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def reads_output_tokens(self) -> bool:
+        """Its logits depend on its output tokens: penalties, or a min_tokens mask not yet
+        lifted."""
+        params = self.sampling_params
+        return params.has_penalties or self.num_output_tokens < params.min_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status in _FINISH_REASONS
 

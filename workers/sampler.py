@@ -89,7 +89,7 @@ class Sampler:
         logits = logits.float()
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        if any(_reads_output(r) for r in requests):
+        if any(r.reads_output_tokens for r in requests):
             logits = logits.clone()  # the caller's tensor stays raw
             apply_min_tokens(logits, requests)
             apply_penalties(logits, requests)
@@ -140,12 +140,6 @@ class Sampler:
                 generator.manual_seed(self.seed)
             self._generators[device] = generator
         return self._generators[device]
-
-
-def _reads_output(request: Request) -> bool:
-    """Its logits depend on its output tokens: a min_tokens mask or penalties."""
-    params = request.sampling_params
-    return params.has_penalties or request.num_output_tokens < params.min_tokens
 
 
 def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:

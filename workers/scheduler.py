@@ -181,7 +181,7 @@ class Scheduler:
             return False
         if request.num_tokens + 1 >= request.max_model_len:
             return False
-        return not params.has_penalties and request.num_output_tokens >= params.min_tokens
+        return not request.reads_output_tokens
 
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledRequest], list[str], int]:
         scheduled: list[ScheduledRequest] = []
