@@ -46,7 +46,7 @@ def try_one_shot_all_reduce(pg, device: torch.device) -> OneShotAllReduce | None
     others skip."""
     hosts = pg.all_gather_object(socket.gethostname())
     communicator, error = None, None
-    if len(set(hosts)) == 1 and hasattr(torch.ops, "symm_mem"):
+    if len(set(hosts)) == 1:
         try:
             communicator = OneShotAllReduce(dist.group.WORLD, device)
         except (RuntimeError, AttributeError, ImportError) as exc:

@@ -5,6 +5,8 @@ the reference (and the CPU path). Runs in each shard."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -124,13 +126,12 @@ def num_splits_for(batch: int, num_kv_heads: int, max_keys: int, device: torch.d
 
 
 def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_SM_COUNTS: dict[int, int] = {}
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_decode_attention(
