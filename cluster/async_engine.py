@@ -5,7 +5,6 @@ its KV blocks. Runs in a Serve replica (or any asyncio program)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,9 +58,7 @@ class AsyncEngine:
         """The prompt of a (seq_len, hidden) tensor that validate_prompt_embeds already
         returned (api.embeds_codec.decode_prompt_embeds runs it), with its embeddings put
         into the object store once for all of its samples. Blocks: call it off the loop."""
-        prompt = embeds_prompt(tensor, self.hidden_size, self.dtype)
-        ref = self.engine.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
-        return dataclasses.replace(prompt, prompt_embeds=ref)
+        return self.engine.put_prompt(embeds_prompt(tensor, self.hidden_size, self.dtype))
 
     async def generate(
         self, req_id: str, prompt: EnginePrompt, params: SamplingParams

@@ -4,6 +4,7 @@ shard), streams deltas out, aborts, shuts down. Runs on the driver or a Serve re
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -15,6 +16,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.placement import create_placement_group, shard_actor_options
+from cluster.prompts import EnginePrompt
 from workers.config import EngineConfig
 from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
@@ -92,6 +94,15 @@ class EngineClient:
         a node reads the same zero-copy buffer. Pass the result to add_request for each
         sample of the prompt. Blocks for the put (~1 ms): keep it off an event loop."""
         return PromptEmbedsRef(ray.put(array), dtype, tuple(array.shape))
+
+    @classmethod
+    def put_prompt(cls, prompt: EnginePrompt) -> EnginePrompt:
+        """The prompt, its embeddings array (if any) replaced by their reference in the
+        object store: put once, then every sample's add_request passes the reference."""
+        if not isinstance(prompt.prompt_embeds, np.ndarray):
+            return prompt
+        ref = cls.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        return dataclasses.replace(prompt, prompt_embeds=ref)
 
     def add_request(
         self,

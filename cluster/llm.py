@@ -9,7 +9,6 @@ import os
 import queue
 from collections.abc import Sequence
 
-import numpy as np
 import ray
 from tqdm.auto import tqdm
 
@@ -75,9 +74,7 @@ class LLM:
         outputs, trackers = [], {}
         for prompt, sp in zip(prompts, params):
             request_id = self.engine.next_request_id()
-            embeds = prompt.prompt_embeds  # into the object store once, for all samples
-            if isinstance(embeds, np.ndarray):
-                embeds = self.engine.put_prompt_embeds(embeds, prompt.embeds_dtype)
+            prompt = self.engine.put_prompt(prompt)  # embeddings: once, for all samples
             outputs.append(RequestOutput(
                 request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
                 prompt.num_tokens,
@@ -88,7 +85,7 @@ class LLM:
                 trackers[req_id] = (len(outputs) - 1, CompletionTracker(
                     index, self.tokenizer, prompt.prompt_token_ids, sample_params))
                 self.engine.add_request(
-                    req_id, sample_params, deltas.put, prompt.prompt_token_ids, embeds,
+                    req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
                 )
         try:
             self._collect(deltas, trackers, len(prompts), use_tqdm)
