@@ -23,18 +23,14 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.default_model import model_shape_path
+from scripts.bench_args import add_model_args, model_path
 from workers.config import ModelConfig
 from workers.layers import num_local_kv_heads
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: built-in tiny model)")
-    parser.add_argument("--model-shape", default=None, help="a shape from configs/models, e.g. llama-3.1-8b")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    add_model_args(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
@@ -119,7 +115,7 @@ def make_prompts(args, config, kind: str):
 
 def main() -> None:
     args = parse_args()
-    model = str(model_shape_path(args.model_shape)) if args.model_shape else args.model
+    model = model_path(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.tensor_parallel_size)  # the cores the shards get

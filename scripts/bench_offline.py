@@ -28,16 +28,12 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.default_model import model_shape_path
+from scripts.bench_args import add_model_args, model_path
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: built-in tiny model)")
-    parser.add_argument("--model-shape", default=None, help="a shape from configs/models, e.g. llama-3.1-8b")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    add_model_args(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
@@ -129,7 +125,7 @@ def time_hf(model, workload, batch: int, device: str) -> float:
 
 def main() -> None:
     args = parse_args()
-    model = str(model_shape_path(args.model_shape)) if args.model_shape else args.model
+    model = model_path(args)
     max_num_seqs = max(args.batch_sizes) if args.num_prompts else 256
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
