@@ -142,11 +142,15 @@ class Scheduler:
         """The step after `out` while `out` still runs (its samples not yet applied): the
         same requests, one decode row each, at the position after out's row. Only for a
         batch in steady decoding, where schedule() would decide the same; None otherwise
-        (anyone waiting or finished, a request whose row in `out` may be its last by length,
-        penalties or a min_tokens mask, which read the output tokens, or too few free
-        blocks). A request that ends in `out` by a stop token wastes its ahead row: update()
-        skips it, and its blocks are freed with it."""
-        if self.waiting or self._finished_req_ids or self._pending_deltas or out.preempted_req_ids:
+        (anyone waiting while a seat is free, anyone finished, a request whose row in `out`
+        may be its last by length, penalties or a min_tokens mask, which read the output
+        tokens, or too few free blocks). Requests waiting for a seat (all max_num_seqs
+        taken) keep waiting, as they would in schedule(). A request that ends in `out` by a
+        stop token wastes its ahead row: update() skips it, and its blocks are freed with
+        it; a request waiting for its seat gets it one step later."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        if self._finished_req_ids or self._pending_deltas or out.preempted_req_ids:
             return None
         if len(out.scheduled) != len(self.running) or len(self.running) > self.max_num_batched_tokens:
             return None

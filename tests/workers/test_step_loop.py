@@ -25,10 +25,10 @@ from workers.step_loop import LeaderLoop
 class Engine:
     """A LeaderLoop on its own thread, fed directly (no Ray)."""
 
-    def __init__(self, path, async_scheduling: bool):
+    def __init__(self, path, async_scheduling: bool, max_num_seqs: int = 256):
         model_config = ModelConfig.from_pretrained(path)
         self.config = EngineConfig(model=str(path), model_config=model_config, max_model_len=64,
-                                   block_size=4, kv_cache_memory_bytes=1 << 20,
+                                   block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=max_num_seqs,
                                    async_scheduling=async_scheduling, eos_token_ids=(2,))
         self.runner = ModelRunner(self.config, ProcessGroup(), torch.device("cpu"))
         self.intake = Intake()
@@ -133,6 +133,46 @@ def test_async_scheduling_matches_sync(model_path):
             assert a.token_logprob == pytest.approx(b.token_logprob, abs=1e-5)
 
 
+def _run_queued(path, async_scheduling: bool, stop_token: int):
+    """Five requests through two seats: three wait while the seats decode."""
+    engine = Engine(path, async_scheduling, max_num_seqs=2)
+    calls = {"ahead_with_queue": 0}
+    scheduler = engine.loop.scheduler
+    schedule_ahead = scheduler.schedule_ahead
+
+    def counting(out):
+        result = schedule_ahead(out)
+        calls["ahead_with_queue"] += result is not None and bool(scheduler.waiting)
+        return result
+
+    scheduler.schedule_ahead = counting
+    try:
+        gen = torch.Generator().manual_seed(5)
+        for i, max_tokens in enumerate((12, 20, 9, 15, 11)):
+            prompt = torch.randint(3, 301, (4 + i,), generator=gen).tolist()
+            engine.add(f"q{i}", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                       stop_token_ids=(stop_token,)))
+        results = engine.collect(5)
+        stats = engine.loop.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
+        return results, calls["ahead_with_queue"]
+    finally:
+        engine.stop()
+
+
+def test_async_scheduling_runs_ahead_while_requests_wait_for_a_seat(model_path):
+    """With every seat taken, waiting requests cannot change the next step, so it is
+    planned ahead; a seat freed by a stop token is taken one step later, and the tokens
+    are those of step-by-step planning."""
+    baseline, _ = _run_queued(model_path, False, stop_token=-1)
+    stop_token = baseline["q1"][0][4]  # q1 (a seat holder) stops early
+    sync, _ = _run_queued(model_path, False, stop_token)
+    overlapped, num_ahead_with_queue = _run_queued(model_path, True, stop_token)
+    assert sync["q1"][1] == "stop" and len(sync["q1"][0]) < 20
+    assert num_ahead_with_queue > 5, "never ran ahead while requests waited"
+    assert {r: v[:2] for r, v in overlapped.items()} == {r: v[:2] for r, v in sync.items()}
+
+
 def test_abort_while_running_ahead(model_path):
     """An abort that lands while a step is launched ahead frees the request's blocks; the
     rest of the batch finishes unchanged."""
@@ -180,7 +220,12 @@ def test_schedule_ahead_declines_unsteady_batches():
     assert all(s.num_new_tokens == 1 and s.is_sampled for s in ahead.scheduled)
     assert [len(s.new_block_ids) for s in ahead.scheduled] == [1, 1]  # position 4: block 2
     scheduler.add_request(Request("late", [5], 1, plain, (2,), 32))
-    assert scheduler.schedule_ahead(ahead) is None  # someone waits: plan normally
+    assert scheduler.schedule_ahead(ahead) is None  # someone waits for a free seat: plan normally
+    scheduler.update(decode, {r: SampleResult(9, None) for r in decode.sampled_req_ids})
+    assert scheduler.schedule_ahead(ahead) is None
+    scheduler.max_num_seqs = 2  # every seat taken: schedule() would admit nobody either
+    assert [s.num_computed_tokens for s in scheduler.schedule_ahead(ahead).scheduled] == [5, 5]
+    assert [r.req_id for r in scheduler.waiting] == ["late"]
 
     for params in (SamplingParams(max_tokens=2), SamplingParams(repetition_penalty=1.2),
                    SamplingParams(min_tokens=3)):
