@@ -14,6 +14,7 @@ from workers.config import ModelConfig
 from workers.kernels import elementwise, paged_attention
 from workers.layers import num_local_kv_heads
 from workers.parallel import ProcessGroup
+from workers.transfer import to_device
 
 NULL_BLOCK = 0  # reserved, always zeros: padded gathers read it instead of garbage
 
@@ -101,11 +102,11 @@ class AttentionMetadata:
         slot_mapping = _slots(tables[request_of_row], positions[:, None], block_size)[:, 0]
         decodes = [r for r, n in enumerate(num_new_tokens) if n == 1]
         return cls(
-            positions=positions.to(device),
-            query_start_loc=torch.tensor(starts, dtype=torch.long, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
-            block_tables=tables.to(device),
-            slot_mapping=slot_mapping.to(device),
+            positions=to_device(positions, device),
+            query_start_loc=to_device(starts, device, torch.long),
+            seq_lens=to_device(seq_lens, device, torch.long),
+            block_tables=to_device(tables, device),
+            slot_mapping=to_device(slot_mapping, device),
             **_decode_fields(decodes, starts, seq_lens, tables, block_size, device),
             prefills=[
                 _prefill_span(r, starts, num_computed_tokens, seq_lens, tables, block_size, device)
@@ -169,11 +170,11 @@ def _decode_fields(decodes, starts, seq_lens, tables, block_size, device) -> dic
     num_blocks = (int(lens.max()) + block_size - 1) // block_size if decodes else 0
     kv_pos = torch.arange(num_blocks * block_size).expand(len(decodes), -1)
     return dict(
-        decode_rows=torch.tensor([starts[r] for r in decodes], dtype=torch.long, device=device),
-        decode_block_tables=tables[decodes, :num_blocks].to(device),
-        decode_kv_positions=torch.where(kv_pos < lens[:, None], kv_pos, -1).to(device),
-        decode_q_positions=(lens - 1)[:, None].to(device),
-        decode_seq_lens=lens.to(device, torch.int32),
+        decode_rows=to_device([starts[r] for r in decodes], device, torch.long),
+        decode_block_tables=to_device(tables[decodes, :num_blocks], device),
+        decode_kv_positions=to_device(torch.where(kv_pos < lens[:, None], kv_pos, -1), device),
+        decode_q_positions=to_device((lens - 1)[:, None], device),
+        decode_seq_lens=to_device(lens, device, torch.int32),
     )
 
 
@@ -183,9 +184,9 @@ def _prefill_span(r, starts, num_computed, seq_lens, tables, block_size, device)
         row_start=starts[r],
         row_end=starts[r + 1],
         num_computed=num_computed[r],
-        kv_slots=_slots(tables[r : r + 1], kv_positions[None], block_size)[0].to(device),
-        q_positions=torch.arange(num_computed[r], seq_lens[r])[:, None].to(device),
-        kv_positions=kv_positions[None, :].to(device),
+        kv_slots=to_device(_slots(tables[r : r + 1], kv_positions[None], block_size)[0], device),
+        q_positions=to_device(torch.arange(num_computed[r], seq_lens[r])[:, None], device),
+        kv_positions=to_device(kv_positions[None, :], device),
     )
 
 

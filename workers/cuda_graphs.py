@@ -1,9 +1,14 @@
 """CUDA-graph capture of decode steps: the whole sharded forward pass (tensor-parallel
 all-reduces included) of a batch of single-token rows, captured once per batch-size
-bucket and replayed with the step's inputs copied into static buffers. Host work per
-step drops from ~1,500 kernel launches to one replay. Runs in each shard on CUDA."""
+bucket when the engine starts (as vLLM does, so no request pays for a capture) and
+replayed with the step's inputs copied into static buffers. Host work per step drops from
+~1,500 kernel launches to one replay. Runs in each shard on CUDA."""
 
 from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
 
 import torch
 
@@ -12,10 +17,12 @@ from workers.kernels import paged_attention
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
+logger = logging.getLogger(__name__)
+
 
 class DecodeGraphs:
-    """Static input buffers, one graph per bucket (captured on first use: every rank sees
-    the same plan, so all ranks capture the same bucket at the same step)."""
+    """Static input buffers and one graph per bucket, all captured by capture_all() (every
+    rank captures the same buckets in the same order, so their collectives pair up)."""
 
     def __init__(self, model, kv_caches, *, max_num_seqs: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device):
@@ -38,7 +45,23 @@ class DecodeGraphs:
                         for _ in range(2)]
         self._num_loads = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays: Counter[int] = Counter()  # per bucket
         self.pool = None
+
+    def capture_all(self) -> None:
+        """Captures every bucket, largest first (its memory pool then serves the smaller
+        ones), on padding inputs: every row writes its K/V to the scratch block."""
+        started = time.monotonic()
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.seq_lens.fill_(1)
+        self.block_tables.fill_(self.scratch_block)
+        for bucket in reversed(self.buckets):
+            self.graphs[bucket] = self._capture(bucket)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
+                    self.buckets, time.monotonic() - started)
 
     @staticmethod
     def supports(device: torch.device, head_dim: int, block_size: int) -> bool:
@@ -57,10 +80,9 @@ class DecodeGraphs:
         if fed_tokens is not None:
             index, tokens = fed_tokens
             self.input_ids[index] = tokens
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
         graph, hidden = self.graphs[bucket]
         graph.replay()
+        self.replays[bucket] += 1
         return hidden[:batch]
 
     def _load(self, input_ids, positions, block_tables, bucket: int) -> None:

@@ -16,6 +16,7 @@ from workers.loader import load_weights
 from workers.messages import ScheduledRequest, StepPlan
 from workers.models import get_model_class
 from workers.parallel import ProcessGroup
+from workers.transfer import to_device
 
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
 
@@ -58,11 +59,13 @@ class ModelRunner:
         head_dim = config.model_config.head_dim
         if config.enforce_eager or not DecodeGraphs.supports(self.device, head_dim, config.block_size):
             return None
-        return DecodeGraphs(
+        graphs = DecodeGraphs(
             self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
             max_blocks_per_seq=-(-config.max_model_len // config.block_size),
             block_size=config.block_size, scratch_block=self.num_blocks, device=self.device,
         )
+        graphs.capture_all()
+        return graphs
 
     def _num_blocks_that_fit(self) -> int:
         per_block = kv_cache_bytes_per_block(
@@ -175,10 +178,10 @@ class ModelRunner:
         rows = [row for row, _ in fed]
         sources = [order[req_id] for _, req_id in fed]
         if sources != list(range(tokens.shape[0])):
-            tokens = tokens[torch.tensor(sources, device=self.device)]
+            tokens = tokens[to_device(sources, self.device, torch.long)]
         if rows == list(range(len(rows))):
             return slice(0, len(rows)), tokens
-        return torch.tensor(rows, device=self.device), tokens
+        return to_device(rows, self.device, torch.long), tokens
 
     def _prepare(self, scheduled: tuple[ScheduledRequest, ...]) -> StepInputs:
         input_ids: list[int] = []
@@ -205,7 +208,7 @@ class ModelRunner:
             self.device,
         )
         input_embeds, embeds_mask = self._gather_embeds(embeds_pieces, len(input_ids))
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        input_ids_t = to_device(input_ids, self.device, torch.long)
         fed_tokens = self._fed_tokens(fed)
         if fed_tokens is not None:
             index, tokens = fed_tokens
@@ -215,7 +218,7 @@ class ModelRunner:
             attn_metadata=attn_metadata,
             input_embeds=input_embeds,
             embeds_mask=embeds_mask,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            sample_rows=to_device(sample_rows, self.device, torch.long),
         )
 
     def _gather_embeds(self, pieces, num_rows: int):

@@ -9,6 +9,7 @@ import torch
 
 from workers.messages import TokenLogprobs
 from workers.request import Request
+from workers.transfer import to_device
 
 _TINY = 1e-20  # floor for exponential noise: a 0 draw would turn masked 0/0 into NaN
 
@@ -103,17 +104,19 @@ class Sampler:
             return token_ids
         chosen = [requests[i] for i in rows]
         params = [r.sampling_params for r in chosen]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        scaled = logits[rows] / temperature[:, None]
+        device = logits.device
+        rows_t = to_device(rows, device, torch.long)
+        temperature = to_device([p.temperature for p in params], device, torch.float32)
+        scaled = logits[rows_t] / temperature[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled = apply_top_k_top_p(
                 scaled,
-                torch.tensor([p.top_k for p in params], device=logits.device),
-                torch.tensor([p.top_p for p in params], device=logits.device),
+                to_device([p.top_k for p in params], device, torch.long),
+                to_device([p.top_p for p in params], device, torch.float32),
             )
         probs = torch.softmax(scaled, dim=-1)
         noise = self._exponential_noise(probs, chosen)
-        token_ids[rows] = (probs / noise).argmax(dim=-1)
+        token_ids[rows_t] = (probs / noise).argmax(dim=-1)
         return token_ids
 
     def _exponential_noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -124,7 +127,7 @@ class Sampler:
         if unseeded:
             draws = torch.empty(len(unseeded), probs.shape[1], device=probs.device)
             draws.exponential_(generator=self._shared_generator(probs.device))
-            noise[unseeded] = draws
+            noise[to_device(unseeded, probs.device, torch.long)] = draws
         for i, request in enumerate(requests):
             if request.generator is not None:
                 row = torch.empty(probs.shape[1], device=request.generator.device)
@@ -171,15 +174,16 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         if request.prompt_token_ids is not None:
             in_prompt[j, _token_tensor(request.prompt_token_ids, vocab_size, device)] = True
     params = [requests[i].sampling_params for i in rows]
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-    selected = logits[rows]
+    repetition = to_device([p.repetition_penalty for p in params], device, torch.float32)[:, None]
+    frequency = to_device([p.frequency_penalty for p in params], device, torch.float32)[:, None]
+    presence = to_device([p.presence_penalty for p in params], device, torch.float32)[:, None]
+    rows_t = to_device(rows, device, torch.long)
+    selected = logits[rows_t]
     seen = in_prompt | (output_counts > 0)
     repeated = torch.where(selected > 0, selected / repetition, selected * repetition)
     selected = torch.where(seen, repeated, selected)
     selected -= frequency * output_counts + presence * (output_counts > 0).float()
-    logits[rows] = selected
+    logits[rows_t] = selected
 
 
 def apply_top_k_top_p(
@@ -203,5 +207,5 @@ def apply_top_k_top_p(
 def _token_tensor(token_ids: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
     """Token ids as a long tensor, ids outside the vocab (padding, ids of a larger
     tokenizer) dropped so they cannot index out of range."""
-    ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+    ids = to_device(token_ids, device, torch.long)
     return ids[(ids >= 0) & (ids < vocab_size)]

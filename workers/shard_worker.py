@@ -21,6 +21,7 @@ from workers.one_shot_all_reduce import try_one_shot_all_reduce
 from workers.parallel import bind_store, init_process_group
 from workers.request import Request
 from workers.step_loop import LeaderLoop, run_follower
+from workers.transfer import to_device
 
 
 def _all_threads_config():
@@ -123,8 +124,8 @@ class ShardWorker:
             tensor = torch.from_numpy(array)
         if embeds.dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
-        # .to() copies, which also releases the object-store view.
-        return tensor.to(self.runner.device, self.config.torch_dtype, copy=True)
+        # The host copy releases the object-store view; the upload waits for no step.
+        return to_device(tensor.to(self.config.torch_dtype, copy=True), self.runner.device)
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)
