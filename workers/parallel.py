@@ -16,15 +16,19 @@ class ProcessGroup:
     """Rank, size and the collectives the model and step loop use.
 
     `all_reduce`, `gather` and `broadcast` run on the device group (NCCL on GPU, gloo on CPU);
-    `broadcast_object` and `all_reduce_min` run on a CPU (gloo) group, for step plans.
+    `broadcast_object` and `all_reduce_min` run on a CPU (gloo) group, for step plans, or
+    `broadcast_object` through shared memory when every rank is on one host.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device_group=None, cpu_group=None):
+    def __init__(self, rank: int = 0, world_size: int = 1, device_group=None, cpu_group=None,
+                 timeout_s: float = 1800.0):
         self.rank = rank
         self.world_size = world_size
+        self.timeout_s = timeout_s
         self._device_group = device_group
         self._cpu_group = cpu_group
         self.fast_all_reduce = None  # e.g. OneShotAllReduce: small messages on one host
+        self.object_channel = None  # e.g. ShmBroadcastChannel: step plans on one host
 
     @property
     def is_leader(self) -> bool:
@@ -39,13 +43,14 @@ class ProcessGroup:
         return x
 
     def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
-        """Concatenate every rank's x along `dim` on rank 0; None on other ranks."""
+        """Concatenate every rank's x along `dim` on rank 0; None on other ranks. One
+        all-gather: a single collective, where NCCL's gather is a send/recv per rank."""
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_leader else None
-        dist.gather(x, parts, dst=0, group=self._device_group)
-        return torch.cat(parts, dim=dim) if self.is_leader else None
+        parts = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(parts, x, group=self._device_group)
+        return torch.cat(parts.chunk(self.world_size), dim=dim) if self.is_leader else None
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x into x on every rank (device group, in stream order); returns x."""
@@ -54,9 +59,15 @@ class ProcessGroup:
         return x
 
     def broadcast_object(self, obj=None):
-        """Rank 0's `obj` on every rank (pickled; a length then the bytes)."""
+        """Rank 0's `obj` on every rank (pickled: through the shared-memory channel when
+        there is one, else over gloo as a length then the bytes)."""
         if self.world_size == 1:
             return obj
+        if self.object_channel is not None:
+            return self.object_channel.broadcast(obj, self._broadcast_object_gloo, self.timeout_s)
+        return self._broadcast_object_gloo(obj)
+
+    def _broadcast_object_gloo(self, obj=None):
         if self.is_leader:
             payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
             size = torch.tensor([payload.numel()], dtype=torch.int64)
@@ -108,7 +119,7 @@ def init_process_group(
     )
     device_group = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else device_group
-    return ProcessGroup(rank, world_size, device_group, cpu_group)
+    return ProcessGroup(rank, world_size, device_group, cpu_group, timeout_s)
 
 
 def bind_store(host: str, world_size: int, timeout_s: float = 1800.0) -> dist.TCPStore:
