@@ -3,12 +3,17 @@ only that slice from the checkpoint, and runs its collective in `forward`. Runs 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.kernels import elementwise
+from workers.kernels import elementwise, gemv
 from workers.parallel import ProcessGroup
+
+# SHARDSERVE_USE_GEMV=0 keeps cuBLAS for decode steps of a few rows (an ablation switch).
+USE_GEMV = os.environ.get("SHARDSERVE_USE_GEMV", "1") != "0"
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -19,6 +24,17 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
             f"the parameter expects {tuple(param.shape)}"
         )
     param.data.copy_(loaded[:])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           silu_and_mul: bool = False) -> torch.Tensor:
+    """x W^T + b: the GEMV kernel for the few rows of a small decode step on CUDA, where
+    reading the weight is the whole cost; F.linear otherwise. silu_and_mul: x holds
+    [gate | up] and the product is of silu(gate) * up (fused into the GEMV when it runs)."""
+    if USE_GEMV and gemv.is_available(x.device, x, weight, silu_and_mul=silu_and_mul):
+        out = gemv.gemv(x, weight, silu_and_mul=silu_and_mul)
+        return out if bias is None else out + bias
+    return F.linear(_SILU_AND_MUL(x) if silu_and_mul else x, weight, bias)
 
 
 def num_local_kv_heads(num_kv_heads: int, world_size: int) -> int:
@@ -103,7 +119,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = tied_embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        local_logits = F.linear(hidden, self.weight)  # [M, padded_vocab / world_size]
+        local_logits = linear(hidden, self.weight)  # [M, padded_vocab / world_size]
         logits = self.pg.gather(local_logits, dim=-1)
         if logits is None:
             return None
@@ -128,7 +144,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_checked(param.data, loaded[start : start + self.num_local_out], "column slice")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -207,7 +223,8 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split: weight [output, input / world_size].
 
     forward(x [N, input / world_size]) -> [N, output]: partial products are summed by
-    all_reduce; the bias (replicated) is added once, after the reduce.
+    all_reduce; the bias (replicated) is added once, after the reduce. silu_and_mul:
+    x is [N, 2 * input / world_size] holding [gate | up], and the input is silu(gate) * up.
     """
 
     def __init__(self, input_size: int, output_size: int, pg: ProcessGroup, dtype, bias=False, device=None):
@@ -221,8 +238,8 @@ class RowParallelLinear(nn.Module):
         start = self.pg.rank * self.num_local_in
         _copy_checked(param.data, loaded[:, start : start + self.num_local_in], "row slice")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pg.all_reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor:
+        out = self.pg.all_reduce(linear(x, self.weight, silu_and_mul=silu_and_mul))
         return out if self.bias is None else out + self.bias
 
 
@@ -260,3 +277,6 @@ class SiluAndMul(nn.Module):
             return elementwise.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+_SILU_AND_MUL = SiluAndMul()

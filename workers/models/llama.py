@@ -15,7 +15,6 @@ from workers.layers import (
     QKVParallelLinear,
     RMSNorm,
     RowParallelLinear,
-    SiluAndMul,
     VocabParallelEmbedding,
 )
 from workers.parallel import ProcessGroup
@@ -33,11 +32,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], pg, dtype, config.mlp_bias, device
         )
-        self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(size, config.hidden_size, pg, dtype, config.mlp_bias, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True)
 
 
 class LlamaAttention(nn.Module):
