@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import ModelConfig
-from workers.kernels import elementwise, paged_attention
+from workers.kernels import elementwise, paged_attention, paged_prefill
 from workers.layers import num_local_kv_heads
 from workers.parallel import ProcessGroup
 from workers.transfer import to_device
@@ -56,12 +56,25 @@ class PrefillSpan:
     kv_positions: torch.Tensor  # LongTensor [1, seq_len]
 
 
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Every prefill span of a step packed for one kernel launch: the spans' rows of the
+    batch, in order, with the spans' own cumulative rows, lengths and block tables."""
+
+    rows: torch.Tensor  # LongTensor [P]: batch row of each prefill row
+    query_start_loc: torch.Tensor  # LongTensor [S + 1]: cumulative rows of the spans
+    seq_lens: torch.Tensor  # LongTensor [S]: keys of each span's request (computed + new)
+    block_tables: torch.Tensor  # LongTensor [S, max_blocks]
+    max_query_len: int  # rows of the longest span (sizes the kernel's grid)
+
+
 @dataclass
 class AttentionMetadata:
     """Where one step's N rows (R requests, each's rows contiguous) live in the paged cache.
 
-    Requests with one new row are decodes, batched into one SDPA call over keys gathered
-    into [B, max_seq_len]; the others are prefill spans, one SDPA call each.
+    Requests with one new row are decodes, batched into one call of the decode kernel (on
+    CUDA) or of SDPA over keys gathered into [B, max_seq_len]; the others are prefill spans,
+    all in one call of the prefill kernel (on CUDA) or one SDPA call each.
     """
 
     positions: torch.Tensor  # LongTensor [N]
@@ -75,6 +88,7 @@ class AttentionMetadata:
     decode_q_positions: torch.Tensor  # LongTensor [B, 1]
     decode_seq_lens: torch.Tensor  # IntTensor [B]: context of each decode row, its own token included
     prefills: list[PrefillSpan]
+    prefill_batch: PrefillBatch | None = None  # the spans packed (None without spans)
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window, per step
 
     @property
@@ -101,6 +115,7 @@ class AttentionMetadata:
         request_of_row = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new_tokens))
         slot_mapping = _slots(tables[request_of_row], positions[:, None], block_size)[:, 0]
         decodes = [r for r, n in enumerate(num_new_tokens) if n == 1]
+        spans = [r for r, n in enumerate(num_new_tokens) if n > 1]
         return cls(
             positions=to_device(positions, device),
             query_start_loc=to_device(starts, device, torch.long),
@@ -110,9 +125,9 @@ class AttentionMetadata:
             **_decode_fields(decodes, starts, seq_lens, tables, block_size, device),
             prefills=[
                 _prefill_span(r, starts, num_computed_tokens, seq_lens, tables, block_size, device)
-                for r, n in enumerate(num_new_tokens)
-                if n > 1
+                for r in spans
             ],
+            prefill_batch=_prefill_batch(spans, starts, num_new_tokens, seq_lens, tables, device),
         )
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -178,6 +193,21 @@ def _decode_fields(decodes, starts, seq_lens, tables, block_size, device) -> dic
     )
 
 
+def _prefill_batch(spans, starts, num_new_tokens, seq_lens, tables, device) -> PrefillBatch | None:
+    if not spans:
+        return None
+    span_starts = [0]
+    for r in spans:
+        span_starts.append(span_starts[-1] + num_new_tokens[r])
+    return PrefillBatch(
+        rows=to_device(torch.cat([torch.arange(starts[r], starts[r + 1]) for r in spans]), device),
+        query_start_loc=to_device(span_starts, device, torch.long),
+        seq_lens=to_device([seq_lens[r] for r in spans], device, torch.long),
+        block_tables=to_device(tables[spans], device),
+        max_query_len=max(num_new_tokens[r] for r in spans),
+    )
+
+
 def _prefill_span(r, starts, num_computed, seq_lens, tables, block_size, device) -> PrefillSpan:
     kv_positions = torch.arange(seq_lens[r])
     return PrefillSpan(
@@ -218,6 +248,12 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if metadata.num_decodes:
             out.index_copy_(0, metadata.decode_rows, self._decode(q, kv_cache, metadata))
+        batch = metadata.prefill_batch
+        if batch is not None and paged_prefill.is_available(q.device, self.head_dim, kv_cache[0].shape[1]):
+            out.index_copy_(0, batch.rows, paged_prefill.paged_prefill_attention(
+                q[batch.rows], kv_cache[0], kv_cache[1], batch.block_tables, batch.query_start_loc,
+                batch.seq_lens, self.scale, self.sliding_window, max_query_len=batch.max_query_len))
+            return out
         for index, span in enumerate(metadata.prefills):
             rows = slice(span.row_start, span.row_end)
             if span.num_computed == 0:  # no earlier context: this step's rows are all the keys

@@ -126,7 +126,7 @@ MODEL_SCRIPT = """
 import sys
 import torch
 from tests.workers import test_models_vs_hf as peer
-from workers.kernels import elementwise, gemv, paged_attention
+from workers.kernels import elementwise, gemv, paged_attention, paged_prefill
 from workers.parallel import ProcessGroup
 
 real_gemv_check = gemv.is_available
@@ -137,11 +137,13 @@ for family, path in zip(sys.argv[1::2], sys.argv[2::2]):
         expected = peer._run(model, config, ProcessGroup(), token_ids, schedule, peer.EMBED_PREFIX)
         elementwise.is_available = lambda device: True
         paged_attention.is_available = lambda device, head_dim, block_size: True
+        paged_prefill.is_available = lambda device, head_dim, block_size: True
         gemv.is_available = lambda device, x, weight, silu_and_mul=False: (
             1 <= x.shape[0] <= gemv.MAX_ROWS and weight.shape[1] % 16 == 0)
         fused = peer._run(model, config, ProcessGroup(), token_ids, schedule, peer.EMBED_PREFIX)
         elementwise.is_available = lambda device: False
         paged_attention.is_available = lambda device, head_dim, block_size: False
+        paged_prefill.is_available = lambda device, head_dim, block_size: False
         gemv.is_available = real_gemv_check
         torch.testing.assert_close(fused, expected, atol=2e-4, rtol=2e-4, msg=f"{family} {name}")
 print("checked")
@@ -149,7 +151,8 @@ print("checked")
 
 
 def test_model_with_kernels_in_triton_interpreter(tiny_checkpoints):
-    """Every family's forward pass with all kernels on (run by the interpreter; the GEMV
+    """Every family's forward pass with all kernels on (run by the interpreter; one prefill
+    kernel launch for all spans of a step; the GEMV
     for steps of at most gemv.MAX_ROWS rows, with SiLU-and-mul fused into down_proj) equals
     the reference path: chunked prefill, decodes beside a prefill, embedding rows."""
     families = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")
