@@ -83,17 +83,33 @@ def _workload(stop_token: int) -> list[tuple[str, list[int], SamplingParams]]:
     ]
 
 
-def _run(path, async_scheduling: bool, stop_token: int):
-    engine = Engine(path, async_scheduling)
+def _count_ahead(engine: Engine, while_waiting: bool = False) -> dict:
+    """Counts the steps schedule_ahead plans (only those planned while requests wait,
+    with while_waiting) into the returned dict's "ahead"."""
     calls = {"ahead": 0}
-    schedule_ahead = engine.loop.scheduler.schedule_ahead
+    scheduler = engine.loop.scheduler
+    schedule_ahead = scheduler.schedule_ahead
 
     def counting(out):
         result = schedule_ahead(out)
-        calls["ahead"] += result is not None
+        calls["ahead"] += result is not None and (bool(scheduler.waiting) or not while_waiting)
         return result
 
-    engine.loop.scheduler.schedule_ahead = counting
+    scheduler.schedule_ahead = counting
+    return calls
+
+
+def _collect_all(engine: Engine, num_requests: int, on_delta=None) -> dict:
+    """Every request's result, once all have finished and freed their blocks."""
+    results = engine.collect(num_requests, on_delta)
+    stats = engine.loop.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
+    return results
+
+
+def _run(path, async_scheduling: bool, stop_token: int):
+    engine = Engine(path, async_scheduling)
+    calls = _count_ahead(engine)
     try:
         workload = _workload(stop_token)
         for req_id, prompt, params in workload[:3]:
@@ -106,10 +122,7 @@ def _run(path, async_scheduling: bool, stop_token: int):
                     engine.add(req_id, prompt, params)
                 late.clear()
 
-        results = engine.collect(len(workload), add_late)
-        stats = engine.loop.stats()
-        assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
-        return results, calls["ahead"]
+        return _collect_all(engine, len(workload), add_late), calls["ahead"]
     finally:
         engine.stop()
 
@@ -136,26 +149,14 @@ def test_async_scheduling_matches_sync(model_path):
 def _run_queued(path, async_scheduling: bool, stop_token: int):
     """Five requests through two seats: three wait while the seats decode."""
     engine = Engine(path, async_scheduling, max_num_seqs=2)
-    calls = {"ahead_with_queue": 0}
-    scheduler = engine.loop.scheduler
-    schedule_ahead = scheduler.schedule_ahead
-
-    def counting(out):
-        result = schedule_ahead(out)
-        calls["ahead_with_queue"] += result is not None and bool(scheduler.waiting)
-        return result
-
-    scheduler.schedule_ahead = counting
+    calls = _count_ahead(engine, while_waiting=True)
     try:
         gen = torch.Generator().manual_seed(5)
         for i, max_tokens in enumerate((12, 20, 9, 15, 11)):
             prompt = torch.randint(3, 301, (4 + i,), generator=gen).tolist()
             engine.add(f"q{i}", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                        stop_token_ids=(stop_token,)))
-        results = engine.collect(5)
-        stats = engine.loop.stats()
-        assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
-        return results, calls["ahead_with_queue"]
+        return _collect_all(engine, 5), calls["ahead"]
     finally:
         engine.stop()
 

@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from workers.kernels.device import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -174,15 +176,6 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + n, total.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter
-        return 1
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, silu_and_mul: bool = False,
@@ -201,7 +194,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, silu_and_mul: bool = False,
     if rows == 0 or n == 0:
         return out
     if plan is None:
-        plan = plan_for(rows, n, k, _num_sms(x.device))
+        plan = plan_for(rows, n, k, sm_count(x.device))
     tiles_per_split = _cdiv(_cdiv(k, plan.block_k), plan.num_splits)
     split = plan.num_splits > 1
     part = torch.empty(plan.num_splits, rows, n, dtype=torch.float32, device=x.device) if split else out

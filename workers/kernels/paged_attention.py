@@ -5,9 +5,9 @@ the reference (and the CPU path). Runs in each shard."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from workers.kernels.device import sm_count, supports_paged_cache
 
 try:
     import triton
@@ -21,13 +21,8 @@ MAX_SPLITS = 16  # programs per (sequence, KV head) at most (flash-decoding spli
 
 
 def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
-    """The kernel runs on CUDA with power-of-two head_dim >= 16 and block_size (Triton
-    ranges; tensor-core dots need 16)."""
-    def is_pow2(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    return (triton is not None and device.type == "cuda" and is_pow2(head_dim) and head_dim >= 16
-            and is_pow2(block_size))
+    """Whether the kernel runs for this device, head size and cache block size."""
+    return supports_paged_cache(device, head_dim, block_size)
 
 
 if triton is not None:
@@ -119,19 +114,12 @@ def num_splits_for(batch: int, num_kv_heads: int, max_keys: int, device: torch.d
     if device.type != "cuda":  # Triton's interpreter: one split
         return 1
     programs = batch * num_kv_heads
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(MAX_SPLITS, -(-max_keys // TILE_KEYS), -(-2 * sms // programs)))
 
 
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_decode_attention(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from workers.kernels.device import supports_paged_cache
+
 try:
     import triton
     import triton.language as tl
@@ -19,13 +21,8 @@ LOG2_E = 1.4426950408889634
 
 
 def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
-    """The kernel runs on CUDA with power-of-two head_dim >= 16 and block_size (Triton
-    ranges; tensor-core dots need 16)."""
-    def is_pow2(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    return (triton is not None and device.type == "cuda" and is_pow2(head_dim) and head_dim >= 16
-            and is_pow2(block_size))
+    """Whether the kernel runs for this device, head size and cache block size."""
+    return supports_paged_cache(device, head_dim, block_size)
 
 
 if triton is not None:
