@@ -350,6 +350,20 @@ def test_openai_client_example_against_the_server(client, server_url, capsys):
     assert text and repr(text) in out
 
 
+def test_served_embeds_check_agrees_with_token_ids_and_catches_wrong_rows(server_url, capsys):
+    """scripts/check_served_embeds.py reads the embedding rows from the serving engine's
+    shards (both ranks at TP 2), so the two requests match; rows in the wrong order don't."""
+    script = runpy.run_path(str(EXAMPLES.parent / "check_served_embeds.py"))
+    argv = ["--base-url", f"{server_url}/v1", "--prompt-len", "12", "--max-tokens", "8"]
+    result = script["main"](argv)
+    assert result["ok"] and result["same_text"] and result["completion_tokens"] == 8, result
+    assert result["max_logprob_diff"] <= 1e-3
+    right_rows = script["input_embeddings"]
+    script["main"].__globals__["input_embeddings"] = lambda ids: right_rows(ids).flip(0)
+    assert not script["main"](argv)["ok"]
+    assert "ok=False" in capsys.readouterr().out
+
+
 def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, capsys):
     main = runpy.run_path(str(BENCH))["main"]
     report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "4", "--input-len", "16",
