@@ -8,7 +8,9 @@ takes the same path. Runs in each shard, on CPU and GPU alike.
 A slot holds (sequence number, length, payload); each follower publishes the sequence
 number it read last. The leader reuses a slot only once every follower has read the
 message in it. The sequence number is written after the payload, as one aligned 8-byte
-store, so a follower that sees it sees the payload."""
+store, so a follower that sees it sees the payload: x86-64 keeps stores (and loads) in
+program order. Other architectures (e.g. aarch64) may reorder them, so there the plans go
+through gloo."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import logging
 import mmap
 import os
 import pickle
+import platform
 import socket
 import tempfile
 import time
@@ -94,11 +97,11 @@ class ShmBroadcastChannel:
 
 
 def try_shm_channel(pg) -> ShmBroadcastChannel | None:
-    """A channel when every rank is on this host and could map the leader's file; None
-    (gloo for everything) otherwise. Every rank agrees. The file is unlinked once all have
+    """A channel when every rank is on this x86-64 host and could map the leader's file;
+    None (gloo for everything) otherwise. Every rank agrees. The file is unlinked once all have
     mapped it, so nothing is left behind however the processes end."""
-    hosts = pg.all_gather_object(socket.gethostname())
-    if len(set(hosts)) > 1:
+    hosts = pg.all_gather_object((socket.gethostname(), platform.machine()))
+    if len(set(hosts)) > 1 or hosts[0][1] not in ("x86_64", "AMD64"):
         return None
     channel, error, path = None, None, None
     if pg.is_leader:  # created before anyone hears the path
