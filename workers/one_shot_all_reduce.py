@@ -7,7 +7,6 @@ Captured in CUDA graphs like NCCL. Runs in each shard."""
 from __future__ import annotations
 
 import logging
-import socket
 
 import torch
 import torch.distributed as dist
@@ -44,9 +43,8 @@ def try_one_shot_all_reduce(pg, device: torch.device) -> OneShotAllReduce | None
     """A OneShotAllReduce when every rank is on this host and each could set one up; None
     (NCCL for everything) otherwise. All ranks agree, so none waits in a collective the
     others skip."""
-    hosts = pg.all_gather_object(socket.gethostname())
     communicator, error = None, None
-    if len(set(hosts)) == 1:
+    if pg.on_one_host():
         try:
             communicator = OneShotAllReduce(dist.group.WORLD, device)
         except (RuntimeError, AttributeError, ImportError) as exc:

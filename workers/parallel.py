@@ -6,6 +6,7 @@ nn.Linear / nn.Embedding. Runs in each shard process."""
 from __future__ import annotations
 
 import pickle
+import socket
 from datetime import timedelta
 
 import torch
@@ -29,6 +30,7 @@ class ProcessGroup:
         self._cpu_group = cpu_group
         self.fast_all_reduce = None  # e.g. OneShotAllReduce: small messages on one host
         self.object_channel = None  # e.g. ShmBroadcastChannel: step plans on one host
+        self._on_one_host: bool | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -86,6 +88,13 @@ class ProcessGroup:
         objects = [None] * self.world_size
         dist.all_gather_object(objects, obj, group=self._cpu_group)
         return objects
+
+    def on_one_host(self) -> bool:
+        """Whether every rank runs on this host (the same answer on every rank; asked of
+        all ranks once, then remembered)."""
+        if self._on_one_host is None:
+            self._on_one_host = len(set(self.all_gather_object(socket.gethostname()))) == 1
+        return self._on_one_host
 
     def all_reduce_min(self, value: int) -> int:
         """The smallest `value` over ranks (e.g. KV blocks that fit on every shard)."""

@@ -19,7 +19,6 @@ import mmap
 import os
 import pickle
 import platform
-import socket
 import tempfile
 import time
 import uuid
@@ -100,9 +99,8 @@ def try_shm_channel(pg) -> ShmBroadcastChannel | None:
     """A channel when every rank is on this x86-64 host and could map the leader's file;
     None (gloo for everything) otherwise. Every rank agrees. The file is unlinked once all have
     mapped it, so nothing is left behind however the processes end."""
-    hosts = pg.all_gather_object((socket.gethostname(), platform.machine()))
-    if len(set(hosts)) > 1 or hosts[0][1] not in ("x86_64", "AMD64"):
-        return None
+    if not pg.on_one_host() or platform.machine() not in ("x86_64", "AMD64"):
+        return None  # ranks of one host share its machine type, so all agree
     channel, error, path = None, None, None
     if pg.is_leader:  # created before anyone hears the path
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
