@@ -20,7 +20,7 @@ from workers.model_runner import ModelRunner
 from workers.one_shot_all_reduce import try_one_shot_all_reduce
 from workers.parallel import bind_store, init_process_group
 from workers.request import Request
-from workers.shm_channel import try_shm_channel
+from workers.shm_channel import SPIN_S, try_shm_channel
 from workers.step_loop import LeaderLoop, run_follower
 from workers.transfer import to_device
 
@@ -71,7 +71,7 @@ class ShardWorker:
             store=self._store,
         )
         if pg.world_size > 1:
-            pg.object_channel = try_shm_channel(pg)
+            pg.object_channel = try_shm_channel(pg, spin_s=SPIN_S if device.type == "cuda" else 0.0)
         if device.type == "cuda" and pg.world_size > 1 and not self.config.disable_custom_all_reduce:
             pg.fast_all_reduce = try_one_shot_all_reduce(pg, device)
         torch.manual_seed(self.config.seed)

@@ -29,7 +29,10 @@ import numpy as np
 NUM_SLOTS = 4
 SLOT_BYTES = 1 << 20  # a batch-256 plan with new requests pickles to tens of KiB
 _HEADER = 16  # int64 sequence number, int64 payload length (-1: sent through gloo)
-# A waiting rank yields the GIL between polls for this long, then sleeps between polls.
+# A waiting rank of a GPU engine yields the GIL between polls for this long, then sleeps
+# between polls. A CPU engine's ranks sleep between polls from the start: their cores run
+# the forward pass (on 2 cores at TP=2, spinning ranks decoded at 18.8 ms a token, gloo at
+# 17.8 and sleeping ranks at 18.1: scripts/profile_shards.py -tp 2 --max-tokens 128).
 SPIN_S = 0.02
 SLEEP_S = 2e-4
 
@@ -39,8 +42,9 @@ logger = logging.getLogger(__name__)
 class ShmBroadcastChannel:
     """Rank 0 writes, ranks 1..world_size-1 read, in order, every message."""
 
-    def __init__(self, path: str, rank: int, world_size: int, create: bool):
+    def __init__(self, path: str, rank: int, world_size: int, create: bool, spin_s: float = SPIN_S):
         self.rank = rank
+        self.spin_s = spin_s
         self._acks_offset = NUM_SLOTS * (_HEADER + SLOT_BYTES)
         size = self._acks_offset + 8 * world_size
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
@@ -79,8 +83,7 @@ class ShmBroadcastChannel:
         self._acks[self.rank] = self._seq
         return obj
 
-    @staticmethod
-    def _wait(ready: Callable[[], bool], timeout_s: float) -> None:
+    def _wait(self, ready: Callable[[], bool], timeout_s: float) -> None:
         if ready():
             return
         start = time.monotonic()
@@ -88,27 +91,30 @@ class ShmBroadcastChannel:
             waited = time.monotonic() - start
             if waited > timeout_s:
                 raise TimeoutError(f"no message from the other ranks in {timeout_s:g} s")
-            time.sleep(0 if waited < SPIN_S else SLEEP_S)
+            time.sleep(0 if waited < self.spin_s else SLEEP_S)
 
     def close(self) -> None:
         self._slots = self._acks = None
         self._map.close()
 
 
-def try_shm_channel(pg) -> ShmBroadcastChannel | None:
-    """A channel when every rank is on this x86-64 host and could map the leader's file;
+def try_shm_channel(pg, spin_s: float = SPIN_S) -> ShmBroadcastChannel | None:
+    """A channel when every rank is on this x86-64 host and could map the leader's file
+    (its waits spin for spin_s before they sleep between polls);
     None (gloo for everything) otherwise. Every rank agrees. The file is unlinked once all have
     mapped it, so nothing is left behind however the processes end."""
-    if not pg.on_one_host() or platform.machine() not in ("x86_64", "AMD64"):
-        return None  # ranks of one host share its machine type, so all agree
+    usable = (os.environ.get("SHARDSERVE_USE_SHM_PLANS", "1") != "0"  # an ablation switch
+              and platform.machine() in ("x86_64", "AMD64"))
+    if not pg.on_one_host() or pg.all_reduce_min(int(usable)) == 0:
+        return None
     channel, error, path = None, None, None
     if pg.is_leader:  # created before anyone hears the path
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         path = os.path.join(directory, f"shardserve-plans-{uuid.uuid4().hex}")
-        channel, error = _open(path, pg, create=True)
+        channel, error = _open(path, pg, True, spin_s)
     path = pg.broadcast_object(path if channel is not None else None)
     if not pg.is_leader and path is not None:
-        channel, error = _open(path, pg, create=False)
+        channel, error = _open(path, pg, False, spin_s)
     ok = pg.all_reduce_min(int(channel is not None)) == 1
     if pg.is_leader and channel is not None:
         os.unlink(path)
@@ -121,8 +127,8 @@ def try_shm_channel(pg) -> ShmBroadcastChannel | None:
     return channel
 
 
-def _open(path: str, pg, create: bool) -> tuple[ShmBroadcastChannel | None, OSError | None]:
+def _open(path: str, pg, create: bool, spin_s: float) -> tuple[ShmBroadcastChannel | None, OSError | None]:
     try:
-        return ShmBroadcastChannel(path, pg.rank, pg.world_size, create=create), None
+        return ShmBroadcastChannel(path, pg.rank, pg.world_size, create=create, spin_s=spin_s), None
     except OSError as exc:
         return None, exc

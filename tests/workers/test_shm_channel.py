@@ -11,7 +11,6 @@ import time
 import pytest
 
 from tests.workers.conftest import run_distributed
-from workers import shm_channel
 from workers.shm_channel import NUM_SLOTS, SLOT_BYTES, ShmBroadcastChannel, try_shm_channel
 
 
@@ -59,11 +58,10 @@ def test_a_reader_times_out_when_the_leader_never_writes(tmp_path):
         leader.close()
 
 
-def test_the_leader_waits_for_a_reader_before_reusing_its_slot(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm_channel, "SPIN_S", 0.0)
+def test_the_leader_waits_for_a_reader_before_reusing_its_slot(tmp_path):
     path = str(tmp_path / "plans")
-    leader = ShmBroadcastChannel(path, 0, 2, create=True)
-    follower = ShmBroadcastChannel(path, 1, 2, create=False)
+    leader = ShmBroadcastChannel(path, 0, 2, create=True, spin_s=0.0)  # sleeps between polls
+    follower = ShmBroadcastChannel(path, 1, 2, create=False, spin_s=0.0)
     try:
         for i in range(NUM_SLOTS):  # fills the ring; nobody has read
             leader.broadcast(i, None, timeout_s=1)
