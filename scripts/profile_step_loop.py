@@ -1,0 +1,158 @@
+"""Where an offline run's time goes, step by step: the real leader step loop in this
+process (one shard, no Ray) runs N random prompts, with CUDA events around every launched
+step. Prints, per kind of step (decode by batch bucket, mixed by tokens), the count, the
+GPU time from launch to the sampler's last kernel, the step's span on the GPU timeline
+(end to end) and the host time spent launching it. A step whose timeline span exceeds its
+GPU time left the GPU idle.
+
+    python scripts/profile_step_loop.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 \\
+        --num-prompts 1000 --input-len 256 --output-len 256 --max-num-batched-tokens 8192
+
+On a machine without CUDA it runs the built-in default model on the CPU, with host clocks
+for the events."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+from collections import defaultdict
+
+import torch
+
+from cluster.default_model import default_model_path
+from scripts.bench_args import add_model_args, model_path
+from workers.config import EngineConfig, ModelConfig
+from workers.intake import Intake, RequestState
+from workers.messages import NewRequest
+from workers.model_runner import ModelRunner
+from workers.parallel import ProcessGroup
+from workers.request import Request
+from workers.sampling_params import SamplingParams
+from workers.step_loop import LeaderLoop
+
+
+class HostEvent:
+    """torch.cuda.Event's timing interface on host clocks (CPU runs)."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def record(self) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.time - self.time) * 1e3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    return parser.parse_args(argv)
+
+
+class ProfiledLoop:
+    """A LeaderLoop on its own thread whose launches are timed."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner):
+        self.config, self.runner, self.intake = config, runner, Intake()
+        self.loop = LeaderLoop(config, runner, ProcessGroup(), self.intake)
+        self.cuda = runner.device.type == "cuda"
+        self.records = []  # (is_decode, requests, tokens, start event, end event, host seconds)
+        launch = self.loop._launch
+
+        def timed_launch(out, feedback=None):
+            start, end = self._event(), self._event()
+            host_start = time.perf_counter()
+            start.record()
+            launched = launch(out, feedback)
+            end.record()
+            self.records.append((out.num_scheduled_tokens == len(out.scheduled), len(out.scheduled),
+                                 out.num_scheduled_tokens, start, end, time.perf_counter() - host_start))
+            return launched
+
+        self.loop._launch = timed_launch
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else HostEvent()
+
+    def run(self, prompts: list[list[int]], output_len: int, tag: str) -> float:
+        """Wall seconds until every prompt has finished."""
+        self.records.clear()
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        start = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            new = NewRequest(f"{tag}{i}", tuple(prompt), None, params)
+            self.intake.put(RequestState(new.req_id, len(prompt), list(prompt), None))
+            self.loop.add_request(Request.from_new_request(new, self.config.eos_token_ids,
+                                                           self.config.max_model_len, device=self.runner.device))
+        finished = 0
+        while finished < len(prompts):
+            finished += sum(d.finish_reason is not None for d in self.loop.outbox.take(1.0))
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join()
+
+
+def summarize(records, buckets) -> dict:
+    """Per (kind, bucket): steps, mean GPU ms, mean timeline ms, mean host ms."""
+    rows = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    previous_end = None
+    for is_decode, requests, tokens, start, end, host_s in records:
+        key = ("decode", buckets(requests)) if is_decode else ("mixed", tokens // 2048 * 2048)
+        row = rows[key]
+        row[0] += 1
+        row[1] += start.elapsed_time(end)
+        row[2] += previous_end.elapsed_time(end) if previous_end is not None else 0.0
+        row[3] += host_s * 1e3
+        previous_end = end
+    return {key: (n, gpu / n, timeline / n, host / n) for key, (n, gpu, timeline, host) in sorted(rows.items())}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    path = model_path(args) or str(default_model_path())
+    config = EngineConfig(
+        model=path, model_config=ModelConfig.from_pretrained(path), dtype=args.dtype if cuda else "float32",
+        load_format=args.load_format, device="cuda" if cuda else "cpu", max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+    )
+    if cuda:
+        torch.cuda.set_device(0)
+    runner = ModelRunner(config, ProcessGroup(), torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    profiled = ProfiledLoop(config, runner)
+    rng = random.Random(0)
+    vocab = config.model_config.vocab_size
+    try:
+        profiled.run([[rng.randrange(10, vocab - 10) for _ in range(8)]] * 2, 4, "warmup-")
+        prompts = [[rng.randrange(10, vocab - 10) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+        wall = profiled.run(prompts, args.output_len, "p")
+    finally:
+        profiled.stop()
+    graphs = runner.decode_graphs
+    rows = summarize(profiled.records, graphs.bucket_for if graphs is not None else (lambda n: n))
+    tokens = args.num_prompts * args.output_len
+    print(f"{args.num_prompts} x {args.input_len} -> {args.output_len}: {wall:.2f} s, {tokens / wall:.0f} "
+          f"output tok/s, {len(profiled.records)} steps")
+    print(f"{'kind':>8} {'bucket':>6} {'steps':>6} {'gpu ms':>8} {'timeline ms':>12} {'host ms':>8} {'total s':>8}")
+    for (kind, bucket), (n, gpu, timeline, host) in rows.items():
+        print(f"{kind:>8} {bucket:>6} {n:>6} {gpu:>8.2f} {timeline:>12.2f} {host:>8.2f} {n * timeline / 1e3:>8.2f}")
+    return {"wall_s": wall, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
