@@ -1,5 +1,5 @@
 """CUDA-graph capture of decode steps: the whole sharded forward pass (tensor-parallel
-all-reduces included) of a batch of single-token rows, captured once per batch-size
+all-reduces included) and the LM head with its logits gather, of a batch of single-token rows, captured once per batch-size
 bucket when the engine starts (as vLLM does, so no request pays for a capture) and
 replayed with the step's inputs copied into static buffers. Host work per step drops from
 ~1,500 kernel launches to one replay. Runs in each shard on CUDA."""
@@ -44,7 +44,7 @@ class DecodeGraphs:
                          torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned))
                         for _ in range(2)]
         self._num_loads = 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket
         self.pool = None
 
@@ -71,19 +71,20 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     def run(self, input_ids, positions, block_tables: list[list[int]],
-            fed_tokens: tuple[slice | torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """hidden [B, H] for B decode rows (token, position, block table per row);
-        fed_tokens (index, tokens on the device) overwrite the input ids at index."""
+            fed_tokens: tuple[slice | torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """float32 logits [B, vocab] for B decode rows (token, position, block table per
+        row) on the leader, None on the others; fed_tokens (index, tokens on the device)
+        overwrite the input ids at index. The LM head and its gather run inside the graph."""
         batch = len(input_ids)
         bucket = self.bucket_for(batch)
         self._load(input_ids, positions, block_tables, bucket)
         if fed_tokens is not None:
             index, tokens = fed_tokens
             self.input_ids[index] = tokens
-        graph, hidden = self.graphs[bucket]
+        graph, logits = self.graphs[bucket]
         graph.replay()
         self.replays[bucket] += 1
-        return hidden[:batch]
+        return logits[:batch] if logits is not None else None
 
     def _load(self, input_ids, positions, block_tables, bucket: int) -> None:
         """Copies the step's rows into the static buffers (two host-to-device copies);
@@ -129,10 +130,10 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: allocator and kernel autotuning settle
             for _ in range(2):
-                self.model(*args)
+                self.model.compute_logits(self.model(*args))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden = self.model(*args)
+            logits = self.model.compute_logits(self.model(*args))
         self.pool = graph.pool()
-        return graph, hidden
+        return graph, logits

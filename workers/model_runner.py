@@ -162,9 +162,8 @@ class ModelRunner:
             if not ids:  # the previous step's sample, still on the device
                 fed.append((row, sched.req_id))
             input_ids.append(ids[0] if ids else 0)
-        hidden = self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
-                                        self._fed_tokens(fed))
-        return self.model.compute_logits(hidden)
+        return self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
+                                      self._fed_tokens(fed))
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into
