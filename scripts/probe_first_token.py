@@ -6,6 +6,7 @@ always follows the other. Also the driver's own share of an embeddings request: 
 
     python scripts/probe_first_token.py -tp 2 --repeats 40
     SHARDSERVE_USE_SHM_PLANS=0 python scripts/probe_first_token.py -tp 2   # plans over gloo
+    python scripts/probe_first_token.py -tp 2 --timeline   # when each rank reaches each phase
 
 Without --model-shape / --model it runs the built-in default model (CPU works)."""
 
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import ray
 import torch
 
 from cluster import LLM, SamplingParams
@@ -27,7 +29,93 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print, per rank, the median time from the driver's call to each phase")
     return parser.parse_args(argv)
+
+
+def _install_stamps(shard) -> bool:
+    """On the shard: records (phase, enter, exit) wall-clock times of the first-token
+    path's phases in shard._stamps. add_request itself cannot be wrapped (Ray calls the
+    class's function), but its first act is _fetch_embeds, for both kinds of prompt."""
+    import functools
+    import time as clock
+
+    stamps = shard._stamps = []
+
+    def wrap(obj, name, phase):
+        fn = getattr(obj, name)
+
+        @functools.wraps(fn)
+        def stamped(*args, **kwargs):
+            start = clock.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stamps.append((phase, start, clock.time()))
+        setattr(obj, name, stamped)
+
+    wrap(shard, "_fetch_embeds", "add_request (fetch embeds)")
+    wrap(shard.intake, "put", "intake put")
+    wrap(shard.runner.pg, "broadcast_object", "plan broadcast")
+    wrap(shard.runner, "apply", "apply plan")
+    wrap(shard.runner, "execute", "execute")
+    if shard.leader is not None:
+        wrap(shard.leader, "add_request", "leader add")
+        wrap(shard.leader.sampler, "launch", "sampler launch")
+        wrap(shard.leader.outbox, "put", "outbox put")
+    return True
+
+
+def _stamp_driver(llm, stamps: list) -> None:
+    """The driver's phases of a request, into stamps: parsing (and checking) the prompt,
+    putting embeddings into the object store, sending add_request to every shard."""
+    def wrap(obj, name, phase):
+        fn = getattr(obj, name)
+
+        def stamped(*args, **kwargs):
+            start = time.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stamps.append((phase, start, time.time()))
+        setattr(obj, name, stamped)
+
+    wrap(llm, "_parse", "parse prompt")
+    wrap(llm.engine, "put_prompt", "ray.put embeds")
+    wrap(llm.engine, "add_request", "send add_request")
+
+
+def _take_stamps(shard) -> list:
+    stamps, shard._stamps[:] = list(shard._stamps), []
+    return stamps
+
+
+def _first_after(stamps: list, start: float) -> dict:
+    """phase -> (enter, exit) in ms after start, of each phase's first call that ended
+    after start (a follower's plan wait begins before the request exists)."""
+    first = {}
+    for phase, enter, exit_ in sorted(stamps, key=lambda stamp: stamp[2]):
+        if exit_ >= start and phase not in first:
+            first[phase] = ((enter - start) * 1e3, (exit_ - start) * 1e3)
+    return first
+
+
+def _print_timeline(timeline: dict) -> None:
+    """timeline: mode -> list over repeats of {(rank, phase): (enter, exit)}."""
+    modes = list(timeline)
+    keys = sorted({key for runs in timeline.values() for run in runs for key in run},
+                  key=lambda key: (statistics.median(run[key][1] for run in timeline[modes[0]] if key in run)
+                                   if any(key in run for run in timeline[modes[0]]) else float("inf")))
+    print("median ms after the driver's generate() call, enter -> exit")
+    print(f"{'rank':>6} {'phase':<28}" + "".join(f"{mode:>22}" for mode in modes))
+    for rank, phase in keys:
+        cells = []
+        for mode in modes:
+            runs = [run[(rank, phase)] for run in timeline[mode] if (rank, phase) in run]
+            cells.append(f"{statistics.median(r[0] for r in runs):9.2f} -> {statistics.median(r[1] for r in runs):7.2f}"
+                         if runs else f"{'-':>20}")
+        print(f"{rank:>6} {phase:<28}" + "".join(f"{cell:>22}" for cell in cells))
 
 
 def main(argv=None) -> dict:
@@ -43,11 +131,24 @@ def main(argv=None) -> dict:
         for prompt in prompts.values():  # warm-up
             llm.generate([prompt, prompt], one_token, use_tqdm=False)
         times = {mode: [] for mode in prompts}
+        timeline = {mode: [] for mode in prompts}
+        shards = llm.engine.shards
+        driver_stamps = []
+        if args.timeline:
+            ray.get([shard.__ray_call__.remote(_install_stamps) for shard in shards])
+            _stamp_driver(llm, driver_stamps)
         for i in range(args.repeats):
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
-                start = time.perf_counter()
+                wall_start, start = time.time(), time.perf_counter()
                 llm.generate([prompts[mode]], one_token, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
+                if args.timeline:
+                    ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
+                    ranks.insert(0, list(driver_stamps))
+                    driver_stamps.clear()
+                    timeline[mode].append({(rank - 1 if rank else "driver", phase): span
+                                           for rank, stamps in enumerate(ranks)
+                                           for phase, span in _first_after(stamps, wall_start).items()})
         puts = []
         for _ in range(args.repeats):
             parsed = llm._parse(prompts["prompt_embeds"])
@@ -59,6 +160,8 @@ def main(argv=None) -> dict:
     result = {f"median {mode} (ms)": statistics.median(values) for mode, values in times.items()}
     result["ratio"] = result["median prompt_embeds (ms)"] / result["median token ids (ms)"]
     result["median ray.put of the embeddings (ms)"] = statistics.median(puts)
+    if args.timeline:
+        _print_timeline(timeline)
     print(f"TP={args.tensor_parallel_size}, {args.prompt_len}-row prompt, {args.repeats} repeats: "
           + ", ".join(f"{key} {value:.3f}" for key, value in result.items()))
     return result

@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--op-table", type=int, default=0, metavar="N",
+                        help="also print torch.profiler's N costliest ops of the run, by host and by device time")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="warn at every host-device synchronization of the run (CUDA)")
     return parser.parse_args(argv)
 
 
@@ -140,7 +144,17 @@ def main(argv=None) -> dict:
     try:
         profiled.run([[rng.randrange(10, vocab - 10) for _ in range(8)]] * 2, 4, "warmup-")
         prompts = [[rng.randrange(10, vocab - 10) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
-        wall = profiled.run(prompts, args.output_len, "p")
+        if args.sync_debug and cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        if args.op_table:
+            # The loop runs on its own thread, which a default profiler does not see.
+            all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+            with torch.profiler.profile(experimental_config=all_threads) as prof:
+                wall = profiled.run(prompts, args.output_len, "p")
+        else:
+            wall = profiled.run(prompts, args.output_len, "p")
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
     finally:
         profiled.stop()
     graphs = runner.decode_graphs
@@ -151,6 +165,11 @@ def main(argv=None) -> dict:
     print(f"{'kind':>8} {'bucket':>6} {'steps':>6} {'gpu ms':>8} {'timeline ms':>12} {'host ms':>8} {'total s':>8}")
     for (kind, bucket), (n, gpu, timeline, host) in rows.items():
         print(f"{kind:>8} {bucket:>6} {n:>6} {gpu:>8.2f} {timeline:>12.2f} {host:>8.2f} {n * timeline / 1e3:>8.2f}")
+    if args.op_table:
+        ops = prof.key_averages()
+        print(ops.table(sort_by="self_cpu_time_total", row_limit=args.op_table))
+        if cuda:
+            print(ops.table(sort_by="self_device_time_total", row_limit=args.op_table))
     return {"wall_s": wall, "rows": rows}
 
 

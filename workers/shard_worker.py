@@ -127,8 +127,11 @@ class ShardWorker:
             tensor = torch.from_numpy(array)
         if embeds.dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
-        # The host copy releases the object-store view; the upload waits for no step.
-        return to_device(tensor.to(self.config.torch_dtype, copy=True), self.runner.device)
+        # One host copy (into pinned memory on CUDA) releases the object-store view; the
+        # upload waits for no step.
+        if self.runner.device.type == "cuda":
+            return to_device(tensor.to(self.config.torch_dtype), self.runner.device)
+        return tensor.to(self.config.torch_dtype, copy=True)
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)

@@ -315,6 +315,20 @@ def test_rejects_nan_and_inf(bad):
         decode(encode_prompt_embeds(tensor))
 
 
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_single_bad_value_anywhere_is_found(source, model_dtype):
+    """The check is one min/max reduction, vectorized in blocks: a NaN or Inf in the first,
+    a middle or the last element (a block's tail) of a tensor is still caught."""
+    rows = 129
+    for position in (0, rows * H // 2 + 3, rows * H - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            tensor = torch.randn(rows, H).to(source)
+            tensor.view(-1)[position] = bad
+            with pytest.raises(PromptEmbedsError, match="NaN or Inf"):
+                decode(encode_prompt_embeds(tensor), dtype=model_dtype)
+
+
 def test_rejects_values_that_overflow_the_model_dtype():
     with pytest.raises(PromptEmbedsError, match="NaN or Inf"):
         decode(encode_prompt_embeds(torch.full((2, H), 1e30)), dtype=torch.float16)

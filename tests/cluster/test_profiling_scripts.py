@@ -31,6 +31,37 @@ def test_probe_first_token_reports_both_prompt_kinds(ray_cluster, capsys):
     assert "TP=2, 8-row prompt, 3 repeats" in capsys.readouterr().out
 
 
+def test_probe_first_token_timeline_orders_each_ranks_phases(ray_cluster, capsys):
+    main = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["main"]
+    main(["-tp", "2", "--prompt-len", "8", "--repeats", "2", "--max-model-len", "128", "--timeline"])
+    out = capsys.readouterr().out
+    table = out.split("enter -> exit\n", 1)[1].splitlines()[1:]
+    rows = {(line[:6].strip(), line[7:35].strip()): line[35:] for line in table if not line.startswith("TP=")}
+    for rank in ("0", "1"):
+        for phase in ("add_request (fetch embeds)", "intake put", "plan broadcast", "apply plan", "execute"):
+            assert (rank, phase) in rows, (rank, phase)
+    assert ("0", "outbox put") in rows and ("1", "outbox put") not in rows
+    assert ("driver", "ray.put embeds") in rows
+
+    def exits(rank, phase):  # (token ids, prompt_embeds) median exit times
+        cells = rows[(rank, phase)].split()
+        return float(cells[2]), float(cells[5])
+
+    # Within a rank, phases end in the order a first token passes through them.
+    for ids_or_embeds in (0, 1):
+        order = [exits("0", phase)[ids_or_embeds] for phase in ("intake put", "apply plan", "execute", "outbox put")]
+        assert order == sorted(order)
+
+
+def test_profile_step_loop_op_table(capsys):
+    main = runpy.run_path(str(SCRIPTS / "profile_step_loop.py"))["main"]
+    main(["--num-prompts", "2", "--input-len", "8", "--output-len", "1", "--max-num-seqs", "1",
+          "--max-model-len", "64", "--op-table", "5"])
+    out = capsys.readouterr().out
+    # The step loop's own thread is profiled: its matmuls show up.
+    assert "Self CPU" in out and ("aten::mm" in out or "aten::addmm" in out)
+
+
 def test_profile_step_loop_accounts_for_every_step(capsys):
     main = runpy.run_path(str(SCRIPTS / "profile_step_loop.py"))["main"]
     result = main(["--num-prompts", "6", "--input-len", "12", "--output-len", "5",
