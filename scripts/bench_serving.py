@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of the prompts per mode; with --compare-embeds in A B B A order, so that "
                              "drift (a warming server, a busy machine) weighs on both modes alike")
+    parser.add_argument("--num-warmups", type=int, default=16,
+                        help="untimed requests of each mode first, at the same concurrency (the "
+                             "server's first-use costs fall on no timed mode)")
     parser.add_argument("--serving-overhead", action="store_true",
                         help="also measure TTFT at concurrency 1 minus the engine's own TTFT")
     parser.add_argument("--overhead-prompts", type=int, default=40, help="prompts for --serving-overhead")
@@ -277,6 +280,12 @@ def main(argv=None) -> dict:
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
           f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
     bodies = {m: [json.dumps(completion_body(model, p, args.output_len)).encode() for p in prompts[m]] for m in modes}
+    for mode in modes if args.num_warmups else ():  # untimed, own prompts: no timed prompt is cached
+        warmup = random_prompts(args.num_warmups, args.input_len, vocab, args.seed + 2)
+        if mode == "prompt_embeds":
+            warmup = embed_rows(model_path, warmup)
+        asyncio.run(run(args, url, [json.dumps(completion_body(model, p, args.output_len)).encode() for p in warmup],
+                        max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
     for mode in round_order(modes, args.rounds):
         mode_results, duration = asyncio.run(run(args, url, bodies[mode], max_concurrency=args.max_concurrency,

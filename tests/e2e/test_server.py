@@ -368,8 +368,8 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
     main = runpy.run_path(str(BENCH))["main"]
     report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "4", "--input-len", "16",
                    "--output-len", "4", "--compare-embeds", "--rounds", "2", "--serving-overhead",
-                   "--overhead-prompts", "3"])
-    for mode in ("token ids", "prompt_embeds"):  # two rounds of 4 prompts each
+                   "--overhead-prompts", "3", "--num-warmups", "2"])
+    for mode in ("token ids", "prompt_embeds"):  # two rounds of 4 prompts each; warm-ups not counted
         assert report[mode]["successful requests"] == 8 and report[mode]["failed requests"] == 0
         assert report[mode]["total output tokens"] == 32
         assert 0 < report[mode]["median TTFT (ms)"] <= report[mode]["p99 TTFT (ms)"]
