@@ -122,7 +122,7 @@ def test_rejects_non_string(data):
 
 def test_oversize_text_is_rejected_before_decoding(monkeypatch):
     calls = []
-    monkeypatch.setattr(embeds_codec.base64, "b64decode", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(embeds_codec, "_b64decode", lambda *a, **k: calls.append(a))
     with pytest.raises(PromptEmbedsError, match="limit is 1024 decoded bytes"):
         decode("A" * 50_000_000, max_bytes=1024)
     assert calls == []
@@ -144,9 +144,22 @@ def test_size_limit_is_exact_on_decoded_bytes():
     lambda s: s.rstrip("=")[:-1],  # bad padding
     lambda s: s[:10] + "é" + s[10:],
 ])
-def test_rejects_anything_but_strict_standard_base64(mangle):
+@pytest.mark.parametrize("decoder", ["installed", "standard library"])
+def test_rejects_anything_but_strict_standard_base64(mangle, decoder, monkeypatch):
+    if decoder == "standard library":  # the fallback where pybase64 is not installed
+        monkeypatch.setattr(embeds_codec, "_b64decode", base64.b64decode)
     with pytest.raises(PromptEmbedsError, match="standard base64"):
         decode(mangle(encode_prompt_embeds(torch.randn(3, H))))
+
+
+def test_the_fast_decoder_is_used_and_agrees_with_the_standard_library(monkeypatch):
+    import pybase64  # a dependency in pyproject.toml
+
+    assert embeds_codec._b64decode is pybase64.b64decode
+    tensor = torch.randn(33, H)
+    fast = decode(encode_prompt_embeds(tensor))
+    monkeypatch.setattr(embeds_codec, "_b64decode", base64.b64decode)
+    assert torch.equal(fast, decode(encode_prompt_embeds(tensor)))
 
 
 @pytest.mark.parametrize("raw", [b"", os.urandom(1000), b"PK\x03\x04" + os.urandom(300)])
