@@ -7,13 +7,13 @@ import base64
 import binascii
 import io
 import math
-import pickle
 import pickletools
 import re
 import struct
 import zipfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cluster.prompts import validate_prompt_embeds
@@ -34,8 +34,7 @@ _STORAGE_DTYPES = {
     "torch DoubleStorage": torch.float64,
 }
 _ALLOWED_GLOBALS = {_REBUILD, _ORDERED_DICT, *_STORAGE_DTYPES}
-# Exactly what torch.save (pickle protocol 2) writes for one tensor; torch.load's
-# weights_only unpickler refuses protocol 4 anyway.
+# Exactly what torch.save (pickle protocol 2) writes for one tensor.
 _PUSH_ARG_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "BINUNICODE"}
 _CONSTANT_OPS = {"NEWTRUE": True, "NEWFALSE": False, "EMPTY_TUPLE": ()}
 _TUPLE_N_OPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
@@ -44,8 +43,6 @@ _MEMO_GET_OPS = {"BINGET", "LONG_BINGET"}
 # Members torch.save writes beside data.pkl and the storage records (data/<key>).
 _METADATA_MEMBERS = {"version", ".data/version", "byteorder", ".format_version",
                      ".storage_alignment", ".data/serialization_id"}
-# Records describing the original file's layout (alignment, offsets), not our repacked one.
-_LAYOUT_MEMBERS = {".format_version", ".storage_alignment", ".data/serialization_id"}
 _MAX_MEMBERS = 16
 _MAX_PICKLE_BYTES = 4096  # a single tensor's data.pkl is ~150 bytes
 _MAX_REASON_CHARS = 200
@@ -105,7 +102,7 @@ def load_prompt_embeds_bytes(
     members = _read_members(raw, max_bytes)
     spec = _inspect_pickle(members["data.pkl"])
     _check_spec(spec, members, max_bytes)
-    tensor = _load(members, spec)
+    tensor = _build(members, spec)
     try:
         return validate_prompt_embeds(tensor, hidden_size, dtype)
     except ValueError as exc:
@@ -284,7 +281,7 @@ def _is_int_tuple(values) -> bool:
 
 
 def _check_spec(spec: _TensorSpec, members: dict[str, bytes], max_bytes: int) -> None:
-    """Bounds the tensor before torch builds it: storage matches its record, the view fits."""
+    """Bounds the tensor before it is built: storage matches its record, the view fits."""
     storage, itemsize = spec.storage, spec.storage.dtype.itemsize
     records = [name for name in members if name.startswith("data/")]
     if records != [f"data/{storage.key}"]:
@@ -311,26 +308,20 @@ def _check_spec(spec: _TensorSpec, members: dict[str, bytes], max_bytes: int) ->
             f"{spec.offset} needs {needed} elements, but its storage holds {storage.numel}")
 
 
-def _load(members: dict[str, bytes], spec: _TensorSpec) -> torch.Tensor:
-    """torch.load of a fresh archive holding exactly the members inspected above, so a
-    zip parser that reads the original bytes differently cannot see another data.pkl."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, content in members.items():
-            if name not in _LAYOUT_MEMBERS:
-                archive.writestr(f"archive/{name}", content)
-    buffer.seek(0)
-    try:
-        tensor = torch.load(buffer, weights_only=True, map_location="cpu", mmap=False)
-    except (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, EOFError,
-            KeyError) as exc:
-        raise PromptEmbedsError(
-            f"prompt_embeds could not be loaded as a tensor: {_bounded(str(exc))}") from None
-    if (type(tensor) is not torch.Tensor or tensor.dtype != spec.storage.dtype
-            or tuple(tensor.shape) != spec.size or tensor.stride() != spec.stride
-            or tensor.storage_offset() != spec.offset):
-        raise PromptEmbedsError(f"{_EXPECTED}; the loaded object differs from its declaration")
-    return tensor
+def _build(members: dict[str, bytes], spec: _TensorSpec) -> torch.Tensor:
+    """The tensor data.pkl declares, built from its storage record's bytes: nothing is
+    unpickled and torch.load never runs (1.4 ms for a (128, 4096) float32 tensor, where
+    this takes ~0.2). _check_spec has bounded the view by the record."""
+    order = members.get("byteorder", b"little")
+    if order not in (b"little", b"big"):
+        raise PromptEmbedsError(f"{_EXPECTED}; its byteorder record is {_bounded(repr(order))}")
+    itemsize = spec.storage.dtype.itemsize
+    record = members[f"data/{spec.storage.key}"]
+    # Unsigned integers of the element's width carry any float dtype's bytes (numpy has no
+    # bfloat16); a big-endian archive is swapped to this machine's order on the way.
+    words = np.frombuffer(record, dtype=np.dtype(f"{'>' if order == b'big' else '<'}u{itemsize}"))
+    storage = torch.from_numpy(words.astype(f"=u{itemsize}")).view(spec.storage.dtype)
+    return storage.as_strided(spec.size, spec.stride, spec.offset)
 
 
 def _bounded(reason: str) -> str:

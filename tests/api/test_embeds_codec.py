@@ -107,6 +107,45 @@ def test_non_contiguous_view_saved_directly_round_trips():
     assert out.is_contiguous() and torch.equal(out, view)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_built_tensor_equals_torch_load_of_the_same_archive(dtype):
+    """The tensor is built from the inspected record, not by torch.load: for views with
+    offsets, transposes, steps and broadcast (zero) strides, the values are torch.load's."""
+    base = torch.randn(3 * H, 20, generator=torch.Generator().manual_seed(1)).to(dtype)
+    wide = torch.randn(H, 30, generator=torch.Generator().manual_seed(2)).to(dtype)
+    views = [base[2:6, :H], wide[:, 4:10].t(), base[::3, 1:1 + H], base[5, :H].expand(4, H)]
+    for view in views:
+        raw = saved(view)
+        expected = torch.load(io.BytesIO(raw), weights_only=True)
+        assert torch.equal(decode(b64(raw), dtype=dtype), expected.contiguous())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_big_endian_archive_is_swapped_to_this_machines_order(dtype):
+    tensor = torch.randn(3, H).to(dtype)
+    entries = members(saved(tensor))
+    folder = next(iter(entries)).split("/")[0]
+    width = tensor.element_size()
+    record = entries[f"{folder}/data/0"]
+    entries[f"{folder}/data/0"] = b"".join(record[i:i + width][::-1] for i in range(0, len(record), width))
+    entries[f"{folder}/byteorder"] = b"big"
+    assert torch.equal(decode(b64(zipped(entries)), dtype=dtype), tensor)
+
+
+def test_archive_without_byteorder_record_is_little_endian():
+    tensor = torch.randn(2, H)
+    entries = {name: data for name, data in members(saved(tensor)).items() if not name.endswith("/byteorder")}
+    assert torch.equal(decode(b64(zipped(entries))), tensor)
+
+
+def test_rejects_an_unknown_byteorder():
+    entries = members(saved(torch.randn(2, H)))
+    folder = next(iter(entries)).split("/")[0]
+    entries[f"{folder}/byteorder"] = b"middle"
+    with pytest.raises(PromptEmbedsError, match="byteorder record is b'middle'"):
+        decode(b64(zipped(entries)))
+
+
 def test_hand_written_pickle_matches_torch_save():
     values = torch.arange(6, dtype=torch.float32)
     pkl = tensor_pickle(numel=6, size=(2, 3), stride=(3, 1))
