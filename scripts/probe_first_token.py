@@ -34,56 +34,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _stamp(obj, name: str, phase: str, stamps: list) -> None:
+    """Wraps obj.name so that each call appends (phase, enter, exit) wall-clock times to
+    stamps (time.time(): one clock for every process of a host)."""
+    fn = getattr(obj, name)
+
+    def stamped(*args, **kwargs):
+        start = time.time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stamps.append((phase, start, time.time()))
+    setattr(obj, name, stamped)
+
+
 def _install_stamps(shard) -> bool:
-    """On the shard: records (phase, enter, exit) wall-clock times of the first-token
-    path's phases in shard._stamps. add_request itself cannot be wrapped (Ray calls the
-    class's function), but its first act is _fetch_embeds, for both kinds of prompt."""
-    import functools
-    import time as clock
-
+    """On the shard: stamps the first-token path's phases into shard._stamps. add_request
+    itself cannot be wrapped (Ray calls the class's function), but its first act is
+    _fetch_embeds, for both kinds of prompt."""
     stamps = shard._stamps = []
-
-    def wrap(obj, name, phase):
-        fn = getattr(obj, name)
-
-        @functools.wraps(fn)
-        def stamped(*args, **kwargs):
-            start = clock.time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                stamps.append((phase, start, clock.time()))
-        setattr(obj, name, stamped)
-
-    wrap(shard, "_fetch_embeds", "add_request (fetch embeds)")
-    wrap(shard.intake, "put", "intake put")
-    wrap(shard.runner.pg, "broadcast_object", "plan broadcast")
-    wrap(shard.runner, "apply", "apply plan")
-    wrap(shard.runner, "execute", "execute")
+    _stamp(shard, "_fetch_embeds", "add_request (fetch embeds)", stamps)
+    _stamp(shard.intake, "put", "intake put", stamps)
+    _stamp(shard.runner.pg, "broadcast_object", "plan broadcast", stamps)
+    _stamp(shard.runner, "apply", "apply plan", stamps)
+    _stamp(shard.runner, "execute", "execute", stamps)
     if shard.leader is not None:
-        wrap(shard.leader, "add_request", "leader add")
-        wrap(shard.leader.sampler, "launch", "sampler launch")
-        wrap(shard.leader.outbox, "put", "outbox put")
+        _stamp(shard.leader, "add_request", "leader add", stamps)
+        _stamp(shard.leader.sampler, "launch", "sampler launch", stamps)
+        _stamp(shard.leader.outbox, "put", "outbox put", stamps)
     return True
 
 
 def _stamp_driver(llm, stamps: list) -> None:
-    """The driver's phases of a request, into stamps: parsing (and checking) the prompt,
-    putting embeddings into the object store, sending add_request to every shard."""
-    def wrap(obj, name, phase):
-        fn = getattr(obj, name)
-
-        def stamped(*args, **kwargs):
-            start = time.time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                stamps.append((phase, start, time.time()))
-        setattr(obj, name, stamped)
-
-    wrap(llm, "_parse", "parse prompt")
-    wrap(llm.engine, "put_prompt", "ray.put embeds")
-    wrap(llm.engine, "add_request", "send add_request")
+    """The driver's phases of a request: parsing (and checking) the prompt, putting
+    embeddings into the object store, sending add_request to every shard."""
+    _stamp(llm, "_parse", "parse prompt", stamps)
+    _stamp(llm.engine, "put_prompt", "ray.put embeds", stamps)
+    _stamp(llm.engine, "add_request", "send add_request", stamps)
 
 
 def _take_stamps(shard) -> list:
