@@ -414,3 +414,17 @@ def test_embeds_prompt_refuses_a_tensor_that_was_not_validated(tensor):
 
     with pytest.raises(ValueError, match="validate_prompt_embeds"):
         embeds_prompt(tensor, H, torch.float32)
+
+
+def test_codec_benchmark_compares_with_the_naive_decode(capsys):
+    """scripts/bench_embeds_codec.py runs, and both decodes it times give the same tensor
+    (it asserts so before timing)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_embeds_codec.py"
+    rows = runpy.run_path(str(script))["main"](["--shapes", "3x8", "16x64", "--repeats", "3"])
+    assert [row["shape"] for row in rows] == ["3x8", "16x64"]
+    assert all(row["safe_ms"] > 0 and row["naive_ms"] > 0 and row["ratio"] == row["safe_ms"] / row["naive_ms"]
+               for row in rows)
+    assert "safe / naive" in capsys.readouterr().out
