@@ -2,7 +2,8 @@
 actors are wrapped with timers (through Ray's `__ray_call__`), then one prompt decodes.
 Prints each rank's mean time and count per phase, largest first. A long "wait for plan"
 (broadcast_object on a follower) or "results(wait)" on the leader tells which side bounds
-the step.
+the step. Device events around each step give its span on the GPU and the period between
+steps: a span close to the period means the GPU bounds the step, a shorter one the host.
 
     python scripts/profile_shards.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 -tp 2
 
@@ -11,6 +12,7 @@ Without --model-shape / --model it runs the built-in default model (CPU works)."
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import ray
@@ -34,6 +36,8 @@ def _install_timers(shard) -> bool:
     import functools
     import time as clock
 
+    import torch
+
     import workers.sampler as sampler_module
 
     totals, counts = collections.defaultdict(float), collections.Counter()
@@ -54,6 +58,30 @@ def _install_timers(shard) -> bool:
         setattr(obj, name, timed(getattr(obj, name), key or name))
 
     runner = shard.runner
+    # Device events around each execute: its span on the GPU, and the period between the
+    # ends of consecutive steps. A span close to the period: the GPU bounds the step.
+    cuda = runner.device.type == "cuda"
+    shard._step_events = events = []
+    execute = runner.execute
+
+    class HostEvent:  # CPU runs: the same arithmetic on host clocks
+        def record(self):
+            self.time = clock.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.time - self.time) * 1e3
+
+    @functools.wraps(execute)
+    def execute_with_events(*args, **kwargs):
+        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda \
+            else (HostEvent(), HostEvent())
+        start.record()
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            end.record()
+            events.append((start, end))
+    runner.execute = execute_with_events
     for name in ("broadcast_object", "broadcast", "gather"):
         wrap(runner.pg, name)
     wrap(runner, "apply")
@@ -74,8 +102,20 @@ def _install_timers(shard) -> bool:
 
 
 def _phase_times(shard) -> dict:
+    """phase -> (mean seconds, count); plus the device's mean execute span and step period."""
+    import torch
+
     totals, counts = shard._phase_times
-    return {key: (totals[key] / counts[key], counts[key]) for key in totals}
+    times = {key: (totals[key] / counts[key], counts[key]) for key in totals}
+    events = shard._step_events
+    if shard.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    if len(events) > 1:  # medians: the prefill step is one long outlier
+        spans = [start.elapsed_time(end) / 1e3 for start, end in events]
+        periods = [a[1].elapsed_time(b[1]) / 1e3 for a, b in zip(events, events[1:])]
+        times["device: execute span (median)"] = (statistics.median(spans), len(spans))
+        times["device: step period (median)"] = (statistics.median(periods), len(periods))
+    return times
 
 
 def main(argv=None) -> list[dict]:
@@ -96,8 +136,12 @@ def main(argv=None) -> list[dict]:
     print(f"TP={args.tensor_parallel_size}: {args.max_tokens} tokens in {wall * 1e3:.0f} ms "
           f"({wall / args.max_tokens * 1e3:.3f} ms a token, prefill included)")
     for rank, phases in enumerate(ranks):
-        ordered = sorted(phases.items(), key=lambda item: -item[1][0] * item[1][1])
+        device = {key: value for key, value in phases.items() if key.startswith("device:")}
+        host = {key: value for key, value in phases.items() if key not in device}
+        ordered = sorted(host.items(), key=lambda item: -item[1][0] * item[1][1])
         print(f"rank {rank}: " + ", ".join(f"{key} {mean * 1e6:.0f} us x{count}" for key, (mean, count) in ordered))
+        print(f"rank {rank} " + ", ".join(f"{key} {value * 1e6:.0f} us x{count}"
+                                          for key, (value, count) in device.items()))
     return ranks
 
 

@@ -18,8 +18,13 @@ def test_profile_shards_times_every_step_on_every_rank(ray_cluster, capsys):
     assert leader["execute"][1] == follower["execute"][1] == 8
     assert follower["broadcast_object"][1] == 7 and "_launch" in leader and "_launch" not in follower
     assert leader["results(wait)"][1] == 8 and all(mean >= 0 for mean, _ in leader.values())
+    # Device events (host clocks on CPU): every step's span, the period between step ends.
+    for rank in (leader, follower):
+        span, steps = rank["device: execute span (median)"]
+        period, gaps = rank["device: step period (median)"]
+        assert steps == 8 and gaps == 7 and 0 < span and 0 < period
     out = capsys.readouterr().out
-    assert "TP=2: 8 tokens" in out and out.count("rank ") == 2
+    assert "TP=2: 8 tokens" in out and out.count("rank 0") == out.count("rank 1") == 2
 
 
 def test_probe_first_token_reports_both_prompt_kinds(ray_cluster, capsys):
