@@ -66,6 +66,7 @@ class PrefillBatch:
     seq_lens: torch.Tensor  # LongTensor [S]: keys of each span's request (computed + new)
     block_tables: torch.Tensor  # LongTensor [S, max_blocks]
     max_query_len: int  # rows of the longest span (sizes the kernel's grid)
+    covers_all_rows: bool = False  # rows == 0..N-1 (no decodes): no gather, no scatter
 
 
 @dataclass
@@ -205,6 +206,7 @@ def _prefill_batch(spans, starts, num_new_tokens, seq_lens, tables, device) -> P
         seq_lens=to_device([seq_lens[r] for r in spans], device, torch.long),
         block_tables=to_device(tables[spans], device),
         max_query_len=max(num_new_tokens[r] for r in spans),
+        covers_all_rows=len(spans) == len(num_new_tokens),
     )
 
 
@@ -245,15 +247,15 @@ class Attention(nn.Module):
             v_flat.index_copy_(0, metadata.slot_mapping, v)
         if metadata.num_decodes == q.shape[0]:  # all decodes (captured steps): no scatter
             return self._decode(q, kv_cache, metadata, all_rows=True)
+        batch = metadata.prefill_batch
+        kernel = batch is not None and paged_prefill.is_available(q.device, self.head_dim, kv_cache[0].shape[1])
+        if kernel and batch.covers_all_rows:  # all prefill rows: no gather, no scatter
+            return self._prefill(q, kv_cache, batch)
         out = torch.empty_like(q)
         if metadata.num_decodes:
             out.index_copy_(0, metadata.decode_rows, self._decode(q, kv_cache, metadata))
-        batch = metadata.prefill_batch
-        if batch is not None and paged_prefill.is_available(q.device, self.head_dim, kv_cache[0].shape[1]):
-            out.index_copy_(0, batch.rows, paged_prefill.paged_prefill_attention(
-                q[batch.rows], kv_cache[0], kv_cache[1], batch.block_tables, batch.query_start_loc,
-                batch.seq_lens, self.scale, self.sliding_window, max_query_len=batch.max_query_len))
-            return out
+        if kernel:
+            return out.index_copy_(0, batch.rows, self._prefill(q[batch.rows], kv_cache, batch))
         for index, span in enumerate(metadata.prefills):
             rows = slice(span.row_start, span.row_end)
             if span.num_computed == 0:  # no earlier context: this step's rows are all the keys
@@ -263,6 +265,13 @@ class Attention(nn.Module):
             mask = metadata.prefill_mask(index, self.sliding_window)
             out[rows] = self._sdpa(q[rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
         return out
+
+    def _prefill(self, q, kv_cache, batch: PrefillBatch) -> torch.Tensor:
+        """[P, heads, d]: the prefill rows q (batch.rows of the step, in order) against their
+        keys in the paged cache, one kernel launch for every span."""
+        return paged_prefill.paged_prefill_attention(
+            q, kv_cache[0], kv_cache[1], batch.block_tables, batch.query_start_loc, batch.seq_lens,
+            self.scale, self.sliding_window, max_query_len=batch.max_query_len)
 
     def _decode(self, q, kv_cache, metadata: AttentionMetadata, all_rows: bool = False) -> torch.Tensor:
         """[B, heads, d]: each decode row against its context (all_rows: every row of q is

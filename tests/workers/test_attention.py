@@ -112,6 +112,12 @@ def test_metadata_locates_rows_in_the_paged_cache():
     assert [(p.row_start, p.row_end, p.num_computed) for p in meta.prefills] == [(0, 3, 2)]
     assert meta.prefills[0].kv_slots.tolist() == [28, 29, 30, 31, 8]
     assert meta.decode_mask(2)[0, 0, 0].tolist() == [False, False, False, True, True, False, False, False]
+    batch = meta.prefill_batch  # the kernel's view: the span's rows gathered, then scattered back
+    assert batch.rows.tolist() == [0, 1, 2] and batch.query_start_loc.tolist() == [0, 3]
+    assert batch.seq_lens.tolist() == [5] and batch.max_query_len == 3 and not batch.covers_all_rows
+    # Spans only (no decodes): the kernel reads and writes the step's rows in place.
+    only_spans = AttentionMetadata.build([0, 2], [2, 3], [[1], [4, 6]], 4, "cpu").prefill_batch
+    assert only_spans.covers_all_rows and only_spans.rows.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_metadata_rejects_inconsistent_batches():
