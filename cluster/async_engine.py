@@ -76,10 +76,16 @@ class AsyncEngine:
         engine_finished = False
         try:
             while not tracker.is_finished:
-                delta = await deltas.get()
-                engine_finished = delta.finish_reason is not None
+                pending = [await deltas.get()]
+                while not deltas.empty():  # a consumer that lags gets one update, not many
+                    pending.append(deltas.get_nowait())
                 num_tokens, num_logprobs = len(tracker.token_ids), len(tracker.logprobs or ())
-                text = tracker.apply(delta)
+                text = ""
+                for delta in pending:
+                    engine_finished = delta.finish_reason is not None
+                    text += tracker.apply(delta)
+                    if tracker.is_finished:
+                        break
                 if first_token_time is None and tracker.token_ids:
                     first_token_time = time.monotonic()
                 if tracker.finish_reason == "error":

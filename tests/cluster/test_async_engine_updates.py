@@ -1,0 +1,101 @@
+"""AsyncEngine.generate merges the deltas that wait for a slow consumer into one update
+(as vLLM's output collector does): same text, ids and logprobs as one update a delta, far
+fewer updates under load; a stop string inside a merged batch still cuts the text and
+aborts the request. A stand-in EngineClient feeds the deltas (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.async_engine import AsyncEngine
+from cluster.default_model import default_model_path
+from cluster.prompts import EnginePrompt
+from cluster.tokenizer import load_tokenizer
+from workers.messages import RequestDelta, TokenLogprobs
+from workers.sampling_params import SamplingParams
+
+
+class StandInClient:
+    """Hands generate() its deltas when told to; records aborts."""
+
+    def __init__(self):
+        self.sink, self.aborted = None, []
+
+    def add_request(self, req_id, params, sink, *prompt):
+        self.sink = sink
+
+    def abort(self, req_id):
+        self.aborted.append(req_id)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHARDSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "shardserve-cache"))
+        return load_tokenizer(default_model_path())
+
+
+def _engine(tokenizer):
+    engine = AsyncEngine.__new__(AsyncEngine)  # no cluster: only generate() is exercised
+    engine.tokenizer, engine.engine = tokenizer, StandInClient()
+    return engine
+
+
+def _deltas(tokenizer, text: str, logprobs: bool):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [RequestDelta("r", (token,), (TokenLogprobs(-0.5, ((token, -0.5),)),) if logprobs else None,
+                         finish_reason="length" if i == len(ids) - 1 else None)
+            for i, token in enumerate(ids)]
+
+
+async def _collect(engine, deltas, params, burst: int):
+    """Sends the deltas `burst` at a time, each burst before the consumer runs again."""
+    updates = []
+    stream = engine.generate("r", _prompt(), params)
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)  # generate() has registered its sink
+    for start in range(0, len(deltas), burst):
+        for delta in deltas[start:start + burst]:
+            engine.engine.sink(delta)
+        if start == 0:
+            updates.append(await first)
+        else:
+            try:
+                updates.append(await stream.__anext__())
+            except StopAsyncIteration:
+                break
+    async for update in stream:
+        updates.append(update)
+    return updates
+
+
+def _prompt():
+    return EnginePrompt(None, (5, 6, 7), None)
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_pending_deltas_merge_into_one_update(tokenizer, logprobs):
+    text = "The quick brown fox jumps over the lazy dog, twice over."
+    params = SamplingParams(max_tokens=64, logprobs=1 if logprobs else None)
+
+    one_by_one = asyncio.run(_collect(_engine(tokenizer), _deltas(tokenizer, text, logprobs), params, burst=1))
+    merged = asyncio.run(_collect(_engine(tokenizer), _deltas(tokenizer, text, logprobs), params, burst=5))
+    num_tokens = len(_deltas(tokenizer, text, logprobs))
+    assert len(one_by_one) == num_tokens and len(merged) == -(-num_tokens // 5)
+    for updates in (one_by_one, merged):
+        assert "".join(u.text for u in updates) == text
+        assert sum(len(u.token_ids) for u in updates) == num_tokens
+        assert updates[-1].finish_reason == "length"
+        if logprobs:
+            assert sum(len(u.logprobs) for u in updates) == num_tokens
+
+
+def test_stop_string_inside_a_merged_batch_cuts_and_aborts(tokenizer):
+    engine = _engine(tokenizer)
+    params = SamplingParams(max_tokens=64, stop=["lazy"])
+    updates = asyncio.run(_collect(engine, _deltas(tokenizer, "The quick brown fox jumps over the lazy dog.", False),
+                                   params, burst=50))
+    assert len(updates) == 1 and updates[0].text == "The quick brown fox jumps over the "
+    assert updates[0].finish_reason == "stop" and engine.engine.aborted == ["r"]
