@@ -26,6 +26,8 @@ METRICS = {
     "shardserve_num_requests_running": ("gauge", "Requests running in the engine", ()),
     "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", ()),
     "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", ()),
+    "shardserve_engine_aborted_requests": (
+        "counter", "Requests the engine aborted and freed (client gone, stop string matched here)", ()),
 }
 ENGINE_REFRESH_S = 2.0
 
@@ -57,6 +59,7 @@ class Metrics:
         self.ray = {name: _ray_metric(name) for name in METRICS}
         self._stats_source = stats_source
         self._refresher: asyncio.Task | None = None
+        self._engine_aborted = 0  # the engine's count as last seen (counters only go up)
 
     def count_finished(self, status: str) -> None:
         self.prometheus["shardserve_requests"].labels(status=status).inc()
@@ -91,6 +94,10 @@ class Metrics:
                             ("shardserve_kv_cache_usage_perc", stats.kv_cache_usage)):
             self.prometheus[name].set(value)
             self.ray[name].set(value)
+        if stats.num_aborted > self._engine_aborted:
+            self.prometheus["shardserve_engine_aborted_requests"].inc(stats.num_aborted - self._engine_aborted)
+            self.ray["shardserve_engine_aborted_requests"].inc(stats.num_aborted - self._engine_aborted)
+            self._engine_aborted = stats.num_aborted
 
     def _ensure_refresher(self) -> None:
         """Starts the gauge refresher on the replica's event loop, from the first request

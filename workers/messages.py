@@ -93,6 +93,7 @@ class EngineStats:
     num_waiting: int
     num_total_blocks: int
     num_free_blocks: int
+    num_aborted: int = 0  # requests aborted since the engine started (their blocks freed)
 
     @property
     def kv_cache_usage(self) -> float:

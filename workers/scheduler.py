@@ -67,6 +67,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._num_arrived = 0
+        self.num_aborted = 0
         self._finished_req_ids: list[str] = []  # since the previous schedule()
         self._pending_deltas: list[RequestDelta] = []  # requests that finished outside a step
 
@@ -90,6 +91,7 @@ class Scheduler:
             return False
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._pending_deltas.append(_final_delta(request))
+        self.num_aborted += 1
         return True
 
     def get(self, req_id: str) -> Request:
@@ -115,6 +117,7 @@ class Scheduler:
             num_waiting=self.num_waiting,
             num_total_blocks=self.block_manager.num_total_blocks,
             num_free_blocks=self.block_manager.num_free_blocks,
+            num_aborted=self.num_aborted,
         )
 
     def take_pending_deltas(self) -> list[RequestDelta]:

@@ -19,7 +19,7 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     metrics = Metrics()
     metrics.count_finished("stop")
     metrics.observe_request(start=10.0, first_token=10.5, end=12.5, num_tokens=5)
-    values = samples(metrics, SimpleNamespace(num_running=3, num_waiting=1, kv_cache_usage=0.25))
+    values = samples(metrics, SimpleNamespace(num_running=3, num_waiting=1, kv_cache_usage=0.25, num_aborted=2))
     assert values['shardserve_requests_total{status="stop"}'] == 1
     assert values["shardserve_generation_tokens_total"] == 5
     assert values["shardserve_time_to_first_token_seconds_sum"] == 0.5
@@ -27,6 +27,10 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     assert values["shardserve_e2e_request_latency_seconds_sum"] == 2.5
     assert (values["shardserve_num_requests_running"], values["shardserve_num_requests_waiting"],
             values["shardserve_kv_cache_usage_perc"]) == (3, 1, 0.25)
+    assert values["shardserve_engine_aborted_requests_total"] == 2
+    # The engine's count is cumulative: the counter follows it, never back.
+    values = samples(metrics, SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_aborted=5))
+    assert values["shardserve_engine_aborted_requests_total"] == 5
     assert set(metrics.ray) == set(METRICS)
 
 
@@ -36,7 +40,7 @@ def test_engine_gauges_refresh_without_a_scrape_once_requests_flow():
 
         async def stats():
             read.set()
-            return SimpleNamespace(num_running=2, num_waiting=5, kv_cache_usage=0.5)
+            return SimpleNamespace(num_running=2, num_waiting=5, kv_cache_usage=0.5, num_aborted=0)
 
         metrics = Metrics(stats_source=stats)
         metrics.count_finished("length")  # the first request starts the refresher
