@@ -94,9 +94,10 @@ class Metrics:
                             ("shardserve_kv_cache_usage_perc", stats.kv_cache_usage)):
             self.prometheus[name].set(value)
             self.ray[name].set(value)
-        if stats.num_aborted > self._engine_aborted:
-            self.prometheus["shardserve_engine_aborted_requests"].inc(stats.num_aborted - self._engine_aborted)
-            self.ray["shardserve_engine_aborted_requests"].inc(stats.num_aborted - self._engine_aborted)
+        newly_aborted = stats.num_aborted - self._engine_aborted
+        if newly_aborted > 0:
+            self.prometheus["shardserve_engine_aborted_requests"].inc(newly_aborted)
+            self.ray["shardserve_engine_aborted_requests"].inc(newly_aborted)
             self._engine_aborted = stats.num_aborted
 
     def _ensure_refresher(self) -> None:

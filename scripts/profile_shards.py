@@ -36,9 +36,8 @@ def _install_timers(shard) -> bool:
     import functools
     import time as clock
 
-    import torch
-
     import workers.sampler as sampler_module
+    from scripts.step_events import new_event
 
     totals, counts = collections.defaultdict(float), collections.Counter()
     shard._phase_times = (totals, counts)
@@ -64,17 +63,9 @@ def _install_timers(shard) -> bool:
     shard._step_events = events = []
     execute = runner.execute
 
-    class HostEvent:  # CPU runs: the same arithmetic on host clocks
-        def record(self):
-            self.time = clock.perf_counter()
-
-        def elapsed_time(self, end):
-            return (end.time - self.time) * 1e3
-
     @functools.wraps(execute)
     def execute_with_events(*args, **kwargs):
-        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda \
-            else (HostEvent(), HostEvent())
+        start, end = new_event(cuda), new_event(cuda)
         start.record()
         try:
             return execute(*args, **kwargs)

@@ -23,6 +23,7 @@ import torch
 
 from cluster.default_model import default_model_path
 from scripts.bench_args import add_model_args, model_path
+from scripts.step_events import new_event
 from workers.config import EngineConfig, ModelConfig
 from workers.intake import Intake, RequestState
 from workers.messages import NewRequest
@@ -31,19 +32,6 @@ from workers.parallel import ProcessGroup
 from workers.request import Request
 from workers.sampling_params import SamplingParams
 from workers.step_loop import LeaderLoop
-
-
-class HostEvent:
-    """torch.cuda.Event's timing interface on host clocks (CPU runs)."""
-
-    def __init__(self) -> None:
-        self.time = 0.0
-
-    def record(self) -> None:
-        self.time = time.perf_counter()
-
-    def elapsed_time(self, end: "HostEvent") -> float:
-        return (end.time - self.time) * 1e3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +75,7 @@ class ProfiledLoop:
         self.thread.start()
 
     def _event(self):
-        return torch.cuda.Event(enable_timing=True) if self.cuda else HostEvent()
+        return new_event(self.cuda)
 
     def run(self, prompts: list[list[int]], output_len: int, tag: str) -> float:
         """Wall seconds until every prompt has finished."""

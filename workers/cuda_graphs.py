@@ -1,8 +1,9 @@
 """CUDA-graph capture of decode steps: the whole sharded forward pass (tensor-parallel
-all-reduces included) and the LM head with its logits gather, of a batch of single-token rows, captured once per batch-size
-bucket when the engine starts (as vLLM does, so no request pays for a capture) and
-replayed with the step's inputs copied into static buffers. Host work per step drops from
-~1,500 kernel launches to one replay. Runs in each shard on CUDA."""
+all-reduces included) and the LM head with its logits gather, of a batch of single-token
+rows, captured once per batch-size bucket when the engine starts (as vLLM does, so no
+request pays for a capture) and replayed with the step's inputs copied into static
+buffers. Host work per step drops from ~1,500 kernel launches to one replay. Runs in each
+shard on CUDA."""
 
 from __future__ import annotations
 

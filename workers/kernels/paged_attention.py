@@ -120,8 +120,6 @@ def num_splits_for(batch: int, num_kv_heads: int, max_keys: int, device: torch.d
     return max(1, min(MAX_SPLITS, -(-max_keys // TILE_KEYS), -(-2 * sms // programs)))
 
 
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
