@@ -56,7 +56,7 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
                          f"{tuple(tensor.shape)}")
     tensor = tensor.detach().to("cpu", dtype)
     # min and max are finite only if every value is (both propagate NaN): one vectorized
-    # pass, where isfinite(tensor).all() took 0.77 ms for (128, 4096) on two cores against 0.04.
+    # pass, ~14x faster than isfinite(tensor).all() (scripts/bench_embeds_codec.py --parts).
     if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
         raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
     return tensor.contiguous()

@@ -5,6 +5,7 @@ then shape, dtype and NaN/Inf checks) against the naive decode that vLLM's docs 
 same run on the same payloads. Medians of --repeats; one CPU thread pool as configured.
 
     python scripts/bench_embeds_codec.py --shapes 64x256 128x4096 512x8192
+    python scripts/bench_embeds_codec.py --shapes 128x4096 --parts   # base64 and the NaN check alone
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ROWSxHIDDEN of float32 payloads")
     parser.add_argument("--dtype", default="bfloat16", help="the model dtype the payload is cast to")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time two parts against what they replace: base64 by pybase64 and by the "
+                             "standard library, and the NaN/Inf check by aminmax and by isfinite().all()")
     return parser.parse_args(argv)
 
 
@@ -62,7 +66,30 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"{shape:>12} {row['payload_mb']:>10.2f} {row['naive_ms']:>9.3f} {row['safe_ms']:>8.3f} "
               f"{row['ratio']:>11.2f}x")
+    if args.parts:
+        rows.extend(time_parts(args.shapes, dtype, args.repeats))
     return rows
+
+
+def time_parts(shapes: list[str], dtype: torch.dtype, repeats: int) -> list[dict]:
+    import pybase64
+
+    parts = []
+    print(f"{'shape':>12} {'b64 stdlib ms':>13} {'pybase64 ms':>11} {'isfinite ms':>11} {'aminmax ms':>10}")
+    for shape in shapes:
+        num_rows, hidden = (int(part) for part in shape.split("x"))
+        tensor = torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
+        payload, cast = encode_prompt_embeds(tensor), tensor.to(dtype)
+        row = {"shape": shape,
+               "b64_stdlib_ms": median_ms(lambda: base64.b64decode(payload, validate=True), repeats),
+               "pybase64_ms": median_ms(lambda: pybase64.b64decode(payload, validate=True), repeats),
+               "isfinite_ms": median_ms(lambda: bool(torch.isfinite(cast).all()), repeats),
+               "aminmax_ms": median_ms(lambda: bool(torch.isfinite(torch.stack(torch.aminmax(cast))).all()),
+                                       repeats)}
+        parts.append(row)
+        print(f"{shape:>12} {row['b64_stdlib_ms']:>13.3f} {row['pybase64_ms']:>11.3f} {row['isfinite_ms']:>11.3f} "
+              f"{row['aminmax_ms']:>10.3f}")
+    return parts
 
 
 if __name__ == "__main__":

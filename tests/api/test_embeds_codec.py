@@ -423,8 +423,11 @@ def test_codec_benchmark_compares_with_the_naive_decode(capsys):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench_embeds_codec.py"
-    rows = runpy.run_path(str(script))["main"](["--shapes", "3x8", "16x64", "--repeats", "3"])
-    assert [row["shape"] for row in rows] == ["3x8", "16x64"]
+    rows = runpy.run_path(str(script))["main"](["--shapes", "3x8", "16x64", "--repeats", "3", "--parts"])
+    decodes, parts = rows[:2], rows[2:]
+    assert [row["shape"] for row in decodes] == [row["shape"] for row in parts] == ["3x8", "16x64"]
     assert all(row["safe_ms"] > 0 and row["naive_ms"] > 0 and row["ratio"] == row["safe_ms"] / row["naive_ms"]
-               for row in rows)
-    assert "safe / naive" in capsys.readouterr().out
+               for row in decodes)
+    assert all(row[key] > 0 for row in parts for key in ("b64_stdlib_ms", "pybase64_ms", "isfinite_ms", "aminmax_ms"))
+    out = capsys.readouterr().out
+    assert "safe / naive" in out and "pybase64 ms" in out
