@@ -30,6 +30,19 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
                         headers=headers)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its SSE generator however the response ends. Starlette leaves the generator
+    suspended when the task is cancelled inside send(), as a Serve replica's is when the
+    proxy loses the client; its finally (which aborts the engine requests and frees their
+    KV blocks) would then wait for the garbage collector, and the requests would run on."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()  # the generator's finally has no await
+
+
 def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="shardserve", version=VERSION)
@@ -55,7 +68,7 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
         completion = await _parse_completion(request, max_body_bytes)
         result = await serving.create_completion(completion)
         if completion.stream:
-            return StreamingResponse(result, media_type="text/event-stream")
+            return ClosingStreamingResponse(result, media_type="text/event-stream")
         return JSONResponse(result.model_dump())
 
     @app.get("/v1/models")

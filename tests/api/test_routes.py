@@ -5,6 +5,7 @@ that disconnects mid-stream cancelling the engine's generator."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -369,11 +370,13 @@ def test_models_version_health_and_metrics(client):
 
 # Disconnect ---------------------------------------------------------------------------
 
-async def _stream_then_disconnect(app, engine: FakeEngine, body: dict):
-    """Drives the ASGI app by hand: sends the request, waits for the first SSE chunk,
-    then reports http.disconnect as a closed connection does. Returns what was sent and
-    which engine generators had closed, looked at before asyncio.run's teardown could
-    cancel anything itself."""
+async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel_in_send: bool = False):
+    """Drives the ASGI app by hand: sends the request, waits for the first SSE chunk, then
+    the client goes away. Either receive() reports http.disconnect, as a closed connection
+    does, or (cancel_in_send) the app's task is cancelled while it waits in send(), as a
+    Serve replica's is when the proxy loses the client. Returns what was sent and which
+    engine generators had closed, looked at before asyncio.run's teardown could cancel
+    anything itself, with the app's task (and so the response) still referenced."""
     raw = json.dumps(body).encode()
     pending = [{"type": "http.request", "body": raw, "more_body": False}]
     first_chunk, gone = asyncio.Event(), asyncio.Event()
@@ -388,6 +391,8 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict):
     async def send(message):
         sent.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
+            if first_chunk.is_set() and cancel_in_send:
+                await asyncio.Event().wait()  # a peer that stopped reading
             first_chunk.set()
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -398,8 +403,15 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict):
                          (b"content-length", str(len(raw)).encode())]}
     task = asyncio.create_task(app(scope, receive, send))
     await asyncio.wait_for(first_chunk.wait(), 10)
-    gone.set()
-    await asyncio.wait_for(task, 10)
+    if cancel_in_send:
+        while len(sent) < 3:  # the second chunk is parked in send()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    else:
+        gone.set()
+        await asyncio.wait_for(task, 10)
     for _ in range(100):  # the cancelled generators run their finally on later loop turns
         if engine.closed == set(engine.started):
             break
@@ -407,11 +419,18 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict):
     return sent, set(engine.closed)
 
 
-def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer):
+@pytest.mark.parametrize("cancel_in_send", [False, True], ids=["http.disconnect", "cancelled in send"])
+def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer, cancel_in_send):
     engine = FakeEngine(tokenizer, hang_after=1)
     body = {"model": MODEL, "prompt": "hi", "prompt_embeds": embeds(1), "max_tokens": 50, "stream": True}
     app = make_app(engine)
-    sent, closed = asyncio.run(_stream_then_disconnect(app, engine, body))
+    # No garbage collection: cancelling must close the stream itself, not leave it to the
+    # collector finding the suspended generator (minutes later on a quiet server).
+    gc.disable()
+    try:
+        sent, closed = asyncio.run(_stream_then_disconnect(app, engine, body, cancel_in_send=cancel_in_send))
+    finally:
+        gc.enable()
     assert sent[0]["status"] == 200
     assert len(engine.started) == 2
     # The generators were parked forever after their first token: only cancellation ends them.
