@@ -18,7 +18,7 @@ class PromptEmbedsRef:
     The array is numpy (zero-copy on a node); bfloat16 travels viewed as uint16, so
     `dtype` names the torch dtype to view it back as."""
 
-    ref: object  # ray.ObjectRef of a numpy array
+    ref: object  # ray.ObjectRef of a numpy array; None on a shard (the array came as an argument)
     dtype: str  # "float32" | "bfloat16" | "float16"
     shape: tuple[int, int]
 

@@ -25,7 +25,7 @@ CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's 
 class StepInputs:
     input_ids: torch.Tensor  # [N]
     attn_metadata: AttentionMetadata
-    input_embeds: torch.Tensor | None  # [N, hidden], rows used where embeds_mask
+    input_embeds: torch.Tensor | None  # [N, hidden], rows used where embeds_mask (all: no mask)
     embeds_mask: torch.Tensor | None  # [N] bool
     sample_rows: torch.Tensor  # [M] index of each sampled request's last row
 
@@ -221,9 +221,15 @@ class ModelRunner:
         )
 
     def _gather_embeds(self, pieces, num_rows: int):
-        """Scatters the prompt-embedding rows of this step into an [N, hidden] tensor."""
+        """Scatters the prompt-embedding rows of this step into an [N, hidden] tensor and
+        its row mask; no mask when they are every row (a step of embeddings prefills only,
+        the first token's usual step), and no copy when one request's rows are the step."""
         if not pieces:
             return None, None
+        if sum(rows.shape[0] for _, rows in pieces) == num_rows:
+            if len(pieces) == 1:
+                return pieces[0][1], None
+            return torch.cat([rows for _, rows in pieces]), None
         hidden = self.config.model_config.hidden_size
         embeds = torch.zeros(num_rows, hidden, dtype=self.config.torch_dtype, device=self.device)
         mask = torch.zeros(num_rows, dtype=torch.bool, device=self.device)

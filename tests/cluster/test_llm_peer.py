@@ -74,3 +74,18 @@ def test_greedy_tokens_and_logprobs_match_hf(engine):
     _assert_matches(outputs[4], hf_greedy(hf_model, MAX_TOKENS, inputs_embeds=rounded), "bf16 embeddings")
     assert outputs[1].outputs[0].token_ids == outputs[2].outputs[0].token_ids
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+
+
+def test_steps_of_embedding_rows_only_match_hf(engine):
+    """A step whose rows are all prompt embeddings skips the token lookup (and its
+    all-reduce at TP 2); embeddings-only calls, of one prompt and of two."""
+    llm, hf_model = engine
+    short, long, random_embeds = _prompts(hf_model, hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, ignore_eos=True)
+    alone = llm.generate({"prompt_embeds": random_embeds}, params, use_tqdm=False)[0]
+    together = llm.generate([{"prompt_embeds": embed_tokens(hf_model, long)}, {"prompt_embeds": random_embeds}],
+                            params, use_tqdm=False)
+    from_random = hf_greedy(hf_model, MAX_TOKENS, inputs_embeds=random_embeds)
+    _assert_matches(alone, from_random, "one request's embeddings")
+    _assert_matches(together[0], hf_greedy(hf_model, MAX_TOKENS, input_ids=long), "own embeddings, beside random")
+    _assert_matches(together[1], from_random, "random embeddings, beside own")

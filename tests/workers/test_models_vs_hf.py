@@ -41,7 +41,8 @@ def _build(path, pg: ProcessGroup, dtype=torch.float32):
 @torch.inference_mode()
 def _run(model, config, pg, token_ids, schedule, embed_prefix=0, dtype=torch.float32):
     """Runs the schedule; returns float32 logits [2, SEQ_LEN, vocab] on rank 0, else None.
-    Rows at positions < embed_prefix enter as input_embeds (the model's own embedding)."""
+    Rows at positions < embed_prefix enter as input_embeds (the model's own embedding):
+    without a mask on a step of such rows only (the first), with one on the others."""
     caches = allocate_kv_caches(config, pg, 12, BLOCK_SIZE, dtype, "cpu")
     steps = [list(s) for s in schedule]
     done = [0, 0]
@@ -55,6 +56,8 @@ def _run(model, config, pg, token_ids, schedule, embed_prefix=0, dtype=torch.flo
         embeds = model.model.embed_tokens(ids) if embed_prefix else None
         if embed_prefix:
             ids = ids.masked_fill(embeds_mask, 0)  # the token ids of embedding rows are unused
+            if embeds_mask.all():  # as the runner sends a step of embedding rows only
+                embeds_mask = None
         hidden = model(ids, meta.positions, meta, caches, input_embeds=embeds, embeds_mask=embeds_mask)
         step_logits = model.compute_logits(hidden)
         for r, n, start in zip(batch, new, meta.query_start_loc.tolist()):

@@ -129,7 +129,12 @@ class LlamaModel(nn.Module):
         )
 
     def forward(self, input_ids, positions, attn_metadata, kv_caches, input_embeds=None, embeds_mask=None):
-        hidden = self.embed_tokens(input_ids)  # [N, H]
+        if input_embeds is not None and embeds_mask is None:
+            # Every row is a prompt-embedding row: no lookup (at TP > 1, no all-reduce of it).
+            # Read only: the tensor may be the request's own embeddings.
+            hidden = input_embeds
+        else:
+            hidden = self.embed_tokens(input_ids)  # [N, H]
         if embeds_mask is not None:
             # Prompt-embedding rows replace the token embedding; no data-dependent branching.
             hidden = torch.where(embeds_mask.unsqueeze(-1), input_embeds, hidden)
@@ -173,8 +178,10 @@ class LlamaForCausalLM(nn.Module):
         input_embeds: torch.Tensor | None = None,
         embeds_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (input_embeds is None) != (embeds_mask is None):
-            raise ValueError("input_embeds and embeds_mask must be given together")
+        """input_embeds [N, H] replaces the token embedding where embeds_mask [N] is True,
+        or on every row when embeds_mask is None (never written to)."""
+        if embeds_mask is not None and input_embeds is None:
+            raise ValueError("embeds_mask needs input_embeds")
         return self.model(input_ids, positions, attn_metadata, kv_caches, input_embeds, embeds_mask)
 
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor | None:
