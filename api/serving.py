@@ -31,6 +31,7 @@ from api.protocol import (
     error_body,
     split_prompts,
 )
+from cluster.async_engine import SampleStream
 from cluster.engine_client import EngineDeadError
 from cluster.prompts import EnginePrompt, check_length
 from cluster import SamplingParams
@@ -83,12 +84,13 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Choice:
-    """One (prompt, sample) pair of a request, in response order."""
+    """One (prompt, sample) pair of a request, in response order, its engine request
+    running."""
 
     index: int
     prompt: EnginePrompt
     params: SamplingParams
-    req_id: str
+    stream: SampleStream
 
 
 class OpenAIServing:
@@ -118,32 +120,47 @@ class OpenAIServing:
             raise APIError(400, str(exc), param=exc.param) from None
         if request.echo and params.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
-        prompts = [await self._prepare(item) for item in inputs]
-        choices = self._choices(prompts, params)
-        reservation = self.admission.reserve(len(choices))
+        reservation = self.admission.reserve(len(inputs) * params.n)
+        try:
+            choices = await self._start(inputs, params)
+        except BaseException:
+            reservation.release()
+            raise
         if request.stream:
             stream = self._stream(request, choices, reservation)
             # A stream the server never starts (client gone first) never runs its finally.
-            weakref.finalize(stream, reservation.release)
+            weakref.finalize(stream, _end, reservation, choices)
             return stream
         try:
             return await self._complete(request, choices)
         finally:
-            reservation.release()
+            _end(reservation, choices)
 
-    async def _prepare(self, item: PromptInput) -> EnginePrompt:
+    async def _start(self, inputs: list[PromptInput], params: SamplingParams) -> list[Choice]:
+        """Validates every prompt, then starts every choice in the engine. When the last
+        prompt is embeddings, the worker thread that decodes and puts them starts the
+        choices itself: the engine begins while the event loop (busy with other streams)
+        has yet to pick the request up again."""
+        loop = asyncio.get_running_loop()
+        prompts = [await self._prepare(item) for item in inputs[:-1]]
+        return await self._prepare(inputs[-1], lambda last: self._start_choices([*prompts, last], params, loop))
+
+    async def _prepare(self, item: PromptInput, then=lambda prompt: prompt):
+        """then(the validated prompt), run in the worker thread for embeddings."""
         param = "prompt_embeds" if item.kind == "embeds" else "prompt"
         try:
             if item.kind == "embeds":
                 if not self.enable_prompt_embeds:
                     raise ValueError("prompt_embeds is disabled on this server; start it with "
                                      "--enable-prompt-embeds to accept embeddings")
-                return await asyncio.to_thread(self._decode_embeds, item.value)
+                return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value)))
             if item.kind == "text":
-                return self.engine.parse_prompt({"prompt": item.value})
-            return self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
+                prompt = self.engine.parse_prompt({"prompt": item.value})
+            else:
+                prompt = self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
         except ValueError as exc:
             raise APIError(400, str(exc), param=param) from None
+        return then(prompt)
 
     def _decode_embeds(self, data: str) -> EnginePrompt:
         """In a worker thread: the safe decoder, which also validates the tensor (so the
@@ -152,9 +169,12 @@ class OpenAIServing:
                                       max_bytes=self.max_embeds_bytes)
         return self.engine.put_embeds_prompt(tensor)
 
-    def _choices(self, prompts: list[EnginePrompt], params: SamplingParams) -> list[Choice]:
+    def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
+                       loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        """Every prompt's length checked, then each (prompt, sample) started in the engine,
+        its stream read on `loop`. Any thread."""
         base = uuid.uuid4().hex
-        choices = []
+        planned = []
         for position, prompt in enumerate(prompts):
             try:
                 max_tokens = check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len)
@@ -163,8 +183,16 @@ class OpenAIServing:
                 raise APIError(400, str(exc), param=param) from None
             for sample in range(params.n):
                 sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)
-                index = position * params.n + sample
-                choices.append(Choice(index, prompt, sample_params, f"cmpl-{base}-{index}"))
+                planned.append((position * params.n + sample, prompt, sample_params))
+        choices = []
+        try:
+            for index, prompt, sample_params in planned:
+                stream = self.engine.start(f"cmpl-{base}-{index}", prompt, sample_params, loop)
+                choices.append(Choice(index, prompt, sample_params, stream))
+        except BaseException:
+            for choice in choices:
+                choice.stream.close()
+            raise
         return choices
 
     async def _complete(self, request: CompletionRequest, choices: list[Choice]) -> CompletionResponse:
@@ -194,10 +222,10 @@ class OpenAIServing:
 
     async def _generate(self, choice: Choice):
         """The engine's updates for one choice, timed for the metrics."""
-        start = time.monotonic()
+        start = choice.stream.start_time
         num_tokens, status = 0, "error"
         try:
-            async for update in self.engine.generate(choice.req_id, choice.prompt, choice.params):
+            async for update in choice.stream.updates():
                 num_tokens += len(update.token_ids)
                 yield update
                 if update.finish_reason is not None:
@@ -246,7 +274,7 @@ class OpenAIServing:
         finally:
             for task in tasks:
                 task.cancel()  # a disconnected client: each choice's engine request is aborted
-            reservation.release()
+            _end(reservation, choices)  # and those whose task never ran
 
     async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
         try:
@@ -268,6 +296,14 @@ class OpenAIServing:
             queue.put_nowait(None)
         except Exception as exc:
             queue.put_nowait(exc)
+
+
+def _end(reservation: Reservation, choices: list[Choice]) -> None:
+    """A request's end, however it came: its admission released, and any choice the
+    engine has not finished aborted (a no-op for the rest)."""
+    reservation.release()
+    for choice in choices:
+        choice.stream.close()
 
 
 def _prompt_tokens(choices: list[Choice]) -> int:

@@ -1,6 +1,7 @@
 """AsyncEngine: the engine behind an async-generator protocol, for the Serve ingress.
-Each sample streams `SampleUpdate`s; closing the generator aborts the request and frees
-its KV blocks. Runs in a Serve replica (or any asyncio program)."""
+Each sample is a `SampleStream` of `SampleUpdate`s, started from any thread and read on
+the event loop; ending it early aborts the request and frees its KV blocks. Runs in a
+Serve replica (or any asyncio program)."""
 
 from __future__ import annotations
 
@@ -60,48 +61,20 @@ class AsyncEngine:
         into the object store once for all of its samples. Blocks: call it off the loop."""
         return self.engine.put_prompt(embeds_prompt(tensor, self.hidden_size, self.dtype))
 
+    def start(self, req_id: str, prompt: EnginePrompt, params: SamplingParams,
+              loop: asyncio.AbstractEventLoop) -> SampleStream:
+        """Adds one sample (params.n must be 1) to the engine now and returns its stream,
+        read on `loop`. Callable from any thread: the worker thread that has just put a
+        prompt's embeddings into the object store starts its samples without first
+        waiting for a busy event loop. EngineDeadError if the engine is dead."""
+        return SampleStream(self.engine, self.tokenizer, req_id, prompt, params, loop)
+
     async def generate(
         self, req_id: str, prompt: EnginePrompt, params: SamplingParams
     ) -> AsyncIterator[SampleUpdate]:
-        """Streams one sample (params.n must be 1). Raises EngineDeadError if the
-        engine fails mid-request."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-        tracker = CompletionTracker(0, self.tokenizer, prompt.prompt_token_ids, params)
-        self.engine.add_request(
-            req_id, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
-            prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype,
-        )
-        first_token_time = None
-        engine_finished = False
-        try:
-            while not tracker.is_finished:
-                pending = [await deltas.get()]
-                while not deltas.empty():  # a consumer that lags gets one update, not many
-                    pending.append(deltas.get_nowait())
-                num_tokens, num_logprobs = len(tracker.token_ids), len(tracker.logprobs or ())
-                text = ""
-                for delta in pending:
-                    engine_finished = delta.finish_reason is not None
-                    text += tracker.apply(delta)
-                    if tracker.is_finished:
-                        break
-                if first_token_time is None and tracker.token_ids:
-                    first_token_time = time.monotonic()
-                if tracker.finish_reason == "error":
-                    raise EngineDeadError(tracker.error)
-                yield SampleUpdate(
-                    text=text,
-                    token_ids=tuple(tracker.token_ids[num_tokens:]),
-                    logprobs=tuple(tracker.logprobs[num_logprobs:]) if tracker.logprobs is not None else None,
-                    finish_reason=tracker.finish_reason,
-                    stop_reason=tracker.stop_reason,
-                    first_token_time=first_token_time,
-                )
-        finally:
-            if not engine_finished:
-                # A client that went away, or a stop string matched on this side.
-                self.engine.abort(req_id)
+        """start() and the stream's updates, on the running loop."""
+        async for update in self.start(req_id, prompt, params, asyncio.get_running_loop()).updates():
+            yield update
 
     async def stats(self) -> EngineStats | None:
         """The leader's scheduler figures; None once the engine is dead."""
@@ -119,3 +92,63 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+class SampleStream:
+    """One sample's engine request, running from construction; its updates are read once,
+    on the loop given. Ending early (the updates generator closed, or close()) aborts the
+    request and frees its KV blocks."""
+
+    def __init__(self, engine: EngineClient, tokenizer, req_id: str, prompt: EnginePrompt,
+                 params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.req_id = req_id
+        self.start_time = time.monotonic()
+        self._engine = engine
+        self._deltas: asyncio.Queue = asyncio.Queue()  # bound to the loop at its first wait
+        self._tracker = CompletionTracker(0, tokenizer, prompt.prompt_token_ids, params)
+        self._engine_finished = False
+        self._closed = False
+        deltas = self._deltas
+        engine.add_request(
+            req_id, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
+            prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype,
+        )
+
+    def close(self) -> None:
+        """Aborts the request unless the engine finished it; idempotent, any thread."""
+        if not self._closed:
+            self._closed = True
+            if not self._engine_finished:
+                # A client that went away, or a stop string matched on this side.
+                self._engine.abort(self.req_id)
+
+    async def updates(self) -> AsyncIterator[SampleUpdate]:
+        """The sample's updates. Raises EngineDeadError if the engine fails mid-request."""
+        tracker, deltas = self._tracker, self._deltas
+        first_token_time = None
+        try:
+            while not tracker.is_finished:
+                pending = [await deltas.get()]
+                while not deltas.empty():  # a consumer that lags gets one update, not many
+                    pending.append(deltas.get_nowait())
+                num_tokens, num_logprobs = len(tracker.token_ids), len(tracker.logprobs or ())
+                text = ""
+                for delta in pending:
+                    self._engine_finished = delta.finish_reason is not None
+                    text += tracker.apply(delta)
+                    if tracker.is_finished:
+                        break
+                if first_token_time is None and tracker.token_ids:
+                    first_token_time = time.monotonic()
+                if tracker.finish_reason == "error":
+                    raise EngineDeadError(tracker.error)
+                yield SampleUpdate(
+                    text=text,
+                    token_ids=tuple(tracker.token_ids[num_tokens:]),
+                    logprobs=tuple(tracker.logprobs[num_logprobs:]) if tracker.logprobs is not None else None,
+                    finish_reason=tracker.finish_reason,
+                    stop_reason=tracker.stop_reason,
+                    first_token_time=first_token_time,
+                )
+        finally:
+            self.close()

@@ -10,13 +10,15 @@ import gc
 import json
 
 import pytest
+import torch
 from starlette.testclient import TestClient
 
+from api.embeds_codec import encode_prompt_embeds
 from api.protocol import CompletionRequest
 from api.routes import build_fastapi_app
 from api.serving import APIError, OpenAIServing
 from cluster.engine_client import EngineDeadError
-from tests.api.test_routes import MODEL, FakeEngine, error_of, post, sse_events, tokenizer  # noqa: F401
+from tests.api.test_routes import H, MODEL, FakeEngine, error_of, post, sse_events, tokenizer  # noqa: F401
 
 
 class DyingEngine(FakeEngine):
@@ -78,14 +80,28 @@ def test_finished_or_failed_requests_give_their_slots_back(tokenizer, fail):
     assert serving.admission.num_in_flight == 0
 
 
-def test_a_stream_never_started_gives_its_slots_back(tokenizer):
+def test_a_stream_never_started_gives_its_slots_back_and_aborts_its_requests(tokenizer):
     async def scenario():
-        serving = serving_of(FakeEngine(tokenizer), max_in_flight=3)
+        engine = FakeEngine(tokenizer)
+        serving = serving_of(engine, max_in_flight=3)
         stream = await serving.create_completion(request(stream=True, n=3))
-        assert serving.admission.num_in_flight == 3
+        assert serving.admission.num_in_flight == 3 and len(engine.started) == 3 and not engine.closed
         del stream  # the client left before the response started
         gc.collect()
         assert serving.admission.num_in_flight == 0
+        assert engine.closed == set(engine.started)  # the engine had started them: aborted
+
+
+def test_a_bad_request_gives_its_slots_back_and_starts_nothing(tokenizer):
+    async def scenario():
+        engine = FakeEngine(tokenizer)
+        serving = serving_of(engine, max_in_flight=3)
+        too_long = encode_prompt_embeds(torch.ones(60, H))  # 60 rows + 8 tokens > 64
+        with pytest.raises(APIError) as info:
+            await serving.create_completion(request(prompt=["hi", "there"], prompt_embeds=too_long,
+                                                    max_tokens=8, stream=True))
+        assert info.value.status == 400 and info.value.param == "prompt_embeds"
+        assert serving.admission.num_in_flight == 0 and engine.started == []
 
     asyncio.run(scenario())
 

@@ -46,6 +46,7 @@ class FakeEngine:
         self.hold_back = hold_back  # add updates with tokens but no final text yet
         self.is_dead = False
         self.started: list[str] = []
+        self.started_off_loop: list[bool] = []  # per start(): from a worker thread
         self.closed: set[str] = set()
         self.generated: dict[str, int] = {}
         self.num_embeds_puts = 0
@@ -64,8 +65,12 @@ class FakeEngine:
             return f"e{prompt.prompt_embeds[0, 0]:g}"
         return prompt.prompt if prompt.prompt is not None else f"t{len(prompt.prompt_token_ids)}"
 
-    async def generate(self, req_id, prompt, params):
+    def start(self, req_id, prompt, params, loop):
         self.started.append(req_id)
+        self.started_off_loop.append(not _on_event_loop())
+        return FakeStream(self, req_id, self.generate(req_id, prompt, params))
+
+    async def generate(self, req_id, prompt, params):
         try:
             if self.fail:
                 raise RuntimeError("shard 1 failed at /srv/secret/model_runner.py:42 (token sk-123)")
@@ -96,6 +101,29 @@ class FakeEngine:
     def check_health(self):
         if self.is_dead:
             raise EngineDeadError("shard 0 died")
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class FakeStream:
+    """What OpenAIServing uses of a SampleStream: close() ends a request the engine has
+    not finished (recorded in engine.closed, as the generator's own end is)."""
+
+    def __init__(self, engine: FakeEngine, req_id: str, updates):
+        self.req_id, self.start_time = req_id, time.monotonic()
+        self._engine, self._updates = engine, updates
+
+    def updates(self):
+        return self._updates
+
+    def close(self):
+        self._engine.closed.add(self.req_id)
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +310,16 @@ def test_choices_are_embeds_first_and_indexed_position_times_n_plus_sample(clien
     assert result["usage"] == {"prompt_tokens": 8 + text_tokens, "completion_tokens": 24,
                                "total_tokens": 32 + text_tokens}
     assert result["model"] == MODEL and result["object"] == "text_completion"
+
+
+@pytest.mark.parametrize("prompt, off_loop", [("", True), ("hi", False)],
+                         ids=["embeddings last: started by their thread", "text last: started on the loop"])
+def test_choices_start_in_the_embeddings_worker_thread_when_embeddings_come_last(client, engine, prompt,
+                                                                                    off_loop):
+    body = {"model": MODEL, "prompt": prompt, "prompt_embeds": [embeds(1), embeds(2)], "n": 2, "max_tokens": 3}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    assert engine.started_off_loop == [off_loop] * len(response.json()["choices"])
 
 
 def test_token_id_prompts_and_echo(client):

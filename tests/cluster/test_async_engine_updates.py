@@ -1,11 +1,14 @@
 """AsyncEngine.generate merges the deltas that wait for a slow consumer into one update
 (as vLLM's output collector does): same text, ids and logprobs as one update a delta, far
 fewer updates under load; a stop string inside a merged batch still cuts the text and
-aborts the request. A stand-in EngineClient feeds the deltas (no Ray)."""
+aborts the request. A SampleStream started from a worker thread streams on the loop; one
+the engine finished is never aborted, one ended early is aborted once. A stand-in
+EngineClient feeds the deltas (no Ray)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -99,3 +102,43 @@ def test_stop_string_inside_a_merged_batch_cuts_and_aborts(tokenizer):
                                    params, burst=50))
     assert len(updates) == 1 and updates[0].text == "The quick brown fox jumps over the "
     assert updates[0].finish_reason == "stop" and engine.engine.aborted == ["r"]
+
+
+def test_a_stream_started_in_a_worker_thread_streams_on_the_loop(tokenizer):
+    engine = _engine(tokenizer)
+    deltas = _deltas(tokenizer, "Started off the loop.", False)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        def start_and_feed():  # what the replica's embeddings thread does, then the engine
+            stream = engine.start("r", _prompt(), SamplingParams(max_tokens=64), loop)
+            for delta in deltas:
+                engine.engine.sink(delta)
+            return stream, threading.current_thread()
+
+        stream, thread = await asyncio.to_thread(start_and_feed)
+        assert thread is not threading.main_thread()
+        return [update async for update in stream.updates()]
+
+    updates = asyncio.run(scenario())
+    assert "".join(u.text for u in updates) == "Started off the loop."
+    assert updates[-1].finish_reason == "length" and engine.engine.aborted == []
+
+
+def test_close_aborts_only_what_the_engine_has_not_finished_and_only_once(tokenizer):
+    engine = _engine(tokenizer)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        finished = engine.start("done", _prompt(), SamplingParams(max_tokens=64), loop)
+        for delta in _deltas(tokenizer, "Short.", False):
+            engine.engine.sink(delta)
+        assert [u async for u in finished.updates()][-1].finish_reason == "length"
+        finished.close()
+        never_read = engine.start("gone", _prompt(), SamplingParams(max_tokens=64), loop)
+        never_read.close()
+        never_read.close()
+
+    asyncio.run(scenario())
+    assert engine.engine.aborted == ["gone"]
