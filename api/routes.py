@@ -31,16 +31,16 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its SSE generator however the response ends. Starlette leaves the generator
-    suspended when the task is cancelled inside send(), as a Serve replica's is when the
-    proxy loses the client; its finally (which aborts the engine requests and frees their
-    KV blocks) would then wait for the garbage collector, and the requests would run on."""
+    """Closes its CompletionStream however the response ends. Starlette leaves the body
+    unclosed when the task is cancelled inside send(), as a Serve replica's is when the
+    proxy loses the client (before the first line, or mid-stream); the engine requests
+    would then run on until the garbage collector found the stream."""
 
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            await self.body_iterator.aclose()  # the generator's finally has no await
+            await self.body_iterator.aclose()  # nothing in it awaits: done at once
 
 
 def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,

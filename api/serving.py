@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from api.embeds_codec import decode_prompt_embeds
@@ -82,7 +83,7 @@ class Reservation:
         self._num_choices = 0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Choice:
     """One (prompt, sample) pair of a request, in response order, its engine request
     running."""
@@ -91,6 +92,29 @@ class Choice:
     prompt: EnginePrompt
     params: SamplingParams
     stream: SampleStream
+    status: str | None = None  # how it ended, once counted in the metrics
+
+
+class CompletionStream:
+    """A streamed completion's SSE lines. aclose() ends the request however far it got,
+    also when it was never iterated (the client gone before the first line); so does
+    dropping it unclosed, at collection."""
+
+    def __init__(self, lines: AsyncGenerator[str, None], end: Callable[[], None]):
+        self._lines, self._end = lines, end
+        weakref.finalize(self, end)
+
+    def __aiter__(self) -> CompletionStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._lines.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._lines.aclose()
+        finally:
+            self._end()
 
 
 class OpenAIServing:
@@ -127,14 +151,12 @@ class OpenAIServing:
             reservation.release()
             raise
         if request.stream:
-            stream = self._stream(request, choices, reservation)
-            # A stream the server never starts (client gone first) never runs its finally.
-            weakref.finalize(stream, _end, reservation, choices)
-            return stream
+            return CompletionStream(self._stream(request, choices, reservation),
+                                    functools.partial(self._end, reservation, choices))
         try:
             return await self._complete(request, choices)
         finally:
-            _end(reservation, choices)
+            self._end(reservation, choices)
 
     async def _start(self, inputs: list[PromptInput], params: SamplingParams) -> list[Choice]:
         """Validates every prompt, then starts every choice in the engine. When the last
@@ -236,7 +258,21 @@ class OpenAIServing:
                 status = "abort"  # the client went away before the end: not an engine error
             raise
         finally:
+            self._count_finished(choice, status)
+
+    def _count_finished(self, choice: Choice, status: str) -> None:
+        if choice.status is None:
+            choice.status = status
             self.metrics.count_finished(status)
+
+    def _end(self, reservation: Reservation, choices: list[Choice]) -> None:
+        """A request's end, however it came: its admission released, and any choice the
+        engine has not finished aborted (a no-op for the rest) and, if never read,
+        counted as aborted."""
+        reservation.release()
+        for choice in choices:
+            choice.stream.close()
+            self._count_finished(choice, "abort")
 
     def _echo(self, request: CompletionRequest, choice: Choice) -> str:
         if not request.echo:
@@ -274,7 +310,7 @@ class OpenAIServing:
         finally:
             for task in tasks:
                 task.cancel()  # a disconnected client: each choice's engine request is aborted
-            _end(reservation, choices)  # and those whose task never ran
+            self._end(reservation, choices)  # and those whose task never ran
 
     async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
         try:
@@ -296,14 +332,6 @@ class OpenAIServing:
             queue.put_nowait(None)
         except Exception as exc:
             queue.put_nowait(exc)
-
-
-def _end(reservation: Reservation, choices: list[Choice]) -> None:
-    """A request's end, however it came: its admission released, and any choice the
-    engine has not finished aborted (a no-op for the rest)."""
-    reservation.release()
-    for choice in choices:
-        choice.stream.close()
 
 
 def _prompt_tokens(choices: list[Choice]) -> int:

@@ -408,16 +408,17 @@ def test_models_version_health_and_metrics(client):
 
 # Disconnect ---------------------------------------------------------------------------
 
-async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel_in_send: bool = False):
-    """Drives the ASGI app by hand: sends the request, waits for the first SSE chunk, then
-    the client goes away. Either receive() reports http.disconnect, as a closed connection
-    does, or (cancel_in_send) the app's task is cancelled while it waits in send(), as a
-    Serve replica's is when the proxy loses the client. Returns what was sent and which
-    engine generators had closed, looked at before asyncio.run's teardown could cancel
-    anything itself, with the app's task (and so the response) still referenced."""
+async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel_in: str | None = None):
+    """Drives the ASGI app by hand: sends the request, then the client goes away. Either
+    receive() reports http.disconnect after the first SSE chunk, as a closed connection
+    does, or the app's task is cancelled while it waits in send() (cancel_in: the
+    "response start" or the "second chunk"), as a Serve replica's is when the proxy loses
+    the client. Returns what was sent and which engine requests had ended, looked at
+    before asyncio.run's teardown could cancel anything itself, with the app's task (and
+    so the response) still referenced."""
     raw = json.dumps(body).encode()
     pending = [{"type": "http.request", "body": raw, "more_body": False}]
-    first_chunk, gone = asyncio.Event(), asyncio.Event()
+    parked, first_chunk, gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
     sent: list[dict] = []
 
     async def receive():
@@ -428,9 +429,12 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel
 
     async def send(message):
         sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
-            if first_chunk.is_set() and cancel_in_send:
-                await asyncio.Event().wait()  # a peer that stopped reading
+        is_chunk = message["type"] == "http.response.body" and message.get("body")
+        if (cancel_in == "response start" and message["type"] == "http.response.start"
+                or cancel_in == "second chunk" and is_chunk and first_chunk.is_set()):
+            parked.set()
+            await asyncio.Event().wait()  # a peer that stopped reading
+        if is_chunk:
             first_chunk.set()
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -440,14 +444,13 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(raw)).encode())]}
     task = asyncio.create_task(app(scope, receive, send))
-    await asyncio.wait_for(first_chunk.wait(), 10)
-    if cancel_in_send:
-        while len(sent) < 3:  # the second chunk is parked in send()
-            await asyncio.sleep(0.01)
+    if cancel_in is not None:
+        await asyncio.wait_for(parked.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
     else:
+        await asyncio.wait_for(first_chunk.wait(), 10)
         gone.set()
         await asyncio.wait_for(task, 10)
     for _ in range(100):  # the cancelled generators run their finally on later loop turns
@@ -457,8 +460,10 @@ async def _stream_then_disconnect(app, engine: FakeEngine, body: dict, *, cancel
     return sent, set(engine.closed)
 
 
-@pytest.mark.parametrize("cancel_in_send", [False, True], ids=["http.disconnect", "cancelled in send"])
-def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer, cancel_in_send):
+@pytest.mark.parametrize("cancel_in", [None, "response start", "second chunk"],
+                         ids=["http.disconnect", "cancelled sending the response start",
+                              "cancelled sending the second chunk"])
+def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer, cancel_in):
     engine = FakeEngine(tokenizer, hang_after=1)
     body = {"model": MODEL, "prompt": "hi", "prompt_embeds": embeds(1), "max_tokens": 50, "stream": True}
     app = make_app(engine)
@@ -466,7 +471,7 @@ def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer, 
     # collector finding the suspended generator (minutes later on a quiet server).
     gc.disable()
     try:
-        sent, closed = asyncio.run(_stream_then_disconnect(app, engine, body, cancel_in_send=cancel_in_send))
+        sent, closed = asyncio.run(_stream_then_disconnect(app, engine, body, cancel_in=cancel_in))
     finally:
         gc.enable()
     assert sent[0]["status"] == 200
