@@ -15,19 +15,26 @@ logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-# name -> (kind, help, buckets or tag names): the one list both exporters are built from.
+INTAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# name -> (kind, help, tag names, buckets of a histogram): the one list both exporters are
+# built from.
 METRICS = {
-    "shardserve_requests": ("counter", "Finished completion choices, by finish status", ("status",)),
-    "shardserve_generation_tokens": ("counter", "Generated tokens", ()),
-    "shardserve_time_to_first_token_seconds": ("histogram", "Time to first token", LATENCY_BUCKETS),
+    "shardserve_requests": ("counter", "Finished completion choices, by finish status", ("status",), None),
+    "shardserve_generation_tokens": ("counter", "Generated tokens", (), None),
+    "shardserve_time_to_first_token_seconds": ("histogram", "Time to first token", (), LATENCY_BUCKETS),
     "shardserve_time_per_output_token_seconds": (
-        "histogram", "Time per output token after the first", TOKEN_BUCKETS),
-    "shardserve_e2e_request_latency_seconds": ("histogram", "End-to-end latency of a choice", LATENCY_BUCKETS),
-    "shardserve_num_requests_running": ("gauge", "Requests running in the engine", ()),
-    "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", ()),
-    "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", ()),
+        "histogram", "Time per output token after the first", (), TOKEN_BUCKETS),
+    "shardserve_e2e_request_latency_seconds": (
+        "histogram", "End-to-end latency of a choice", (), LATENCY_BUCKETS),
+    "shardserve_request_intake_seconds": (
+        "histogram", "From a request's arrival at the replica to all its choices running in the engine "
+        "(body, checks, and for prompt_embeds their decode and ray.put), by input: prompt_embeds "
+        "when the request has any, else prompt", ("input",), INTAKE_BUCKETS),
+    "shardserve_num_requests_running": ("gauge", "Requests running in the engine", (), None),
+    "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", (), None),
+    "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", (), None),
     "shardserve_engine_aborted_requests": (
-        "counter", "Requests the engine aborted and freed (client gone, stop string matched here)", ()),
+        "counter", "Requests the engine aborted and freed (client gone, stop string matched here)", (), None),
 }
 ENGINE_REFRESH_S = 2.0
 
@@ -35,17 +42,17 @@ StatsSource = Callable[[], Awaitable[object]]
 
 
 def _prometheus_metric(name: str, registry: CollectorRegistry):
-    kind, doc, extra = METRICS[name]
+    kind, doc, tags, buckets = METRICS[name]
     if kind == "histogram":
-        return Histogram(name, doc, buckets=extra, registry=registry)
-    return {"counter": Counter, "gauge": Gauge}[kind](name, doc, list(extra), registry=registry)
+        return Histogram(name, doc, list(tags), buckets=buckets, registry=registry)
+    return {"counter": Counter, "gauge": Gauge}[kind](name, doc, list(tags), registry=registry)
 
 
 def _ray_metric(name: str):
-    kind, doc, extra = METRICS[name]
+    kind, doc, tags, buckets = METRICS[name]
     if kind == "histogram":
-        return ray_metrics.Histogram(name, doc, boundaries=list(extra))
-    return {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge}[kind](name, doc, tag_keys=extra or None)
+        return ray_metrics.Histogram(name, doc, boundaries=list(buckets), tag_keys=tags or None)
+    return {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge}[kind](name, doc, tag_keys=tags or None)
 
 
 class Metrics:
@@ -75,6 +82,11 @@ class Metrics:
             self._observe("shardserve_time_to_first_token_seconds", first_token - start)
             if num_tokens > 1:
                 self._observe("shardserve_time_per_output_token_seconds", (end - first_token) / (num_tokens - 1))
+
+    def observe_intake(self, input_kind: str, seconds: float) -> None:
+        """input_kind: "prompt_embeds" (the request has any) or "prompt"."""
+        self.prometheus["shardserve_request_intake_seconds"].labels(input=input_kind).observe(seconds)
+        self.ray["shardserve_request_intake_seconds"].observe(seconds, tags={"input": input_kind})
 
     def _observe(self, name: str, value: float) -> None:
         self.prometheus[name].observe(value)

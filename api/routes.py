@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -65,8 +66,9 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrival_time = time.monotonic()
         completion = await _parse_completion(request, max_body_bytes)
-        result = await serving.create_completion(completion)
+        result = await serving.create_completion(completion, arrival_time)
         if completion.stream:
             return ClosingStreamingResponse(result, media_type="text/event-stream")
         return JSONResponse(result.model_dump())

@@ -132,8 +132,11 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=self.served_model_name, root=self.served_model_name,
                                          max_model_len=self.engine.max_model_len)])
 
-    async def create_completion(self, request: CompletionRequest):
-        """A CompletionResponse, or an async iterator of SSE lines when streaming."""
+    async def create_completion(self, request: CompletionRequest, arrival_time: float | None = None):
+        """A CompletionResponse, or a CompletionStream of SSE lines when streaming.
+        arrival_time (time.monotonic(), before the body was read; default now) starts the
+        request's intake, which ends when its last choice runs in the engine."""
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
         if request.model is not None and request.model != self.served_model_name:
             raise APIError(404, f"The model `{request.model}` does not exist.",
                            type="NotFoundError", param="model")
@@ -150,6 +153,8 @@ class OpenAIServing:
         except BaseException:
             reservation.release()
             raise
+        self.metrics.observe_intake("prompt_embeds" if any(i.kind == "embeds" for i in inputs) else "prompt",
+                                    max(c.stream.start_time for c in choices) - arrival_time)
         if request.stream:
             return CompletionStream(self._stream(request, choices, reservation),
                                     functools.partial(self._end, reservation, choices))

@@ -88,6 +88,23 @@ def check_loopback(base_url: str) -> None:
         raise SystemExit(f"--base-url must be a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
 
 
+INTAKE = "shardserve_request_intake_seconds"
+INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
+
+
+def server_intake(base_url: str, mode: str) -> tuple[float, float] | None:
+    """(sum in s, count) of the server's intake histogram for this mode's input: the time
+    from a request's arrival at the replica to its choices running in the engine. None
+    when the server does not export it (not a shardserve server)."""
+    text = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/metrics").text
+    if f"# TYPE {INTAKE} histogram" not in text:
+        return None
+    label = f'{{input="{INTAKE_INPUT[mode]}"}}'
+    figures = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                   if line.startswith((f"{INTAKE}_sum{label} ", f"{INTAKE}_count{label} ")))
+    return (float(figures.get(f"{INTAKE}_sum{label}", 0.0)), float(figures.get(f"{INTAKE}_count{label}", 0.0)))
+
+
 def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     """Random token ids, clear of the low ids where small vocabularies keep their specials."""
     gen = torch.Generator().manual_seed(seed)
@@ -287,12 +304,21 @@ def main(argv=None) -> dict:
         asyncio.run(run(args, url, [json.dumps(completion_body(model, p, args.output_len)).encode() for p in warmup],
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
+    intake = {m: [0.0, 0.0] for m in modes}  # the timed requests' server intake: seconds, count
     for mode in round_order(modes, args.rounds):
+        before = server_intake(args.base_url, mode)
         mode_results, duration = asyncio.run(run(args, url, bodies[mode], max_concurrency=args.max_concurrency,
                                                  rate=args.request_rate))
+        after = server_intake(args.base_url, mode)
         results[mode] += mode_results
         durations[mode] += duration
+        if before is not None and after is not None:
+            intake[mode][0] += after[0] - before[0]
+            intake[mode][1] += after[1] - before[1]
     report = {m: summarize(results[m], durations[m]) for m in modes}
+    for mode in modes:
+        if intake[mode][1]:
+            report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
     print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
     if args.serving_overhead:
         overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)

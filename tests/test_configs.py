@@ -150,7 +150,7 @@ QUERIED = re.compile(r"\bray_(shardserve_[a-z0-9_]+)")
 
 def _metric_of(exported: str) -> str:
     """api.metrics name of an exported series name, checked against its kind."""
-    for name, (kind, _, _) in METRICS.items():
+    for name, (kind, *_) in METRICS.items():
         if any(exported == name + suffix for suffix in SUFFIXES[kind]):
             return name
     raise AssertionError(f"the dashboard queries {exported!r}, which api/metrics.py does not export")

@@ -19,12 +19,16 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     metrics = Metrics()
     metrics.count_finished("stop")
     metrics.observe_request(start=10.0, first_token=10.5, end=12.5, num_tokens=5)
+    metrics.observe_intake("prompt_embeds", 0.004)
     values = samples(metrics, SimpleNamespace(num_running=3, num_waiting=1, kv_cache_usage=0.25, num_aborted=2))
     assert values['shardserve_requests_total{status="stop"}'] == 1
     assert values["shardserve_generation_tokens_total"] == 5
     assert values["shardserve_time_to_first_token_seconds_sum"] == 0.5
     assert values["shardserve_time_per_output_token_seconds_sum"] == 0.5  # 2 s over 4 tokens
     assert values["shardserve_e2e_request_latency_seconds_sum"] == 2.5
+    assert values['shardserve_request_intake_seconds_sum{input="prompt_embeds"}'] == 0.004
+    assert values['shardserve_request_intake_seconds_bucket{input="prompt_embeds",le="0.0025"}'] == 0
+    assert values['shardserve_request_intake_seconds_bucket{input="prompt_embeds",le="0.005"}'] == 1
     assert (values["shardserve_num_requests_running"], values["shardserve_num_requests_waiting"],
             values["shardserve_kv_cache_usage_perc"]) == (3, 1, 0.25)
     assert values["shardserve_engine_aborted_requests_total"] == 2

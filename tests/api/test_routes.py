@@ -392,18 +392,26 @@ def test_models_version_health_and_metrics(client):
     assert client.get("/version").json() == {"version": "0.1.0"}
     assert client.get("/health").status_code == 200
     post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    post(client, {"model": MODEL, "prompt": "hi", "prompt_embeds": [embeds(1), embeds(2)], "max_tokens": 2,
+                  "stream": True})
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     lines = metrics.text.splitlines()
-    for sample in ('shardserve_requests_total{status="length"} 1.0',
-                   "shardserve_time_to_first_token_seconds_count 1.0",
-                   "shardserve_time_per_output_token_seconds_count 1.0",
-                   "shardserve_e2e_request_latency_seconds_count 1.0",
-                   "shardserve_generation_tokens_total 3.0",
+    for sample in ('shardserve_requests_total{status="length"} 4.0',
+                   "shardserve_time_to_first_token_seconds_count 4.0",
+                   "shardserve_time_per_output_token_seconds_count 4.0",
+                   "shardserve_e2e_request_latency_seconds_count 4.0",
+                   "shardserve_generation_tokens_total 9.0",
+                   # One intake per request, by whether it has embeddings (three choices here).
+                   'shardserve_request_intake_seconds_count{input="prompt"} 1.0',
+                   'shardserve_request_intake_seconds_count{input="prompt_embeds"} 1.0',
                    "shardserve_num_requests_running 3.0",
                    "shardserve_num_requests_waiting 1.0",
                    "shardserve_kv_cache_usage_perc 0.75"):
         assert sample in lines, sample
+    intake = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines
+              if line.startswith("shardserve_request_intake_seconds_sum")}
+    assert len(intake) == 2 and all(0 < seconds < 10 for seconds in intake.values()), intake
 
 
 # Disconnect ---------------------------------------------------------------------------

@@ -379,6 +379,8 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
         assert report[mode]["successful requests"] == 8 and report[mode]["failed requests"] == 0
         assert report[mode]["total output tokens"] == 32
         assert 0 < report[mode]["median TTFT (ms)"] <= report[mode]["p99 TTFT (ms)"]
+        # The server's intake of each timed request (arrival to running) is part of its TTFT.
+        assert 0 < report[mode]["mean server intake (ms)"] < report[mode]["mean TTFT (ms)"]
         overhead = report["overhead"][mode]
         assert overhead["samples"] == 3 and overhead["median engine TTFT (ms)"] > 0
         assert overhead["serving overhead (ms)"] == pytest.approx(
