@@ -173,27 +173,30 @@ class OpenAIServing:
         return await self._prepare(inputs[-1], lambda last: self._start_choices([*prompts, last], params, loop))
 
     async def _prepare(self, item: PromptInput, then=lambda prompt: prompt):
-        """then(the validated prompt), run in the worker thread for embeddings."""
-        param = "prompt_embeds" if item.kind == "embeds" else "prompt"
+        """then(the validated prompt); for embeddings, in the worker thread that decodes
+        them. A bad prompt is a 400 naming its field."""
+        if item.kind == "embeds":
+            if not self.enable_prompt_embeds:
+                raise APIError(400, "prompt_embeds is disabled on this server; start it with "
+                               "--enable-prompt-embeds to accept embeddings", param="prompt_embeds")
+            return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value)))
         try:
-            if item.kind == "embeds":
-                if not self.enable_prompt_embeds:
-                    raise ValueError("prompt_embeds is disabled on this server; start it with "
-                                     "--enable-prompt-embeds to accept embeddings")
-                return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value)))
             if item.kind == "text":
                 prompt = self.engine.parse_prompt({"prompt": item.value})
             else:
                 prompt = self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
         except ValueError as exc:
-            raise APIError(400, str(exc), param=param) from None
+            raise APIError(400, str(exc), param="prompt") from None
         return then(prompt)
 
     def _decode_embeds(self, data: str) -> EnginePrompt:
         """In a worker thread: the safe decoder, which also validates the tensor (so the
         engine does not read it again), then the one ray.put of the prompt's embeddings."""
-        tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
-                                      max_bytes=self.max_embeds_bytes)
+        try:
+            tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
+                                          max_bytes=self.max_embeds_bytes)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt_embeds") from None
         return self.engine.put_embeds_prompt(tensor)
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
