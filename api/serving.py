@@ -1,7 +1,8 @@
 """The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely
-and put into the object store once, off the event loop) → one engine stream per choice →
-an OpenAI response or SSE stream. Runs in the Serve ingress; the engine sits behind the
-AsyncEngine protocol."""
+and put into the object store once, off the event loop) → every choice started in the
+engine at once, from that worker thread when embeddings come last → an OpenAI response or
+SSE stream, whose end (however it comes) aborts what the engine has not finished. Runs in
+the Serve ingress; the engine sits behind the AsyncEngine protocol."""
 
 from __future__ import annotations
 
