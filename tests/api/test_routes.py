@@ -66,6 +66,8 @@ class FakeEngine:
         return prompt.prompt if prompt.prompt is not None else f"t{len(prompt.prompt_token_ids)}"
 
     def start(self, req_id, prompt, params, loop):
+        if self.is_dead:
+            raise EngineDeadError("shard 0 died")
         self.started.append(req_id)
         self.started_off_loop.append(not _on_event_loop())
         return FakeStream(self, req_id, self.generate(req_id, prompt, params))
@@ -271,6 +273,19 @@ def test_dead_engine_is_503_on_health(engine, client):
     assert client.get("/health").status_code == 200
     engine.is_dead = True
     assert error_of(client.get("/health"), 503)["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("prompt_embeds", [None, "EMBEDS"], ids=["text", "embeddings last (started by their thread)"])
+def test_dead_engine_is_503_with_retry_after_on_completions(engine, client, prompt_embeds):
+    engine.is_dead = True
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+    if prompt_embeds:
+        body = {**body, "prompt": "", "prompt_embeds": embeds(1)}
+    response = post(client, body)
+    error = error_of(response, 503)
+    assert error["type"] == "service_unavailable" and response.headers["retry-after"] == "1"
+    engine.is_dead = False  # the replica answers again once the engine is back
+    assert post(client, {**body, "stream": False}).status_code == 200
 
 
 # API key ------------------------------------------------------------------------------
