@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens a step may hold; longer prompts are prefilled in chunks "
+                            "(default: max-model-len within [2048, 8192] on GPU, 2048 on CPU)")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--placement-strategy", default="STRICT_PACK",
                        choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])

@@ -13,6 +13,8 @@ from cluster.default_model import default_model_path
 from cluster.tokenizer import load_tokenizer
 from workers.config import EngineConfig, ModelConfig, parse_dtype
 
+DEFAULT_MAX_STEP_TOKENS = {"cuda": 8192, "cpu": 2048}  # the default step budget's ceiling
+
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -45,17 +47,18 @@ class EngineArgs:
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = load_tokenizer(model_dir)
         max_model_len = self.max_model_len or model_config.max_position_embeddings
+        device = self._resolve_device()
         config = EngineConfig(
             model=str(model_dir),
             model_config=model_config,
             tensor_parallel_size=self.tensor_parallel_size,
             dtype=self._resolve_dtype(model_config),
             load_format=self.load_format,
-            device=self._resolve_device(),
+            device=device,
             max_model_len=max_model_len,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens or max(max_model_len, 2048),
+            max_num_batched_tokens=self.max_num_batched_tokens or default_step_tokens(device, max_model_len),
             enable_prompt_embeds=self.enable_prompt_embeds,
             seed=self.seed,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
@@ -79,6 +82,15 @@ class EngineArgs:
         if self.device != "auto":
             return self.device
         return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def default_step_tokens(device: str, max_model_len: int) -> int:
+    """Tokens a step may hold unless max_num_batched_tokens says: the context length, at
+    least 2048, at most 8192 on a GPU (vLLM's chunked-prefill default for its server) and
+    2048 on CPU. A longer prompt is prefilled in chunks between decode steps, so it neither
+    stalls the running requests for its whole prefill nor holds a whole context's
+    activations at once."""
+    return min(max(max_model_len, 2048), DEFAULT_MAX_STEP_TOKENS[device])
 
 
 def _eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:

@@ -89,3 +89,21 @@ def test_steps_of_embedding_rows_only_match_hf(engine):
     _assert_matches(alone, from_random, "one request's embeddings")
     _assert_matches(together[0], hf_greedy(hf_model, MAX_TOKENS, input_ids=long), "own embeddings, beside random")
     _assert_matches(together[1], from_random, "random embeddings, beside own")
+
+
+def test_prompts_longer_than_a_step_are_prefilled_in_chunks_and_match_hf(ray_cluster, tiny_checkpoints):
+    """A 16-token step budget: the 37-row prompts (token ids, and the model's own
+    embeddings of them) are prefilled over three steps, beside the short prompt's decodes."""
+    path = tiny_checkpoints("llama")
+    hf_model = load_hf_model(path)
+    short, long, _ = _prompts(hf_model, hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, ignore_eos=True)
+    with LLM(str(path), tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=128,
+             max_num_batched_tokens=16, kv_cache_memory_bytes=16 << 20) as llm:
+        assert llm.config.max_num_batched_tokens == 16
+        outputs = llm.generate([{"prompt_token_ids": short}, {"prompt_token_ids": long},
+                                {"prompt_embeds": embed_tokens(hf_model, long)}], params, use_tqdm=False)
+    _assert_matches(outputs[0], hf_greedy(hf_model, MAX_TOKENS, input_ids=short), "short, beside the chunks")
+    from_long = hf_greedy(hf_model, MAX_TOKENS, input_ids=long)
+    _assert_matches(outputs[1], from_long, "token ids in chunks")
+    _assert_matches(outputs[2], from_long, "embeddings in chunks")
