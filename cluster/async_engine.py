@@ -72,9 +72,14 @@ class AsyncEngine:
     async def generate(
         self, req_id: str, prompt: EnginePrompt, params: SamplingParams
     ) -> AsyncIterator[SampleUpdate]:
-        """start() and the stream's updates, on the running loop."""
-        async for update in self.start(req_id, prompt, params, asyncio.get_running_loop()).updates():
-            yield update
+        """start() and the stream's updates, on the running loop; closing this generator
+        early aborts the request (an `async for` does not close the inner one itself)."""
+        stream = self.start(req_id, prompt, params, asyncio.get_running_loop())
+        try:
+            async for update in stream.updates():
+                yield update
+        finally:
+            stream.close()
 
     async def stats(self) -> EngineStats | None:
         """The leader's scheduler figures; None once the engine is dead."""

@@ -142,3 +142,18 @@ def test_close_aborts_only_what_the_engine_has_not_finished_and_only_once(tokeni
 
     asyncio.run(scenario())
     assert engine.engine.aborted == ["gone"]
+
+
+def test_closing_generate_early_aborts_at_once(tokenizer):
+    engine = _engine(tokenizer)
+
+    async def scenario():
+        stream = engine.generate("r", _prompt(), SamplingParams(max_tokens=64))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        engine.engine.sink(_deltas(tokenizer, "Some words here.", False)[0])
+        await first
+        await stream.aclose()  # the consumer went away after one update
+        return list(engine.engine.aborted)
+
+    assert asyncio.run(scenario()) == ["r"]
