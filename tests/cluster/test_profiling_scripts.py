@@ -1,6 +1,6 @@
 """The profiling scripts run as written (default model, CPU): per-rank phase timers that
 count every step and first-token medians for both prompt kinds (on the session's Ray, at
-TP 2), and the in-process step-loop table."""
+TP 2), the in-process step-loop table, and the object-store hand-off of embeddings."""
 
 from __future__ import annotations
 
@@ -78,3 +78,13 @@ def test_profile_step_loop_accounts_for_every_step(capsys):
     assert steps == int(capsys.readouterr().out.split(" steps")[0].rsplit(", ", 1)[1])
     assert max(bucket for kind, bucket in rows if kind == "decode") <= 4
     assert any(kind == "mixed" for kind, _ in rows) and result["wall_s"] > 0
+
+
+def test_bench_object_store_times_the_embeddings_hand_off_beside_token_ids(ray_cluster, capsys):
+    main = runpy.run_path(str(SCRIPTS / "bench_object_store.py"))["main"]
+    result = main(["--rows", "8", "--hidden", "32", "--num-actors", "2", "--repeats", "3"])
+    for mode in ("token ids", "prompt_embeds"):
+        assert 0 < result[f"{mode}: send -> run (ms)"] < result[f"{mode}: round trip (ms)"]
+    assert result["prompt_embeds: ray.put (ms)"] > 0
+    out = capsys.readouterr().out
+    assert "8 x 32 bfloat16" in out and "to 2 actor(s), medians of 3" in out and "object store" in out
