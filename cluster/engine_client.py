@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import queue
 import threading
 import uuid
 from typing import Callable
@@ -64,6 +65,14 @@ class EngineClient:
         self._run_refs = [shard.run.remote() for shard in self.shards]
         self._poller = threading.Thread(target=self._poll_outputs, name="shardserve-outputs", daemon=True)
         self._poller.start()
+        # Requests and aborts go to the shards from this thread, never from the caller's:
+        # Ray cancels, recursively, the calls a cancelled task made, and a Serve request
+        # whose client went away is such a task. Its abort would be lost (the request
+        # running to its length), or an add that one shard had not yet run (the others
+        # then waiting for that shard's data).
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
+        self._caller.start()
 
     def _start_shards(self) -> list:
         actor_cls = ray.remote(max_concurrency=SHARD_MAX_CONCURRENCY)(ShardWorker)
@@ -131,6 +140,9 @@ class EngineClient:
         if embeds_ref is not None:
             array_ref = embeds_ref.ref
             new = dataclasses.replace(new, prompt_embeds=dataclasses.replace(embeds_ref, ref=None))
+        self._calls.put((self._send_request, (new, array_ref)))
+
+    def _send_request(self, new: NewRequest, array_ref) -> None:
         for shard in self.shards:
             shard.add_request.remote(new, array_ref)
 
@@ -139,7 +151,18 @@ class EngineClient:
         with self._lock:
             known = req_id in self._sinks
         if known and self.dead_reason is None:
-            self.leader.abort.remote(req_id)
+            self._calls.put((self.leader.abort.remote, (req_id,)))
+
+    def _make_calls(self) -> None:
+        """The calls thread: sends queued requests and aborts in order, until shutdown."""
+        while True:
+            call, args = self._calls.get()
+            if call is None:
+                return
+            try:
+                call(*args)
+            except Exception:  # a dead actor: the output thread reports the engine dead
+                logger.exception("sending a call to the shards failed")
 
     def stats(self) -> EngineStats:
         return ray.get(self.leader.stats.remote())
@@ -222,7 +245,9 @@ class EngineClient:
         for shard in self.shards:
             ray.kill(shard)
         self._release_group()
+        self._calls.put((None, ()))
         self._poller.join(timeout=POLL_TIMEOUT_S * 2)
+        self._caller.join(timeout=POLL_TIMEOUT_S * 2)
 
     def _release_group(self) -> None:
         if self._owns_group:
