@@ -98,7 +98,7 @@ class ShardWorker:
 
     def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
         """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
-        caller passes the ref as a top-level argument); fetched here when not given."""
+        engine client passes the ref as a top-level argument, and none inside `new`)."""
         state = RequestState(
             req_id=new.req_id,
             prompt_len=new.prompt_len,
@@ -114,14 +114,13 @@ class ShardWorker:
             )
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
-        """The request's (seq_len, hidden) array from the object store, as a tensor in
-        the model's dtype on this shard's device."""
+        """The request's (seq_len, hidden) array, a zero-copy read-only view of the object
+        store, as a tensor in the model's dtype on this shard's device."""
         if embeds is None:
             return None
         if array is None:
-            import ray
-
-            array = ray.get(embeds.ref)  # zero-copy, read-only view
+            raise ValueError("a request with prompt embeddings came without their array "
+                             "(EngineClient passes it as the call's argument)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only arrays
             tensor = torch.from_numpy(array)
