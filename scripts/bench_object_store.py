@@ -46,11 +46,12 @@ class Receiver:
         return started
 
 
-def _call(receivers, request, ref) -> tuple[float, float, float]:
-    """(put ms, send -> run ms of the slowest receiver, round trip ms)."""
-    put_ms = 0.0
-    if isinstance(ref, torch.Tensor):
-        array, dtype = to_object_store_array(ref)
+def _call(receivers, request, embeds: torch.Tensor | None) -> tuple[float, float, float]:
+    """(put ms, send -> run ms of the slowest receiver, round trip ms); with `embeds`, the
+    engine's put first and its ref as every call's argument."""
+    put_ms, ref = 0.0, None
+    if embeds is not None:
+        array, dtype = to_object_store_array(embeds)
         start = time.perf_counter()
         ref = EngineClient.put_prompt_embeds(array, dtype).ref
         put_ms = (time.perf_counter() - start) * 1e3
