@@ -174,7 +174,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, measured on GPU
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
-    enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
+    enforce_eager: bool = False  # True: no CUDA-graph capture (decode steps, one request's prefill)
     async_scheduling: bool = True  # plan the next decode step while this one runs
     disable_custom_all_reduce: bool = False  # True: NCCL only, no one-shot all-reduce
     eos_token_ids: tuple[int, ...] = field(default=())

@@ -1,9 +1,13 @@
-"""CUDA-graph capture of decode steps: the whole sharded forward pass (tensor-parallel
-all-reduces included) and the LM head with its logits gather, of a batch of single-token
-rows, captured once per batch-size bucket when the engine starts (as vLLM does, so no
-request pays for a capture) and replayed with the step's inputs copied into static
-buffers. Host work per step drops from ~1,500 kernel launches to one replay. Runs in each
-shard on CUDA."""
+"""CUDA-graph capture of steps: the whole sharded forward pass (tensor-parallel all-reduces
+included) and the LM head with its logits gather, captured once per bucket when the engine
+starts (as vLLM does, so no request pays for a capture) and replayed with the step's
+inputs copied into static buffers. Host work per step drops from ~1,500 kernel launches
+to one replay. Runs in each shard on CUDA.
+
+- DecodeGraphs: a batch of single-token rows, per batch-size bucket.
+- PrefillGraphs: one request's prefill (or prefill chunk) of up to 512 rows, per row-count
+  bucket: the step an idle engine runs for a new request, whose launches (~30 per layer)
+  otherwise cost the host about three times the GPU's time (8B shape, 128 rows)."""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from collections import Counter
 
 import torch
 
-from workers.attention import AttentionMetadata
-from workers.kernels import paged_attention
+from workers.attention import NULL_BLOCK, AttentionMetadata, PrefillBatch
+from workers.kernels import paged_attention, paged_prefill
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of one request's prefill step
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +132,148 @@ class DecodeGraphs:
     def _capture(self, bucket: int):
         metadata = self._metadata(bucket)
         args = (self.input_ids[:bucket], self.positions[:bucket], metadata, self.kv_caches)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: allocator and kernel autotuning settle
-            for _ in range(2):
-                self.model.compute_logits(self.model(*args))
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.compute_logits(self.model(*args))
+        graph, logits = capture(lambda: self.model.compute_logits(self.model(*args)), self.pool)
+        self.pool = graph.pool()
+        return graph, logits
+
+
+def capture(forward, pool):
+    """(graph, forward's output tensor) of `forward` captured into `pool`, after two
+    warm-up runs on a side stream (the allocator and kernel autotuning settle)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
+
+
+class PrefillGraphs:
+    """One request's prefill step of n rows (n from 2 up to the largest bucket), replayed in
+    the graph of the smallest bucket T >= n. The step runs as two spans of the prefill
+    kernel: the request's n rows, then T - n padding rows (possibly none) that form a
+    request of their own at positions 0.., whose keys live in the scratch block, so they
+    neither write nor read a real request's cache. The request's embedding rows, if any,
+    are copied into a static buffer and selected by a mask, so one graph serves token ids
+    and prompt_embeds. Every rank captures the same buckets in the same order."""
+
+    def __init__(self, model, kv_caches, *, max_tokens: int, max_blocks_per_seq: int, block_size: int,
+                 scratch_block: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.buckets = [b for b in PREFILL_BUCKETS if b <= max_tokens]
+        size = self.buckets[-1] if self.buckets else 0
+        # Static inputs: rows of `small` are token ids, positions, cache slots; `spans` holds
+        # the query starts (3) and lengths (2) of the two spans and the sampled row (1).
+        self.small = torch.zeros(3, size, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.small.unbind(0)
+        self.spans = torch.zeros(6, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(2, max_blocks_per_seq, dtype=torch.long, device=device)
+        self.embeds = torch.zeros(size, hidden_size, dtype=dtype, device=device)
+        self.embeds_mask = torch.zeros(size, dtype=torch.bool, device=device)
+        self.rows = torch.arange(size, dtype=torch.long, device=device)
+        self.no_rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.no_lens = torch.zeros(0, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self.staging = [(torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
+                         torch.zeros(6, dtype=torch.long, pin_memory=pinned),
+                         torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
+                         torch.zeros(size, dtype=torch.bool, pin_memory=pinned))
+                        for _ in range(2)]
+        self._num_loads = 0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
+        self.replays: Counter[int] = Counter()  # per bucket
+        self.pool = None
+
+    @staticmethod
+    def supports(device: torch.device, head_dim: int, block_size: int) -> bool:
+        return device.type == "cuda" and paged_prefill.is_available(device, head_dim, block_size)
+
+    def bucket_for(self, num_rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_rows), None) if num_rows >= 2 else None
+
+    def capture_all(self) -> None:
+        """Captures every bucket, largest first, on padding inputs (every row a padding
+        row: its keys in the scratch block)."""
+        started = time.monotonic()
+        for bucket in reversed(self.buckets):
+            self._load([0] * bucket, 0, [self.scratch_block] * -(-bucket // self.block_size), None, bucket)
+            self.graphs[bucket] = self._capture(bucket)
+        torch.cuda.synchronize()
+        logger.info("captured prefill CUDA graphs for %s rows in %.1f s", self.buckets, time.monotonic() - started)
+
+    def run(self, input_ids: list[int], num_computed: int, block_table: list[int],
+            embeds: torch.Tensor | None = None) -> torch.Tensor | None:
+        """float32 logits [1, vocab] of the last of the request's rows (input_ids, at
+        positions num_computed..) on the leader, None on the others. embeds: the rows'
+        prompt embeddings (on the device), the first len(embeds) rows, or None. Without
+        captured graphs (a CPU check of the padding) the same inputs run eagerly."""
+        bucket = self.bucket_for(len(input_ids))
+        self._load(input_ids, num_computed, block_table, embeds, bucket)
+        if not self.graphs:
+            return self._forward(bucket)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        self.replays[bucket] += 1
+        return logits
+
+    def _load(self, input_ids, num_computed: int, block_table: list[int], embeds, bucket: int) -> None:
+        """Copies the step into the static buffers: four host-to-device copies, plus one
+        on the device for the embedding rows."""
+        n, bs, pad = len(input_ids), self.block_size, bucket - len(input_ids)
+        small, spans, tables, mask = self.staging[self._num_loads % 2]
+        self._num_loads += 1
+        positions = list(range(num_computed, num_computed + n)) + list(range(pad))
+        slots = [block_table[p // bs] * bs + p % bs for p in positions[:n]]
+        slots += [self.scratch_block * bs + p % bs for p in range(pad)]
+        small[:, :bucket] = torch.tensor([list(input_ids) + [0] * pad, positions, slots])
+        spans.copy_(torch.tensor([0, n, bucket, num_computed + n, pad, n - 1]))
+        width = tables.shape[1]
+        tables[0] = torch.tensor(block_table + [NULL_BLOCK] * (width - len(block_table)))
+        tables[1] = self.scratch_block
+        num_embeds = 0 if embeds is None else embeds.shape[0]
+        mask[:bucket] = False
+        mask[:num_embeds] = True
+        self.small[:, :bucket].copy_(small[:, :bucket], non_blocking=True)
+        self.spans.copy_(spans, non_blocking=True)
+        self.block_tables.copy_(tables, non_blocking=True)
+        self.embeds_mask[:bucket].copy_(mask[:bucket], non_blocking=True)
+        if num_embeds:
+            self.embeds[:num_embeds].copy_(embeds)
+
+    def _metadata(self, bucket: int) -> AttentionMetadata:
+        """Metadata over the static buffers: two prefill spans, no decodes."""
+        query_start_loc, seq_lens = self.spans[0:3], self.spans[3:5]
+        return AttentionMetadata(
+            positions=self.positions[:bucket],
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[:bucket],
+            decode_rows=self.no_rows,
+            decode_block_tables=self.block_tables[:0],
+            decode_kv_positions=self.no_rows[:, None],
+            decode_q_positions=self.no_rows[:, None],
+            decode_seq_lens=self.no_lens,
+            prefills=[],
+            prefill_batch=PrefillBatch(rows=self.rows[:bucket], query_start_loc=query_start_loc,
+                                       seq_lens=seq_lens, block_tables=self.block_tables,
+                                       max_query_len=bucket),
+        )
+
+    def _forward(self, bucket: int) -> torch.Tensor | None:
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self._metadata(bucket),
+                            self.kv_caches, input_embeds=self.embeds[:bucket],
+                            embeds_mask=self.embeds_mask[:bucket])
+        return self.model.compute_logits(hidden[self.spans[5:6]])
+
+    def _capture(self, bucket: int):
+        graph, logits = capture(lambda: self._forward(bucket), self.pool)
         self.pool = graph.pool()
         return graph, logits

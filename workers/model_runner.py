@@ -4,6 +4,7 @@ Runs in each shard process."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +12,15 @@ import torch
 from workers.intake import Intake, RequestState
 from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
-from workers.cuda_graphs import DecodeGraphs
+from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
 from workers.loader import load_weights
 from workers.messages import ScheduledRequest, StepPlan
 from workers.models import get_model_class
 from workers.parallel import ProcessGroup
 from workers.transfer import to_device
 
+# SHARDSERVE_PREFILL_GRAPHS=0 runs one request's prefill eagerly (an ablation switch).
+USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
 
 
@@ -48,6 +51,7 @@ class ModelRunner:
             model_config, pg, self.num_blocks + 1, config.block_size, config.torch_dtype, device
         )
         self.decode_graphs = self._make_decode_graphs()
+        self.prefill_graphs = self._make_prefill_graphs()
         self.requests: dict[str, RequestState] = {}
         self._last_sampled_ids: tuple[str, ...] = ()  # the last executed step's, in order
         # From a feeds_back plan: the previous step's sampled tokens, still on the device,
@@ -66,6 +70,30 @@ class ModelRunner:
         )
         graphs.capture_all()
         return graphs
+
+    def _make_prefill_graphs(self) -> PrefillGraphs | None:
+        config = self.config
+        head_dim = config.model_config.head_dim
+        if (config.enforce_eager or not USE_PREFILL_GRAPHS
+                or not PrefillGraphs.supports(self.device, head_dim, config.block_size)):
+            return None
+        graphs = self.new_prefill_graphs()
+        if not graphs.buckets:
+            return None
+        graphs.capture_all()
+        return graphs
+
+    def new_prefill_graphs(self) -> PrefillGraphs:
+        """Prefill graphs' buffers for this runner, not captured (captured, they replay;
+        uncaptured, they run the same padded step eagerly)."""
+        config = self.config
+        return PrefillGraphs(
+            self.model, self.kv_caches,
+            max_tokens=min(config.max_num_batched_tokens, config.max_model_len),
+            max_blocks_per_seq=-(-config.max_model_len // config.block_size), block_size=config.block_size,
+            scratch_block=self.num_blocks, hidden_size=config.model_config.hidden_size,
+            dtype=config.torch_dtype, device=self.device,
+        )
 
     def _num_blocks_that_fit(self) -> int:
         per_block = kv_cache_bytes_per_block(
@@ -128,6 +156,10 @@ class ModelRunner:
             return None
         if self._is_graphable(scheduled):
             return self._execute_graph(scheduled)
+        if self.prefill_graphs is not None:
+            logits = self._execute_prefill_graph(scheduled)
+            if logits is not False:
+                return logits
         inputs = self._prepare(scheduled)
         hidden = self.model(
             inputs.input_ids,
@@ -164,6 +196,26 @@ class ModelRunner:
             input_ids.append(ids[0] if ids else 0)
         return self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
                                       self._fed_tokens(fed))
+
+    def _execute_prefill_graph(self, scheduled: tuple[ScheduledRequest, ...]):
+        """One request's prefill rows through the prefill graphs: its logits (None when the
+        chunk samples nothing); False when the step is not one they run (several
+        requests, a bucket too small, or rows whose token is still being fed back)."""
+        if len(scheduled) != 1:
+            return False
+        sched = scheduled[0]
+        if self.prefill_graphs.bucket_for(sched.num_new_tokens) is None:
+            return False
+        state = self.requests[sched.req_id]
+        start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
+        ids = state.token_ids(start, end)
+        if len(ids) < end - start:
+            return False
+        embeds = None  # the rows' embeddings come first; their ids read as 0
+        if state.prompt_embeds is not None and start < state.prompt_len:
+            embeds = state.prompt_embeds[start : min(end, state.prompt_len)]
+        logits = self.prefill_graphs.run(ids, start, state.block_ids, embeds)
+        return logits if sched.is_sampled else None
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into

@@ -1,5 +1,6 @@
-"""CUDA-graph decode steps give the same greedy tokens and log-probabilities as eager
-steps, across batch sizes that need padding to a bucket (gpu marker: needs CUDA)."""
+"""CUDA-graph steps give the same greedy tokens and log-probabilities as eager steps:
+decode batches that need padding to a bucket, and one request's prefill padded to a
+row-count bucket, for token ids and prompt_embeds (gpu marker: needs CUDA)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,32 @@ def test_graph_decode_matches_eager(ray_cluster, tiny_checkpoints):
     eager, no_replays = _run(path, enforce_eager=True)
     assert no_replays == {} and all(replays.get(bucket, 0) > 0 for bucket in (1, 2, 4, 8)), replays
     assert_same_samples(eager, graphed, atol=1e-3)
+
+
+def _run_one_at_a_time(path, enforce_eager: bool):
+    """Prompts sent one by one, so each prefill is the step's only request."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in (3, 16, 17, 30, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+    outputs = []
+    with LLM(str(path), enforce_eager=enforce_eager, max_model_len=128, kv_cache_memory_bytes=16 << 20,
+             enable_prompt_embeds=True) as llm:
+        table = ray.get(llm.engine.leader.__ray_call__.remote(
+            lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+        prompts.append({"prompt_embeds": table[torch.tensor(prompts[3]["prompt_token_ids"])]})
+        for prompt in prompts:
+            outputs += llm.generate([prompt], params, use_tqdm=False)
+        replays = ray.get(llm.engine.leader.__ray_call__.remote(
+            lambda shard: dict(shard.runner.prefill_graphs.replays) if shard.runner.prefill_graphs else {}))
+    return [o.outputs[0] for o in outputs], replays
+
+
+@pytest.mark.gpu
+def test_graph_prefill_matches_eager(ray_cluster, tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    graphed, replays = _run_one_at_a_time(path, enforce_eager=False)
+    eager, no_replays = _run_one_at_a_time(path, enforce_eager=True)
+    # 3 -> 16, 16 -> 16, 17 and 30 -> 32 (twice: ids, then the same rows as embeddings), 70 -> 128.
+    assert no_replays == {} and replays == {16: 2, 32: 3, 128: 1}, replays
+    assert_same_samples(eager, graphed, atol=1e-3)
+    assert graphed[3].token_ids == graphed[5].token_ids  # embeddings of the same ids

@@ -1,0 +1,97 @@
+"""Prefill graphs: one request's prefill step padded to a row-count bucket, as a second
+span of padding rows whose keys live in the scratch block. On CPU the padded step runs
+eagerly with the kernels in Triton's interpreter (the graph replays the same inputs on
+CUDA) and must give the unpadded step's logits and leave every real cache block as the
+unpadded steps do: chunked prompts, a chunk that fills its bucket, embedding rows beside
+token ids, padding wider than a cache block, Mistral's sliding window, decodes after."""
+
+from __future__ import annotations
+
+from tests.workers.conftest import run_in_triton_interpreter
+
+SCRIPT = """
+import sys
+import torch
+from workers.config import EngineConfig, ModelConfig
+from workers.intake import Intake, RequestState
+from workers.kernels import elementwise, paged_attention, paged_prefill
+from workers.messages import ScheduledRequest, StepPlan
+from workers.model_runner import ModelRunner
+from workers.parallel import ProcessGroup
+
+elementwise.is_available = lambda device: True
+paged_attention.is_available = lambda device, head_dim, block_size: True
+paged_prefill.is_available = lambda device, head_dim, block_size: True
+
+
+def run(path, padded):
+    config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
+                          block_size=4, kv_cache_memory_bytes=1 << 20)
+    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
+    assert runner.prefill_graphs is None  # CPU: nothing captured
+    graphs = runner.new_prefill_graphs()
+    assert graphs.buckets == [16, 32, 64]
+    if padded:
+        runner.prefill_graphs = graphs
+    hidden = config.model_config.hidden_size
+    embeds = torch.randn(26, hidden, generator=torch.Generator().manual_seed(0))
+    intake = Intake()
+    intake.put(RequestState("ids", 20, list(range(3, 23)), None))
+    intake.put(RequestState("embeds", 16, None, embeds[:16]))
+    recompute = RequestState("recompute", 10, None, embeds[16:])  # preempted: 3 outputs to redo
+    recompute.output_token_ids = [5, 6, 7]
+    intake.put(recompute)
+    intake.put(RequestState("two", 2, [9, 4], None))
+    steps = [
+        (ScheduledRequest("ids", 0, 12, (1, 2, 3), False),),  # chunk: 4 padding rows, no sample
+        (ScheduledRequest("ids", 12, 8, (4, 5), True),),  # continuation: keys from the cache
+        (ScheduledRequest("embeds", 0, 16, (6, 7, 8, 9), True),),  # fills bucket 16: no padding
+        (ScheduledRequest("recompute", 0, 13, (10, 11, 12, 13), True),),  # embeddings, then ids
+        (ScheduledRequest("two", 0, 2, (14,), True),),  # 14 padding rows, wider than a block
+        (ScheduledRequest("ids", 20, 1, (6,), True), ScheduledRequest("two", 2, 1, (), True)),
+    ]
+    logits = []
+    for i, scheduled in enumerate(steps):
+        appended = (("ids", 7), ("two", 8)) if i == len(steps) - 1 else ()
+        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
+        logits.append(runner.execute(scheduled))
+    caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
+    return logits, caches, graphs._num_loads, runner.num_blocks
+
+
+for path in sys.argv[1:]:
+    plain, plain_caches, plain_loads, num_blocks = run(path, padded=False)
+    padded, padded_caches, padded_loads, _ = run(path, padded=True)
+    assert plain_loads == 0 and padded_loads == 5, (plain_loads, padded_loads)
+    assert plain[0] is None and padded[0] is None  # the first chunk samples nothing
+    for step, (a, b) in enumerate(zip(plain[1:], padded[1:]), 1):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{path} step {step}")
+    for layer, (a, b) in enumerate(zip(plain_caches, padded_caches)):
+        # Every block the scheduler can hand out (all but the scratch block) as unpadded.
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{path} layer {layer} cache")
+print("checked")
+"""
+
+
+def test_padded_prefill_step_equals_unpadded_in_triton_interpreter(tiny_checkpoints):
+    run_in_triton_interpreter(SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("mistral")),
+                              str(tiny_checkpoints("qwen3")))
+
+
+def test_buckets_follow_the_step_and_context_limits():
+    import torch
+
+    from workers.cuda_graphs import PREFILL_BUCKETS, PrefillGraphs
+
+    def buckets(max_tokens):
+        return PrefillGraphs(None, [], max_tokens=max_tokens, max_blocks_per_seq=4, block_size=16,
+                             scratch_block=3, hidden_size=8, dtype=torch.float32,
+                             device=torch.device("cpu")).buckets
+
+    assert buckets(8192) == list(PREFILL_BUCKETS)
+    assert buckets(100) == [16, 32, 64]
+    assert buckets(10) == []
+    graphs = PrefillGraphs(None, [], max_tokens=64, max_blocks_per_seq=4, block_size=16, scratch_block=3,
+                           hidden_size=8, dtype=torch.float32, device=torch.device("cpu"))
+    assert [graphs.bucket_for(n) for n in (1, 2, 16, 17, 64, 65)] == [None, 16, 16, 32, 64, None]
+
