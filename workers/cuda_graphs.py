@@ -264,7 +264,7 @@ class PrefillGraphs:
             prefills=[],
             prefill_batch=PrefillBatch(rows=self.rows[:bucket], query_start_loc=query_start_loc,
                                        seq_lens=seq_lens, block_tables=self.block_tables,
-                                       max_query_len=bucket),
+                                       max_query_len=bucket, covers_all_rows=True),
         )
 
     def _forward(self, bucket: int) -> torch.Tensor | None:
