@@ -4,6 +4,7 @@ before anything reaches a shard. Runs on the driver or a Serve replica."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,15 @@ import torch
 from workers.messages import PromptEmbedsRef
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A prompt's embeddings are cast and checked on one of torch's CPU threads per
+# ELEMENTS_PER_THREAD values, at most CHECK_THREADS: waking idle threads costs more than
+# splitting a small tensor saves. Cast and check of a (128, 4096) float32 tensor after a
+# 20 ms pause, as between requests (`scripts/bench_embeds_codec.py --threads`,
+# BENCHMARKS.md): on a 64-vCPU GPU host, 15 ms with torch's default 64 threads, 0.5 ms
+# with 8 and 0.9 ms with 1 (its object-store put after it also ran 1.1 ms instead of 0.4);
+# on a 2-vCPU machine, 7.7 ms with 2 and 0.5 ms with 1.
+ELEMENTS_PER_THREAD = 4 << 20
+CHECK_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,33 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     if tensor.shape[0] == 0:
         raise ValueError("prompt_embeds must have at least one row, got shape "
                          f"{tuple(tensor.shape)}")
-    tensor = tensor.detach().to("cpu", dtype)
-    # min and max are finite only if every value is (both propagate NaN): one vectorized
-    # pass, ~14x faster than isfinite(tensor).all() (scripts/bench_embeds_codec.py --parts).
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
+    threads = max(1, min(CHECK_THREADS, tensor.numel() // ELEMENTS_PER_THREAD))
+    with at_most_torch_threads(threads):
+        tensor = tensor.detach().to("cpu", dtype)
+        # min and max are finite only if every value is (both propagate NaN): one vectorized
+        # pass, ~14x faster than isfinite(tensor).all() (scripts/bench_embeds_codec.py --parts).
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+        tensor = tensor.contiguous()
+    if not finite:
         raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
-    return tensor.contiguous()
+    return tensor
+
+
+@contextlib.contextmanager
+def at_most_torch_threads(limit: int):
+    """Inside the block, the calling thread's torch ops use at most `limit` CPU threads;
+    after it, as many as before. Under OpenMP the count is each OS thread's own, so threads
+    already running torch keep theirs; one that first asks while the block runs starts
+    with `limit`. A Ray worker's count (1 unless the task has CPUs) is left as it is."""
+    before = torch.get_num_threads()
+    if before <= limit:
+        yield
+        return
+    torch.set_num_threads(limit)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def embeds_prompt(tensor: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> EnginePrompt:

@@ -6,6 +6,7 @@ same run on the same payloads. Medians of --repeats; one CPU thread pool as conf
 
     python scripts/bench_embeds_codec.py --shapes 64x256 128x4096 512x8192
     python scripts/bench_embeds_codec.py --shapes 128x4096 --parts   # base64 and the NaN check alone
+    python scripts/bench_embeds_codec.py --shapes 128x4096 --threads 64 8 1   # the driver's check
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import torch
 
 from api.embeds_codec import decode_prompt_embeds, encode_prompt_embeds
+from cluster.prompts import validate_prompt_embeds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,13 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", action="store_true",
                         help="also time two parts against what they replace: base64 by pybase64 and by the "
                              "standard library, and the NaN/Inf check by aminmax and by isfinite().all()")
+    parser.add_argument("--threads", type=int, nargs="+", metavar="N",
+                        help="also time the offline driver's cast and NaN/Inf check of a float32 tensor with torch "
+                             "set to each N CPU threads: the bare ops, and validate_prompt_embeds (which runs them on "
+                             "fewer threads for small tensors); each also after a 20 ms pause, as between requests")
     return parser.parse_args(argv)
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int, pause_s: float = 0.0) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        if pause_s:
+            time.sleep(pause_s)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -68,6 +76,8 @@ def main(argv=None) -> list[dict]:
               f"{row['ratio']:>11.2f}x")
     if args.parts:
         rows.extend(time_parts(args.shapes, dtype, args.repeats))
+    if args.threads:
+        rows.extend(time_threads(args.shapes, dtype, args.repeats, args.threads))
     return rows
 
 
@@ -90,6 +100,35 @@ def time_parts(shapes: list[str], dtype: torch.dtype, repeats: int) -> list[dict
         print(f"{shape:>12} {row['b64_stdlib_ms']:>13.3f} {row['pybase64_ms']:>11.3f} {row['isfinite_ms']:>11.3f} "
               f"{row['aminmax_ms']:>10.3f}")
     return parts
+
+
+def time_threads(shapes: list[str], dtype: torch.dtype, repeats: int, thread_counts: list[int]) -> list[dict]:
+    before = torch.get_num_threads()
+    rows = []
+    print(f"{'shape':>12} {'threads':>7} {'bare ms':>8} {'after pause':>11} {'checked ms':>10} {'after pause':>11}")
+    try:
+        for shape in shapes:
+            num_rows, hidden = (int(part) for part in shape.split("x"))
+            tensor = torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
+
+            def bare():
+                return bool(torch.isfinite(torch.stack(torch.aminmax(tensor.to(dtype)))).all())
+
+            def checked():
+                return validate_prompt_embeds(tensor, hidden, dtype)
+
+            for count in thread_counts:
+                torch.set_num_threads(count)
+                row = {"shape": shape, "threads": count,
+                       "bare_ms": median_ms(bare, repeats), "bare_paused_ms": median_ms(bare, repeats, 0.02),
+                       "checked_ms": median_ms(checked, repeats),
+                       "checked_paused_ms": median_ms(checked, repeats, 0.02)}
+                rows.append(row)
+                print(f"{shape:>12} {count:>7} {row['bare_ms']:>8.3f} {row['bare_paused_ms']:>11.3f} "
+                      f"{row['checked_ms']:>10.3f} {row['checked_paused_ms']:>11.3f}")
+    finally:
+        torch.set_num_threads(before)
+    return rows
 
 
 if __name__ == "__main__":

@@ -431,3 +431,76 @@ def test_codec_benchmark_compares_with_the_naive_decode(capsys):
     assert all(row[key] > 0 for row in parts for key in ("b64_stdlib_ms", "pybase64_ms", "isfinite_ms", "aminmax_ms"))
     out = capsys.readouterr().out
     assert "safe / naive" in out and "pybase64 ms" in out
+
+
+def test_codec_benchmark_times_the_check_per_thread_count_and_restores_the_count():
+    import runpy
+    from pathlib import Path
+
+    before = torch.get_num_threads()
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_embeds_codec.py"
+    rows = runpy.run_path(str(script))["main"](["--shapes", "16x64", "--repeats", "2", "--threads", "2", "1"])
+    assert [row["threads"] for row in rows[1:]] == [2, 1]
+    assert all(row[key] > 0 for row in rows[1:] for key in ("bare_ms", "bare_paused_ms", "checked_ms",
+                                                              "checked_paused_ms"))
+    assert torch.get_num_threads() == before
+
+
+def _threads_used_by_check(monkeypatch, tensor) -> list[int]:
+    """The thread counts validate_prompt_embeds sets, the caller's being 64."""
+    from cluster import prompts
+
+    calls = []
+    monkeypatch.setattr(prompts.torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(prompts.torch, "set_num_threads", calls.append)
+    prompts.validate_prompt_embeds(tensor, tensor.shape[-1], torch.bfloat16)
+    return calls
+
+
+def test_small_embeddings_are_checked_on_one_thread_then_the_count_is_restored(monkeypatch):
+    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096)) == [1, 64]
+
+
+def test_large_embeddings_are_checked_on_a_few_threads(monkeypatch):
+    from cluster.prompts import CHECK_THREADS, ELEMENTS_PER_THREAD
+
+    rows = 3 * ELEMENTS_PER_THREAD // 1024
+    assert _threads_used_by_check(monkeypatch, torch.zeros(rows, 1024)) == [3, 64]
+    rows = 100 * ELEMENTS_PER_THREAD // 1024
+    assert _threads_used_by_check(monkeypatch, torch.zeros(rows, 1024)) == [CHECK_THREADS, 64]
+
+
+def test_the_thread_bound_is_lifted_when_the_check_fails(monkeypatch):
+    from cluster import prompts
+
+    calls = []
+    monkeypatch.setattr(prompts.torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(prompts.torch, "set_num_threads", calls.append)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        prompts.validate_prompt_embeds(torch.full((4, H), float("nan")), H, torch.float32)
+    assert calls == [1, 64]
+
+
+def test_at_most_torch_threads_bounds_only_the_calling_thread():
+    import threading
+
+    from cluster.prompts import at_most_torch_threads
+
+    before, seen = torch.get_num_threads(), {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        torch.get_num_threads()  # a thread's own count is set when it first asks
+        inside.wait()
+        seen["other"] = torch.get_num_threads()
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with at_most_torch_threads(1):
+        seen["inside"] = torch.get_num_threads()
+        inside.set()
+        done.wait()
+    thread.join()
+    assert seen == {"inside": 1, "other": before}
+    assert torch.get_num_threads() == before
