@@ -12,6 +12,13 @@ from cluster import LLM, SamplingParams
 from tests.comparisons import assert_same_samples
 
 
+def _replays(llm, graphs: str) -> dict:
+    """The leader's replays per bucket of its runner's `graphs` (decode_graphs or
+    prefill_graphs); {} when it has none (eager)."""
+    return ray.get(llm.engine.leader.__ray_call__.remote(
+        lambda shard: dict(getattr(shard.runner, graphs).replays) if getattr(shard.runner, graphs) else {}))
+
+
 def _run(path, enforce_eager: bool):
     gen = torch.Generator().manual_seed(3)
     prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in (3, 9, 17, 30, 5)]
@@ -19,8 +26,7 @@ def _run(path, enforce_eager: bool):
     params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=3, ignore_eos=True) for m in (4, 9, 13, 20, 24)]
     with LLM(str(path), enforce_eager=enforce_eager, max_model_len=128, kv_cache_memory_bytes=16 << 20) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        replays = ray.get(llm.engine.leader.__ray_call__.remote(
-            lambda shard: dict(shard.runner.decode_graphs.replays) if shard.runner.decode_graphs else {}))
+        replays = _replays(llm, "decode_graphs")
     return [o.outputs[0] for o in outputs], replays
 
 
@@ -46,8 +52,7 @@ def _run_one_at_a_time(path, enforce_eager: bool):
         prompts.append({"prompt_embeds": table[torch.tensor(prompts[3]["prompt_token_ids"])]})
         for prompt in prompts:
             outputs += llm.generate([prompt], params, use_tqdm=False)
-        replays = ray.get(llm.engine.leader.__ray_call__.remote(
-            lambda shard: dict(shard.runner.prefill_graphs.replays) if shard.runner.prefill_graphs else {}))
+        replays = _replays(llm, "prefill_graphs")
     return [o.outputs[0] for o in outputs], replays
 
 
