@@ -4,6 +4,8 @@
     python scripts/bench_latency.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16
     python scripts/bench_latency.py --model-shape llama-3.1-70b --load-format dummy \
         --dtype bfloat16 --tensor-parallel-size 2 --compare-embeds
+    python scripts/bench_latency.py --model-shape llama-3.1-8b --load-format dummy \
+        --dtype bfloat16 -tp 2 --baseline-tp 1 --speedup-goal 1.6   # TP=2 over TP=1, one run
 
 Measures, in one run: the device's copy bandwidth (read + write bytes of a large
 device-to-device copy), then the engine's time per decode step at the given batch size,
@@ -12,7 +14,9 @@ medians over interleaved repeats, so prefill and per-request costs cancel out. T
 step time is the bytes each shard must read per decode step (its weight slices, the LM head
 included, the embedding table not; plus the KV cache of the batch at the mean context
 length) over that bandwidth. With --compare-embeds, the same prompts are also sent as
-prompt_embeds (random rows of the model's hidden size) and both kinds are reported."""
+prompt_embeds (random rows of the model's hidden size) and both kinds are reported. With
+--baseline-tp, an engine of that tensor-parallel size then runs the same token-id timing,
+and the run prints the speed-up of the first over it."""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from workers.config import ModelConfig
 from workers.layers import num_local_kv_heads
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -44,7 +48,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-embeds", action="store_true",
                         help="also send the prompts as prompt_embeds and compare")
     parser.add_argument("--goal", type=float, default=None, help="goal in %% of roofline, printed beside")
-    return parser.parse_args()
+    parser.add_argument("--baseline-tp", type=int, default=None, metavar="N",
+                        help="also time token ids on an engine of tensor-parallel size N, after the first "
+                             "is shut down, and print the first's speed-up over it")
+    parser.add_argument("--speedup-goal", type=float, default=None,
+                        help="goal for that speed-up (e.g. 1.6), printed beside")
+    args = parser.parse_args(argv)
+    if args.speedup_goal is not None and args.baseline_tp is None:
+        parser.error("--speedup-goal needs --baseline-tp")
+    return args
 
 
 def copy_bandwidth(device: str, num_bytes: int = 2 << 30, repeats: int = 20) -> float:
@@ -113,26 +125,36 @@ def make_prompts(args, config, kind: str):
     return [{"prompt_embeds": r.to(config.torch_dtype)} for r in rows]
 
 
-def main() -> None:
-    args = parse_args()
+def run_engine(args, model, tensor_parallel_size: int, kinds: list[str]):
+    """The engine's config and {kind: (seconds per decode step, seconds of a 1-token
+    batch)}; the engine is shut down before returning."""
+    llm = LLM(model, tensor_parallel_size=tensor_parallel_size, dtype=args.dtype,
+              load_format=args.load_format, max_model_len=args.max_model_len,
+              max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager,
+              async_scheduling=not args.no_async_scheduling,
+              disable_custom_all_reduce=args.disable_custom_all_reduce,
+              enable_prompt_embeds="prompt_embeds" in kinds)
+    try:
+        prompts = {kind: make_prompts(args, llm.config, kind) for kind in kinds}
+        for kind in kinds:  # warm-up: graphs captured, allocator settled
+            time_generate(llm, prompts[kind], 8)
+        return llm.config, {kind: measure(llm, prompts[kind], args.output_len, args.num_iters) for kind in kinds}
+    finally:
+        llm.shutdown()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     model = model_path(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.tensor_parallel_size)  # the cores the shards get
     bandwidth = copy_bandwidth(device)
-    llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-              load_format=args.load_format, max_model_len=args.max_model_len,
-              max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager,
-              async_scheduling=not args.no_async_scheduling,
-              disable_custom_all_reduce=args.disable_custom_all_reduce,
-              enable_prompt_embeds=args.compare_embeds)
-    config = llm.config
     kinds = ["token ids"] + (["prompt_embeds"] if args.compare_embeds else [])
-    prompts = {kind: make_prompts(args, config, kind) for kind in kinds}
-    for kind in kinds:  # warm-up: graphs captured, allocator settled
-        time_generate(llm, prompts[kind], 8)
-    results = {kind: measure(llm, prompts[kind], args.output_len, args.num_iters) for kind in kinds}
-    llm.shutdown()
+    config, results = run_engine(args, model, args.tensor_parallel_size, kinds)
+    baseline = None
+    if args.baseline_tp is not None:
+        baseline = run_engine(args, model, args.baseline_tp, ["token ids"])[1]["token ids"]
 
     element_size = torch.empty((), dtype=config.torch_dtype).element_size()
     context = args.input_len + args.output_len / 2
@@ -157,6 +179,15 @@ def main() -> None:
         (ids_step, ids_first), (emb_step, emb_first) = results["token ids"], results["prompt_embeds"]
         print(f"prompt_embeds / token ids: time per step {emb_step / ids_step:.3f}x, "
               f"1-token batch time {emb_first / ids_first:.3f}x")
+    report = {"roofline_ms": roofline_s * 1e3,
+              **{f"{kind} ms/step": step_s * 1e3 for kind, (step_s, _) in results.items()}}
+    if baseline is not None:
+        speedup = baseline[0] / results["token ids"][0]
+        goal = f", goal {args.speedup_goal:g}x: {speedup / args.speedup_goal:.2f}x" if args.speedup_goal else ""
+        print(f"TP={args.tensor_parallel_size} over TP={args.baseline_tp} (same run): {speedup:.3f}x tokens/s "
+              f"({results['token ids'][0] * 1e3:.3f} against {baseline[0] * 1e3:.3f} ms/step){goal}")
+        report.update({"baseline ms/step": baseline[0] * 1e3, "speedup": speedup})
+    return report
 
 
 if __name__ == "__main__":

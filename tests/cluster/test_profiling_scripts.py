@@ -88,3 +88,14 @@ def test_bench_object_store_times_the_embeddings_hand_off_beside_token_ids(ray_c
     assert result["prompt_embeds: ray.put (ms)"] > 0
     out = capsys.readouterr().out
     assert "8 x 32 bfloat16" in out and "to 2 actor(s), medians of 3" in out and "object store" in out
+
+
+def test_bench_latency_reports_the_speedup_over_a_baseline_size_in_one_run(ray_cluster, capsys):
+    main = runpy.run_path(str(SCRIPTS / "bench_latency.py"))["main"]
+    report = main(["-tp", "2", "--baseline-tp", "1", "--speedup-goal", "1.6", "--input-len", "8",
+                   "--output-len", "6", "--num-iters", "1", "--max-model-len", "64"])
+    assert report["token ids ms/step"] > 0 and report["baseline ms/step"] > 0
+    assert report["speedup"] == report["baseline ms/step"] / report["token ids ms/step"]
+    out = capsys.readouterr().out
+    assert "model=" in out and "tp=2" in out
+    assert f"TP=2 over TP=1 (same run): {report['speedup']:.3f}x tokens/s" in out and "goal 1.6x" in out
