@@ -17,9 +17,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ELEMENTS_PER_THREAD values, at most CHECK_THREADS: waking idle threads costs more than
 # splitting a small tensor saves. Cast and check of a (128, 4096) float32 tensor after a
 # 20 ms pause, as between requests (`scripts/bench_embeds_codec.py --threads`,
-# BENCHMARKS.md): on a 64-vCPU GPU host, 15 ms with torch's default 64 threads, 0.5 ms
-# with 8 and 0.9 ms with 1 (its object-store put after it also ran 1.1 ms instead of 0.4);
-# on a 2-vCPU machine, 7.7 ms with 2 and 0.5 ms with 1.
+# BENCHMARKS.md): on a 64-vCPU GPU host, 10.7 ms with torch's default 64 threads, 0.57 ms
+# with 8 and 0.73 ms with 1, and the object-store put after it ran 1.1 ms instead of 0.4;
+# on a 2-vCPU machine, 7.7 ms with 2 threads and 0.5 ms with 1.
 ELEMENTS_PER_THREAD = 4 << 20
 CHECK_THREADS = 8
 
