@@ -5,12 +5,12 @@ OpenAIServing; testable with a fake engine. Runs in the Serve ingress."""
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+import pydantic_core
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
@@ -132,35 +132,17 @@ async def _parse_completion(request: Request, max_body_bytes: int) -> Completion
         if len(body) > max_body_bytes:
             raise APIError(413, f"request body is larger than the {max_body_bytes}-byte limit")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-    except RecursionError:
-        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
+        # One pass in Rust over the bytes (json.loads decodes them to str first): 1.1 ms
+        # against 2.2 for a 2.8 MB body holding (128, 4096) float32 embeddings, on the event
+        # loop. Invalid UTF-8, lone UTF-16 surrogates (text the tokenizer and detokenizer
+        # cannot take) and nesting past its recursion limit are errors here too.
+        data = pydantic_core.from_json(body, cache_strings="keys")
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
-    _check_unicode(data)
     try:
         return CompletionRequest.model_validate(data)
     except ValidationError as exc:
         body = validation_error_body(exc.errors())["error"]
         raise APIError(400, body["message"], param=body["param"]) from None
-
-
-def _check_unicode(data) -> None:
-    """400 for a string holding a lone surrogate (valid JSON escapes, invalid text): the
-    tokenizer and the detokenizer cannot take one."""
-    pending = [data]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-        elif isinstance(item, str) and not item.isascii():
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "request body is not valid JSON: a string holds a lone UTF-16 "
-                               "surrogate (\\ud800-\\udfff) that is not part of a pair") from None

@@ -5,7 +5,7 @@ then shape, dtype and NaN/Inf checks) against the naive decode that vLLM's docs 
 same run on the same payloads. Medians of --repeats; one CPU thread pool as configured.
 
     python scripts/bench_embeds_codec.py --shapes 64x256 128x4096 512x8192
-    python scripts/bench_embeds_codec.py --shapes 128x4096 --parts   # base64 and the NaN check alone
+    python scripts/bench_embeds_codec.py --shapes 128x4096 --parts   # JSON, base64 and the NaN check alone
     python scripts/bench_embeds_codec.py --shapes 128x4096 --threads 64 8 1   # the driver's check
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import statistics
 import time
 
@@ -30,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", help="the model dtype the payload is cast to")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--parts", action="store_true",
-                        help="also time two parts against what they replace: base64 by pybase64 and by the "
+                        help="also time three parts against what they replace: the request body's JSON parse "
+                             "by pydantic_core and by the standard library, base64 by pybase64 and by the "
                              "standard library, and the NaN/Inf check by aminmax and by isfinite().all()")
     parser.add_argument("--threads", type=int, nargs="+", metavar="N",
                         help="also time the offline driver's cast and NaN/Inf check of a float32 tensor with torch "
@@ -83,21 +85,27 @@ def main(argv=None) -> list[dict]:
 
 def time_parts(shapes: list[str], dtype: torch.dtype, repeats: int) -> list[dict]:
     import pybase64
+    import pydantic_core
 
     parts = []
-    print(f"{'shape':>12} {'b64 stdlib ms':>13} {'pybase64 ms':>11} {'isfinite ms':>11} {'aminmax ms':>10}")
+    print(f"{'shape':>12} {'body MB':>7} {'json.loads ms':>13} {'from_json ms':>12} {'b64 stdlib ms':>13} "
+          f"{'pybase64 ms':>11} {'isfinite ms':>11} {'aminmax ms':>10}")
     for shape in shapes:
         num_rows, hidden = (int(part) for part in shape.split("x"))
         tensor = torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
         payload, cast = encode_prompt_embeds(tensor), tensor.to(dtype)
-        row = {"shape": shape,
+        body = json.dumps({"model": "m", "prompt": "", "prompt_embeds": payload, "max_tokens": 16}).encode()
+        row = {"shape": shape, "body_mb": len(body) / 1e6,
+               "json_stdlib_ms": median_ms(lambda: json.loads(body), repeats),
+               "from_json_ms": median_ms(lambda: pydantic_core.from_json(body, cache_strings="keys"), repeats),
                "b64_stdlib_ms": median_ms(lambda: base64.b64decode(payload, validate=True), repeats),
                "pybase64_ms": median_ms(lambda: pybase64.b64decode(payload, validate=True), repeats),
                "isfinite_ms": median_ms(lambda: bool(torch.isfinite(cast).all()), repeats),
                "aminmax_ms": median_ms(lambda: bool(torch.isfinite(torch.stack(torch.aminmax(cast))).all()),
                                        repeats)}
         parts.append(row)
-        print(f"{shape:>12} {row['b64_stdlib_ms']:>13.3f} {row['pybase64_ms']:>11.3f} {row['isfinite_ms']:>11.3f} "
+        print(f"{shape:>12} {row['body_mb']:>7.2f} {row['json_stdlib_ms']:>13.3f} {row['from_json_ms']:>12.3f} "
+              f"{row['b64_stdlib_ms']:>13.3f} {row['pybase64_ms']:>11.3f} {row['isfinite_ms']:>11.3f} "
               f"{row['aminmax_ms']:>10.3f}")
     return parts
 

@@ -428,9 +428,10 @@ def test_codec_benchmark_compares_with_the_naive_decode(capsys):
     assert [row["shape"] for row in decodes] == [row["shape"] for row in parts] == ["3x8", "16x64"]
     assert all(row["safe_ms"] > 0 and row["naive_ms"] > 0 and row["ratio"] == row["safe_ms"] / row["naive_ms"]
                for row in decodes)
-    assert all(row[key] > 0 for row in parts for key in ("b64_stdlib_ms", "pybase64_ms", "isfinite_ms", "aminmax_ms"))
+    assert all(row[key] > 0 for row in parts for key in ("json_stdlib_ms", "from_json_ms", "b64_stdlib_ms",
+                                                         "pybase64_ms", "isfinite_ms", "aminmax_ms"))
     out = capsys.readouterr().out
-    assert "safe / naive" in out and "pybase64 ms" in out
+    assert "safe / naive" in out and "pybase64 ms" in out and "from_json ms" in out
 
 
 def test_codec_benchmark_times_the_check_per_thread_count_and_restores_the_count():

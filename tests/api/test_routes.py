@@ -193,11 +193,23 @@ def test_unknown_field_is_400_naming_it(client, engine):
     (b'["hi"]', "must be a JSON object"),
     (b'"hi"', "must be a JSON object"),
     (b"null", "must be a JSON object"),
+    (b'{"model": "fake-model", "prompt": "\\ud800"}', "not valid JSON"),  # lone surrogates: not text
+    (b'{"model": "fake-model", "prompt": "a\\udfffb"}', "not valid JSON"),
+    (b'{"model": "fake-model", "\\ud800": 1}', "not valid JSON"),
+    (b'{"model": "fake-model", "prompt": "\xed\xa0\x80"}', "not valid JSON"),  # an encoded surrogate
+    (b'{"a":' * 50_000, "not valid JSON"),
+    (b"[" * 100_000, "not valid JSON"),
 ])
-def test_invalid_json_and_non_object_bodies_are_400(client, content, expected):
+def test_invalid_json_and_non_object_bodies_are_400(client, engine, content, expected):
     response = client.post("/v1/completions", content=content,
                            headers={"content-type": "application/json"})
-    assert expected in error_of(response, 400)["message"]
+    assert expected in error_of(response, 400)["message"] and engine.started == []
+
+
+def test_a_paired_surrogate_escape_is_text(client, engine):
+    response = client.post("/v1/completions", content=b'{"model": "fake-model", "prompt": "\\ud83d\\ude00"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 200 and engine.started, response.text
 
 
 def test_oversized_body_is_413_by_declared_length_and_by_streamed_bytes(engine):
