@@ -488,16 +488,18 @@ def test_at_most_torch_threads_bounds_only_the_calling_thread():
     from cluster.prompts import at_most_torch_threads
 
     before, seen = torch.get_num_threads(), {}
-    inside, done = threading.Event(), threading.Event()
+    ready, inside, done = threading.Event(), threading.Event(), threading.Event()
 
     def other():
         torch.get_num_threads()  # a thread's own count is set when it first asks
+        ready.set()
         inside.wait()
         seen["other"] = torch.get_num_threads()
         done.set()
 
     thread = threading.Thread(target=other)
     thread.start()
+    ready.wait()
     with at_most_torch_threads(1):
         seen["inside"] = torch.get_num_threads()
         inside.set()
