@@ -4,6 +4,7 @@ so a bad value is a ValueError on the driver, never an error inside a shard."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -38,7 +39,8 @@ class SamplingParams:
     def _validate(self) -> None:
         checks = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0.0,
+             f"temperature must be a finite number >= 0, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}"),
             (self.max_tokens is None or self.max_tokens >= 1,
@@ -52,8 +54,8 @@ class SamplingParams:
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.repetition_penalty > 0.0,
-             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+             f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop),
              "stop must be a non-empty string or a list of non-empty strings"),
         ]

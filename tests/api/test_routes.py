@@ -237,7 +237,7 @@ def test_prompt_embeds_with_flag_off_names_the_flag(engine):
     ({"prompt": ""}, "prompt", "either prompt or prompt_embeds"),
     ({"prompt": None, "prompt_embeds": []}, "prompt", "either prompt or prompt_embeds"),
     ({"prompt_embeds": "EMBEDS", "echo": True}, "echo", "echo is not supported with prompt_embeds"),
-    ({"prompt": "hi", "temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"prompt": "hi", "temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
     ({"prompt": "hi", "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"prompt": "hi", "n": 0}, "n", "n must be >= 1"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),
@@ -256,6 +256,22 @@ def test_bad_requests_are_400_naming_the_field(client, engine, body, param, expe
     error = error_of(post(client, {"model": MODEL, **body}), 400)
     assert error["param"] == param and expected in error["message"]
     assert engine.started == []
+
+
+@pytest.mark.parametrize("field, literal, expected", [
+    ("temperature", "Infinity", "temperature must be a finite number >= 0"),
+    ("temperature", "NaN", "temperature must be a finite number >= 0"),
+    ("repetition_penalty", "Infinity", "repetition_penalty must be a finite number > 0"),
+    ("top_p", "NaN", "top_p must be in (0, 1]"),
+    ("presence_penalty", "-Infinity", "presence_penalty must be in [-2, 2]"),
+])
+def test_non_finite_json_numbers_are_400(client, engine, field, literal, expected):
+    """JSON parsers take NaN and Infinity literals (as Python's json does); no sampling
+    parameter may be one."""
+    content = f'{{"model": "{MODEL}", "prompt": "hi", "{field}": {literal}}}'.encode()
+    error = error_of(client.post("/v1/completions", content=content, headers={"content-type": "application/json"}),
+                     400)
+    assert error["param"] == field and expected in error["message"] and engine.started == []
 
 
 @pytest.mark.parametrize("payload, expected", [
