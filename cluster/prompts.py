@@ -13,14 +13,17 @@ import torch
 from workers.messages import PromptEmbedsRef
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# A prompt's embeddings are cast and checked on one of torch's CPU threads per
-# ELEMENTS_PER_THREAD values, at most CHECK_THREADS: waking idle threads costs more than
-# splitting a small tensor saves. Cast and check of a (128, 4096) float32 tensor after a
-# 20 ms pause, as between requests (`scripts/bench_embeds_codec.py --threads`,
-# BENCHMARKS.md): on a 64-vCPU GPU host, 10.7 ms with torch's default 64 threads, 0.57 ms
-# with 8 and 0.73 ms with 1, and the object-store put after it ran 1.1 ms instead of 0.4;
-# on a 2-vCPU machine, 7.7 ms with 2 threads and 0.5 ms with 1.
-ELEMENTS_PER_THREAD = 4 << 20
+# A prompt's embeddings are cast and checked on few of torch's CPU threads: one per
+# ELEMENTS_PER_THREAD values, one per THREADS_PER_CHECK_THREAD of torch's, at most
+# CHECK_THREADS. Waking all of a many-vCPU host's idle threads costs far more than the op,
+# and on a machine of few vCPUs, busy serving, even waking one more does. Cast and check of
+# a (128, 4096) float32 tensor (`scripts/bench_embeds_codec.py --threads`, BENCHMARKS.md),
+# hot / after a 20 ms pause as between requests: on a 64-vCPU GPU host, 0.06 / 10.7 ms with
+# torch's default 64 threads, 0.07 / 0.57 ms with 8 and 0.23 / 0.73 ms with 1 (and the
+# object-store put after it ran 1.1 ms with 64 against 0.4 with 8); on a 2-vCPU machine,
+# 0.11-0.19 / 7.7 ms with 2 threads and 0.29 / 0.5 ms with 1.
+ELEMENTS_PER_THREAD = 64 << 10
+THREADS_PER_CHECK_THREAD = 8
 CHECK_THREADS = 8
 
 
@@ -64,7 +67,8 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     if tensor.shape[0] == 0:
         raise ValueError("prompt_embeds must have at least one row, got shape "
                          f"{tuple(tensor.shape)}")
-    threads = max(1, min(CHECK_THREADS, tensor.numel() // ELEMENTS_PER_THREAD))
+    threads = max(1, min(CHECK_THREADS, torch.get_num_threads() // THREADS_PER_CHECK_THREAD,
+                         tensor.numel() // ELEMENTS_PER_THREAD))
     with at_most_torch_threads(threads):
         tensor = tensor.detach().to("cpu", dtype)
         # min and max are finite only if every value is (both propagate NaN): one vectorized

@@ -447,28 +447,29 @@ def test_codec_benchmark_times_the_check_per_thread_count_and_restores_the_count
     assert torch.get_num_threads() == before
 
 
-def _threads_used_by_check(monkeypatch, tensor) -> list[int]:
-    """The thread counts validate_prompt_embeds sets, the caller's being 64."""
+def _threads_used_by_check(monkeypatch, tensor, torch_threads: int = 64) -> list[int]:
+    """The thread counts validate_prompt_embeds sets, the caller's being torch_threads."""
     from cluster import prompts
 
     calls = []
-    monkeypatch.setattr(prompts.torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(prompts.torch, "get_num_threads", lambda: torch_threads)
     monkeypatch.setattr(prompts.torch, "set_num_threads", calls.append)
     prompts.validate_prompt_embeds(tensor, tensor.shape[-1], torch.bfloat16)
     return calls
 
 
-def test_small_embeddings_are_checked_on_one_thread_then_the_count_is_restored(monkeypatch):
-    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096)) == [1, 64]
-
-
-def test_large_embeddings_are_checked_on_a_few_threads(monkeypatch):
+def test_a_many_core_driver_checks_on_a_few_threads_then_restores_its_count(monkeypatch):
     from cluster.prompts import CHECK_THREADS, ELEMENTS_PER_THREAD
 
-    rows = 3 * ELEMENTS_PER_THREAD // 1024
-    assert _threads_used_by_check(monkeypatch, torch.zeros(rows, 1024)) == [3, 64]
-    rows = 100 * ELEMENTS_PER_THREAD // 1024
-    assert _threads_used_by_check(monkeypatch, torch.zeros(rows, 1024)) == [CHECK_THREADS, 64]
+    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096)) == [CHECK_THREADS, 64]
+    assert _threads_used_by_check(monkeypatch, torch.ones(3 * ELEMENTS_PER_THREAD // 1024, 1024)) == [3, 64]
+    assert _threads_used_by_check(monkeypatch, torch.ones(4, 1024)) == [1, 64]  # small: one thread
+
+
+def test_a_few_core_driver_checks_on_one_thread(monkeypatch):
+    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096), torch_threads=16) == [2, 16]
+    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096), torch_threads=4) == [1, 4]
+    assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096), torch_threads=1) == []  # nothing to bound
 
 
 def test_the_thread_bound_is_lifted_when_the_check_fails(monkeypatch):
