@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from api.serving import DEFAULT_MAX_WAITING_REQUESTS
 from api.settings import ServerSettings
@@ -97,6 +98,7 @@ def serve_command(args: argparse.Namespace) -> int:
         for name, value in PROXY_ENV_VARS.items():
             os.environ.setdefault(name, value)
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
+    _check_engine_settings(settings)
     # Before anything is served (and after ray.init, whose handler would only log): a
     # signal during start-up still ends in the drain below.
     stop = threading.Event()
@@ -110,6 +112,15 @@ def serve_command(args: argparse.Namespace) -> int:
     stop.wait()
     _shutdown(settings)
     return 0
+
+
+def _check_engine_settings(settings: ServerSettings) -> None:
+    """A bad engine setting (a context past the model's positions, heads that do not split
+    over the shards, ...) as a ValueError here, not as a failed deployment after the
+    replicas tried. Only where the model folder is on this node too (or the built-in
+    model); otherwise the replicas check it where it is."""
+    if settings.model is None or Path(settings.model).is_dir():
+        settings.engine_args().resolve()
 
 
 def _shutdown(settings: ServerSettings) -> None:

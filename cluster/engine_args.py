@@ -47,6 +47,14 @@ class EngineArgs:
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = load_tokenizer(model_dir)
         max_model_len = self.max_model_len or model_config.max_position_embeddings
+        if max_model_len > model_config.max_position_embeddings:
+            # Positions past the model's RoPE table would read out of bounds (a CUDA error,
+            # or silently wrong outputs) when a long request got there, not here.
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is greater than the model's "
+                f"max_position_embeddings ({model_config.max_position_embeddings}); pass "
+                f"--max-model-len {model_config.max_position_embeddings} or less"
+            )
         device = self._resolve_device()
         config = EngineConfig(
             model=str(model_dir),

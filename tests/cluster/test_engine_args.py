@@ -1,11 +1,13 @@
-"""EngineArgs' default step budget (max_num_batched_tokens): the context length within
+"""EngineArgs: the default step budget (max_num_batched_tokens) is the context length within
 [2048, 8192] on a GPU and 2048 on CPU, so a long prompt is prefilled in chunks between
-decode steps; an explicit value wins."""
+decode steps, and an explicit value wins; a max_model_len past the model's positions is an
+error at start."""
 
 from __future__ import annotations
 
 import pytest
 
+from cluster.default_model import model_shape_path
 from cluster.engine_args import EngineArgs, default_step_tokens
 
 
@@ -18,9 +20,20 @@ def test_default_step_tokens(device, max_model_len, expected):
 
 
 def test_resolved_config_chunks_long_contexts_unless_told():
-    config, _ = EngineArgs(device="cpu", max_model_len=16384).resolve()
+    model = str(model_shape_path("llama-3.1-8b"))  # 131072 positions
+    config, _ = EngineArgs(model, device="cpu", max_model_len=16384).resolve()
     assert config.max_num_batched_tokens == 2048 and config.max_model_len == 16384
-    config, _ = EngineArgs(device="cuda", max_model_len=16384).resolve()
+    config, _ = EngineArgs(model, device="cuda", max_model_len=16384).resolve()
     assert config.max_num_batched_tokens == 8192
-    config, _ = EngineArgs(device="cpu", max_model_len=16384, max_num_batched_tokens=16384).resolve()
+    config, _ = EngineArgs(model, device="cpu", max_model_len=16384, max_num_batched_tokens=16384).resolve()
     assert config.max_num_batched_tokens == 16384
+
+
+def test_max_model_len_past_the_models_positions_is_refused():
+    """The built-in model has 2048 positions (its RoPE table): 2049 would let a long
+    request index past it."""
+    assert EngineArgs(device="cpu").resolve()[0].max_model_len == 2048
+    assert EngineArgs(device="cpu", max_model_len=2048).resolve()[0].max_model_len == 2048
+    with pytest.raises(ValueError, match=r"max_model_len \(2049\) is greater than the model's "
+                                         r"max_position_embeddings \(2048\)"):
+        EngineArgs(device="cpu", max_model_len=2049).resolve()

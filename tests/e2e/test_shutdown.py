@@ -50,3 +50,16 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(tmp_path):
     assert len(started) >= 4  # Ray's own processes, the replica and two shards at least
     assert wait_until(lambda: all(is_process_gone(pid) for pid in started), 30), \
         [pid for pid in started if not is_process_gone(pid)]
+
+
+def test_a_bad_engine_setting_stops_the_cli_before_serving():
+    """A context past the built-in model's 2048 positions: exit 2 with the reason, not a
+    failed Serve deployment after its replicas tried."""
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port()), "--max-model-len", "4096",
+               "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("shardserve: error: max_model_len (4096) is greater than the model's max_position_embeddings (2048)"
+            in done.stderr)
+    assert "serving" not in done.stdout
