@@ -56,6 +56,10 @@ class SamplingParams:
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
              f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"),
+            # A torch generator takes 64-bit seeds (as vLLM's protocol bounds it); a larger
+            # one failed on the leader shard after the request was sent, which hung it.
+            (self.seed is None or -(1 << 63) <= self.seed < (1 << 63),
+             f"seed must be a 64-bit integer in [-2**63, 2**63 - 1], got {self.seed}"),
             (all(isinstance(s, str) and s for s in self.stop),
              "stop must be a non-empty string or a list of non-empty strings"),
         ]
@@ -66,7 +70,8 @@ class SamplingParams:
     def for_sample(self, index: int) -> "SamplingParams":
         """The params of sample `index` of n: one sample, and a distinct seed per sample
         (seed + index) so n seeded samples differ yet each is reproducible."""
-        seed = None if self.seed is None else self.seed + index
+        # seed + index, wrapped into the 64-bit range a seed must stay in.
+        seed = None if self.seed is None else (self.seed + index + (1 << 63)) % (1 << 64) - (1 << 63)
         return dataclasses.replace(self, n=1, seed=seed)
 
     @property

@@ -238,6 +238,8 @@ def test_prompt_embeds_with_flag_off_names_the_flag(engine):
     ({"prompt": None, "prompt_embeds": []}, "prompt", "either prompt or prompt_embeds"),
     ({"prompt_embeds": "EMBEDS", "echo": True}, "echo", "echo is not supported with prompt_embeds"),
     ({"prompt": "hi", "temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
+    ({"prompt": "hi", "seed": 2**64}, "seed", "seed must be a 64-bit integer"),
+    ({"prompt": "hi", "seed": -(2**63) - 1}, "seed", "seed must be a 64-bit integer"),
     ({"prompt": "hi", "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"prompt": "hi", "n": 0}, "n", "n must be >= 1"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),

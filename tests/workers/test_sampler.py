@@ -171,3 +171,13 @@ def test_penalty_changes_the_greedy_choice():
 def test_logits_shape_must_match_requests():
     with pytest.raises(ValueError, match="logits must be"):
         Sampler()(torch.zeros(2, 5), [make_request()])
+
+
+def test_sample_seeds_stay_64_bit():
+    """Sample i of n draws from seed + i, wrapped at 2**63 so the last seed a generator
+    takes plus a sample index is still a seed."""
+    top = SamplingParams(seed=2**63 - 1, n=3)
+    assert [top.for_sample(i).seed for i in range(3)] == [2**63 - 1, -(2**63), -(2**63) + 1]
+    assert SamplingParams(seed=5, n=2).for_sample(1).seed == 6
+    with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+        SamplingParams(seed=2**64)
