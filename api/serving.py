@@ -59,13 +59,17 @@ class APIError(Exception):
 
 class Admission:
     """Backpressure: a bound on choices in the engine (running + waiting). A request is
-    admitted whole or refused with a 503 + Retry-After, so the queue never grows unbounded."""
+    admitted whole or refused with a 503 + Retry-After, so the queue never grows unbounded;
+    one larger than the bound itself is a 400 (retrying could never help)."""
 
     def __init__(self, max_in_flight: int):
         self.max_in_flight = max_in_flight
         self.num_in_flight = 0
 
     def reserve(self, num_choices: int) -> "Reservation":
+        if num_choices > self.max_in_flight:  # never admitted, however long the client waits
+            raise APIError(400, f"this request asks for {num_choices} choices (prompts x n); the server "
+                           f"runs at most {self.max_in_flight} at once", param="n")
         if self.num_in_flight + num_choices > self.max_in_flight:
             raise APIError(503, f"the server is at capacity ({self.num_in_flight} requests in flight, "
                            f"limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",

@@ -1,5 +1,6 @@
 """Backpressure and mid-stream failures in the HTTP layer, around the fake engine of
-test_routes (no Ray): past max_in_flight choices a request is a 503 with Retry-After;
+test_routes (no Ray): past max_in_flight choices a request is a 503 with Retry-After (a
+400 if it alone is larger than that);
 every way a request ends gives its slots back; an engine that dies mid-stream ends the
 stream with an error event and [DONE], without internals."""
 
@@ -60,13 +61,30 @@ def test_past_capacity_is_503_with_retry_after_and_slots_come_back(tokenizer):
     asyncio.run(scenario())
 
 
+def test_a_request_larger_than_the_bound_is_400_not_503(tokenizer):
+    """Two prompts x n=2 against a bound of 3: no Retry-After would ever admit it."""
+    async def scenario():
+        serving = serving_of(FakeEngine(tokenizer), max_in_flight=3)
+        with pytest.raises(APIError) as info:
+            await serving.create_completion(request(prompt=["a", "b"], n=2))
+        assert (info.value.status, info.value.param) == (400, "n")
+        assert "asks for 4 choices (prompts x n); the server runs at most 3 at once" in info.value.message
+        assert serving.admission.num_in_flight == 0 and serving.engine.started == []
+        assert (await serving.create_completion(request(prompt=["a", "b"]))).choices  # 2 fit
+
+    asyncio.run(scenario())
+
+
 def test_refusal_over_http_is_openai_shaped_with_retry_after(tokenizer):
     engine = FakeEngine(tokenizer)
-    client = TestClient(build_fastapi_app(serving_of(engine, max_in_flight=2)), raise_server_exceptions=False)
-    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 3})
+    serving = serving_of(engine, max_in_flight=2)
+    client = TestClient(build_fastapi_app(serving), raise_server_exceptions=False)
+    in_flight = serving.admission.reserve(1)  # another request holds one of the two slots
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 2})
     error = error_of(response, 503)
     assert error["type"] == "service_unavailable" and response.headers["retry-after"] == "1"
     assert engine.started == []  # refused before the engine saw it
+    in_flight.release()
     assert post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 2}).status_code == 200
 
 
