@@ -7,6 +7,8 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -95,7 +97,7 @@ def test_bench_latency_reports_the_speedup_over_a_baseline_size_in_one_run(ray_c
     report = main(["-tp", "2", "--baseline-tp", "1", "--speedup-goal", "1.6", "--input-len", "8",
                    "--output-len", "6", "--num-iters", "1", "--max-model-len", "64"])
     assert report["token ids ms/step"] > 0 and report["baseline ms/step"] > 0
-    assert report["speedup"] == report["baseline ms/step"] / report["token ids ms/step"]
+    assert report["speedup"] == pytest.approx(report["baseline ms/step"] / report["token ids ms/step"])
     out = capsys.readouterr().out
     assert "model=" in out and "tp=2" in out
     assert f"TP=2 over TP=1 (same run): {report['speedup']:.3f}x tokens/s" in out and "goal 1.6x" in out
