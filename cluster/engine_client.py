@@ -4,6 +4,7 @@ shard), streams deltas out, aborts, shuts down. Runs on the driver or a Serve re
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -71,6 +72,10 @@ class EngineClient:
         # running to its length), or an add that one shard had not yet run (the others
         # then waiting for that shard's data).
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        # (req_id, the shards' add_request refs), sent and not yet seen to succeed: the
+        # output thread fails a request whose add raised on a shard, not leave it waiting.
+        self._sent_adds: collections.deque = collections.deque()
+        self._unchecked_adds: list[tuple[str, list]] = []
         self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
         self._caller.start()
 
@@ -143,8 +148,7 @@ class EngineClient:
         self._calls.put((self._send_request, (new, array_ref)))
 
     def _send_request(self, new: NewRequest, array_ref) -> None:
-        for shard in self.shards:
-            shard.add_request.remote(new, array_ref)
+        self._sent_adds.append((new.req_id, [shard.add_request.remote(new, array_ref) for shard in self.shards]))
 
     def abort(self, req_id: str) -> None:
         """Stops a request and frees its KV blocks; its sink gets a final "abort" delta."""
@@ -182,6 +186,7 @@ class EngineClient:
                 return
             for delta in deltas:
                 self._deliver(delta)
+            self._check_adds()
             # A follower that died leaves the leader waiting in a collective: its run()
             # call is what fails first.
             done, _ = ray.wait(self._run_refs, num_returns=1, timeout=0)
@@ -194,6 +199,34 @@ class EngineClient:
         caught by the timeout on the call itself."""
         ref = self.leader.get_outputs.remote(POLL_TIMEOUT_S, self.step_timeout_s)
         return ray.get(ref, timeout=POLL_TIMEOUT_S + self.step_timeout_s)
+
+    def _check_adds(self) -> None:
+        """On the output thread: fails each request whose add_request raised on a shard
+        (it would otherwise wait forever), aborting it at the leader in case that one
+        took it. Adds not finished yet are checked again after the next poll."""
+        while self._sent_adds:
+            self._unchecked_adds.append(self._sent_adds.popleft())
+        if not self._unchecked_adds:
+            return
+        refs = [ref for _, refs in self._unchecked_adds for ref in refs]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        unfinished = []
+        for req_id, refs in self._unchecked_adds:
+            if not all(ref in done for ref in refs):
+                unfinished.append((req_id, refs))
+                continue
+            try:
+                ray.get(refs)
+            except Exception as exc:  # noqa: BLE001 - any failure of the call fails its request
+                self._fail_request(req_id, exc)
+        self._unchecked_adds = unfinished
+
+    def _fail_request(self, req_id: str, exc: Exception) -> None:
+        logger.error("a shard could not take request %s: %s", req_id, exc)
+        if self.dead_reason is None:
+            self._calls.put((self.leader.abort.remote, (req_id,)))
+        self._deliver(RequestDelta(req_id, (), None, finish_reason="error",
+                                   error=f"the engine could not take request {req_id}: {type(exc).__name__}"))
 
     def _deliver(self, delta: RequestDelta) -> None:
         with self._lock:

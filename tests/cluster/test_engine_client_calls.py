@@ -5,6 +5,7 @@ may be cancelled, and Ray cancels the calls such a task made, recursively. Stand
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
@@ -32,7 +33,7 @@ def _client(log: list) -> EngineClient:
     client.shards = [StandInShard(log, 0), StandInShard(log, 1)]
     client.leader = client.shards[0]
     client._sinks, client._lock, client.dead_reason = {}, threading.Lock(), None
-    client._calls = queue.SimpleQueue()
+    client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
     client._caller.start()
     return client

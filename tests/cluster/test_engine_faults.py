@@ -100,3 +100,19 @@ def test_hung_follower_is_caught_by_the_step_watchdog(ray_cluster):
             os.kill(follower_pid, signal.SIGCONT)  # lets ray.kill's exit request through
         engine.shutdown()
     assert wait_until(lambda: is_process_gone(follower_pid), 15)
+
+
+def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cluster):
+    """A request whose add_request raises on the leader shard (here a seed past 64 bits,
+    let through by skipping the validation that now refuses it at the edge) ends with an
+    error within a poll or two instead of waiting forever; other requests still run."""
+    with LLM(**ENGINE) as llm:
+        bad = Params(max_tokens=2)
+        object.__setattr__(bad, "seed", 2**64)  # what validation would refuse
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        llm.engine.add_request("bad", bad, deltas.put, prompt_token_ids=(5, 6, 7))
+        delta = deltas.get(timeout=DEADLINE_S)
+        assert (delta.req_id, delta.finish_reason) == ("bad", "error")
+        assert "could not take request bad" in delta.error and llm.engine.num_unfinished == 0
+        [out] = llm.generate(["still serving"], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 3
