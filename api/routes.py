@@ -8,9 +8,9 @@ import hmac
 import logging
 import time
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-import pydantic_core
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
@@ -132,9 +132,9 @@ async def _parse_completion(request: Request, max_body_bytes: int) -> Completion
         if len(body) > max_body_bytes:
             raise APIError(413, f"request body is larger than the {max_body_bytes}-byte limit")
     try:
-        # One pass in Rust over the bytes (json.loads decodes them to str first): 1.1 ms
-        # against 2.2 for a 2.8 MB body holding (128, 4096) float32 embeddings, on the event
-        # loop. Invalid UTF-8, lone UTF-16 surrogates (text the tokenizer and detokenizer
+        # One pass in Rust over the bytes (json.loads decodes them to str first): 1.0 ms
+        # against 2.0 on the event loop for a 2.8 MB body holding (128, 4096) float32
+        # embeddings (bench_embeds_codec.py --parts, BENCHMARKS.md). Invalid UTF-8, lone UTF-16 surrogates (text the tokenizer and detokenizer
         # cannot take) and nesting past its recursion limit are errors here too.
         data = pydantic_core.from_json(body, cache_strings="keys")
     except ValueError as exc:
