@@ -53,14 +53,20 @@ def median_ms(fn, repeats: int, pause_s: float = 0.0) -> float:
     return statistics.median(times) * 1e3
 
 
+def random_rows(shape: str) -> torch.Tensor:
+    """The float32 (rows, hidden) tensor a "ROWSxHIDDEN" shape names, the same every run."""
+    num_rows, hidden = (int(part) for part in shape.split("x"))
+    return torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = []
     print(f"{'shape':>12} {'payload MB':>10} {'naive ms':>9} {'safe ms':>8} {'safe / naive':>12}")
     for shape in args.shapes:
-        num_rows, hidden = (int(part) for part in shape.split("x"))
-        payload = encode_prompt_embeds(torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0)))
+        tensor = random_rows(shape)
+        hidden, payload = tensor.shape[1], encode_prompt_embeds(tensor)
 
         def naive():
             tensor = torch.load(io.BytesIO(base64.b64decode(payload)), weights_only=True)
@@ -91,8 +97,7 @@ def time_parts(shapes: list[str], dtype: torch.dtype, repeats: int) -> list[dict
     print(f"{'shape':>12} {'body MB':>7} {'json.loads ms':>13} {'from_json ms':>12} {'b64 stdlib ms':>13} "
           f"{'pybase64 ms':>11} {'isfinite ms':>11} {'aminmax ms':>10}")
     for shape in shapes:
-        num_rows, hidden = (int(part) for part in shape.split("x"))
-        tensor = torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
+        tensor = random_rows(shape)
         payload, cast = encode_prompt_embeds(tensor), tensor.to(dtype)
         body = json.dumps({"model": "m", "prompt": "", "prompt_embeds": payload, "max_tokens": 16}).encode()
         row = {"shape": shape, "body_mb": len(body) / 1e6,
@@ -116,8 +121,8 @@ def time_threads(shapes: list[str], dtype: torch.dtype, repeats: int, thread_cou
     print(f"{'shape':>12} {'threads':>7} {'bare ms':>8} {'after pause':>11} {'checked ms':>10} {'after pause':>11}")
     try:
         for shape in shapes:
-            num_rows, hidden = (int(part) for part in shape.split("x"))
-            tensor = torch.randn(num_rows, hidden, generator=torch.Generator().manual_seed(0))
+            tensor = random_rows(shape)
+            hidden = tensor.shape[1]
 
             def bare():
                 return bool(torch.isfinite(torch.stack(torch.aminmax(tensor.to(dtype)))).all())
