@@ -15,6 +15,8 @@ try:
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
+from workers.kernels.pdl import launch_options
+
 
 def is_available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
@@ -29,14 +31,17 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    from workers.kernels.pdl import release_dependents, wait_for_producer
 
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
         stride_x0, stride_x1, stride_r0, stride_o0, stride_o1, stride_ro0,
-        num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row (program ids: row, sub-row for [N, heads, d] inputs)."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row, sub = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK)
         mask = cols < num_cols
@@ -75,9 +80,11 @@ if triton is not None:
         q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_cos,
         NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row: every q and k head of that token, rotated in place."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         pos = tl.load(pos_ptr + row)
         i = tl.arange(0, BLOCK_D)
@@ -94,8 +101,11 @@ if triton is not None:
         k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         stride_kn, stride_kh, stride_vn, stride_vh, stride_slot, stride_head,
         NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per row: its K and V heads into cache slot slot_mapping[row]."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         slot = tl.load(slot_ptr + row).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -113,10 +123,12 @@ if triton is not None:
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cos,
         stride_slot, stride_head,
         NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row: its q heads rotated in place; its k heads rotated in place
         and, as rotated, into cache slot slot_mapping[row]; its v heads into that slot."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         pos = tl.load(pos_ptr + row)
         slot = tl.load(slot_ptr + row).to(tl.int64)
@@ -138,7 +150,9 @@ if triton is not None:
         tl.store(v_cache_ptr + to + HALF, tl.load(v_at + HALF, mask=kv_mask), mask=kv_mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row, part = tl.program_id(0), tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
         mask = cols < size
@@ -169,6 +183,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x.stride(0), stride_x1, residual.stride(0) if residual is not None else 0,
         out.stride(0), stride_o1, residual_out.stride(0) if residual_out is not None else 0,
         size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+        **launch_options(x.device),
     )
     return out, residual_out
 
@@ -186,6 +201,7 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         NUM_Q=num_q, NUM_K=k.shape[1], HALF=half,
         BLOCK_H=_pow2(max(num_q, k.shape[1])), BLOCK_D=_pow2(half),
+        **launch_options(q.device),
     )
 
 
@@ -200,6 +216,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         NUM_KV=num_kv, HEAD_DIM=head_dim, BLOCK_H=_pow2(num_kv), BLOCK_D=_pow2(head_dim),
+        **launch_options(k.device),
     )
 
 
@@ -219,6 +236,7 @@ def rotary_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         k_cache.stride(1), k_cache.stride(2),
         NUM_Q=num_q, NUM_KV=k.shape[1], HALF=half,
         BLOCK_H=_pow2(max(num_q, k.shape[1])), BLOCK_D=_pow2(half),
+        **launch_options(q.device),
     )
 
 
@@ -231,5 +249,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_pow2(size), 1024)
     _silu_and_mul_kernel[(rows, triton.cdiv(size, block))](
         x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4,
+        **launch_options(x.device),
     )
     return out
