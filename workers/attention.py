@@ -14,6 +14,7 @@ from workers.config import ModelConfig
 from workers.kernels import elementwise, paged_attention, paged_prefill
 from workers.layers import num_local_kv_heads
 from workers.parallel import ProcessGroup
+from workers.rotary import RotaryEmbedding
 from workers.transfer import to_device
 
 NULL_BLOCK = 0  # reserved, always zeros: padded gathers read it instead of garbage
@@ -237,12 +238,22 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
 
-    def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata):
+    def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata,
+                rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None):
+        """rotary: (rotary_emb, positions [N]) to rotate q and k by before anything else; on
+        CUDA one kernel rotates them in place and writes k and v into the cache."""
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kvh, d]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         if elementwise.is_available(q.device):
-            elementwise.store_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+            if rotary is None:
+                elementwise.store_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+            else:
+                rotary_emb, positions = rotary
+                elementwise.rotary_store_kv_(positions, q, k, v, rotary_emb.cos, rotary_emb.sin,
+                                             kv_cache[0], kv_cache[1], metadata.slot_mapping)
         else:
+            if rotary is not None:
+                q, k = rotary[0](rotary[1], q, k)
             k_flat.index_copy_(0, metadata.slot_mapping, k)
             v_flat.index_copy_(0, metadata.slot_mapping, v)
         if metadata.num_decodes == q.shape[0]:  # all decodes (captured steps): no scatter

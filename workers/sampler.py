@@ -1,5 +1,6 @@
 """Turns the logits of sampled rows into one token per request, with optional logprobs.
-Runs once per step, on the leader shard. Logits: [num_sampled, vocab_size] float32."""
+Runs once per step, on the leader shard. Logits: [num_sampled, vocab_size], float32 or the
+model's dtype."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.kernels.argmax import argmax
 from workers.messages import TokenLogprobs
 from workers.request import Request
 from workers.transfer import to_device
@@ -87,6 +89,9 @@ class Sampler:
                 f"logits must be [num_requests={len(requests)}, vocab_size], "
                 f"got {tuple(logits.shape)}"
             )
+        if all(r.sampling_params.is_greedy and r.sampling_params.logprobs is None and not r.reads_output_tokens
+               for r in requests):  # the argmax of the logits as they are: no float32 copy
+            return SampledTokens(argmax(logits), None, requests)
         logits = logits.float()
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
@@ -98,7 +103,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """[M, V] processed logits -> [M] token ids."""
-        token_ids = logits.argmax(dim=-1)  # greedy rows keep this; first index on ties
+        token_ids = argmax(logits)  # greedy rows keep this; first index on ties
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if not rows:
             return token_ids

@@ -1,4 +1,5 @@
-"""The fused Triton kernels (add + RMSNorm, RoPE, K/V cache write, SiLU-and-mul) against
+"""The fused Triton kernels (add + RMSNorm, RoPE, K/V cache write, both at once,
+SiLU-and-mul) against
 the PyTorch reference path of the same modules: on CUDA (gpu marker), and on CPU through
 Triton's interpreter where Triton is installed."""
 
@@ -85,6 +86,39 @@ def check_store_kv(kernels, shape, dtype, device, seed):
     torch.testing.assert_close(v_dev.cpu(), expected_v, atol=0, rtol=0)
 
 
+def check_rotary_store_kv(kernels, shape, dtype, device, seed):
+    """RoPE and the cache write in one kernel: q and k rotated in place as rotary_ does,
+    the rotated k and the untouched v in their cache slots, every other slot as it was."""
+    rows, heads, kv_heads, head_dim, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    rope = RotaryEmbedding(head_dim, 512, 500000.0, None, dtype)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv = torch.randn(rows, sum(sizes) + 8, generator=gen).to(dtype)  # q, k, v: strided views
+    positions = torch.randint(0, 512, (rows,), generator=gen)
+    block_size, num_blocks = 16, rows + 3
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:rows]
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    q, k, v, _ = qkv.split(sizes + [8], dim=-1)
+    ref_q, ref_k = rope(positions, q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k.view(-1, kv_heads, head_dim)[slots] = ref_k
+    expected_v.view(-1, kv_heads, head_dim)[slots] = v.reshape(rows, kv_heads, head_dim)
+    on_device, k_dev, v_dev = qkv.to(device), k_cache.to(device), v_cache.to(device)
+    q, k, v, _ = on_device.split(sizes + [8], dim=-1)
+    kernels.rotary_store_kv_(positions.to(device), q.view(rows, heads, head_dim), k.view(rows, kv_heads, head_dim),
+                             v.view(rows, kv_heads, head_dim), rope.cos.to(device), rope.sin.to(device),
+                             k_dev, v_dev, slots.to(device))
+    torch.testing.assert_close(q.cpu().view(rows, heads, head_dim), ref_q, **_tol(dtype))
+    torch.testing.assert_close(k.cpu().view(rows, kv_heads, head_dim), ref_k, **_tol(dtype))
+    # The cache gets the very values left in k (the same rounding), v bit for bit.
+    torch.testing.assert_close(k_dev.cpu().view(-1, kv_heads, head_dim)[slots], k.cpu().view(rows, kv_heads, head_dim),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(k_dev.cpu(), expected_k, **_tol(dtype))
+    torch.testing.assert_close(v_dev.cpu(), expected_v, atol=0, rtol=0)
+    torch.testing.assert_close(on_device.cpu()[:, sum(sizes):], qkv[:, sum(sizes):], atol=0, rtol=0)
+
+
 def check_silu_and_mul(kernels, shape, dtype, device, seed):
     rows, _, _, _, hidden = shape
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +127,7 @@ def check_silu_and_mul(kernels, shape, dtype, device, seed):
     torch.testing.assert_close(out.cpu(), SiluAndMul()(x), **_tol(dtype))
 
 
-CHECKS = [check_rms_norm, check_rotary, check_store_kv, check_silu_and_mul]
+CHECKS = [check_rms_norm, check_rotary, check_store_kv, check_rotary_store_kv, check_silu_and_mul]
 
 
 @pytest.mark.gpu

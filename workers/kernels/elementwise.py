@@ -1,5 +1,6 @@
 """Fused Triton kernels for the small per-layer ops of a decoder layer on CUDA: residual
-add + RMSNorm, in-place RoPE on q and k, the K/V cache write and SiLU-and-mul. Each
+add + RMSNorm, in-place RoPE on q and k with the K/V cache write (also apart), and
+SiLU-and-mul. Each
 replaces 2–16 PyTorch kernels, which matters most inside a captured decode step, where
 every kernel boundary costs GPU time. Roundings follow Hugging Face's order of bf16/fp16
 operations, so results match the PyTorch reference path (the CPU path). Runs in each shard."""
@@ -13,6 +14,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
+
+from workers.kernels.pdl import launch_options
 
 
 def is_available(device: torch.device) -> bool:
@@ -28,14 +31,17 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    from workers.kernels.pdl import release_dependents, wait_for_producer
 
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
         stride_x0, stride_x1, stride_r0, stride_o0, stride_o1, stride_ro0,
-        num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row (program ids: row, sub-row for [N, heads, d] inputs)."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row, sub = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK)
         mask = cols < num_cols
@@ -52,25 +58,33 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o0 + sub * stride_o1 + cols, (y * w).to(dtype), mask=mask)
 
     @triton.jit
-    def _rotate_pair(ptr, c, s, mask, HALF: tl.constexpr):
-        """In place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), each product rounded to the
-        tensor's dtype first, as PyTorch does in that dtype."""
+    def _rotated(ptr, c, s, mask, HALF: tl.constexpr):
+        """(x1 c - x2 s, x2 c + x1 s) of the halves (x1, x2) at ptr, in the tensor's dtype,
+        each product rounded to that dtype first, as PyTorch does in that dtype."""
         dtype = ptr.dtype.element_ty
         x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
         o1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
         o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-        tl.store(ptr, o1.to(dtype), mask=mask)
-        tl.store(ptr + HALF, o2.to(dtype), mask=mask)
+        return o1.to(dtype), o2.to(dtype)
+
+    @triton.jit
+    def _rotate_pair(ptr, c, s, mask, HALF: tl.constexpr):
+        """In place: the halves at ptr rotated (see _rotated)."""
+        o1, o2 = _rotated(ptr, c, s, mask, HALF)
+        tl.store(ptr, o1, mask=mask)
+        tl.store(ptr + HALF, o2, mask=mask)
 
     @triton.jit
     def _rotary_kernel(
         q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_cos,
         NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row: every q and k head of that token, rotated in place."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         pos = tl.load(pos_ptr + row)
         i = tl.arange(0, BLOCK_D)
@@ -87,8 +101,11 @@ if triton is not None:
         k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         stride_kn, stride_kh, stride_vn, stride_vh, stride_slot, stride_head,
         NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per row: its K and V heads into cache slot slot_mapping[row]."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         slot = tl.load(slot_ptr + row).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -101,7 +118,41 @@ if triton is not None:
         tl.store(v_cache_ptr + to, v, mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr):
+    def _rotary_store_kv_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cos,
+        stride_slot, stride_head,
+        NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """One program per row: its q heads rotated in place; its k heads rotated in place
+        and, as rotated, into cache slot slot_mapping[row]; its v heads into that slot."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
+        row = tl.program_id(0)
+        pos = tl.load(pos_ptr + row)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        i = tl.arange(0, BLOCK_D)[None, :]
+        h = tl.arange(0, BLOCK_H)[:, None]
+        c = tl.load(cos_ptr + pos * stride_cos + i, mask=i < HALF, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * stride_cos + i, mask=i < HALF, other=0.0).to(tl.float32)
+        _rotate_pair(q_ptr + row * stride_qn + h * stride_qh + i, c, s, (h < NUM_Q) & (i < HALF), HALF)
+        kv_mask = (h < NUM_KV) & (i < HALF)
+        k_at = k_ptr + row * stride_kn + h * stride_kh + i
+        k1, k2 = _rotated(k_at, c, s, kv_mask, HALF)
+        tl.store(k_at, k1, mask=kv_mask)
+        tl.store(k_at + HALF, k2, mask=kv_mask)
+        to = slot * stride_slot + h * stride_head + i
+        tl.store(k_cache_ptr + to, k1, mask=kv_mask)
+        tl.store(k_cache_ptr + to + HALF, k2, mask=kv_mask)
+        v_at = v_ptr + row * stride_vn + h * stride_vh + i
+        tl.store(v_cache_ptr + to, tl.load(v_at, mask=kv_mask), mask=kv_mask)
+        tl.store(v_cache_ptr + to + HALF, tl.load(v_at + HALF, mask=kv_mask), mask=kv_mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         row, part = tl.program_id(0), tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
         mask = cols < size
@@ -132,6 +183,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x.stride(0), stride_x1, residual.stride(0) if residual is not None else 0,
         out.stride(0), stride_o1, residual_out.stride(0) if residual_out is not None else 0,
         size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+        **launch_options(x.device),
     )
     return out, residual_out
 
@@ -149,6 +201,7 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         NUM_Q=num_q, NUM_K=k.shape[1], HALF=half,
         BLOCK_H=_pow2(max(num_q, k.shape[1])), BLOCK_D=_pow2(half),
+        **launch_options(q.device),
     )
 
 
@@ -163,6 +216,27 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         NUM_KV=num_kv, HEAD_DIM=head_dim, BLOCK_H=_pow2(num_kv), BLOCK_D=_pow2(head_dim),
+        **launch_options(k.device),
+    )
+
+
+def rotary_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """rotary_ then store_kv in one kernel: q [N, heads, d] and k [N, kv_heads, d] rotated
+    in place by positions [N], then k and v [N, kv_heads, d] written into the caches
+    [num_blocks, block_size, kv_heads, d] at slot_mapping [N]. Last dims contiguous."""
+    rows, num_q, head_dim = q.shape
+    if rows == 0:
+        return
+    half = head_dim // 2
+    _rotary_store_kv_kernel[(rows,)](
+        q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(1), k_cache.stride(2),
+        NUM_Q=num_q, NUM_KV=k.shape[1], HALF=half,
+        BLOCK_H=_pow2(max(num_q, k.shape[1])), BLOCK_D=_pow2(half),
+        **launch_options(q.device),
     )
 
 
@@ -175,5 +249,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_pow2(size), 1024)
     _silu_and_mul_kernel[(rows, triton.cdiv(size, block))](
         x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4,
+        **launch_options(x.device),
     )
     return out

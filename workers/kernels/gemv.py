@@ -18,6 +18,8 @@ try:
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
+from workers.kernels.pdl import launch_options
+
 
 # Registers bound the rows: a thread keeps its weight vectors in float32 for all rows plus
 # one accumulator per (row, weight row); compiled for sm_90 that is 72 registers at 1 row
@@ -90,6 +92,7 @@ def is_available(device: torch.device, x: torch.Tensor, weight: torch.Tensor, *,
 
 
 if triton is not None:
+    from workers.kernels.pdl import release_dependents, wait_for_producer
 
     @triton.jit
     def _input_chunk(x_at, k_ok, K, SILU: tl.constexpr):
@@ -124,38 +127,58 @@ if triton is not None:
             tl.store(out_ptr + row * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
     @triton.jit
+    def _accumulate(acc0, acc1, acc2, acc3, w_tile, t, kk, x_ptr, stride_x, K, ROWS: tl.constexpr,
+                    SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One step of the K loop: the loaded weight tile t [BLOCK_N, BLOCK_K] (masked past
+        K) times those columns of each input row, into that row's accumulator."""
+        k = t * BLOCK_K + kk
+        k_ok = k < K
+        w = w_tile.to(tl.float32)
+        acc0 = _dot_rows(acc0, w, _input_chunk(x_ptr + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
+        if ROWS > 1:
+            acc1 = _dot_rows(acc1, w, _input_chunk(x_ptr + stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
+        if ROWS > 2:
+            acc2 = _dot_rows(acc2, w, _input_chunk(x_ptr + 2 * stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
+        if ROWS > 3:
+            acc3 = _dot_rows(acc3, w, _input_chunk(x_ptr + 3 * stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _weight_tile(w_at, t, kk, K, BLOCK_K: tl.constexpr):
+        return tl.load(w_at + t * BLOCK_K, mask=(t * BLOCK_K + kk < K)[None, :], other=0.0)
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_x, stride_o, tiles_per_split,
         ROWS: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr,
+        BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (BLOCK_N weight rows, split of K). Each step loads a weight tile
         [BLOCK_N, BLOCK_K] (a thread: one 16-byte vector of each weight row, at the same
         columns) and those input columns once, and adds each vector's dot product into a
         float32 accumulator per input row (constexpr-pruned past ROWS); the sum across
         threads happens once, at the end. Rows past N are clamped to N - 1, so the weight
-        loads need no row mask."""
+        loads need no row mask. With PDL the first tile is loaded before waiting for the
+        kernel that writes x (weights are never written), and the next kernel may launch
+        once the loop is done."""
         pid_n, split = tl.program_id(0), tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
         w_at = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * K + kk[None, :]
+        start = split * tiles_per_split  # a split past the last tile (a bench plan) loads only masks
+        stop = tl.minimum(start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        first = _weight_tile(w_at, start, kk, K, BLOCK_K)
+        wait_for_producer(PDL)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
-        start = split * tiles_per_split
-        stop = tl.minimum(start + tiles_per_split, tl.cdiv(K, BLOCK_K))
-        for t in tl.range(start, stop, num_stages=NUM_STAGES, loop_unroll_factor=UNROLL):
-            k = t * BLOCK_K + kk
-            k_ok = k < K
-            w = tl.load(w_at + t * BLOCK_K, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            acc0 = _dot_rows(acc0, w, _input_chunk(x_ptr + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
-            if ROWS > 1:
-                acc1 = _dot_rows(acc1, w, _input_chunk(x_ptr + stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
-            if ROWS > 2:
-                acc2 = _dot_rows(acc2, w, _input_chunk(x_ptr + 2 * stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
-            if ROWS > 3:
-                acc3 = _dot_rows(acc3, w, _input_chunk(x_ptr + 3 * stride_x + k, k_ok, K, SILU), BLOCK_N, BLOCK_K)
+        acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, first, start, kk, x_ptr, stride_x, K,
+                                             ROWS, SILU, BLOCK_N, BLOCK_K)
+        for t in tl.range(start + 1, stop, num_stages=NUM_STAGES, loop_unroll_factor=UNROLL):
+            acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, _weight_tile(w_at, t, kk, K, BLOCK_K),
+                                                 t, kk, x_ptr, stride_x, K, ROWS, SILU, BLOCK_N, BLOCK_K)
+        release_dependents(PDL)
         _store_row(acc0, 0, n, N, out_ptr, stride_o, part_ptr, split, ROWS, SPLIT)
         if ROWS > 1:
             _store_row(acc1, 1, n, N, out_ptr, stride_o, part_ptr, split, ROWS, SPLIT)
@@ -165,9 +188,11 @@ if triton is not None:
             _store_row(acc3, 3, n, N, out_ptr, stride_o, part_ptr, split, ROWS, SPLIT)
 
     @triton.jit
-    def _sum_splits_kernel(part_ptr, out_ptr, N, stride_o, num_splits, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(part_ptr, out_ptr, N, stride_o, num_splits, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program per (BLOCK outputs, row): the partial sums part[split, row, n] added
         in split order — fixed, so results are bitwise reproducible — and cast."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         pid, row = tl.program_id(0), tl.program_id(1)
         n = pid * BLOCK + tl.arange(0, BLOCK)
         total = tl.zeros([BLOCK], tl.float32)
@@ -204,10 +229,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, silu_and_mul: bool = False,
         # 1 leaves the loop unannotated: no pipelining (num_stages=1), no unrolling.
         NUM_STAGES=plan.num_stages if plan.num_stages > 1 else None,
         UNROLL=plan.unroll if plan.unroll > 1 else None,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **launch_options(x.device),
     )
     if split:
         _sum_splits_kernel[(_cdiv(n, REDUCE_BLOCK), rows)](
             part, out, n, out.stride(0), plan.num_splits, BLOCK=REDUCE_BLOCK, num_warps=4,
+            **launch_options(x.device),
         )
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from workers.kernels.device import sm_count, supports_paged_cache
+from workers.kernels.pdl import launch_options
 
 try:
     import triton
@@ -26,6 +27,7 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 
 
 if triton is not None:
+    from workers.kernels.pdl import release_dependents, wait_for_producer
 
     @triton.jit
     def _paged_decode_kernel(
@@ -34,12 +36,15 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per (sequence, KV head, split): the GROUP query heads that share the
         KV head (padded to BLOCK_G >= 16 rows for tensor-core dots), with an online softmax
         over its split's share of the sequence, in tiles of TILE keys gathered from
         TILE / BLOCK_SIZE paged blocks. One split writes the output; several write partial
         (max, sum, unnormalized output) rows that _reduce_splits_kernel combines."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -90,10 +95,12 @@ if triton is not None:
     @triton.jit
     def _reduce_splits_kernel(
         part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (sequence, head): the splits' partial softmaxes rescaled to
         their common max and summed (an empty split has max -inf and weighs 0)."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
         seq, head = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)
@@ -153,11 +160,12 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, TILE=max(TILE_KEYS, block_size), NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None,
+        HAS_WINDOW=sliding_window is not None, **launch_options(q.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(batch, num_heads)](
             part, ml, out, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            **launch_options(q.device),
         )
     return out

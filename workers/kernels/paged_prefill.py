@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from workers.kernels.device import supports_paged_cache
+from workers.kernels.pdl import launch_options
 
 try:
     import triton
@@ -26,6 +27,7 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 
 
 if triton is not None:
+    from workers.kernels.pdl import release_dependents, wait_for_producer
 
     @triton.jit
     def _paged_prefill_kernel(
@@ -35,12 +37,15 @@ if triton is not None:
         stride_tb, stride_on, stride_oh,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per (query block, request, KV head): BLOCK_Q query rows times the
         GROUP heads sharing the KV head, flattened into BLOCK_M tile rows (row i is query
         row i // GROUP, head i % GROUP), so each K/V tile is read once for the whole group.
         Online softmax in float32 over the keys the block can see: from the window start of
         its first row to its last row's position; nothing past that is read."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)  # every program, before the early return below
         q_block = tl.program_id(0)
         req = tl.program_id(1)
         kv_head = tl.program_id(2)
@@ -135,5 +140,6 @@ def paged_prefill_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HAS_WINDOW=sliding_window is not None,
         num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
+        **launch_options(q.device),
     )
     return out

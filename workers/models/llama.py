@@ -39,8 +39,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """[N, H] -> qkv (column; this rank's heads) -> [q/k norm] -> RoPE -> paged attention
-    -> o_proj (row, all_reduce) -> [N, H]."""
+    """[N, H] -> qkv (column; this rank's heads) -> [q/k norm] -> RoPE and the K/V cache
+    write (one kernel on CUDA) -> paged attention -> o_proj (row, all_reduce) -> [N, H]."""
 
     def __init__(self, config: ModelConfig, pg: ProcessGroup, dtype, device):
         super().__init__()
@@ -82,8 +82,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, kv_heads, d)
         if self.qk_norm:  # Qwen3: RMSNorm per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [N, heads, d]
+        out = self.attn(q, k, v, kv_cache, attn_metadata, rotary=(rotary_emb, positions))  # [N, heads, d]
         return self.o_proj(out.reshape(-1, heads * d))
 
 
