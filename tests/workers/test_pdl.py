@@ -2,7 +2,8 @@
 from the Triton kernels, each kernel reading what the one before it wrote, gives bit for
 bit the results of the same launches without PDL, eagerly and replayed in a CUDA graph.
 A kernel that read its input before waiting for the kernel that writes it would read the
-previous replay's values here (gpu marker: needs CUDA, compute capability >= 9.0)."""
+previous replay's values here (gpu marker: needs CUDA, compute capability >= 9.0). On
+CPU: the launch options that keep PDL off where it cannot run."""
 
 from __future__ import annotations
 
@@ -88,3 +89,11 @@ def test_pdl_chain_matches_serial_launches_eagerly_and_in_a_graph(monkeypatch):
         for got_hidden, got_token in (eager[i], replayed[i], replayed[i + len(inputs)]):
             assert torch.equal(got_hidden, want_hidden) and torch.equal(got_token, want_token), i
     assert not torch.equal(serial[0][0], serial[1][0])  # the inputs matter
+
+
+def test_launch_options_leave_pdl_off_where_it_cannot_run(monkeypatch):
+    """Off the GPU (and with SHARDSERVE_PDL=0) the kernels get PDL=False and no
+    launch_pdl option, so Triton's interpreter and older GPUs launch them as before."""
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": False}

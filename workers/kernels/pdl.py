@@ -40,6 +40,10 @@ def launch_options(device: torch.device) -> dict:
 
 @functools.cache
 def _has_pdl(index: int | None) -> bool:
+    """The GPU has PDL (compute capability >= 9.0) and this Triton can emit it (3.3 and
+    newer: griddepcontrol in tl.extra.cuda, and the launch_pdl launch option)."""
+    if not hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"):
+        return False
     return torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())[0] >= 9
 
 
