@@ -94,6 +94,12 @@ class Scheduler:
         self.num_aborted += 1
         return True
 
+    def discard(self, req_id: str) -> None:
+        """A request this shard could not take (its add raised here, so it was never
+        added): named among the next plan's finished requests, so the shards that did take
+        it drop their copies instead of keeping them forever."""
+        self._finished_req_ids.append(req_id)
+
     def get(self, req_id: str) -> Request:
         try:
             return self.requests[req_id]
@@ -137,8 +143,8 @@ class Scheduler:
             scheduled += self._schedule_waiting(budget)
         finished = tuple(self._finished_req_ids)
         self._finished_req_ids.clear()
-        for req_id in finished:
-            del self.requests[req_id]  # followers drop them with this plan; so do we
+        for req_id in finished:  # followers drop them with this plan; so do we
+            self.requests.pop(req_id, None)  # None: discarded, never added here
         return SchedulerOutput(tuple(scheduled), tuple(preempted), finished)
 
     def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:

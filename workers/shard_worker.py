@@ -98,20 +98,28 @@ class ShardWorker:
 
     def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
         """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
-        engine client passes the ref as a top-level argument, and none inside `new`)."""
-        state = RequestState(
-            req_id=new.req_id,
-            prompt_len=new.prompt_len,
-            prompt_token_ids=list(new.prompt_token_ids) if new.prompt_token_ids else None,
-            prompt_embeds=self._fetch_embeds(new.prompt_embeds, embeds_array),
-        )
-        self.intake.put(state)
-        if self.leader is not None:
-            self.leader.add_request(
-                Request.from_new_request(
-                    new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device
-                )
+        engine client passes the ref as a top-level argument, and none inside `new`).
+        If the leader cannot take the request, it is discarded on every shard (the
+        followers' copies are dropped with the next plan) and the error raised to the
+        engine client, which fails the request."""
+        try:
+            state = RequestState(
+                req_id=new.req_id,
+                prompt_len=new.prompt_len,
+                prompt_token_ids=list(new.prompt_token_ids) if new.prompt_token_ids else None,
+                prompt_embeds=self._fetch_embeds(new.prompt_embeds, embeds_array),
             )
+            request = None
+            if self.leader is not None:
+                request = Request.from_new_request(
+                    new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device)
+        except Exception:
+            if self.leader is not None:
+                self.leader.discard(new.req_id)
+            raise
+        self.intake.put(state)
+        if request is not None:
+            self.leader.add_request(request)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object

@@ -100,6 +100,10 @@ class LeaderLoop:
     def abort(self, req_id: str) -> None:
         self._commands.put(("abort", req_id))
 
+    def discard(self, req_id: str) -> None:
+        """For a request whose add failed on this shard: see Scheduler.discard."""
+        self._commands.put(("discard", req_id))
+
     def stop(self) -> None:
         self._commands.put(("stop", None))
 
@@ -179,6 +183,8 @@ class LeaderLoop:
                 return False
             if kind == "add":
                 self._add(arg)
+            elif kind == "discard":
+                self.scheduler.discard(arg)
             elif not self.scheduler.abort_request(arg):
                 self._remember_early_abort(arg)
             try:

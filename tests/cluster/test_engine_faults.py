@@ -105,7 +105,8 @@ def test_hung_follower_is_caught_by_the_step_watchdog(ray_cluster):
 def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cluster):
     """A request whose add_request raises on the leader shard (here a seed past 64 bits,
     let through by skipping the validation that now refuses it at the edge) ends with an
-    error within a poll or two instead of waiting forever; other requests still run."""
+    error within a poll or two instead of waiting forever; other requests still run, and
+    the follower, which took its copy, drops it with the next plan."""
     with LLM(**ENGINE) as llm:
         bad = Params(max_tokens=2)
         object.__setattr__(bad, "seed", 2**64)  # what validation would refuse
@@ -116,3 +117,5 @@ def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cl
         assert "could not take request bad" in delta.error and llm.engine.num_unfinished == 0
         [out] = llm.generate(["still serving"], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
         assert len(out.outputs[0].token_ids) == 3
+        follower = llm.engine.shards[1]
+        assert ray.get(follower.__ray_call__.remote(lambda shard: len(shard.intake))) == 0

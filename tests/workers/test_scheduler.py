@@ -195,6 +195,18 @@ def test_abort_waiting_request():
     assert scheduler.update(scheduler.schedule(), {}) == []
 
 
+def test_discarded_request_is_named_finished_once_and_touches_nothing_else():
+    """A request the leader could not take: the next plan names it finished (followers
+    drop their copies), without a delta, and the requests it does have run on."""
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", 4))
+    scheduler.discard("never-added")
+    out = scheduler.schedule()
+    assert out.finished_req_ids == ("never-added",) and [s.req_id for s in out.scheduled] == ["a"]
+    assert [d.req_id for d in scheduler.update(out, {"a": SampleResult(9, None)})] == ["a"]
+    assert scheduler.schedule().finished_req_ids == ()
+
+
 def test_abort_running_request_frees_blocks_at_once():
     scheduler = make_scheduler(num_blocks=9, block_size=4)
     scheduler.add_request(make_request("a", 6))
