@@ -98,8 +98,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with vocab columns split like the embedding.
 
-    forward(hidden [M, H]) -> float32 logits [M, vocab_size] on rank 0 (pg.gather of each
-    rank's [M, padded_vocab / world_size], padding trimmed), None on other ranks.
+    forward(hidden [M, H]) -> float32 logits [M, vocab_size] on every rank (pg.gather of
+    each rank's [M, padded_vocab / world_size], padding trimmed): the leader samples from
+    them, and followers take greedy feedback tokens from them (ModelRunner.apply).
     With `tied_embedding`, the weight is that embedding's local shard (Llama-3.2-1B style).
     """
 
@@ -118,12 +119,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         if is_tied:
             self.weight = tied_embedding.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local_logits = linear(hidden, self.weight)  # [M, padded_vocab / world_size]
-        logits = self.pg.gather(local_logits, dim=-1)
-        if logits is None:
-            return None
-        return logits[:, : self.vocab_size].float()
+        return self.pg.gather(local_logits, dim=-1)[:, : self.vocab_size].float()
 
 
 class ColumnParallelLinear(nn.Module):

@@ -65,6 +65,10 @@ class StepPlan:
     # input token the mirrors lack takes it from the previous step's sampled tokens, which
     # stay on the device (broadcast from the leader); appended_tokens lag one step more.
     feeds_back: bool = False
+    # With feeds_back: the previous step's tokens were each row's argmax of the raw logits
+    # (greedy, no penalties or min_tokens mask), which every shard holds bit for bit, so
+    # followers take them from their own logits and nothing is broadcast.
+    feedback_is_argmax: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from workers.intake import Intake, RequestState
 from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
 from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
+from workers.kernels.argmax import argmax
 from workers.loader import load_weights
 from workers.messages import ScheduledRequest, StepPlan
 from workers.models import get_model_class
@@ -57,6 +58,8 @@ class ModelRunner:
         # From a feeds_back plan: the previous step's sampled tokens, still on the device,
         # and each request's index in them; rows the mirrors cannot fill read from here.
         self._feedback: tuple[dict[str, int], torch.Tensor] | None = None
+        self._last_logits: torch.Tensor | None = None  # the last executed step's, sampled rows
+        self.argmax_feedback_steps = 0  # followers: feedback taken from their own logits
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
         config = self.config
@@ -124,12 +127,18 @@ class ModelRunner:
         """Applies the plan's deltas to the mirrors; a request scheduled the first time
         is taken from the intake, where its data arrived through Ray. For a feeds_back
         plan the leader passes the previous step's sampled token ids (on the device);
-        followers receive them by broadcast, in stream order."""
+        followers receive them by broadcast, in stream order, or, when they were greedy
+        (feedback_is_argmax), take the argmax of their own copy of that step's logits."""
         self._feedback = None
         if plan.feeds_back:
-            if sampled_token_ids is None:
+            if sampled_token_ids is None and plan.feedback_is_argmax:
+                sampled_token_ids = argmax(self._last_logits)
+                self.argmax_feedback_steps += 1
+            elif sampled_token_ids is None:
                 sampled_token_ids = torch.empty(len(self._last_sampled_ids), dtype=torch.long, device=self.device)
-            self.pg.broadcast(sampled_token_ids)
+                self.pg.broadcast(sampled_token_ids)
+            elif not plan.feedback_is_argmax:
+                self.pg.broadcast(sampled_token_ids)
             self._feedback = ({r: i for i, r in enumerate(self._last_sampled_ids)}, sampled_token_ids)
         for req_id in plan.finished_req_ids:
             if self.requests.pop(req_id, None) is None:
@@ -149,9 +158,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
-        """Runs the forward pass; returns float32 logits [M, vocab] of the sampled
-        rows on the leader (in `scheduled` order), None on followers."""
+        """Runs the forward pass; returns float32 logits [M, vocab] of the sampled rows
+        (in `scheduled` order), the same on every rank; None when no row is sampled."""
         self._last_sampled_ids = tuple(s.req_id for s in scheduled if s.is_sampled)
+        self._last_logits = self._execute(scheduled)
+        return self._last_logits
+
+    def _execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         if not scheduled:
             return None
         if self._is_graphable(scheduled):

@@ -44,15 +44,16 @@ class ProcessGroup:
             dist.all_reduce(x, group=self._device_group)
         return x
 
-    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
-        """Concatenate every rank's x along `dim` on rank 0; None on other ranks. One
-        all-gather: a single collective, where NCCL's gather is a send/recv per rank."""
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's x concatenated along `dim`, on every rank (bit for bit the same
+        tensor on each). One all-gather: a single collective, where NCCL's gather is a
+        send/recv per rank."""
         if self.world_size == 1:
             return x
         x = x.contiguous()
         parts = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(parts, x, group=self._device_group)
-        return torch.cat(parts.chunk(self.world_size), dim=dim) if self.is_leader else None
+        return torch.cat(parts.chunk(self.world_size), dim=dim)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x into x on every rank (device group, in stream order); returns x."""

@@ -27,9 +27,11 @@ class SampledTokens:
     top-k) are queued right behind the draws, so results() waits for this step only,
     not for a next step launched after it (async scheduling)."""
 
-    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, requests: list[Request]):
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, requests: list[Request],
+                 by_argmax: bool = False):
         self.token_ids = token_ids  # [M] long on the device, in the order of `requests`
         self.requests = requests
+        self.by_argmax = by_argmax  # every token is its row's argmax of the raw logits
         tensors = [token_ids]
         self._max_k = 0
         if raw_logprobs is not None:
@@ -89,17 +91,17 @@ class Sampler:
                 f"logits must be [num_requests={len(requests)}, vocab_size], "
                 f"got {tuple(logits.shape)}"
             )
-        if all(r.sampling_params.is_greedy and r.sampling_params.logprobs is None and not r.reads_output_tokens
-               for r in requests):  # the argmax of the logits as they are: no float32 copy
-            return SampledTokens(argmax(logits), None, requests)
-        logits = logits.float()
+        by_argmax = all(r.sampling_params.is_greedy and not r.reads_output_tokens for r in requests)
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
+        if by_argmax and not wants_logprobs:  # the argmax of the logits as they are: no float32 copy
+            return SampledTokens(argmax(logits), None, requests, by_argmax=True)
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         if any(r.reads_output_tokens for r in requests):
             logits = logits.clone()  # the caller's tensor stays raw
             apply_min_tokens(logits, requests)
             apply_penalties(logits, requests)
-        return SampledTokens(self._sample(logits, requests), raw_logprobs, requests)
+        return SampledTokens(self._sample(logits, requests), raw_logprobs, requests, by_argmax=by_argmax)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """[M, V] processed logits -> [M] token ids."""

@@ -139,7 +139,8 @@ class LeaderLoop:
     def _launch(self, out: SchedulerOutput, feedback: SampledTokens | None = None) -> LaunchedStep:
         """Broadcasts the plan and queues its forward pass and draws on the device."""
         plan = StepPlan(self._step_id, self._unsent_tokens, out.preempted_req_ids, out.finished_req_ids,
-                        out.scheduled, feeds_back=feedback is not None)
+                        out.scheduled, feeds_back=feedback is not None,
+                        feedback_is_argmax=feedback is not None and feedback.by_argmax)
         self._step_id += 1
         self._unsent_tokens = ()
         self.pg.broadcast_object(plan)

@@ -223,4 +223,6 @@ def test_collective_layers_at_world_size_2(tmp_path):
         assert result["padded_rows_zero"]
     torch.testing.assert_close(ranks[0]["logits"], F.linear(inputs["x"], tensors["head"]))
     torch.testing.assert_close(ranks[0]["tied_logits"], F.linear(inputs["x"], tensors["emb"]))
-    assert ranks[1]["logits"] is None and ranks[1]["tied_logits"] is None
+    # Every rank holds the same logits, bit for bit (followers take greedy feedback from them).
+    assert torch.equal(ranks[1]["logits"], ranks[0]["logits"])
+    assert torch.equal(ranks[1]["tied_logits"], ranks[0]["tied_logits"])
