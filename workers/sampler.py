@@ -93,7 +93,7 @@ class Sampler:
             )
         by_argmax = all(r.sampling_params.is_greedy and not r.reads_output_tokens for r in requests)
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
-        if by_argmax and not wants_logprobs:  # the argmax of the logits as they are: no float32 copy
+        if by_argmax and not wants_logprobs:  # the argmax of the raw logits, nothing else
             return SampledTokens(argmax(logits), None, requests, by_argmax=True)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
