@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import time
 from collections.abc import Sequence
 
 import ray
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, EngineDeadError
-from cluster.outputs import CompletionTracker, RequestOutput
+from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
 from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt
 from workers.sampling_params import SamplingParams
 
@@ -74,10 +75,11 @@ class LLM:
         outputs, trackers = [], {}
         for prompt, sp in zip(prompts, params):
             request_id = self.engine.next_request_id()
+            metrics = RequestMetrics(arrival_time=time.time())
             prompt = self.engine.put_prompt(prompt)  # embeddings: once, for all samples
             outputs.append(RequestOutput(
                 request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
-                prompt.num_tokens,
+                prompt.num_tokens, metrics=metrics,
             ))
             for index in range(sp.n):
                 req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
@@ -88,7 +90,7 @@ class LLM:
                     req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
                 )
         try:
-            self._collect(deltas, trackers, len(prompts), use_tqdm)
+            self._collect(deltas, trackers, outputs, use_tqdm)
         except BaseException:
             for req_id, (_, tracker) in trackers.items():
                 if not tracker.is_finished:
@@ -100,17 +102,22 @@ class LLM:
             output.finished = True
         return outputs
 
-    def _collect(self, deltas: queue.SimpleQueue, trackers: dict, num_prompts: int, use_tqdm: bool):
+    def _collect(self, deltas: queue.SimpleQueue, trackers: dict, outputs: list[RequestOutput], use_tqdm: bool):
         remaining = {}
         for position, tracker in trackers.values():
             remaining[position] = remaining.get(position, 0) + 1
-        progress = tqdm(total=num_prompts, desc="Processed prompts", disable=not use_tqdm)
+        progress = tqdm(total=len(outputs), desc="Processed prompts", disable=not use_tqdm)
         with progress:
             while remaining:
                 delta = deltas.get()
                 position, tracker = trackers[delta.req_id]
                 if tracker.is_finished:
                     continue
+                if delta.new_token_ids:
+                    metrics = outputs[position].metrics
+                    metrics.last_token_time = time.time()
+                    if metrics.first_token_time is None:
+                        metrics.first_token_time = metrics.last_token_time
                 tracker.apply(delta)
                 if not tracker.is_finished:
                     continue
@@ -121,6 +128,7 @@ class LLM:
                 remaining[position] -= 1
                 if remaining[position] == 0:
                     del remaining[position]
+                    outputs[position].metrics.finished_time = time.time()
                     progress.update(1)
 
     def start_profile(self) -> None:

@@ -33,6 +33,23 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached its milestones, as vLLM's RequestOutput.metrics: wall-clock
+    seconds (time.time()) in the process that called generate(). arrival_time is when
+    generate() took the prompt up, before its checks (and, for embeddings, their one
+    ray.put); a token's time is when its delta reached that process."""
+
+    arrival_time: float
+    first_token_time: float | None = None  # the first token of any of its samples
+    last_token_time: float | None = None
+    finished_time: float | None = None  # when its last sample finished
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -40,6 +57,7 @@ class RequestOutput:
     num_prompt_tokens: int  # rows of prompt_embeds, or len(prompt_token_ids)
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    metrics: RequestMetrics | None = None
 
 
 class CompletionTracker:

@@ -12,7 +12,10 @@
         --num-prompts 1000 --input-len 256 --output-len 256 --batch-sizes 256 \
         --max-num-batched-tokens 8192 --hf-batch-sizes 64 128 --hf-num-prompts 128 --compare-embeds
 
-Prints output tokens/s of each side and their ratio per batch size; Hugging Face's figure is
+Prints output tokens/s of each side and their ratio per batch size, and the engine's median
+time to first token (RequestOutput.metrics; with --compare-embeds, for both kinds of
+prompt: a throughput run's first tokens wait for the prompts before them, and an
+embeddings prompt's check and ray.put happen as generate() takes it up). Hugging Face's figure is
 its best over --hf-batch-sizes (tokens/s, so timing it on the first --hf-num-prompts
 prompts keeps its run short). With --num-prompts,
 each run is that many prompts of random lengths in [min, max] and random output lengths,
@@ -23,6 +26,7 @@ batch generating up to its longest requested output. Only requested tokens count
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -68,7 +72,9 @@ def make_workload(args, batch: int, vocab: int, seed: int) -> list[tuple[list[in
     return [(torch.randint(10, vocab - 10, (n,), generator=gen).tolist(), m) for n, m in zip(inputs, outputs)]
 
 
-def time_engine(llm: LLM, workload, as_embeds: bool = False) -> float:
+def time_engine(llm: LLM, workload, as_embeds: bool = False) -> tuple[float, float]:
+    """(seconds for the whole workload, median time to first token in ms) of one generate()
+    call that takes every prompt at once, as a throughput run does."""
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in workload]
     prompts = [embeds_prompt(llm, p) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
     start = time.perf_counter()
@@ -77,7 +83,7 @@ def time_engine(llm: LLM, workload, as_embeds: bool = False) -> float:
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != sum(m for _, m in workload):
         raise RuntimeError(f"engine produced {produced} tokens, expected {sum(m for _, m in workload)}")
-    return elapsed
+    return elapsed, statistics.median(o.metrics.time_to_first_token for o in outputs) * 1e3
 
 
 def embeds_prompt(llm: LLM, token_ids: list[int]) -> dict:
@@ -139,10 +145,12 @@ def main() -> None:
     for batch in args.batch_sizes:
         workload = make_workload(args, batch, vocab, batch)
         tokens = sum(m for _, m in workload)
-        row = {"batch": batch, "engine": tokens / time_engine(llm, workload)}
+        seconds, ttft = time_engine(llm, workload)
+        row = {"batch": batch, "engine": tokens / seconds, "ttft": ttft}
         if args.compare_embeds:
             time_engine(llm, warmup, as_embeds=True)
-            row["embeds"] = tokens / time_engine(llm, workload, as_embeds=True)
+            seconds, row["embeds_ttft"] = time_engine(llm, workload, as_embeds=True)
+            row["embeds"] = tokens / seconds
         rows.append(row)
     llm.shutdown()
     if not args.skip_hf:
@@ -176,13 +184,18 @@ def print_table(args, config, rows) -> None:
              else f"input_len={args.input_len} output_len={args.output_len}")
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} "
           f"device={config.device} {shape}")
-    embeds = f" {'embeds tok/s':>13} {'embeds/ids':>10}" if args.compare_embeds else ""
-    print(f"{'batch':>6} {'shardserve tok/s':>17} {'HF generate tok/s':>18} {'HF batch':>8} {'ratio':>7}{embeds}")
+    embeds = (f" {'embeds tok/s':>13} {'embeds/ids':>10} {'embeds TTFT ms':>14} {'TTFT embeds/ids':>15}"
+              if args.compare_embeds else "")
+    print(f"{'batch':>6} {'shardserve tok/s':>17} {'TTFT ms':>9} {'HF generate tok/s':>18} {'HF batch':>8} "
+          f"{'ratio':>7}{embeds}")
     for row in rows:
         hf = row.get("hf")
         hf_cols = f"{hf:18.1f} {row['hf_batch']:>8} {row['engine'] / hf:6.2f}x" if hf else f"{'-':>18} {'-':>8} {'-':>7}"
-        embeds = f" {row['embeds']:13.1f} {row['embeds'] / row['engine']:9.3f}x" if args.compare_embeds else ""
-        print(f"{row['batch']:>6} {row['engine']:17.1f} {hf_cols}{embeds}")
+        embeds = (f" {row['embeds']:13.1f} {row['embeds'] / row['engine']:9.3f}x {row['embeds_ttft']:14.1f} "
+                  f"{row['embeds_ttft'] / row['ttft']:14.3f}x" if args.compare_embeds else "")
+        print(f"{row['batch']:>6} {row['engine']:17.1f} {row['ttft']:9.1f} {hf_cols}{embeds}")
+    print("(TTFT: median time to first token of the run's requests, all submitted at once; "
+          "from generate() taking the prompt up)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ raise ValueError while the LLM keeps working."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -81,6 +82,22 @@ def test_continuous_batching_matches_each_alone(llm):
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_request_metrics_record_arrival_first_token_and_finish(llm):
+    """RequestOutput.metrics, as vLLM's: per request, arrival <= first token <= last token
+    <= finished, all within the generate() call; with n = 2, the first token of either."""
+    vocab = llm.config.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2)
+    start = time.time()
+    outputs = llm.generate([{"prompt_token_ids": _random_ids(i, 8, vocab)} for i in range(3)], params,
+                           use_tqdm=False)
+    end = time.time()
+    for output in outputs:
+        m = output.metrics
+        assert start <= m.arrival_time < m.first_token_time <= m.last_token_time <= m.finished_time <= end
+        assert m.time_to_first_token == m.first_token_time - m.arrival_time
+    assert outputs[0].metrics.arrival_time <= outputs[2].metrics.arrival_time
 
 
 def test_preemption_under_kv_pressure_keeps_outputs(ray_cluster):
