@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
 from api.serving import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError, OpenAIServing
-from cluster.engine_client import EngineDeadError
+from cluster.engine_client import EngineDeadError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
     async def engine_dead(_request, exc: EngineDeadError):
         # Serve replaces the replica (its health check fails); a retry reaches the new one.
         return _error(503, ENGINE_UNAVAILABLE, type="service_unavailable", retry_after_s=RETRY_AFTER_S)
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(_request, exc: RequestFailedError):
+        # The engine is fine; this request is not (a retry fails the same way): no Retry-After.
+        return _error(500, str(exc), type="internal_server_error")
 
     @app.exception_handler(Exception)
     async def internal_error(_request, exc: Exception):

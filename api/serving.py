@@ -34,7 +34,7 @@ from api.protocol import (
     split_prompts,
 )
 from cluster.async_engine import SampleStream
-from cluster.engine_client import EngineDeadError
+from cluster.engine_client import EngineDeadError, RequestFailedError
 from cluster.prompts import EnginePrompt, check_length
 from cluster import SamplingParams
 
@@ -374,6 +374,8 @@ def _error_event(exc: BaseException) -> str:
     """The SSE event for a stream that fails mid-way, in OpenAI's error shape."""
     if isinstance(exc, EngineDeadError):
         body = error_body(ENGINE_UNAVAILABLE, type="service_unavailable", code=503)
+    elif isinstance(exc, RequestFailedError):
+        body = error_body(str(exc), type="internal_server_error", code=500)
     else:
         logger.error("a streamed completion failed", exc_info=exc)
         body = error_body("internal server error", type="internal_server_error", code=500)

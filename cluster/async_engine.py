@@ -14,7 +14,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError
+from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError, request_error
 from cluster.outputs import CompletionTracker, Logprob
 from cluster.prompts import EnginePrompt, embeds_prompt, parse_engine_prompt
 from workers.messages import EngineStats
@@ -146,7 +146,7 @@ class SampleStream:
                 if first_token_time is None and tracker.token_ids:
                     first_token_time = time.monotonic()
                 if tracker.finish_reason == "error":
-                    raise EngineDeadError(tracker.error)
+                    raise request_error(self.engine, tracker.error)
                 yield SampleUpdate(
                     text=text,
                     token_ids=tuple(tracker.token_ids[num_tokens:]),

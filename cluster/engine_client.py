@@ -41,6 +41,17 @@ class EngineDeadError(RuntimeError):
     """The engine's shards stopped; in-flight requests end with finish_reason "error"."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed inside a live engine (a shard could not take it): the same
+    request would fail again, and other requests are not affected."""
+
+
+def request_error(engine: EngineClient, message: str) -> RuntimeError:
+    """The error for a request that ended with finish_reason "error": EngineDeadError if
+    the engine died (its sweep ends every request so), else RequestFailedError."""
+    return EngineDeadError(message) if engine.dead_reason is not None else RequestFailedError(message)
+
+
 class EngineClient:
     """`name` names the shard actors `shardserve-<name>-rank<r>` (what operators see in
     `ray list actors`); a random one by default."""

@@ -14,7 +14,7 @@ import ray
 from tqdm.auto import tqdm
 
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import EngineClient, EngineDeadError
+from cluster.engine_client import EngineClient, EngineDeadError, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
 from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt
 from workers.sampling_params import SamplingParams
@@ -122,7 +122,7 @@ class LLM:
                 if not tracker.is_finished:
                     continue
                 if tracker.finish_reason == "error":
-                    raise EngineDeadError(tracker.error)
+                    raise request_error(self.engine, tracker.error)
                 if delta.finish_reason is None:  # finished by a stop string on this side
                     self.engine.abort(delta.req_id)
                 remaining[position] -= 1

@@ -18,7 +18,7 @@ from api.routes import build_fastapi_app
 from api.serving import OpenAIServing
 from cluster.async_engine import SampleUpdate
 from cluster.default_model import default_model_path
-from cluster.engine_client import EngineDeadError
+from cluster.engine_client import EngineDeadError, RequestFailedError
 from cluster.outputs import Logprob
 from cluster.prompts import embeds_prompt, parse_prompt
 from cluster.tokenizer import load_tokenizer
@@ -42,6 +42,7 @@ class FakeEngine:
                  hold_back: bool = False):
         self.tokenizer = tokenizer
         self.fail = fail  # generate raises an internal error
+        self.fail_request = False  # generate raises as for a request a shard could not take
         self.hang_after = hang_after  # yield this many updates, then wait forever
         self.hold_back = hold_back  # add updates with tokens but no final text yet
         self.is_dead = False
@@ -76,6 +77,8 @@ class FakeEngine:
         try:
             if self.fail:
                 raise RuntimeError("shard 1 failed at /srv/secret/model_runner.py:42 (token sk-123)")
+            if self.fail_request:
+                raise RequestFailedError(f"the engine could not take request {req_id}: ValueError")
             pieces = [f"[{self.tag(prompt)}|s{params.seed}]"]
             pieces += [f" w{i}" for i in range(1, params.max_tokens)]
             start = time.monotonic()
@@ -297,6 +300,26 @@ def test_internal_error_is_500_without_internals(tokenizer):
                      "param": None, "code": 500}
     for leak in ("Traceback", "RuntimeError", "secret", "sk-123", ".py"):
         assert leak not in response.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_the_engine_could_not_take_is_500_that_says_so_and_the_server_keeps_serving(engine, client, stream):
+    """Not 503 + Retry-After, as for a dead engine: the engine is fine, and the same
+    request would fail again."""
+    engine.fail_request = True
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": stream}
+    response = post(client, body)
+    if stream:
+        events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        [error] = [event["error"] for event in events if "error" in event]
+    else:
+        error = error_of(response, 500)
+        assert "retry-after" not in response.headers
+    assert error["code"] == 500 and error["type"] == "internal_server_error"
+    assert error["message"].startswith("the engine could not take request ") and "ValueError" in error["message"]
+    engine.fail_request = False
+    assert post(client, {**body, "stream": False}).status_code == 200
 
 
 def test_dead_engine_is_503_on_health(engine, client):

@@ -16,7 +16,13 @@ import ray
 
 from cluster import LLM, SamplingParams
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import EngineClient, EngineDeadError, shard_actor_name
+from cluster.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    RequestFailedError,
+    request_error,
+    shard_actor_name,
+)
 from workers.sampling_params import SamplingParams as Params
 
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -115,6 +121,8 @@ def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cl
         delta = deltas.get(timeout=DEADLINE_S)
         assert (delta.req_id, delta.finish_reason) == ("bad", "error")
         assert "could not take request bad" in delta.error and llm.engine.num_unfinished == 0
+        # What LLM.generate and the server raise for it: this request failed, the engine lives.
+        assert isinstance(request_error(llm.engine, delta.error), RequestFailedError)
         [out] = llm.generate(["still serving"], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
         assert len(out.outputs[0].token_ids) == 3
         follower = llm.engine.shards[1]
