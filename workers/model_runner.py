@@ -59,7 +59,7 @@ class ModelRunner:
         # and each request's index in them; rows the mirrors cannot fill read from here.
         self._feedback: tuple[dict[str, int], torch.Tensor] | None = None
         self._last_logits: torch.Tensor | None = None  # the last executed step's, sampled rows
-        self.argmax_feedback_steps = 0  # followers: feedback taken from their own logits
+        self.num_argmax_feedback_steps = 0  # followers: feedback taken from their own logits
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
         config = self.config
@@ -133,7 +133,7 @@ class ModelRunner:
         if plan.feeds_back:
             if sampled_token_ids is None and plan.feedback_is_argmax:
                 sampled_token_ids = argmax(self._last_logits)
-                self.argmax_feedback_steps += 1
+                self.num_argmax_feedback_steps += 1
             elif sampled_token_ids is None:
                 sampled_token_ids = torch.empty(len(self._last_sampled_ids), dtype=torch.long, device=self.device)
                 self.pg.broadcast(sampled_token_ids)

@@ -35,10 +35,10 @@ def _run(path, async_scheduling: bool):
              async_scheduling=async_scheduling) as llm:
         follower = llm.engine.shards[1]
         for name, (prompts, params) in _workloads().items():
-            before = ray.get(follower.__ray_call__.remote(lambda shard: shard.runner.argmax_feedback_steps))
+            before = ray.get(follower.__ray_call__.remote(lambda shard: shard.runner.num_argmax_feedback_steps))
             outputs = llm.generate(prompts, params, use_tqdm=False)
             results[name] = [o.outputs[0].token_ids for o in outputs]
-            after = ray.get(follower.__ray_call__.remote(lambda shard: shard.runner.argmax_feedback_steps))
+            after = ray.get(follower.__ray_call__.remote(lambda shard: shard.runner.num_argmax_feedback_steps))
             argmax_steps[name] = after - before
     return results, argmax_steps
 

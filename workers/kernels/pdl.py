@@ -1,17 +1,6 @@
-"""Programmatic dependent launch (PDL; CUDA, compute capability 9.0 and newer) for the
-decode step's Triton kernels. A kernel launched with PDL may start while the kernel before
-it in the stream is still running; it waits (griddepcontrol.wait) before it touches any
-memory that kernel may write, so until then it can only read what no kernel writes: the
-GEMV prefetches its first weight tile there. A kernel lets the next one start
-(griddepcontrol.launch_dependents) once it no longer needs the SM slots for itself: the
-small kernels right away, the GEMV after its weight loop. Inside a captured CUDA graph the
-launches become programmatic edges, so a batch-1 decode step overlaps each small kernel
-(norm, RoPE and K/V write, attention) with the weight streaming of the GEMV after it.
-
-The rule every kernel here keeps: each program calls wait_for_producer before its first
-read of an activation, the cache, a step input or a workspace, and before any store. So a
-kernel finishes only after the kernel before it has, and ordering stays transitive along
-the stream. SHARDSERVE_PDL=0 turns it off (an ablation switch)."""
+"""Programmatic dependent launch (PDL; CUDA compute capability 9.0+) for the step's Triton
+kernels: each may start while the kernel before it runs, so a GEMV streams weights during
+the small kernel before it. Runs in each shard; SHARDSERVE_PDL=0 turns it off."""
 
 from __future__ import annotations
 
@@ -40,13 +29,19 @@ def launch_options(device: torch.device) -> dict:
 
 @functools.cache
 def _has_pdl(index: int | None) -> bool:
-    """The GPU has PDL (compute capability >= 9.0) and this Triton can emit it (3.3 and
-    newer: griddepcontrol in tl.extra.cuda, and the launch_pdl launch option)."""
-    if not hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"):
+    """An NVIDIA GPU with PDL (compute capability >= 9.0; ROCm reports its own numbers
+    there) and a Triton that can emit it (3.3 and newer: griddepcontrol in tl.extra.cuda,
+    and the launch_pdl launch option)."""
+    if torch.version.hip is not None or not hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"):
         return False
     return torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())[0] >= 9
 
 
+# The rule every kernel launched with PDL keeps: each program calls wait_for_producer
+# before its first read of anything a kernel may write (activations, the cache, step
+# inputs, workspaces) and before any store; only weights may be read before it. So a kernel
+# ends only after the one before it has, and ordering stays transitive along the stream.
+# Small kernels call release_dependents first thing; the GEMV after its weight loop.
 if triton is not None:
 
     @triton.jit
