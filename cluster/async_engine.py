@@ -146,7 +146,7 @@ class SampleStream:
                 if first_token_time is None and tracker.token_ids:
                     first_token_time = time.monotonic()
                 if tracker.finish_reason == "error":
-                    raise request_error(self.engine, tracker.error)
+                    raise request_error(self._engine, tracker.error)
                 yield SampleUpdate(
                     text=text,
                     token_ids=tuple(tracker.token_ids[num_tokens:]),

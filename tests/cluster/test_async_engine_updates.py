@@ -14,6 +14,7 @@ import pytest
 
 from cluster.async_engine import AsyncEngine
 from cluster.default_model import default_model_path
+from cluster.engine_client import EngineDeadError, RequestFailedError
 from cluster.prompts import EnginePrompt
 from cluster.tokenizer import load_tokenizer
 from workers.messages import RequestDelta, TokenLogprobs
@@ -24,7 +25,7 @@ class StandInClient:
     """Hands generate() its deltas when told to; records aborts."""
 
     def __init__(self):
-        self.sink, self.aborted = None, []
+        self.sink, self.aborted, self.dead_reason = None, [], None
 
     def add_request(self, req_id, params, sink, *prompt):
         self.sink = sink
@@ -157,3 +158,15 @@ def test_closing_generate_early_aborts_at_once(tokenizer):
         return list(engine.engine.aborted)
 
     assert asyncio.run(scenario()) == ["r"]
+
+
+@pytest.mark.parametrize("dead_reason, error", [(None, RequestFailedError), ("shard 1 died", EngineDeadError)],
+                         ids=["engine alive", "engine dead"])
+def test_an_error_delta_raises_request_failed_while_the_engine_lives(tokenizer, dead_reason, error):
+    """A request that ended with finish_reason "error": RequestFailedError if the engine is
+    alive (a shard could not take it), EngineDeadError if the engine died (its sweep)."""
+    engine = _engine(tokenizer)
+    engine.engine.dead_reason = dead_reason
+    failed = [RequestDelta("r", (), None, finish_reason="error", error="the engine could not take request r")]
+    with pytest.raises(error, match="could not take request r"):
+        asyncio.run(_collect(engine, failed, SamplingParams(max_tokens=8), burst=1))
