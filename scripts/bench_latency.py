@@ -29,6 +29,7 @@ import torch
 from cluster import LLM, SamplingParams
 from scripts.bench_args import add_model_args, model_path
 from workers.config import ModelConfig
+from workers.kernels import pdl
 from workers.layers import num_local_kv_heads
 
 
@@ -165,7 +166,8 @@ def main(argv=None) -> dict:
           f"batch={args.batch_size} input_len={args.input_len} output_len={args.output_len} "
           f"cuda_graphs={'off' if args.enforce_eager or device == 'cpu' else 'on'} "
           f"async_scheduling={'off' if args.no_async_scheduling else 'on'} "
-          f"custom_all_reduce={'off' if args.disable_custom_all_reduce else 'on'}")
+          f"custom_all_reduce={'off' if args.disable_custom_all_reduce else 'on'} "
+          f"pdl={'on' if device == 'cuda' and pdl.launch_options(torch.device('cuda'))['PDL'] else 'off'}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per shard and step: weights {weights / 1e9:.2f} GB, "
           f"KV {kv / 1e6:.1f} MB (mean context {context:.0f}); roofline {roofline_s * 1e3:.3f} ms/step")
     goal = f" {'goal':>6}" if args.goal else ""
