@@ -14,7 +14,7 @@ import ray
 from tqdm.auto import tqdm
 
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import EngineClient, EngineDeadError, request_error
+from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
 from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt
 from workers.sampling_params import SamplingParams
@@ -43,7 +43,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Results in input order. A bad prompt or parameter raises ValueError before
-        any request is sent, so the LLM stays usable."""
+        any request is sent, so the LLM stays usable. A request that fails in the engine
+        raises RequestFailedError (the engine lives) or EngineDeadError (it died)."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = self._per_prompt_params(sampling_params, len(prompts))
         parsed = [self._parse(p) for p in prompts]
