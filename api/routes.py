@@ -139,8 +139,9 @@ async def _parse_completion(request: Request, max_body_bytes: int) -> Completion
     try:
         # One pass in Rust over the bytes (json.loads decodes them to str first): 1.0 ms
         # against 2.0 on the event loop for a 2.8 MB body holding (128, 4096) float32
-        # embeddings (bench_embeds_codec.py --parts, BENCHMARKS.md). Invalid UTF-8, lone UTF-16 surrogates (text the tokenizer and detokenizer
-        # cannot take) and nesting past its recursion limit are errors here too.
+        # embeddings (bench_embeds_codec.py --parts, BENCHMARKS.md). Invalid UTF-8, lone
+        # UTF-16 surrogates (text the tokenizer and detokenizer cannot take) and nesting
+        # past its recursion limit are errors here too.
         data = pydantic_core.from_json(body, cache_strings="keys")
     except ValueError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None

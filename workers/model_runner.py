@@ -131,14 +131,13 @@ class ModelRunner:
         (feedback_is_argmax), take the argmax of their own copy of that step's logits."""
         self._feedback = None
         if plan.feeds_back:
-            if sampled_token_ids is None and plan.feedback_is_argmax:
+            if not plan.feedback_is_argmax:
+                if sampled_token_ids is None:
+                    sampled_token_ids = torch.empty(len(self._last_sampled_ids), dtype=torch.long, device=self.device)
+                self.pg.broadcast(sampled_token_ids)
+            elif sampled_token_ids is None:  # a follower: the argmax of its copy of the same logits
                 sampled_token_ids = argmax(self._last_logits)
                 self.num_argmax_feedback_steps += 1
-            elif sampled_token_ids is None:
-                sampled_token_ids = torch.empty(len(self._last_sampled_ids), dtype=torch.long, device=self.device)
-                self.pg.broadcast(sampled_token_ids)
-            elif not plan.feedback_is_argmax:
-                self.pg.broadcast(sampled_token_ids)
             self._feedback = ({r: i for i, r in enumerate(self._last_sampled_ids)}, sampled_token_ids)
         for req_id in plan.finished_req_ids:
             if self.requests.pop(req_id, None) is None:

@@ -1,6 +1,5 @@
 """Turns the logits of sampled rows into one token per request, with optional logprobs.
-Runs once per step, on the leader shard. Logits: [num_sampled, vocab_size], float32 or the
-model's dtype."""
+Runs once per step, on the leader shard. Logits: [num_sampled, vocab_size] float32."""
 
 from __future__ import annotations
 

@@ -25,14 +25,13 @@ def is_available(logits: torch.Tensor) -> bool:
 # Many programs each take the max of a BLOCK of the row (first index on ties); one program
 # per row then picks the first block holding the row's max: torch.argmax's answer.
 if triton is not None:
-    from workers.kernels.pdl import release_dependents, wait_for_producer
+    from workers.kernels.pdl import release_then_wait
 
     @triton.jit
     def _block_argmax_kernel(x_ptr, value_ptr, index_ptr, V, stride_x, num_blocks,
                              BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program per (row, block of columns): the block's max and its first index."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row, block = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -44,8 +43,7 @@ if triton is not None:
     def _row_argmax_kernel(value_ptr, index_ptr, out_ptr, num_blocks, BLOCKS: tl.constexpr,
                            PDL: tl.constexpr):
         """One program per row: the first block holding the row's max, and its index."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row = tl.program_id(0)
         b = tl.arange(0, BLOCKS)
         values = tl.load(value_ptr + row * num_blocks + b, mask=b < num_blocks, other=float("-inf"))

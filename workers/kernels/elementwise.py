@@ -31,7 +31,7 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
-    from workers.kernels.pdl import release_dependents, wait_for_producer
+    from workers.kernels.pdl import release_then_wait
 
     @triton.jit
     def _rms_norm_kernel(
@@ -40,8 +40,7 @@ if triton is not None:
         num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row (program ids: row, sub-row for [N, heads, d] inputs)."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row, sub = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK)
         mask = cols < num_cols
@@ -83,8 +82,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row: every q and k head of that token, rotated in place."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row = tl.program_id(0)
         pos = tl.load(pos_ptr + row)
         i = tl.arange(0, BLOCK_D)
@@ -104,8 +102,7 @@ if triton is not None:
         PDL: tl.constexpr,
     ):
         """One program per row: its K and V heads into cache slot slot_mapping[row]."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row = tl.program_id(0)
         slot = tl.load(slot_ptr + row).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -127,8 +124,7 @@ if triton is not None:
     ):
         """One program per row: its q heads rotated in place; its k heads rotated in place
         and, as rotated, into cache slot slot_mapping[row]; its v heads into that slot."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row = tl.program_id(0)
         pos = tl.load(pos_ptr + row)
         slot = tl.load(slot_ptr + row).to(tl.int64)
@@ -151,8 +147,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         row, part = tl.program_id(0), tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
         mask = cols < size

@@ -92,7 +92,7 @@ def is_available(device: torch.device, x: torch.Tensor, weight: torch.Tensor, *,
 
 
 if triton is not None:
-    from workers.kernels.pdl import release_dependents, wait_for_producer
+    from workers.kernels.pdl import release_dependents, release_then_wait, wait_for_producer
 
     @triton.jit
     def _input_chunk(x_at, k_ok, K, SILU: tl.constexpr):
@@ -191,8 +191,7 @@ if triton is not None:
     def _sum_splits_kernel(part_ptr, out_ptr, N, stride_o, num_splits, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program per (BLOCK outputs, row): the partial sums part[split, row, n] added
         in split order — fixed, so results are bitwise reproducible — and cast."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         pid, row = tl.program_id(0), tl.program_id(1)
         n = pid * BLOCK + tl.arange(0, BLOCK)
         total = tl.zeros([BLOCK], tl.float32)

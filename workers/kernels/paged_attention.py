@@ -27,7 +27,7 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 
 
 if triton is not None:
-    from workers.kernels.pdl import release_dependents, wait_for_producer
+    from workers.kernels.pdl import release_then_wait
 
     @triton.jit
     def _paged_decode_kernel(
@@ -43,8 +43,7 @@ if triton is not None:
         over its split's share of the sequence, in tiles of TILE keys gathered from
         TILE / BLOCK_SIZE paged blocks. One split writes the output; several write partial
         (max, sum, unnormalized output) rows that _reduce_splits_kernel combines."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -99,8 +98,7 @@ if triton is not None:
     ):
         """One program per (sequence, head): the splits' partial softmaxes rescaled to
         their common max and summed (an empty split has max -inf and weighs 0)."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)
+        release_then_wait(PDL)
         seq, head = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)

@@ -27,7 +27,7 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 
 
 if triton is not None:
-    from workers.kernels.pdl import release_dependents, wait_for_producer
+    from workers.kernels.pdl import release_then_wait
 
     @triton.jit
     def _paged_prefill_kernel(
@@ -44,8 +44,7 @@ if triton is not None:
         row i // GROUP, head i % GROUP), so each K/V tile is read once for the whole group.
         Online softmax in float32 over the keys the block can see: from the window start of
         its first row to its last row's position; nothing past that is read."""
-        release_dependents(PDL)
-        wait_for_producer(PDL)  # every program, before the early return below
+        release_then_wait(PDL)  # every program, before the early return below
         q_block = tl.program_id(0)
         req = tl.program_id(1)
         kv_head = tl.program_id(2)

@@ -41,7 +41,7 @@ def _has_pdl(index: int | None) -> bool:
 # before its first read of anything a kernel may write (activations, the cache, step
 # inputs, workspaces) and before any store; only weights may be read before it. So a kernel
 # ends only after the one before it has, and ordering stays transitive along the stream.
-# Small kernels call release_dependents first thing; the GEMV after its weight loop.
+# Small kernels start with release_then_wait; the GEMV releases after its weight loop.
 if triton is not None:
 
     @triton.jit
@@ -50,6 +50,13 @@ if triton is not None:
         writes are visible (a no-op without PDL, where the launch itself waited)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def release_then_wait(PDL: tl.constexpr):
+        """A small kernel's first step: the next kernel may start launching, and this one
+        waits for the kernel before it (release_dependents, then wait_for_producer)."""
+        release_dependents(PDL)
+        wait_for_producer(PDL)
 
     @triton.jit
     def release_dependents(PDL: tl.constexpr):
