@@ -91,14 +91,16 @@ def test_steps_of_embedding_rows_only_match_hf(engine):
     _assert_matches(together[1], from_random, "random embeddings, beside own")
 
 
-def test_prompts_longer_than_a_step_are_prefilled_in_chunks_and_match_hf(ray_cluster, tiny_checkpoints):
+@pytest.mark.parametrize("tp", [1, 2], ids=lambda tp: f"tp{tp}")
+def test_prompts_longer_than_a_step_are_prefilled_in_chunks_and_match_hf(ray_cluster, tiny_checkpoints, tp):
     """A 16-token step budget: the 37-row prompts (token ids, and the model's own
-    embeddings of them) are prefilled over three steps, beside the short prompt's decodes."""
+    embeddings of them) are prefilled over three steps, beside the short prompt's decodes
+    (on CUDA, the steps holding one request's chunk alone replay the prefill graphs)."""
     path = tiny_checkpoints("llama")
     hf_model = load_hf_model(path)
     short, long, _ = _prompts(hf_model, hf_model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, ignore_eos=True)
-    with LLM(str(path), tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=128,
+    with LLM(str(path), tensor_parallel_size=tp, enable_prompt_embeds=True, max_model_len=128,
              max_num_batched_tokens=16, kv_cache_memory_bytes=16 << 20) as llm:
         assert llm.config.max_num_batched_tokens == 16
         outputs = llm.generate([{"prompt_token_ids": short}, {"prompt_token_ids": long},
