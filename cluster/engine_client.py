@@ -236,8 +236,9 @@ class EngineClient:
         logger.error("a shard could not take request %s: %s", req_id, exc)
         if self.dead_reason is None:
             self._calls.put((self.leader.abort.remote, (req_id,)))
+        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
         self._deliver(RequestDelta(req_id, (), None, finish_reason="error",
-                                   error=f"the engine could not take request {req_id}: {type(exc).__name__}"))
+                                   error=f"the engine could not take request {req_id}: {type(cause).__name__}"))
 
     def _deliver(self, delta: RequestDelta) -> None:
         with self._lock:

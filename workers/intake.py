@@ -46,6 +46,7 @@ class Intake:
         self._pending: dict[str, RequestState] = {}
         self._dropped: set[str] = set()
         self._cond = threading.Condition()
+        self.awaited: str | None = None  # the request a step waits for (the plan outran it)
 
     def put(self, state: RequestState) -> None:
         with self._cond:
@@ -59,11 +60,15 @@ class Intake:
         """The request's state, waiting for it to arrive if the plan outran it."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while req_id not in self._pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"request {req_id} was scheduled but never reached this shard")
-                self._cond.wait(remaining)
+            try:
+                while req_id not in self._pending:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"request {req_id} was scheduled but never reached this shard")
+                    self.awaited = req_id
+                    self._cond.wait(remaining)
+            finally:
+                self.awaited = None
             return self._pending.pop(req_id)
 
     def drop(self, req_id: str) -> None:

@@ -101,7 +101,9 @@ class ShardWorker:
         engine client passes the ref as a top-level argument, and none inside `new`).
         If the leader cannot take the request, it is discarded on every shard (the
         followers' copies are dropped with the next plan) and the error raised to the
-        engine client, which fails the request."""
+        engine client, which fails the request. If a follower cannot, it takes a stand-in
+        (below) and raises; the engine client fails the request and aborts it at the
+        leader."""
         try:
             state = RequestState(
                 req_id=new.req_id,
@@ -116,10 +118,26 @@ class ShardWorker:
         except Exception:
             if self.leader is not None:
                 self.leader.discard(new.req_id)
+            else:
+                self.intake.put(self._stand_in(new))
             raise
         self.intake.put(state)
         if request is not None:
             self.leader.add_request(request)
+
+    def _stand_in(self, new: NewRequest) -> RequestState:
+        """A follower's copy of a request it could not take: the leader may schedule the
+        request before the engine client's abort reaches it, and every rank must then run
+        the same step (the same collectives, the same rows). Embeddings rows read as zeros
+        (one row expanded: nothing allocated per row); the rows' outputs are garbage, but
+        only that request's, and it is failed and aborted."""
+        embeds = None
+        if new.prompt_embeds is not None:
+            hidden = self.config.model_config.hidden_size
+            row = torch.zeros(1, hidden, dtype=self.config.torch_dtype, device=self.runner.device)
+            embeds = row.expand(new.prompt_len, hidden)
+        token_ids = list(new.prompt_token_ids) if new.prompt_token_ids else None
+        return RequestState(new.req_id, new.prompt_len, token_ids, embeds)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object

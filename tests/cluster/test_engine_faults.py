@@ -11,8 +11,10 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from cluster import LLM, SamplingParams
 from cluster.engine_args import EngineArgs
@@ -127,3 +129,43 @@ def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cl
         assert len(out.outputs[0].token_ids) == 3
         follower = llm.engine.shards[1]
         assert ray.get(follower.__ray_call__.remote(lambda shard: len(shard.intake))) == 0
+
+
+def _fail_embeddings_once_scheduled(shard) -> None:
+    """On a follower (run through __ray_call__): its next fetch of a request's embeddings
+    fails, but only once its step loop waits for that request, i.e. after the leader
+    scheduled it; the fetch after that works again."""
+
+    def failing(embeds, array):
+        del shard._fetch_embeds
+        assert wait_until(lambda: shard.intake.awaited is not None, DEADLINE_S), "the leader never scheduled it"
+        raise OSError("reading the embeddings failed (injected)")
+
+    shard._fetch_embeds = failing
+
+
+def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps_serving(ray_cluster):
+    """A follower that cannot read a request's embeddings after the leader has already
+    scheduled it (the step on every rank needs the request's rows): the follower runs
+    the steps on a stand-in until the abort, the request ends with an error, the engine
+    keeps serving, and no shard keeps anything of the request."""
+    with LLM(**ENGINE, enable_prompt_embeds=True) as llm:
+        follower = llm.engine.shards[1]
+        ray.get(follower.__ray_call__.remote(_fail_embeddings_once_scheduled))
+        hidden = llm.config.model_config.hidden_size
+        rows = np.random.default_rng(0).standard_normal((6, hidden), dtype=np.float32)
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        llm.engine.add_request("bad", Params(max_tokens=300, ignore_eos=True), deltas.put,
+                               prompt_embeds=rows, embeds_dtype="float32")
+        while (delta := deltas.get(timeout=DEADLINE_S)).finish_reason is None:
+            pass
+        assert (delta.req_id, delta.finish_reason) == ("bad", "error")
+        assert "could not take request bad: OSError" in delta.error
+        assert isinstance(request_error(llm.engine, delta.error), RequestFailedError)
+        outputs = llm.generate([{"prompt_embeds": torch.from_numpy(rows)}, "still serving"],
+                               SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 3]
+        # (Requests that finished in the last step are dropped with the next plan.)
+        held = ray.get(follower.__ray_call__.remote(lambda shard: (len(shard.intake), "bad" in shard.runner.requests)))
+        assert held == (0, False)
+        assert llm.engine.num_unfinished == 0
