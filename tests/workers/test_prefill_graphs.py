@@ -3,13 +3,15 @@ span of padding rows whose keys live in the scratch block. On CPU the padded ste
 eagerly with the kernels in Triton's interpreter (the graph replays the same inputs on
 CUDA) and must give the unpadded step's logits and leave every real cache block as the
 unpadded steps do: chunked prompts, a chunk that fills its bucket, embedding rows beside
-token ids, padding wider than a cache block, Mistral's sliding window, decodes after."""
+token ids, padding wider than a cache block, Mistral's sliding window, decodes after. At
+tensor_parallel_size 2 (two forked ranks over gloo) both ranks' padded logits equal
+TP 1's unpadded ones."""
 
 from __future__ import annotations
 
 from tests.workers.conftest import run_in_triton_interpreter
 
-SCRIPT = """
+COMMON = """
 import sys
 import torch
 from workers.config import EngineConfig, ModelConfig
@@ -24,10 +26,11 @@ paged_attention.is_available = lambda device, head_dim, block_size: True
 paged_prefill.is_available = lambda device, head_dim, block_size: True
 
 
-def run(path, padded):
+def run(path, padded, pg=None):
+    pg = pg or ProcessGroup()
     config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
-                          block_size=4, kv_cache_memory_bytes=1 << 20)
-    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
+                          block_size=4, kv_cache_memory_bytes=1 << 20, tensor_parallel_size=pg.world_size)
+    runner = ModelRunner(config, pg, torch.device("cpu"))
     assert runner.prefill_graphs is None  # CPU: nothing captured
     graphs = runner.new_prefill_graphs()
     assert graphs.buckets == [16, 32, 64]
@@ -57,8 +60,9 @@ def run(path, padded):
         logits.append(runner.execute(scheduled))
     caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
     return logits, caches, graphs._num_loads, runner.num_blocks
+"""
 
-
+TP1_SCRIPT = COMMON + """
 for path in sys.argv[1:]:
     plain, plain_caches, plain_loads, num_blocks = run(path, padded=False)
     padded, padded_caches, padded_loads, _ = run(path, padded=True)
@@ -72,10 +76,49 @@ for path in sys.argv[1:]:
 print("checked")
 """
 
+TP2_SCRIPT = COMMON + """
+import multiprocessing
+from workers.parallel import bind_store, init_process_group
+
+
+def rank_main(rank, path, ports, results):
+    torch.set_num_threads(1)
+    store = bind_store("127.0.0.1", 2, 60) if rank == 0 else None
+    if store is not None:
+        ports.put(store.port)
+    port = store.port if store is not None else ports.get(timeout=60)
+    pg = init_process_group(rank, 2, "127.0.0.1", port, "cpu", 60, store)
+    logits = run(path, padded=True, pg=pg)[0]
+    results.put((rank, [None if x is None else x.numpy().copy() for x in logits]))
+
+
+path = sys.argv[1]
+reference = run(path, padded=False)[0]
+ctx = multiprocessing.get_context("fork")  # the script has no file a spawned process could import
+ports, results = ctx.Queue(), ctx.Queue()
+procs = [ctx.Process(target=rank_main, args=(rank, path, ports, results)) for rank in range(2)]
+for p in procs:
+    p.start()
+by_rank = dict(results.get(timeout=300) for _ in procs)
+for p in procs:
+    p.join(timeout=60)
+for rank, logits in sorted(by_rank.items()):
+    assert [x is None for x in logits] == [x is None for x in reference], rank
+    for step, (got, want) in enumerate(zip(logits, reference)):
+        if want is not None:
+            torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4,
+                                       msg=f"rank {rank} step {step}")
+print("checked")
+"""
+
 
 def test_padded_prefill_step_equals_unpadded_in_triton_interpreter(tiny_checkpoints):
-    run_in_triton_interpreter(SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("mistral")),
+    run_in_triton_interpreter(TP1_SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("mistral")),
                               str(tiny_checkpoints("qwen3")))
+
+
+def test_padded_prefill_steps_at_tp2_equal_tp1_in_triton_interpreter(tiny_checkpoints):
+    run_in_triton_interpreter(TP2_SCRIPT, str(tiny_checkpoints("llama")))
 
 
 def test_buckets_follow_the_step_and_context_limits():
