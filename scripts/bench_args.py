@@ -1,9 +1,13 @@
-"""The model options the offline benchmarks share: a model folder, or a shape from
-configs/models (with --load-format dummy: random weights of the real shapes)."""
+"""What the offline benchmarks share: the model options (a model folder, or a shape from
+configs/models; with --load-format dummy, random weights of the real shapes), and how
+they start Ray."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+import ray
 
 from cluster.default_model import model_shape_path
 
@@ -19,3 +23,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def model_path(args: argparse.Namespace) -> str | None:
     """The folder the engine loads: the shape's config folder, --model, or None (default model)."""
     return str(model_shape_path(args.model_shape)) if args.model_shape else args.model
+
+
+def init_ray() -> None:
+    """Joins the cluster RAY_ADDRESS names, else starts a local Ray without the dashboard:
+    a benchmark has no use for it, and where its web assets are missing (a minimal Ray
+    install) Ray waits about a minute for it to come up before giving up."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, model_path
+from scripts.bench_args import add_model_args, init_ray, model_path
 from workers.config import ModelConfig
 from workers.kernels import pdl
 from workers.layers import num_local_kv_heads
@@ -146,6 +146,7 @@ def run_engine(args, model, tensor_parallel_size: int, kinds: list[str]):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    init_ray()
     model = model_path(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":

@@ -36,7 +36,7 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, model_path
+from scripts.bench_args import add_model_args, init_ray, model_path
 
 
 def parse_args() -> argparse.Namespace:
@@ -154,6 +154,7 @@ def time_hf(model, workload, batch: int, device: str) -> float:
 
 def main() -> None:
     args = parse_args()
+    init_ray()
     model = model_path(args)
     max_num_seqs = max(args.batch_sizes) if args.num_prompts else 256
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}

@@ -18,7 +18,7 @@ import time
 import ray
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, model_path
+from scripts.bench_args import add_model_args, init_ray, model_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,6 +111,7 @@ def _phase_times(shard) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    init_ray()
     llm = LLM(model_path(args), tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
               dtype=args.dtype, max_model_len=args.max_model_len)
     try:
