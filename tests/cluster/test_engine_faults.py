@@ -119,8 +119,10 @@ def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cl
         bad = Params(max_tokens=2)
         object.__setattr__(bad, "seed", 2**64)  # what validation would refuse
         deltas: queue.SimpleQueue = queue.SimpleQueue()
+        sent_at = time.monotonic()
         llm.engine.add_request("bad", bad, deltas.put, prompt_token_ids=(5, 6, 7))
         delta = deltas.get(timeout=DEADLINE_S)
+        print(f"leader could not take a request: it failed after {time.monotonic() - sent_at:.2f} s")
         assert (delta.req_id, delta.finish_reason) == ("bad", "error")
         assert "could not take request bad" in delta.error and llm.engine.num_unfinished == 0
         # What LLM.generate and the server raise for it: this request failed, the engine lives.
@@ -155,10 +157,12 @@ def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps
         hidden = llm.config.model_config.hidden_size
         rows = np.random.default_rng(0).standard_normal((6, hidden), dtype=np.float32)
         deltas: queue.SimpleQueue = queue.SimpleQueue()
+        sent_at = time.monotonic()
         llm.engine.add_request("bad", Params(max_tokens=300, ignore_eos=True), deltas.put,
                                prompt_embeds=rows, embeds_dtype="float32")
         while (delta := deltas.get(timeout=DEADLINE_S)).finish_reason is None:
             pass
+        print(f"follower could not take a scheduled request: it failed after {time.monotonic() - sent_at:.2f} s")
         assert (delta.req_id, delta.finish_reason) == ("bad", "error")
         assert "could not take request bad: OSError" in delta.error
         assert isinstance(request_error(llm.engine, delta.error), RequestFailedError)
