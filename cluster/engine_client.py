@@ -237,8 +237,7 @@ class EngineClient:
         if self.dead_reason is None:
             self._calls.put((self.leader.abort.remote, (req_id,)))
         cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
-        self._deliver(RequestDelta(req_id, (), None, finish_reason="error",
-                                   error=f"the engine could not take request {req_id}: {type(cause).__name__}"))
+        self._deliver(RequestDelta.not_taken(req_id, cause))  # a no-op if the leader's came first
 
     def _deliver(self, delta: RequestDelta) -> None:
         with self._lock:

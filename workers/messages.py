@@ -90,6 +90,12 @@ class RequestDelta:
     stop_reason: int | None = None  # the stop token id that ended it, if any
     error: str | None = None
 
+    @classmethod
+    def not_taken(cls, req_id: str, exc: BaseException) -> "RequestDelta":
+        """The final delta of a request a shard could not take (its add_request raised)."""
+        return cls(req_id, (), None, finish_reason="error",
+                   error=f"the engine could not take request {req_id}: {type(exc).__name__}")
+
 
 @dataclass(frozen=True)
 class EngineStats:

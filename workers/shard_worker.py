@@ -100,10 +100,10 @@ class ShardWorker:
         """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
         engine client passes the ref as a top-level argument, and none inside `new`).
         If the leader cannot take the request, it is discarded on every shard (the
-        followers' copies are dropped with the next plan) and the error raised to the
-        engine client, which fails the request. If a follower cannot, it takes a stand-in
-        (below) and raises; the engine client fails the request and aborts it at the
-        leader."""
+        followers' copies are dropped with the next plan), its error delta goes out with
+        the next output poll, and the error is raised to the engine client too. If a
+        follower cannot, it takes a stand-in (below) and raises; the engine client fails
+        the request and aborts it at the leader."""
         try:
             state = RequestState(
                 req_id=new.req_id,
@@ -115,9 +115,10 @@ class ShardWorker:
             if self.leader is not None:
                 request = Request.from_new_request(
                     new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device)
-        except Exception:
+        except Exception as exc:
             if self.leader is not None:
                 self.leader.discard(new.req_id)
+                self.leader.outbox.put([RequestDelta.not_taken(new.req_id, exc)])
             else:
                 self.intake.put(self._stand_in(new))
             raise

@@ -113,7 +113,7 @@ def test_hung_follower_is_caught_by_the_step_watchdog(ray_cluster):
 def test_a_request_a_shard_cannot_take_fails_and_the_engine_keeps_serving(ray_cluster):
     """A request whose add_request raises on the leader shard (here a seed past 64 bits,
     let through by skipping the validation that now refuses it at the edge) ends with an
-    error within a poll or two instead of waiting forever; other requests still run, and
+    error at once (the leader's own error delta, not a poll later) instead of waiting forever; other requests still run, and
     the follower, which took its copy, drops it with the next plan."""
     with LLM(**ENGINE) as llm:
         bad = Params(max_tokens=2)
