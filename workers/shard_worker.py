@@ -105,12 +105,7 @@ class ShardWorker:
         follower cannot, it takes a stand-in (below) and raises; the engine client fails
         the request and aborts it at the leader."""
         try:
-            state = RequestState(
-                req_id=new.req_id,
-                prompt_len=new.prompt_len,
-                prompt_token_ids=list(new.prompt_token_ids) if new.prompt_token_ids else None,
-                prompt_embeds=self._fetch_embeds(new.prompt_embeds, embeds_array),
-            )
+            state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
             request = None
             if self.leader is not None:
                 request = Request.from_new_request(
@@ -137,8 +132,13 @@ class ShardWorker:
             hidden = self.config.model_config.hidden_size
             row = torch.zeros(1, hidden, dtype=self.config.torch_dtype, device=self.runner.device)
             embeds = row.expand(new.prompt_len, hidden)
+        return self._mirror(new, embeds)
+
+    @staticmethod
+    def _mirror(new: NewRequest, prompt_embeds: torch.Tensor | None) -> RequestState:
+        """This shard's mirror of the request, with its embeddings rows (if any) on the device."""
         token_ids = list(new.prompt_token_ids) if new.prompt_token_ids else None
-        return RequestState(new.req_id, new.prompt_len, token_ids, embeds)
+        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object
