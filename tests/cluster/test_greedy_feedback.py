@@ -10,6 +10,7 @@ import ray
 import torch
 
 from cluster import LLM, SamplingParams
+from tests.cluster.peer_checks import skip_unless_gpus_hold
 
 MAX_TOKENS = 24
 
@@ -44,6 +45,7 @@ def _run(path, async_scheduling: bool):
 
 
 def test_followers_take_greedy_feedback_from_their_own_logits(ray_cluster, tiny_checkpoints):
+    skip_unless_gpus_hold(2)
     path = tiny_checkpoints("llama")
     sync, sync_steps = _run(path, async_scheduling=False)
     overlapped, steps = _run(path, async_scheduling=True)

@@ -10,6 +10,7 @@ import torch
 from cluster import LLM, SamplingParams
 from tests.comparisons import assert_same_samples
 from tests.checkpoints import make_tiny_checkpoint
+from tests.cluster.peer_checks import skip_unless_gpus_hold
 
 
 def _generate(path, tp: int, prompts):
@@ -20,6 +21,7 @@ def _generate(path, tp: int, prompts):
 
 
 def test_eight_shards_match_one_shard(ray_cluster, tmp_path):
+    skip_unless_gpus_hold(8)
     path = make_tiny_checkpoint("llama", tmp_path / "tp8", num_attention_heads=8, num_key_value_heads=2,
                                 head_dim=8)
     gen = torch.Generator().manual_seed(11)
