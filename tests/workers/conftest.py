@@ -46,9 +46,11 @@ def _to_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _entry(fn, rank: int, world_size: int, ports, results, args) -> None:
+def _entry(fn, rank: int, world_size: int, device: str, ports, results, args) -> None:
     try:
         torch.set_num_threads(1)
+        if device == "cuda":
+            torch.cuda.set_device(rank)
         store = None
         if rank == 0:
             store = bind_store("127.0.0.1", world_size, timeout_s=DISTRIBUTED_TIMEOUT_S)
@@ -57,7 +59,7 @@ def _entry(fn, rank: int, world_size: int, ports, results, args) -> None:
             port = store.port
         else:
             port = ports.get(timeout=DISTRIBUTED_TIMEOUT_S)
-        pg = init_process_group(rank, world_size, "127.0.0.1", port, "cpu", DISTRIBUTED_TIMEOUT_S, store)
+        pg = init_process_group(rank, world_size, "127.0.0.1", port, device, DISTRIBUTED_TIMEOUT_S, store)
         results.put((rank, None, _to_bytes(fn(pg, *args))))
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -83,11 +85,13 @@ def _collect(procs, results, by_rank: dict, errors: list) -> None:
             by_rank[rank] = torch.load(io.BytesIO(payload), weights_only=False)
 
 
-def run_distributed(fn, world_size: int, *args) -> list:
-    """fn(pg, *args) on `world_size` spawned processes; returns each rank's result."""
+def run_distributed(fn, world_size: int, *args, device: str = "cpu") -> list:
+    """fn(pg, *args) on `world_size` spawned processes, a gloo group on CPU or, with
+    device="cuda", NCCL with rank r on GPU r; returns each rank's result."""
     ctx = multiprocessing.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, ports, results, args)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, device, ports, results, args))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     by_rank, errors = {}, []

@@ -1,0 +1,70 @@
+"""The one-shot all-reduce over symmetric memory sums exactly as NCCL does, eagerly and
+replayed in a CUDA graph with new inputs (the decode graphs' use), on 2 GPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.workers.conftest import run_distributed
+
+# Element counts: two (4 bytes in bfloat16, the shortest the kernel takes), a decode row
+# of the 1B and 8B shapes, four 8B rows, and the largest message it takes in bfloat16.
+NUMELS = (2, 2048, 4096, 4 * 4096, 1 << 19)
+
+
+def _sums(pg, numels):
+    from workers.one_shot_all_reduce import MAX_BYTES, try_one_shot_all_reduce
+
+    device = torch.device("cuda", pg.rank)
+    all_reduce = try_one_shot_all_reduce(pg, device)
+    assert all_reduce is not None, "one-shot all-reduce unavailable on one host of 2 GPUs"
+    mismatches = []
+    odd = torch.ones(3, dtype=torch.bfloat16, device=device)
+    if all_reduce.fits(odd) or all_reduce.fits(torch.ones(16, dtype=torch.bfloat16, device=device)[1:9]):
+        mismatches.append("fits() took a tensor the kernel rejects (6 bytes, or 2 bytes into its storage)")
+    generator = torch.Generator(device=device).manual_seed(100 + pg.rank)
+    for dtype in (torch.bfloat16, torch.float32):
+        for numel in numels:
+            x = torch.randn(numel, dtype=dtype, device=device, generator=generator)
+            expected = x.clone()
+            dist.all_reduce(expected, group=pg._device_group)
+            if numel * x.element_size() > MAX_BYTES:  # the largest bfloat16 message, in float32
+                if all_reduce.fits(x):
+                    mismatches.append(("fits() took more than MAX_BYTES", str(dtype), numel))
+                continue
+            if not all_reduce.fits(x):
+                mismatches.append(("fits() refused", str(dtype), numel))
+                continue
+            got = all_reduce(x.clone())
+            if not torch.equal(got, expected):
+                mismatches.append(("eager", str(dtype), numel))
+    # In a graph: inputs written into a static tensor, the sum read from the graph's output.
+    static = torch.zeros(4096, dtype=torch.bfloat16, device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        all_reduce(static.clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work = static.clone()
+        out = all_reduce(work)
+    for step in range(3):
+        value = torch.randn(4096, dtype=torch.bfloat16, device=device, generator=generator)
+        static.copy_(value)
+        expected = value.clone()
+        dist.all_reduce(expected, group=pg._device_group)
+        graph.replay()
+        if not torch.equal(out, expected):
+            mismatches.append(("graph", step))
+    torch.cuda.synchronize()
+    return mismatches
+
+
+@pytest.mark.gpu
+def test_one_shot_all_reduce_equals_nccl_eagerly_and_in_a_graph():
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    assert run_distributed(_sums, 2, NUMELS, device="cuda") == [[], []]
