@@ -243,8 +243,10 @@ def serving_overhead(args, url: str, model: str, model_path: Path, prompts: dict
     from cluster import LLM
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.tensor_parallel_size), include_dashboard=False,
-                 log_to_driver=False)
+        # address="local": a Ray of its own even where `ray start` left a cluster on this
+        # machine (the server's, whose GPUs it holds), which ray.init() would join.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.tensor_parallel_size),
+                 include_dashboard=False, log_to_driver=False)
     with LLM(str(model_path), tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
              load_format=args.load_format, max_model_len=args.max_model_len, enable_prompt_embeds=True,
              kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes, device=args.device) as llm:
