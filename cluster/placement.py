@@ -4,11 +4,16 @@ driver or in a Serve replica."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 PLACEMENT_TIMEOUT_S = 120.0
+WAIT_LOG_INTERVAL_S = 15.0  # how often a placement still waiting says so
+logger = logging.getLogger(__name__)
 
 
 def shard_bundles(tensor_parallel_size: int, device: str) -> list[dict[str, float]]:
@@ -18,21 +23,61 @@ def shard_bundles(tensor_parallel_size: int, device: str) -> list[dict[str, floa
 
 
 def create_placement_group(
-    tensor_parallel_size: int, device: str, strategy: str
+    tensor_parallel_size: int, device: str, strategy: str, timeout_s: float = PLACEMENT_TIMEOUT_S
 ) -> PlacementGroup:
-    """Reserves the shards' bundles; ValueError naming what is missing if the cluster
-    cannot hold them within PLACEMENT_TIMEOUT_S."""
+    """Reserves the shards' bundles, or raises ValueError naming what is missing if the
+    cluster cannot hold them within timeout_s. Like vLLM, it waits rather than failing at
+    once when the cluster is too small (an autoscaler may add nodes), but says so at once,
+    and every WAIT_LOG_INTERVAL_S while it waits."""
     bundles = shard_bundles(tensor_parallel_size, device)
+    what = f"{tensor_parallel_size} shards as {bundles} with strategy {strategy}"
+    shortfall = placement_shortfall(bundles, strategy)
+    if shortfall:
+        logger.warning("placing %s: %s; waiting up to %g s in case the cluster grows", what, shortfall, timeout_s)
     group = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
-        ray.util.remove_placement_group(group)
-        raise ValueError(
-            f"the Ray cluster cannot place {tensor_parallel_size} shards as {bundles} with "
-            f"strategy {strategy} (available: {ray.available_resources()}); lower "
-            "tensor_parallel_size, add nodes, or choose PACK / SPREAD"
-        )
-    return group
+    started = time.monotonic()
+    while (left := timeout_s - (time.monotonic() - started)) > 0:
+        ready, _ = ray.wait([group.ready()], timeout=min(WAIT_LOG_INTERVAL_S, left))
+        if ready:
+            return group
+        if timeout_s - (time.monotonic() - started) > 0:
+            logger.warning("still waiting to place %s after %.0f s (available: %s); `ray status` shows "
+                           "what holds the rest", what, time.monotonic() - started, ray.available_resources())
+    ray.util.remove_placement_group(group)
+    why = shortfall or f"other engines or replicas hold what it needs (available: {ray.available_resources()})"
+    raise ValueError(
+        f"the Ray cluster cannot place {what} within {timeout_s:g} s: {why}; lower tensor_parallel_size, "
+        "add nodes, or choose PACK / SPREAD"
+    )
+
+
+def placement_shortfall(bundles: list[dict[str, float]], strategy: str) -> str | None:
+    """Why the cluster's live nodes, as they are, could never hold `bundles` under
+    `strategy` (all on one node for STRICT_PACK, one a node for STRICT_SPREAD, anywhere
+    for PACK and SPREAD), or None if they could. Counts each node's total resources, not
+    what is free now. The bundles are alike (shard_bundles)."""
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if strategy == "STRICT_PACK":
+        if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            return None
+        key = next(k for k, v in need.items() if not any(node.get(k, 0.0) >= v for node in nodes))
+        most = max((node.get(key, 0.0) for node in nodes), default=0.0)
+        return f"no node of this Ray cluster has {need[key]:g} {key} (the most on one node: {most:g})"
+    if strategy == "STRICT_SPREAD":  # a node each
+        fitting = sum(all(node.get(k, 0.0) >= v for k, v in bundles[0].items()) for node in nodes)
+        if fitting < len(bundles):
+            return (f"{fitting} node(s) of this Ray cluster can hold a shard's {bundles[0]}, and "
+                    f"STRICT_SPREAD needs {len(bundles)}")
+        return None
+    totals = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
+    for key, amount in need.items():
+        if totals[key] < amount:
+            return f"this Ray cluster has {totals[key]:g} {key} in all, and {amount:g} are needed"
+    return None
 
 
 def shard_actor_options(group: PlacementGroup, bundle_index: int, device: str) -> dict:
