@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import ray
 from ray.serve import Application
 
 from api.deployment import ShardServeServer
 from api.settings import ServerSettings
-from cluster.placement import replica_bundles
+from cluster.engine_args import resolve_device
+from cluster.placement import placement_shortfall, replica_bundles
 
 REPLICA_CPUS = 1.0
 # Ray Serve settings that cut per-request latency (measured on the 2-core dev machine at
@@ -36,9 +36,7 @@ def build_app(args: dict | None = None) -> Application:
     """One ingress deployment; each replica reserves its shards' bundles (with its own
     CPU merged into bundle 0) in a placement group of its own."""
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_dict(dict(args or {}))
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    device = resolve_device(settings.device)
     settings = dataclasses.replace(settings, device=device)
     return ShardServeServer.options(
         num_replicas=settings.num_replicas,
@@ -48,3 +46,16 @@ def build_app(args: dict | None = None) -> Application:
         placement_group_bundles=replica_bundles(settings.tensor_parallel_size, device, REPLICA_CPUS),
         placement_group_strategy=settings.placement_strategy,
     ).bind(settings)
+
+
+def replicas_shortfall(settings: ServerSettings) -> str | None:
+    """Why the Ray cluster this process joined, as its nodes are, could never hold the
+    app's replicas (each its shards' bundles under the placement strategy, and all of
+    them together), or None. Serve would otherwise wait for them without end."""
+    bundles = replica_bundles(settings.tensor_parallel_size, resolve_device(settings.device), REPLICA_CPUS)
+    shortfall = placement_shortfall(bundles, settings.placement_strategy)
+    if shortfall is None and settings.num_replicas > 1:
+        shortfall = placement_shortfall(bundles * settings.num_replicas, "PACK")
+        if shortfall:
+            shortfall = f"{settings.num_replicas} replicas: {shortfall}"
+    return shortfall

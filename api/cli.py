@@ -88,7 +88,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from api.app import PROXY_ENV_VARS, build_app
+    from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall
 
     settings = settings_from_args(args)
     if args.address:
@@ -99,6 +99,14 @@ def serve_command(args: argparse.Namespace) -> int:
             os.environ.setdefault(name, value)
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
     _check_engine_settings(settings)
+    shortfall = replicas_shortfall(settings)
+    if shortfall and not args.address:  # a Ray started here cannot grow
+        raise ValueError(f"cannot place tensor_parallel_size={settings.tensor_parallel_size} x "
+                         f"num_replicas={settings.num_replicas} on this machine: {shortfall}; lower them, "
+                         "or join a larger cluster with --address")
+    if shortfall:
+        print(f"shardserve: warning: {shortfall}; Serve waits for the cluster to grow (an autoscaler) and "
+              "logs while it waits", file=sys.stderr, flush=True)
     # Before anything is served (and after ray.init, whose handler would only log): a
     # signal during start-up still ends in the drain below.
     stop = threading.Event()

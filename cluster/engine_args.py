@@ -87,9 +87,15 @@ class EngineArgs:
         return "float32" if name in ("float", "float32") else str(parse_dtype(name)).removeprefix("torch.")
 
     def _resolve_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        return resolve_device(self.device)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when the Ray cluster this process joined has a GPU, else "cpu";
+    any other value as it is."""
+    if device != "auto":
+        return device
+    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
 
 
 def default_step_tokens(device: str, max_model_len: int) -> int:

@@ -55,7 +55,8 @@ def placement_shortfall(bundles: list[dict[str, float]], strategy: str) -> str |
     """Why the cluster's live nodes, as they are, could never hold `bundles` under
     `strategy` (all on one node for STRICT_PACK, one a node for STRICT_SPREAD, anywhere
     for PACK and SPREAD), or None if they could. Counts each node's total resources, not
-    what is free now. The bundles are alike (shard_bundles)."""
+    what is free now. For STRICT_SPREAD the bundles must nest (each at least the next in
+    every resource, as shard_bundles and replica_bundles are)."""
     need: dict[str, float] = {}
     for bundle in bundles:
         for key, amount in bundle.items():
@@ -67,11 +68,12 @@ def placement_shortfall(bundles: list[dict[str, float]], strategy: str) -> str |
         key = next(k for k, v in need.items() if not any(node.get(k, 0.0) >= v for node in nodes))
         most = max((node.get(key, 0.0) for node in nodes), default=0.0)
         return f"no node of this Ray cluster has {need[key]:g} {key} (the most on one node: {most:g})"
-    if strategy == "STRICT_SPREAD":  # a node each
-        fitting = sum(all(node.get(k, 0.0) >= v for k, v in bundles[0].items()) for node in nodes)
-        if fitting < len(bundles):
-            return (f"{fitting} node(s) of this Ray cluster can hold a shard's {bundles[0]}, and "
-                    f"STRICT_SPREAD needs {len(bundles)}")
+    if strategy == "STRICT_SPREAD":  # a node each; the i-th largest bundle needs i + 1 nodes that hold it
+        for i, bundle in enumerate(sorted(bundles, key=lambda b: sum(b.values()), reverse=True)):
+            holders = sum(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in nodes)
+            if holders < i + 1:
+                return (f"{holders} node(s) of this Ray cluster can hold a bundle of {bundle}, and "
+                        f"STRICT_SPREAD puts {len(bundles)} bundles on a node each")
         return None
     totals = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
     for key, amount in need.items():

@@ -22,7 +22,8 @@ def test_shortfall_names_what_no_node_or_cluster_has(ray_cluster):
     assert placement_shortfall(shard_bundles(too_many, "cpu"), "PACK") == (
         f"this Ray cluster has {cpus:g} CPU in all, and {too_many} are needed")
     assert placement_shortfall(shard_bundles(2, "cpu"), "STRICT_SPREAD") == (
-        "1 node(s) of this Ray cluster can hold a shard's {'CPU': 1.0}, and STRICT_SPREAD needs 2")
+        "1 node(s) of this Ray cluster can hold a bundle of {'CPU': 1.0}, and STRICT_SPREAD puts 2 bundles on "
+        "a node each")
     if not ray.cluster_resources().get("GPU"):
         assert placement_shortfall(shard_bundles(1, "cuda"), "STRICT_PACK") == (
             "no node of this Ray cluster has 1 GPU (the most on one node: 0)")
