@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 INIT_TIMEOUT_S = 600.0  # loading a large checkpoint; a hung rendezvous fails, not wedges
 POLL_TIMEOUT_S = 1.0
+# A request's first tokens wait for every shard's add_request to have returned (a shard
+# that could not take it raised; its tokens came from a stand-in). A shard's add has
+# taken the request before any step with it runs, so this waits only for the reply.
+ADD_REPLY_TIMEOUT_S = 5.0
 # The watchdog: a step running longer than this marks the engine dead (a hung shard or a
 # collective waiting on a dead peer). Generous: a long prefill on CPU takes seconds.
 DEFAULT_STEP_TIMEOUT_S = 60.0
@@ -86,7 +90,7 @@ class EngineClient:
         # (req_id, the shards' add_request refs), sent and not yet seen to succeed: the
         # output thread fails a request whose add raised on a shard, not leave it waiting.
         self._sent_adds: collections.deque = collections.deque()
-        self._unchecked_adds: list[tuple[str, list]] = []
+        self._unchecked_adds: dict[str, list] = {}
         self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
         self._caller.start()
 
@@ -196,6 +200,8 @@ class EngineClient:
                     self._mark_dead(f"engine shard failed: {type(exc).__name__}: {exc}")
                 return
             for delta in deltas:
+                if delta.new_token_ids:
+                    self._check_adds(delta.req_id)
                 self._deliver(delta)
             self._check_adds()
             # A follower that died leaves the leader waiting in a collective: its run()
@@ -211,26 +217,35 @@ class EngineClient:
         ref = self.leader.get_outputs.remote(POLL_TIMEOUT_S, self.step_timeout_s)
         return ray.get(ref, timeout=POLL_TIMEOUT_S + self.step_timeout_s)
 
-    def _check_adds(self) -> None:
+    def _check_adds(self, before_tokens_of: str | None = None) -> None:
         """On the output thread: fails each request whose add_request raised on a shard
         (it would otherwise wait forever), aborting it at the leader in case that one
-        took it. Adds not finished yet are checked again after the next poll."""
+        took it. Adds not finished yet are checked again after the next poll; those of
+        `before_tokens_of`, a request whose tokens are about to be delivered, are waited
+        for first, so no token a stand-in produced reaches its sink."""
         while self._sent_adds:
-            self._unchecked_adds.append(self._sent_adds.popleft())
-        if not self._unchecked_adds:
+            req_id, refs = self._sent_adds.popleft()
+            self._unchecked_adds[req_id] = refs
+        if before_tokens_of is not None:
+            refs = self._unchecked_adds.get(before_tokens_of)
+            if refs is None:
+                return
+            ray.wait(refs, num_returns=len(refs), timeout=ADD_REPLY_TIMEOUT_S)
+            pending = {before_tokens_of: refs}
+        else:
+            pending = self._unchecked_adds
+        if not pending:
             return
-        refs = [ref for _, refs in self._unchecked_adds for ref in refs]
-        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        unfinished = []
-        for req_id, refs in self._unchecked_adds:
+        all_refs = [ref for refs in pending.values() for ref in refs]
+        done = set(ray.wait(all_refs, num_returns=len(all_refs), timeout=0)[0])
+        for req_id, refs in list(pending.items()):
             if not all(ref in done for ref in refs):
-                unfinished.append((req_id, refs))
                 continue
+            del self._unchecked_adds[req_id]
             try:
                 ray.get(refs)
             except Exception as exc:  # noqa: BLE001 - any failure of the call fails its request
                 self._fail_request(req_id, exc)
-        self._unchecked_adds = unfinished
 
     def _fail_request(self, req_id: str, exc: Exception) -> None:
         logger.error("a shard could not take request %s: %s", req_id, exc)

@@ -149,8 +149,9 @@ def _fail_embeddings_once_scheduled(shard) -> None:
 def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps_serving(ray_cluster):
     """A follower that cannot read a request's embeddings after the leader has already
     scheduled it (the step on every rank needs the request's rows): the follower runs
-    the steps on a stand-in until the abort, the request ends with an error, the engine
-    keeps serving, and no shard keeps anything of the request."""
+    the steps on a stand-in until the abort, the request ends with an error and none of
+    the stand-in's tokens, the engine keeps serving, and no shard keeps anything of the
+    request."""
     with LLM(**ENGINE, enable_prompt_embeds=True) as llm:
         follower = llm.engine.shards[1]
         ray.get(follower.__ray_call__.remote(_fail_embeddings_once_scheduled))
@@ -160,10 +161,13 @@ def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps
         sent_at = time.monotonic()
         llm.engine.add_request("bad", Params(max_tokens=300, ignore_eos=True), deltas.put,
                                prompt_embeds=rows, embeds_dtype="float32")
+        received = []
         while (delta := deltas.get(timeout=DEADLINE_S)).finish_reason is None:
-            pass
+            received.append(delta)
         print(f"follower could not take a scheduled request: it failed after {time.monotonic() - sent_at:.2f} s")
         assert (delta.req_id, delta.finish_reason) == ("bad", "error")
+        # The steps ran on the follower's stand-in: none of their tokens reached the sink.
+        assert not received and not delta.new_token_ids, received[:3]
         assert "could not take request bad: OSError" in delta.error
         assert isinstance(request_error(llm.engine, delta.error), RequestFailedError)
         outputs = llm.generate([{"prompt_embeds": torch.from_numpy(rows)}, "still serving"],
