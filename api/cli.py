@@ -109,17 +109,38 @@ def serve_command(args: argparse.Namespace) -> int:
               "logs while it waits", file=sys.stderr, flush=True)
     # Before anything is served (and after ray.init, whose handler would only log): a
     # signal during start-up still ends in the drain below.
-    stop = threading.Event()
+    stop = StopRequest()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(settings), name="shardserve", route_prefix="/", blocking=False)
     print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
           f"(tensor_parallel_size={settings.tensor_parallel_size}, "
           f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}); Ctrl-C to stop", flush=True)
-    stop.wait()
+    stop.event.wait()
     _shutdown(settings)
     return 0
+
+
+class StopRequest:
+    """The SIGINT / SIGTERM handler of `shardserve serve`: sets `event` once.
+
+    Python runs signal handlers in the main thread between any two bytecodes, so a signal
+    that lands while an earlier handler is inside Event.set (a second Ctrl-C, a wrapper
+    such as `timeout` forwarding the same signal, a supervisor's SIGTERM after SIGINT)
+    runs nested in it. Calling set() again there would wait forever for the lock the outer
+    call holds, and the server would never shut down. Only the first signal reaches the
+    Event; later ones return at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._requested = False
+
+    def __call__(self, signum=None, frame=None) -> None:
+        if self._requested:
+            return
+        self._requested = True  # before set(): a handler nested from here on returns above
+        self.event.set()
 
 
 def _check_engine_settings(settings: ServerSettings) -> None:

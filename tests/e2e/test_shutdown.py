@@ -1,6 +1,6 @@
 """`shardserve serve` as users run it (a subprocess with its own local Ray, tensor_parallel_size
-2): SIGTERM lets an in-flight streamed request finish, then the CLI exits 0 and every
-process it started (Ray's, the replica's, the shards') is gone."""
+2): SIGTERM lets an in-flight streamed request finish, however many signals follow it, then
+the CLI exits 0 and every process it started (Ray's, the replica's, the shards') is gone."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -35,8 +36,10 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(tmp_path):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     events.append(line.removeprefix("data: "))
-                    if len(events) == 1:
-                        server.send_signal(signal.SIGTERM)  # mid-stream
+                    if len(events) == 1:  # mid-stream: SIGTERM, then more as supervisors and wrappers send
+                        for sig in [signal.SIGTERM] + [signal.SIGINT, signal.SIGTERM] * 10:
+                            server.send_signal(sig)
+                            time.sleep(0.001)  # spaced, so some land while an earlier one is handled
         assert server.wait(STOP_TIMEOUT_S) == 0
     finally:
         if server.poll() is None:
