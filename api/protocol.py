@@ -20,7 +20,7 @@ MAX_PROMPTS = 1024  # prompts per request (embeds + text), as vLLM's default cap
 # client sends a field only when the caller passes it, so these are accepted and dropped.
 _UNSUPPORTED_NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
 _SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "seed", "min_tokens", "stop", "stop_token_ids",
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "include_stop_str_in_output", "skip_special_tokens",
 )
@@ -63,6 +63,7 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
+    min_p: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None

@@ -73,7 +73,7 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """Order: raw logprobs, min_tokens mask, penalties, then greedy or temperature,
-    top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
+    min-p, top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
     do not depend on the batch; the others share this sampler's generator."""
 
     def __init__(self, seed: int | None = None) -> None:
@@ -114,6 +114,8 @@ class Sampler:
         rows_t = to_device(rows, device, torch.long)
         temperature = to_device([p.temperature for p in params], device, torch.float32)
         scaled = logits[rows_t] / temperature[:, None]
+        if any(p.min_p > 0.0 for p in params):
+            scaled = apply_min_p(scaled, to_device([p.min_p for p in params], device, torch.float32))
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled = apply_top_k_top_p(
                 scaled,
@@ -190,6 +192,15 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     selected = torch.where(seen, repeated, selected)
     selected -= frequency * output_counts + presence * (output_counts > 0).float()
     logits[rows_t] = selected
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[M, V] temperature-scaled logits, [M] min_p (0: off) -> logits with -inf where a
+    token's probability is below min_p times its row's top probability (vLLM's and Hugging
+    Face's min-p; the top token always stays)."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(

@@ -43,13 +43,14 @@ def test_every_field_parses_and_maps_to_sampling_params():
     request = parse(
         model="m", prompt="hi", max_tokens=7, temperature=0.5, top_p=0.9, n=2, stream=True,
         stream_options={"include_usage": True}, logprobs=3, stop=["\n", "END"], seed=11,
-        echo=True, presence_penalty=0.1, frequency_penalty=-0.2, user="u", top_k=40,
+        echo=True, presence_penalty=0.1, frequency_penalty=-0.2, user="u", top_k=40, min_p=0.05,
         min_tokens=2, ignore_eos=True, stop_token_ids=[5, 6], repetition_penalty=1.1,
         include_stop_str_in_output=True, skip_special_tokens=False)
     assert request.is_include_usage and request.user == "u" and request.echo
     params = request.to_sampling_params()
     assert (params.max_tokens, params.temperature, params.top_p, params.n) == (7, 0.5, 0.9, 2)
     assert (params.logprobs, params.stop, params.seed, params.top_k) == (3, ("\n", "END"), 11, 40)
+    assert params.min_p == 0.05
     assert (params.presence_penalty, params.frequency_penalty) == (0.1, -0.2)
     assert (params.min_tokens, params.ignore_eos, params.stop_token_ids) == (2, True, (5, 6))
     assert params.repetition_penalty == 1.1 and params.include_stop_str_in_output
@@ -72,7 +73,7 @@ def test_nulls_mean_defaults_and_null_max_tokens_means_fill_the_context():
 
 @pytest.mark.parametrize("name, value", [
     ("suffix", "tail"), ("best_of", 2), ("best_of", True), ("logit_bias", {"50256": -100}),
-    ("min_p", 0.1), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
+    ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
 ])
 def test_unsupported_and_unknown_fields_are_rejected_by_name(name, value):
     error = rejected(model="m", prompt="hi", **{name: value})
@@ -156,7 +157,7 @@ def test_empty_token_list_and_too_many_prompts_are_rejected():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("n", 0),
+    ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5), ("n", 0),
     ("max_tokens", 0), ("min_tokens", -1), ("logprobs", 21), ("logprobs", -1),
     ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0),
     ("stop", [""]),

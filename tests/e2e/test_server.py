@@ -228,6 +228,20 @@ def test_seed_reproducibility(client):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_min_p_of_one_samples_the_greedy_text(client):
+    """vLLM's min_p over HTTP: at 1.0 only the most likely token survives, so sampling at
+    temperature 1 (three seeds) gives the greedy text, where without it the seeds differ."""
+    greedy = complete(client, prompt=TEXTS[0], max_tokens=10).choices[0].text
+    sampled = {"temperature": 1.0, "max_tokens": 10}
+    with_min_p = [complete(client, prompt=TEXTS[0], seed=seed, extra_body={"min_p": 1.0}, **sampled).choices[0].text
+                  for seed in (1, 2, 3)]
+    assert with_min_p == [greedy] * 3
+    without = {complete(client, prompt=TEXTS[0], seed=seed, **sampled).choices[0].text for seed in (1, 2, 3)}
+    assert without != {greedy}
+    with pytest.raises(openai.BadRequestError, match="min_p must be in"):
+        complete(client, prompt=TEXTS[0], extra_body={"min_p": 1.5})
+
+
 def _stop_string(text: str) -> str:
     """A 2-character piece of `text` whose first occurrence is past its start."""
     for start in range(len(text) // 2, 0, -1):

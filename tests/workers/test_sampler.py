@@ -1,4 +1,4 @@
-"""Sampler: greedy, top-k/top-p, seeded reproducibility, temperature statistics, raw
+"""Sampler: greedy, top-k/top-p/min-p, seeded reproducibility, temperature statistics, raw
 logprobs, min_tokens masking and each penalty formula on hand-made logits."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workers.request import Request
-from workers.sampler import Sampler, apply_penalties
+from workers.sampler import Sampler, apply_min_p, apply_penalties
 from workers.sampling_params import SamplingParams
 
 EOS = 0
@@ -91,9 +91,15 @@ def tempered(probs, temperature):
         ({"temperature": 1.0, "top_k": 2}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),
         ({"temperature": 1.0, "top_p": 0.7}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),
         ({"temperature": 1.0, "top_p": 0.85}, [0.5, 0.3, 0.2]),
+        ({"temperature": 1.0, "min_p": 0.5}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),  # keeps p >= 0.25
+        ({"temperature": 1.0, "min_p": 0.7}, [1.0, 0.0, 0.0]),  # keeps p >= 0.35
+        # min-p after temperature: at T=2 the probabilities are ~(0.42, 0.32, 0.26), so
+        # min_p 0.7 (p >= 0.29) keeps the first two.
+        ({"temperature": 2.0, "min_p": 0.7}, [t / sum(tempered((0.5, 0.3, 0.2), 2.0)[:2])
+                                              for t in tempered((0.5, 0.3, 0.2), 2.0)[:2]] + [0.0]),
     ],
 )
-def test_sampled_distribution_matches_temperature_top_k_top_p(params, expected):
+def test_sampled_distribution_matches_temperature_top_k_top_p_min_p(params, expected):
     logits_row = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]]) + 1.7
     observed = empirical_distribution(logits_row, **params)
     assert observed.tolist() == pytest.approx(expected, abs=0.015)
@@ -181,3 +187,26 @@ def test_sample_seeds_stay_64_bit():
     assert SamplingParams(seed=5, n=2).for_sample(1).seed == 6
     with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
         SamplingParams(seed=2**64)
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 1.0])
+def test_min_p_keeps_what_hugging_faces_min_p_warper_keeps(min_p):
+    """The peer check: the same tokens survive as with transformers' MinPLogitsWarper on
+    the same (temperature-scaled) logits, the top token always among them."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = random_logits(8, 300, seed=3)
+    logits[2, :3] = logits[2].max() + 1.0  # a tie at the top
+    ours = apply_min_p(logits, torch.full((8,), min_p)) > float("-inf")
+    if min_p == 0.0:  # the warper refuses 0; 0 means off
+        assert ours.all()
+        return
+    theirs = MinPLogitsWarper(min_p=min_p)(None, logits.clone()) > float("-inf")
+    assert torch.equal(ours, theirs)
+    assert ours[torch.arange(8), logits.argmax(dim=-1)].all()
+
+
+def test_min_p_out_of_range_is_refused():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_p must be in"):
+            SamplingParams(min_p=bad)
