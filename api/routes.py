@@ -11,11 +11,12 @@ import time
 import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
 from api.serving import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError, OpenAIServing
+from api.tokenization import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from cluster.engine_client import EngineDeadError, RequestFailedError
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,23 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival_time = time.monotonic()
-        completion = await _parse_completion(request, max_body_bytes)
+        completion = await _parse_body(request, CompletionRequest, max_body_bytes)
         result = await serving.create_completion(completion, arrival_time)
         if completion.stream:
             return ClosingStreamingResponse(result, media_type="text/event-stream")
         return JSONResponse(result.model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        body = await _parse_body(request, TokenizeRequest, max_body_bytes)
+        serving.check_model(body.model)
+        return JSONResponse(tokenize(serving.engine, body).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        body = await _parse_body(request, DetokenizeRequest, max_body_bytes)
+        serving.check_model(body.model)
+        return JSONResponse(detokenize(serving.engine, body).model_dump())
 
     @app.get("/v1/models")
     async def models():
@@ -126,8 +139,9 @@ def _route_path(scope) -> str:
     return path[len(root):] if root and path.startswith(root + "/") else path
 
 
-async def _parse_completion(request: Request, max_body_bytes: int) -> CompletionRequest:
-    """The body as a CompletionRequest; 413 past the size limit, 400 for bad JSON or fields."""
+async def _parse_body(request: Request, model: type[BaseModel], max_body_bytes: int):
+    """The body as a `model` (CompletionRequest, TokenizeRequest, ...); 413 past the size
+    limit, 400 for bad JSON or fields."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
         raise APIError(413, f"request body is larger than the {max_body_bytes}-byte limit")
@@ -148,7 +162,7 @@ async def _parse_completion(request: Request, max_body_bytes: int) -> Completion
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        return CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         body = validation_error_body(exc.errors())["error"]
         raise APIError(400, body["message"], param=body["param"]) from None

@@ -137,14 +137,17 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=self.served_model_name, root=self.served_model_name,
                                          max_model_len=self.engine.max_model_len)])
 
+    def check_model(self, name: str | None) -> None:
+        """404 for a model name other than the served one (None: the served one)."""
+        if name is not None and name != self.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", type="NotFoundError", param="model")
+
     async def create_completion(self, request: CompletionRequest, arrival_time: float | None = None):
         """A CompletionResponse, or a CompletionStream of SSE lines when streaming.
         arrival_time (time.monotonic(), before the body was read; default now) starts the
         request's intake, which ends when its last choice runs in the engine."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        if request.model is not None and request.model != self.served_model_name:
-            raise APIError(404, f"The model `{request.model}` does not exist.",
-                           type="NotFoundError", param="model")
+        self.check_model(request.model)
         try:
             params = request.to_sampling_params()
             inputs = split_prompts(request)

@@ -44,6 +44,10 @@ class AsyncEngine:
         return self.config.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.config.model_config.vocab_size
+
+    @property
     def hidden_size(self) -> int:
         return self.config.model_config.hidden_size
 

@@ -52,6 +52,10 @@ class FakeEngine:
         self.generated: dict[str, int] = {}
         self.num_embeds_puts = 0
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def parse_prompt(self, prompt):
         return parse_prompt(prompt, tokenizer=self.tokenizer, vocab_size=len(self.tokenizer),
                             hidden_size=H, dtype=self.dtype, enable_prompt_embeds=True)
@@ -558,3 +562,29 @@ def test_client_disconnect_mid_stream_cancels_every_engine_generator(tokenizer, 
     metrics = TestClient(app).get("/metrics").text.splitlines()
     assert 'shardserve_requests_total{status="abort"} 2.0' in metrics
     assert not any(line.startswith('shardserve_requests_total{status="error"}') for line in metrics)
+
+
+def test_tokenize_gives_the_ids_a_completion_would_use_and_detokenize_inverts_it(client, engine, tokenizer):
+    text = "The quick brown fox"
+    response = client.post("/tokenize", json={"model": MODEL, "prompt": text})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["tokens"] == list(engine.parse_prompt(text).prompt_token_ids)  # what /v1/completions uses
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.max_model_len
+    plain = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert plain == tokenizer.encode(text, add_special_tokens=False)
+    back = client.post("/detokenize", json={"model": MODEL, "tokens": plain})
+    assert back.status_code == 200 and back.json() == {"prompt": tokenizer.decode(plain)}
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "truncate": 3}, 400, "truncate"),
+    ("/detokenize", {"tokens": [1, 1 << 40]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": ["1"]}, 400, "tokens.0"),
+    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+])
+def test_tokenize_and_detokenize_errors_name_their_field(client, path, body, status, param):
+    assert error_of(client.post(path, json=body), status)["param"] == param

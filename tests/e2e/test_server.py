@@ -228,6 +228,20 @@ def test_seed_reproducibility(client):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_tokenize_ids_embedded_by_the_client_complete_like_the_text(client, server_url, embed_table):
+    """vLLM's /tokenize and /detokenize: the ids the server uses for a text; looked up in
+    the model's input embeddings by the client and sent as prompt_embeds, they give the
+    text's own greedy completion."""
+    tokenized = httpx.post(f"{server_url}/tokenize", json={"model": DEFAULT_MODEL_NAME, "prompt": TEXTS[1]},
+                           timeout=30).json()
+    ids = tokenized["tokens"]
+    assert tokenized["count"] == len(ids) and tokenized["max_model_len"] == MAX_MODEL_LEN
+    from_text = complete(client, prompt=TEXTS[1]).choices[0].text
+    assert complete(client, [embed_table[ids]]).choices[0].text == from_text
+    detokenized = httpx.post(f"{server_url}/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    assert TEXTS[1] in detokenized  # the text, after any special tokens the tokenizer adds
+
+
 def test_min_p_of_one_samples_the_greedy_text(client):
     """vLLM's min_p over HTTP: at 1.0 only the most likely token survives, so sampling at
     temperature 1 (three seeds) gives the greedy text, where without it the seeds differ."""
