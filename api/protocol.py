@@ -18,11 +18,11 @@ MAX_PROMPTS = 1024  # prompts per request (embeds + text), as vLLM's default cap
 
 # OpenAI fields we do not implement, with the values that mean "not used": the official
 # client sends a field only when the caller passes it, so these are accepted and dropped.
-_UNSUPPORTED_NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
+_UNSUPPORTED_NEUTRAL = {"best_of": (None, 1), "suffix": (None, "")}
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "include_stop_str_in_output", "skip_special_tokens",
+    "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
 )
 
 
@@ -64,6 +64,7 @@ class CompletionRequest(BaseModel):
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key) -> bias
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None

@@ -150,9 +150,12 @@ class OpenAIServing:
         self.check_model(request.model)
         try:
             params = request.to_sampling_params()
+            params.check_vocab(self.engine.vocab_size)
             inputs = split_prompts(request)
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        except ValueError as exc:  # check_vocab
+            raise APIError(400, str(exc), param="logit_bias") from None
         if request.echo and params.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         reservation = self.admission.reserve(len(inputs) * params.n)

@@ -47,6 +47,8 @@ class LLM:
         raises RequestFailedError (the engine lives) or EngineDeadError (it died)."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = self._per_prompt_params(sampling_params, len(prompts))
+        for sp in params:
+            sp.check_vocab(self.config.model_config.vocab_size)
         parsed = [self._parse(p) for p in prompts]
         params = [
             dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, self.config.max_model_len))

@@ -72,8 +72,8 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Order: raw logprobs, min_tokens mask, penalties, then greedy or temperature,
-    min-p, top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
+    """Order: raw logprobs, logit bias, min_tokens mask, penalties, then greedy or
+    temperature, min-p, top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
     do not depend on the batch; the others share this sampler's generator."""
 
     def __init__(self, seed: int | None = None) -> None:
@@ -90,14 +90,16 @@ class Sampler:
                 f"logits must be [num_requests={len(requests)}, vocab_size], "
                 f"got {tuple(logits.shape)}"
             )
-        by_argmax = all(r.sampling_params.is_greedy and not r.reads_output_tokens for r in requests)
+        by_argmax = all(r.sampling_params.is_greedy and not r.reads_output_tokens
+                        and not r.sampling_params.logit_bias for r in requests)
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         if by_argmax and not wants_logprobs:  # the argmax of the raw logits, nothing else
             return SampledTokens(argmax(logits), None, requests, by_argmax=True)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        if any(r.reads_output_tokens for r in requests):
+        if any(r.reads_output_tokens or r.sampling_params.logit_bias for r in requests):
             logits = logits.clone()  # the caller's tensor stays raw
+            apply_logit_bias(logits, requests)
             apply_min_tokens(logits, requests)
             apply_penalties(logits, requests)
         return SampledTokens(self._sample(logits, requests), raw_logprobs, requests, by_argmax=by_argmax)
@@ -151,6 +153,19 @@ class Sampler:
                 generator.manual_seed(self.seed)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place: each request's logit_bias added to its row (ids outside the vocab are
+    refused before the request is sent; any left are skipped)."""
+    vocab_size = logits.shape[1]
+    for i, request in enumerate(requests):
+        bias = request.sampling_params.logit_bias
+        if not bias:
+            continue
+        ids = [t for t in bias if t < vocab_size]
+        logits[i, to_device(ids, logits.device, torch.long)] += to_device(
+            [bias[t] for t in ids], logits.device, torch.float32)
 
 
 def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:

@@ -27,6 +27,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # {token id: bias}, added to the logits before anything else (OpenAI's field; greedy too)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -35,6 +37,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias) or None)
         self._validate()
 
     def _validate(self) -> None:
@@ -80,6 +84,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError if a token id this request names is outside the model's vocabulary."""
+        outside = sorted(t for t in (self.logit_bias or {}) if t >= vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab_size}): {outside[:5]}")
+
     @property
     def has_penalties(self) -> bool:
         return (
@@ -87,3 +97,21 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """{token id: bias} with int ids >= 0 and finite biases in [-100, 100], as OpenAI takes
+    them (its JSON keys are strings of ids); ValueError naming the bad entry otherwise."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {type(bias).__name__}")
+    checked = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token_id < 0 or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {key!r}: {value!r}")
+        checked[token_id] = float(value)
+    return checked

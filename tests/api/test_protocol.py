@@ -72,7 +72,7 @@ def test_nulls_mean_defaults_and_null_max_tokens_means_fill_the_context():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("suffix", "tail"), ("best_of", 2), ("best_of", True), ("logit_bias", {"50256": -100}),
+    ("suffix", "tail"), ("best_of", 2), ("best_of", True),
     ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
 ])
 def test_unsupported_and_unknown_fields_are_rejected_by_name(name, value):
@@ -87,6 +87,19 @@ def test_unsupported_and_unknown_fields_are_rejected_by_name(name, value):
 ])
 def test_neutral_values_of_unsupported_openai_fields_are_accepted(extra):
     assert parse(model="m", prompt="hi", **extra).prompt == "hi"
+
+
+def test_logit_bias_maps_json_keys_to_token_ids():
+    params = parse(prompt="hi", logit_bias={"50": -100, "7": 2.5}).to_sampling_params()
+    assert params.logit_bias == {50: -100.0, 7: 2.5}
+    assert parse(prompt="hi", logit_bias={}).to_sampling_params().logit_bias is None
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"-3": 1}, {"5": 100.5}, {"5": -101}])
+def test_bad_logit_bias_names_its_field(bias):
+    with pytest.raises(ProtocolError, match="logit_bias") as info:
+        parse(prompt="a", logit_bias=bias).to_sampling_params()
+    assert info.value.param == "logit_bias"
 
 
 def test_unknown_nested_stream_option_is_rejected():

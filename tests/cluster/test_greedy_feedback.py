@@ -2,7 +2,8 @@
 argmax of the raw logits (greedy, no penalties, no min_tokens mask still on), followers take
 the next step's fed-back tokens from their own copy of the logits instead of a broadcast.
 The tokens equal those of step-by-step planning, across batches where that holds, where it
-holds only once min_tokens is met, and where it never does (penalties, sampling)."""
+holds only once min_tokens is met, and where it never does (penalties, sampling, a logit
+bias)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def _workloads():
         "mixed": (prompts, [greedy, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                                                    repetition_penalty=1.3),
                             SamplingParams(temperature=0.9, seed=5, max_tokens=MAX_TOKENS, ignore_eos=True)]),
+        # Greedy on biased logits: never the argmax of the raw logits, so always broadcast.
+        "logit_bias": (prompts, [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                logit_bias={t: -5.0 for t in range(150)})] * 3),
     }
 
 
@@ -54,4 +58,5 @@ def test_followers_take_greedy_feedback_from_their_own_logits(ray_cluster, tiny_
     assert set(sync_steps.values()) == {0}  # no step runs ahead without async scheduling
     assert steps["greedy"] > MAX_TOKENS // 2, steps
     assert 0 < steps["min_tokens"] < steps["greedy"], steps
-    assert steps["mixed"] == 0, steps
+    assert steps["mixed"] == 0 and steps["logit_bias"] == 0, steps
+    assert sync["logit_bias"] != sync["greedy"]  # the bias changed the greedy path

@@ -101,7 +101,7 @@ WRONG_TYPES = {
     "top_k": ["x", 1.5, [1], -5], "min_tokens": ["x", 1.5, -1], "ignore_eos": ["maybe", 7, [1]],
     "stop_token_ids": ["x", [1.5], ["a"], 5], "repetition_penalty": ["x", [1], 0.0, -1.0],
     "include_stop_str_in_output": ["maybe", 3], "skip_special_tokens": ["maybe", 3],
-    "best_of": [3, "x"], "suffix": ["tail", 5], "logit_bias": [{"5": 100}, "x"], "bogus_field": [1, "x"],
+    "best_of": [3, "x"], "suffix": ["tail", 5], "logit_bias": [{"5": 1000}, "x", {"x": 1}, {"-1": 5}, {"99999999": 1}], "bogus_field": [1, "x"],
 }
 
 

@@ -242,6 +242,21 @@ def test_tokenize_ids_embedded_by_the_client_complete_like_the_text(client, serv
     assert TEXTS[1] in detokenized  # the text, after any special tokens the tokenizer adds
 
 
+def test_logit_bias_over_http_equals_the_offline_engine(client, llm):
+    """OpenAI's logit_bias (string keys): a greedy path changed by the bias, over HTTP at
+    TP=2 as LLM.generate gives it; an id outside the vocabulary is a 400 naming the field."""
+    bias = {str(t): -5.0 for t in range(0, 1536, 2)}  # even ids down
+    http = complete(client, prompt=TEXTS[0], extra_body={"logit_bias": bias}).choices[0]
+    offline = llm.generate([TEXTS[0]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                      logit_bias={int(t): b for t, b in bias.items()}),
+                           use_tqdm=False)[0].outputs[0]
+    assert http.text == offline.text
+    assert http.text != complete(client, prompt=TEXTS[0]).choices[0].text  # the bias mattered
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary") as info:
+        complete(client, prompt=TEXTS[0], extra_body={"logit_bias": {"99999": 1}})
+    assert info.value.body["param"] == "logit_bias"
+
+
 def test_min_p_of_one_samples_the_greedy_text(client):
     """vLLM's min_p over HTTP: at 1.0 only the most likely token survives, so sampling at
     temperature 1 (three seeds) gives the greedy text, where without it the seeds differ."""

@@ -210,3 +210,25 @@ def test_min_p_out_of_range_is_refused():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="min_p must be in"):
             SamplingParams(min_p=bad)
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows_and_leaves_logprobs_raw():
+    logits = random_logits(3, 50, seed=9)
+    top = logits.argmax(dim=-1).tolist()
+    requests = [make_request("g", temperature=0.0, logit_bias={7: 100}),
+                make_request("h", temperature=0.0, logit_bias={top[1]: -100}, logprobs=2),
+                make_request("s", temperature=1.0, seed=3, logit_bias={11: 100})]
+    sampled = Sampler(seed=0).launch(logits, requests)
+    assert not sampled.by_argmax  # followers cannot take their own argmax for these rows
+    results = sampled.results()
+    runner_up = logits[1].clone()
+    runner_up[top[1]] = float("-inf")
+    assert token_ids(results) == [7, int(runner_up.argmax()), 11]
+    assert results[1].logprobs.top[0][0] == top[1]  # logprobs of the raw logits, bias aside
+    assert torch.equal(logits, random_logits(3, 50, seed=9))  # the caller's logits untouched
+
+
+def test_logit_bias_out_of_vocab_is_refused_by_check_vocab():
+    SamplingParams(logit_bias={49: 1.0}).check_vocab(50)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 50\): \[50, 70\]"):
+        SamplingParams(logit_bias={70: 1.0, 50: -1.0, 3: 0.5}).check_vocab(50)
