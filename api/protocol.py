@@ -22,7 +22,7 @@ _UNSUPPORTED_NEUTRAL = {"best_of": (None, 1), "suffix": (None, "")}
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
+    "include_stop_str_in_output", "skip_special_tokens", "logit_bias", "truncate_prompt_tokens",
 )
 
 
@@ -65,6 +65,7 @@ class CompletionRequest(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key) -> bias
+    truncate_prompt_tokens: int | None = None  # vLLM's: each prompt's last k tokens or rows
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None

@@ -35,7 +35,7 @@ from api.protocol import (
 )
 from cluster.async_engine import SampleStream
 from cluster.engine_client import EngineDeadError, RequestFailedError
-from cluster.prompts import EnginePrompt, check_length
+from cluster.prompts import EnginePrompt, check_length, truncate_prompt, truncation_length
 from cluster import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -150,17 +150,22 @@ class OpenAIServing:
         self.check_model(request.model)
         try:
             params = request.to_sampling_params()
-            params.check_vocab(self.engine.vocab_size)
             inputs = split_prompts(request)
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
-        except ValueError as exc:  # check_vocab
+        try:
+            params.check_vocab(self.engine.vocab_size)
+        except ValueError as exc:
             raise APIError(400, str(exc), param="logit_bias") from None
+        try:
+            truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="truncate_prompt_tokens") from None
         if request.echo and params.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         reservation = self.admission.reserve(len(inputs) * params.n)
         try:
-            choices = await self._start(inputs, params)
+            choices = await self._start(inputs, params, truncation)
         except BaseException:
             reservation.release()
             raise
@@ -174,23 +179,26 @@ class OpenAIServing:
         finally:
             self._end(reservation, choices)
 
-    async def _start(self, inputs: list[PromptInput], params: SamplingParams) -> list[Choice]:
-        """Validates every prompt, then starts every choice in the engine. When the last
-        prompt is embeddings, the worker thread that decodes and puts them starts the
-        choices itself: the engine begins while the event loop (busy with other streams)
-        has yet to pick the request up again."""
+    async def _start(self, inputs: list[PromptInput], params: SamplingParams,
+                     truncation: int | None = None) -> list[Choice]:
+        """Validates every prompt (each cut to its last `truncation` tokens or rows, if
+        set), then starts every choice in the engine. When the last prompt is embeddings,
+        the worker thread that decodes and puts them starts the choices itself: the engine
+        begins while the event loop (busy with other streams) has yet to pick the request
+        up again."""
         loop = asyncio.get_running_loop()
-        prompts = [await self._prepare(item) for item in inputs[:-1]]
-        return await self._prepare(inputs[-1], lambda last: self._start_choices([*prompts, last], params, loop))
+        prompts = [await self._prepare(item, truncation) for item in inputs[:-1]]
+        return await self._prepare(inputs[-1], truncation,
+                                   lambda last: self._start_choices([*prompts, last], params, loop))
 
-    async def _prepare(self, item: PromptInput, then=lambda prompt: prompt):
+    async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
         """then(the validated prompt); for embeddings, in the worker thread that decodes
         them. A bad prompt is a 400 naming its field."""
         if item.kind == "embeds":
             if not self.enable_prompt_embeds:
                 raise APIError(400, "prompt_embeds is disabled on this server; start it with "
                                "--enable-prompt-embeds to accept embeddings", param="prompt_embeds")
-            return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value)))
+            return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value, truncation)))
         try:
             if item.kind == "text":
                 prompt = self.engine.parse_prompt({"prompt": item.value})
@@ -198,16 +206,19 @@ class OpenAIServing:
                 prompt = self.engine.parse_prompt({"prompt_token_ids": list(item.value)})
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
-        return then(prompt)
+        return then(truncate_prompt(prompt, truncation))
 
-    def _decode_embeds(self, data: str) -> EnginePrompt:
+    def _decode_embeds(self, data: str, truncation: int | None = None) -> EnginePrompt:
         """In a worker thread: the safe decoder, which also validates the tensor (so the
-        engine does not read it again), then the one ray.put of the prompt's embeddings."""
+        engine does not read it again), then the one ray.put of the prompt's embeddings
+        (their last `truncation` rows, if set)."""
         try:
             tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
                                           max_bytes=self.max_embeds_bytes)
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt_embeds") from None
+        if truncation is not None:
+            tensor = tensor[-truncation:]
         return self.engine.put_embeds_prompt(tensor)
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
-from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt
+from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt, truncate_prompt, truncation_length
 from workers.sampling_params import SamplingParams
 
 
@@ -49,7 +49,9 @@ class LLM:
         params = self._per_prompt_params(sampling_params, len(prompts))
         for sp in params:
             sp.check_vocab(self.config.model_config.vocab_size)
-        parsed = [self._parse(p) for p in prompts]
+        max_model_len = self.config.max_model_len
+        parsed = [truncate_prompt(self._parse(p), truncation_length(sp.truncate_prompt_tokens, max_model_len))
+                  for p, sp in zip(prompts, params)]
         params = [
             dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, self.config.max_model_len))
             for p, sp in zip(parsed, params)

@@ -5,6 +5,7 @@ before anything reaches a shard. Runs on the driver or a Serve replica."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +193,33 @@ def validate_token_ids(token_ids, vocab_size: int) -> tuple[int, ...]:
                 f"prompt_token_ids must be integers in [0, {vocab_size}); got {token!r}"
             )
     return tuple(token_ids)
+
+
+def truncation_length(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """vLLM's truncate_prompt_tokens: None (keep the whole prompt), -1 (its last
+    max_model_len tokens) or k in [1, max_model_len]; ValueError past max_model_len."""
+    if truncate_prompt_tokens is None:
+        return None
+    if truncate_prompt_tokens == -1:
+        return max_model_len
+    if truncate_prompt_tokens > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens ({truncate_prompt_tokens}) is greater than "
+                         f"max_model_len ({max_model_len})")
+    return truncate_prompt_tokens
+
+
+def truncate_prompt(prompt: EnginePrompt, num_tokens: int | None) -> EnginePrompt:
+    """The last `num_tokens` tokens, or embedding rows, of a prompt (left truncation, as
+    vLLM does); None, or a prompt no longer than that, as it is. A truncated text prompt
+    loses its text, so echo shows what the engine saw. Embeddings are truncated before
+    they are put into the object store."""
+    if num_tokens is None or prompt.num_tokens <= num_tokens:
+        return prompt
+    if prompt.prompt_embeds is not None:
+        if not isinstance(prompt.prompt_embeds, np.ndarray):
+            raise ValueError("truncate a prompt's embeddings before they are put into the object store")
+        return dataclasses.replace(prompt, prompt_embeds=prompt.prompt_embeds[-num_tokens:])
+    return dataclasses.replace(prompt, prompt=None, prompt_token_ids=prompt.prompt_token_ids[-num_tokens:])
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:

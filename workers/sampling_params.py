@@ -29,6 +29,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # {token id: bias}, added to the logits before anything else (OpenAI's field; greedy too)
     logit_bias: dict[int, float] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +50,9 @@ class SamplingParams:
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+             or self.truncate_prompt_tokens >= 1,
+             f"truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got {self.truncate_prompt_tokens}"),
             (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),

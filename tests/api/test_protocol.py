@@ -73,7 +73,7 @@ def test_nulls_mean_defaults_and_null_max_tokens_means_fill_the_context():
 
 @pytest.mark.parametrize("name, value", [
     ("suffix", "tail"), ("best_of", 2), ("best_of", True),
-    ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
+    ("guided_json", {"type": "object"}), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
 ])
 def test_unsupported_and_unknown_fields_are_rejected_by_name(name, value):
     error = rejected(model="m", prompt="hi", **{name: value})
@@ -259,3 +259,12 @@ def test_openai_client_reads_model_list_and_error_body():
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="x")
     assert info.value.param == "prompt_embeds" and "expected shape" in info.value.message
+
+
+def test_truncate_prompt_tokens_maps_and_bad_values_name_it():
+    assert parse(prompt="hi", truncate_prompt_tokens=5).to_sampling_params().truncate_prompt_tokens == 5
+    assert parse(prompt="hi", truncate_prompt_tokens=-1).to_sampling_params().truncate_prompt_tokens == -1
+    for bad in (0, -2):
+        with pytest.raises(ProtocolError, match="truncate_prompt_tokens must be") as info:
+            parse(prompt="a", truncate_prompt_tokens=bad).to_sampling_params()
+        assert info.value.param == "truncate_prompt_tokens"

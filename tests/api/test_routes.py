@@ -588,3 +588,24 @@ def test_tokenize_gives_the_ids_a_completion_would_use_and_detokenize_inverts_it
 ])
 def test_tokenize_and_detokenize_errors_name_their_field(client, path, body, status, param):
     assert error_of(client.post(path, json=body), status)["param"] == param
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens_and_rows(client, engine, tokenizer):
+    """vLLM's left truncation, per prompt: text and token ids keep their last k ids (the
+    usage counts what the engine saw; echo shows the kept tokens), embeddings their last
+    k rows, put once; past max_model_len it is a 400 naming the field."""
+    text = "one two three four five six seven"
+    ids = engine.parse_prompt(text).prompt_token_ids
+    rows = torch.arange(6, dtype=torch.float32)[:, None].expand(6, H)
+    response = post(client, {"model": MODEL, "prompt": text, "max_tokens": 2, "echo": True,
+                             "truncate_prompt_tokens": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["prompt_tokens"] == 3
+    assert body["choices"][0]["text"].startswith(tokenizer.decode(list(ids[-3:])))
+    both = post(client, {"model": MODEL, "prompt": [list(ids)], "prompt_embeds": encode_prompt_embeds(rows),
+                         "max_tokens": 2, "truncate_prompt_tokens": 4}).json()
+    assert both["usage"]["prompt_tokens"] == 4 + 4
+    assert both["choices"][0]["text"].startswith("[e2")  # the embeddings' first kept row is row 2
+    error = error_of(post(client, {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 10**6}), 400)
+    assert error["param"] == "truncate_prompt_tokens" and "max_model_len" in error["message"]

@@ -194,3 +194,20 @@ def test_profile_writes_a_trace_and_table_per_rank(llm, tmp_path):
     with pytest.raises(Exception, match="start_profile first"):
         llm.stop_profile(str(tmp_path / "again"))
     assert llm.generate([{"prompt_token_ids": _random_ids(8, 5, 1536)}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_truncate_prompt_tokens_generates_from_the_last_tokens_and_rows(llm):
+    """vLLM's SamplingParams.truncate_prompt_tokens: a prompt's last k token ids, or
+    embedding rows, exactly as if only those were sent; -1 keeps max_model_len of them."""
+    ids = list(range(20, 60))
+    rows = torch.randn(12, llm.config.model_config.hidden_size, generator=torch.Generator().manual_seed(4))
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    cut = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=7)
+    truncated = llm.generate([{"prompt_token_ids": ids}, {"prompt_embeds": rows}], cut, use_tqdm=False)
+    direct = llm.generate([{"prompt_token_ids": ids[-7:]}, {"prompt_embeds": rows[-7:]}], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in truncated] == [o.outputs[0].token_ids for o in direct]
+    assert truncated[0].prompt_token_ids == ids[-7:]
+    whole = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=-1)
+    assert llm.generate([{"prompt_token_ids": ids}], whole, use_tqdm=False)[0].prompt_token_ids == ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens .* is greater than max_model_len"):
+        llm.generate(["hi"], SamplingParams(truncate_prompt_tokens=10**6), use_tqdm=False)

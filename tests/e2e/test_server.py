@@ -257,6 +257,16 @@ def test_logit_bias_over_http_equals_the_offline_engine(client, llm):
     assert info.value.body["param"] == "logit_bias"
 
 
+def test_truncate_prompt_tokens_over_http_equals_sending_the_last_tokens_and_rows(client):
+    """vLLM's truncate_prompt_tokens through Serve: a token-id prompt and an embeddings
+    prompt complete as their last 4 tokens / rows sent alone; usage counts what was kept."""
+    ids, rows = random_ids(21, length=12), random_embeds(22, rows=9)
+    cut = complete(client, [rows], prompt=[ids], extra_body={"truncate_prompt_tokens": 4})
+    direct = complete(client, [rows[-4:]], prompt=[ids[-4:]])
+    assert [c.text for c in cut.choices] == [c.text for c in direct.choices]
+    assert cut.usage.prompt_tokens == direct.usage.prompt_tokens == 8
+
+
 def test_min_p_of_one_samples_the_greedy_text(client):
     """vLLM's min_p over HTTP: at 1.0 only the most likely token survives, so sampling at
     temperature 1 (three seeds) gives the greedy text, where without it the seeds differ."""
