@@ -38,6 +38,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: usage in every chunk, with include_usage
 
 
 class CompletionRequest(BaseModel):
@@ -101,6 +102,12 @@ class CompletionRequest(BaseModel):
     @property
     def is_include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def is_continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats: each chunk carries its choice's usage so far
+        (only with include_usage, as in vLLM)."""
+        return self.is_include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(self) -> SamplingParams:
         """SamplingParams with OpenAI defaults (temperature 1.0, max_tokens 16, n 1) where a
@@ -205,7 +212,8 @@ class CompletionResponse(BaseModel):
 
 class CompletionStreamResponse(BaseModel):
     """One server-sent event. With stream_options.include_usage the last chunk has no
-    choices and carries `usage`; earlier chunks carry usage null."""
+    choices and carries `usage`; earlier chunks carry usage null, or, with vLLM's
+    continuous_usage_stats, their choice's prompt and completion tokens so far."""
 
     id: str = Field(default_factory=_completion_id)
     object: Literal["text_completion"] = "text_completion"

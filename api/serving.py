@@ -319,6 +319,7 @@ class OpenAIServing:
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(request, c, queue)) for c in choices]
         completion_tokens, remaining = 0, len(tasks)
+        per_choice = {c.index: [c.prompt.num_tokens, 0] for c in choices} if request.is_continuous_usage else None
         try:
             while remaining:
                 item = await queue.get()
@@ -328,9 +329,15 @@ class OpenAIServing:
                 if item is None:
                     remaining -= 1
                     continue
-                completion_tokens += item[1]
+                chunk, num_tokens = item
+                completion_tokens += num_tokens
+                usage = None
+                if per_choice is not None:  # continuous_usage_stats
+                    counts = per_choice[chunk.index]
+                    counts[1] += num_tokens
+                    usage = UsageInfo.of(*counts)
                 yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
-                                                    choices=[item[0]]))
+                                                    choices=[chunk], usage=usage))
             else:
                 if request.is_include_usage:
                     usage = UsageInfo.of(_prompt_tokens(choices), completion_tokens)

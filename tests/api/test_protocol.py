@@ -103,8 +103,8 @@ def test_bad_logit_bias_names_its_field(bias):
 
 
 def test_unknown_nested_stream_option_is_rejected():
-    error = rejected(prompt="hi", stream=True, stream_options={"continuous_usage_stats": True})
-    assert error["param"] == "stream_options.continuous_usage_stats"
+    error = rejected(prompt="hi", stream=True, stream_options={"include_usage": True, "per_token_stats": True})
+    assert error["param"] == "stream_options.per_token_stats"
 
 
 def test_stream_options_need_stream():

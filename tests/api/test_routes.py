@@ -609,3 +609,21 @@ def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens_and_rows(client, 
     assert both["choices"][0]["text"].startswith("[e2")  # the embeddings' first kept row is row 2
     error = error_of(post(client, {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 10**6}), 400)
     assert error["param"] == "truncate_prompt_tokens" and "max_model_len" in error["message"]
+
+
+def test_continuous_usage_stats_give_each_chunk_its_choices_usage_so_far(client, engine):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's prompt
+    tokens and completion tokens so far; the last usage chunk is the request's total."""
+    body = {"model": MODEL, "prompt": "alpha beta", "prompt_embeds": embeds(3, rows=5), "n": 2, "seed": 1,
+            "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(event) for event in sse_events(post(client, body).text)[:-1]]
+    total = chunks.pop()["usage"]
+    text_tokens = len(engine.parse_prompt("alpha beta").prompt_token_ids)
+    so_far = {}
+    for chunk in chunks:
+        index, usage = chunk["choices"][0]["index"], chunk["usage"]
+        so_far[index] = usage["completion_tokens"]
+        assert usage["prompt_tokens"] == (5 if index < 2 else text_tokens)  # embedding rows, or the text's ids
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert so_far == {0: 4, 1: 4, 2: 4, 3: 4}
+    assert total["completion_tokens"] == 16 and total["prompt_tokens"] == 5 + text_tokens
