@@ -148,19 +148,7 @@ class OpenAIServing:
         request's intake, which ends when its last choice runs in the engine."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.check_model(request.model)
-        try:
-            params = request.to_sampling_params()
-            inputs = split_prompts(request)
-        except ProtocolError as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        try:
-            params.check_vocab(self.engine.vocab_size)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="logit_bias") from None
-        try:
-            truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="truncate_prompt_tokens") from None
+        params, inputs, truncation = self._parse(request)
         if request.echo and params.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         reservation = self.admission.reserve(len(inputs) * params.n)
@@ -178,6 +166,22 @@ class OpenAIServing:
             return await self._complete(request, choices)
         finally:
             self._end(reservation, choices)
+
+    def _parse(self, request: CompletionRequest) -> tuple[SamplingParams, list[PromptInput], int | None]:
+        """The sampling params, the prompts in choice order and the prompt truncation
+        length; a 400 naming the field that is wrong (the model's facts checked here too:
+        logit_bias ids in its vocabulary, truncate_prompt_tokens within max_model_len)."""
+        try:
+            params = request.to_sampling_params()
+            inputs = split_prompts(request)
+        except ProtocolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        try:
+            params.check_vocab(self.engine.vocab_size)
+            truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
+        except ValueError as exc:  # the messages start with the field's name
+            raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+        return params, inputs, truncation
 
     async def _start(self, inputs: list[PromptInput], params: SamplingParams,
                      truncation: int | None = None) -> list[Choice]:
