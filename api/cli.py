@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--num-replicas", type=int, default=1)
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the name(s) requests use for the model; the first is the one responses carry "
+                            "when a request names none (default: the model's path)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--max-num-seqs", type=int, default=256)

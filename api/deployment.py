@@ -37,7 +37,7 @@ class ShardServeServer:
                                   name=_engine_name(), step_timeout_s=settings.step_timeout_s)
         self.serving = OpenAIServing(
             self.engine,
-            served_model_name=settings.model_name(),
+            served_model_name=settings.model_names(),
             enable_prompt_embeds=settings.enable_prompt_embeds,
             max_embeds_bytes=settings.max_prompt_embeds_bytes,
             metrics=Metrics(stats_source=self.engine.stats),

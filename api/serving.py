@@ -123,23 +123,24 @@ class CompletionStream:
 
 
 class OpenAIServing:
-    def __init__(self, engine, *, served_model_name: str, enable_prompt_embeds: bool,
+    def __init__(self, engine, *, served_model_name: str | list[str], enable_prompt_embeds: bool,
                  max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None,
                  max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS):
         self.engine = engine
         self.admission = Admission(max_in_flight)
-        self.served_model_name = served_model_name
+        self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds
         self.max_embeds_bytes = max_embeds_bytes
         self.metrics = metrics or Metrics()
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served_model_name, root=self.served_model_name,
-                                         max_model_len=self.engine.max_model_len)])
+        return ModelList(data=[ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)
+                               for name in self.served_model_names])
 
     def check_model(self, name: str | None) -> None:
-        """404 for a model name other than the served one (None: the served one)."""
-        if name is not None and name != self.served_model_name:
+        """404 for a model name other than the served ones (None: the primary one)."""
+        if name is not None and name not in self.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist.", type="NotFoundError", param="model")
 
     async def create_completion(self, request: CompletionRequest, arrival_time: float | None = None):
@@ -255,7 +256,7 @@ class OpenAIServing:
         results = await asyncio.gather(*(self._run_choice(request, c) for c in choices))
         completion_tokens = sum(num for _, num in results)
         return CompletionResponse(
-            model=self.served_model_name,
+            model=request.model or self.served_model_name,  # the alias asked for, as vLLM answers
             choices=[choice for choice, _ in results],
             usage=UsageInfo.of(_prompt_tokens(choices), completion_tokens),
         )
@@ -320,6 +321,7 @@ class OpenAIServing:
         """SSE lines: a chunk per update per choice, the usage chunk if asked, [DONE].
         A failure after the 200 went out is an error event, then [DONE]."""
         created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        model = request.model or self.served_model_name
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(request, c, queue)) for c in choices]
         completion_tokens, remaining = 0, len(tasks)
@@ -340,13 +342,13 @@ class OpenAIServing:
                     counts = per_choice[chunk.index]
                     counts[1] += num_tokens
                     usage = UsageInfo.of(*counts)
-                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=self.served_model_name,
+                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=model,
                                                     choices=[chunk], usage=usage))
             else:
                 if request.is_include_usage:
                     usage = UsageInfo.of(_prompt_tokens(choices), completion_tokens)
                     yield _sse(CompletionStreamResponse(id=response_id, created=created,
-                                                        model=self.served_model_name, choices=[], usage=usage))
+                                                        model=model, choices=[], usage=usage))
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:

@@ -18,7 +18,7 @@ DEFAULT_MODEL_NAME = "shardserve-tiny-llama"
 @dataclass(frozen=True)
 class ServerSettings:
     model: str | None = None  # None: the built-in default model
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # one name, or aliases (the first is primary)
     tensor_parallel_size: int = 1
     enable_prompt_embeds: bool = False
     max_model_len: int | None = None
@@ -53,6 +53,9 @@ class ServerSettings:
         for name in ("max_prompt_embeds_bytes", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        names = self.served_model_name
+        if names is not None and not isinstance(names, str) and not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"served_model_name must be a name or a list of non-empty names, got {names!r}")
 
     @classmethod
     def from_dict(cls, args: dict) -> "ServerSettings":
@@ -73,6 +76,13 @@ class ServerSettings:
         return self.max_num_seqs + self.max_waiting_requests
 
     def model_name(self) -> str:
+        """The primary name: in responses to requests that name no model, and in logs."""
+        return self.model_names()[0]
+
+    def model_names(self) -> list[str]:
+        """Every name requests may use (vLLM's --served-model-name A B), the primary first."""
+        if isinstance(self.served_model_name, str) and self.served_model_name:
+            return [self.served_model_name]
         if self.served_model_name:
-            return self.served_model_name
-        return str(Path(self.model)) if self.model else DEFAULT_MODEL_NAME
+            return list(self.served_model_name)
+        return [str(Path(self.model)) if self.model else DEFAULT_MODEL_NAME]

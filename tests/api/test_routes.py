@@ -627,3 +627,14 @@ def test_continuous_usage_stats_give_each_chunk_its_choices_usage_so_far(client,
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert so_far == {0: 4, 1: 4, 2: 4, 3: 4}
     assert total["completion_tokens"] == 16 and total["prompt_tokens"] == 5 + text_tokens
+
+
+def test_model_aliases_are_listed_accepted_and_echoed(engine):
+    serving = OpenAIServing(engine, served_model_name=["primary", "alias"], enable_prompt_embeds=True)
+    client = TestClient(build_fastapi_app(serving), raise_server_exceptions=False)
+    assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["primary", "alias"]
+    assert post(client, {"model": "alias", "prompt": "hi", "max_tokens": 2}).json()["model"] == "alias"
+    assert post(client, {"prompt": "hi", "max_tokens": 2}).json()["model"] == "primary"
+    streamed = post(client, {"model": "alias", "prompt": "hi", "max_tokens": 2, "stream": True}).text
+    assert all(json.loads(event)["model"] == "alias" for event in sse_events(streamed)[:-1])
+    assert error_of(post(client, {"model": "other", "prompt": "hi"}), 404)["param"] == "model"
