@@ -36,14 +36,13 @@ def build_app(args: dict | None = None) -> Application:
     """One ingress deployment; each replica reserves its shards' bundles (with its own
     CPU merged into bundle 0) in a placement group of its own."""
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_dict(dict(args or {}))
-    device = resolve_device(settings.device)
-    settings = dataclasses.replace(settings, device=device)
+    settings = dataclasses.replace(settings, device=resolve_device(settings.device))
     return ShardServeServer.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 0,
                            "runtime_env": {"env_vars": REPLICA_ENV_VARS}},
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
-        placement_group_bundles=replica_bundles(settings.tensor_parallel_size, device, REPLICA_CPUS),
+        placement_group_bundles=_replica_bundles(settings),
         placement_group_strategy=settings.placement_strategy,
     ).bind(settings)
 
@@ -52,10 +51,15 @@ def replicas_shortfall(settings: ServerSettings) -> str | None:
     """Why the Ray cluster this process joined, as its nodes are, could never hold the
     app's replicas (each its shards' bundles under the placement strategy, and all of
     them together), or None. Serve would otherwise wait for them without end."""
-    bundles = replica_bundles(settings.tensor_parallel_size, resolve_device(settings.device), REPLICA_CPUS)
+    bundles = _replica_bundles(settings)
     shortfall = placement_shortfall(bundles, settings.placement_strategy)
     if shortfall is None and settings.num_replicas > 1:
         shortfall = placement_shortfall(bundles * settings.num_replicas, "PACK")
         if shortfall:
             shortfall = f"{settings.num_replicas} replicas: {shortfall}"
     return shortfall
+
+
+def _replica_bundles(settings: ServerSettings) -> list[dict[str, float]]:
+    """One replica's placement-group bundles: its shards', its own CPU merged into bundle 0."""
+    return replica_bundles(settings.tensor_parallel_size, resolve_device(settings.device), REPLICA_CPUS)

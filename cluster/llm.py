@@ -53,7 +53,7 @@ class LLM:
         parsed = [truncate_prompt(self._parse(p), truncation_length(sp.truncate_prompt_tokens, max_model_len))
                   for p, sp in zip(prompts, params)]
         params = [
-            dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, self.config.max_model_len))
+            dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, max_model_len))
             for p, sp in zip(parsed, params)
         ]
         return self._run(parsed, params, use_tqdm)

@@ -40,7 +40,7 @@ def create_placement_group(
         ready, _ = ray.wait([group.ready()], timeout=min(WAIT_LOG_INTERVAL_S, left))
         if ready:
             return group
-        if timeout_s - (time.monotonic() - started) > 0:
+        if left > WAIT_LOG_INTERVAL_S:  # the wait ended on the interval, not the timeout
             logger.warning("still waiting to place %s after %.0f s (available: %s); `ray status` shows "
                            "what holds the rest", what, time.monotonic() - started, ray.available_resources())
     ray.util.remove_placement_group(group)

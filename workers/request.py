@@ -104,6 +104,12 @@ class Request:
         return params.has_penalties or self.num_output_tokens < params.min_tokens
 
     @property
+    def changes_logits(self) -> bool:
+        """Its logits are changed before sampling (a logit bias, or what reads its output
+        tokens), so its token is not the argmax of the raw logits."""
+        return self.reads_output_tokens or bool(self.sampling_params.logit_bias)
+
+    @property
     def is_finished(self) -> bool:
         return self.status in _FINISH_REASONS
 

@@ -73,8 +73,8 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """Order: raw logprobs, logit bias, min_tokens mask, penalties, then greedy or
-    temperature, min-p, top-k, top-p and a draw. A seeded request draws from its own generator so its tokens
-    do not depend on the batch; the others share this sampler's generator."""
+    temperature, min-p, top-k, top-p and a draw. A seeded request draws from its own
+    generator so its tokens do not depend on the batch; the others share this sampler's."""
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
@@ -90,14 +90,13 @@ class Sampler:
                 f"logits must be [num_requests={len(requests)}, vocab_size], "
                 f"got {tuple(logits.shape)}"
             )
-        by_argmax = all(r.sampling_params.is_greedy and not r.reads_output_tokens
-                        and not r.sampling_params.logit_bias for r in requests)
+        by_argmax = all(r.sampling_params.is_greedy and not r.changes_logits for r in requests)
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         if by_argmax and not wants_logprobs:  # the argmax of the raw logits, nothing else
             return SampledTokens(argmax(logits), None, requests, by_argmax=True)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        if any(r.reads_output_tokens or r.sampling_params.logit_bias for r in requests):
+        if any(r.changes_logits for r in requests):
             logits = logits.clone()  # the caller's tensor stays raw
             apply_logit_bias(logits, requests)
             apply_min_tokens(logits, requests)
