@@ -16,9 +16,10 @@ from cluster.placement import placement_shortfall, replica_bundles
 REPLICA_CPUS = 1.0
 # Ray Serve settings that cut per-request latency (measured on the 2-core dev machine at
 # concurrency 1: 3.5 ms of ~26 ms time to first token). The replica runs our async code on
-# its own event loop instead of a second loop in a second thread (our code never blocks it:
-# payload decoding and ray.put go to a worker thread), and Serve's per-request logs go to
-# its log files only, not also to the worker's stderr, which Ray's log monitor tails.
+# its own event loop instead of a second loop in a second thread (our code never blocks it
+# for long: a large payload's decoding and ray.put go to a worker thread), and Serve's
+# per-request logs go to its log files only, not also to the worker's stderr, which Ray's
+# log monitor tails.
 REPLICA_ENV_VARS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_LOG_TO_STDERR": "0",

@@ -1,8 +1,8 @@
 """The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely
-and put into the object store once, off the event loop) → every choice started in the
-engine at once, from that worker thread when embeddings come last → an OpenAI response or
-SSE stream, whose end (however it comes) aborts what the engine has not finished. Runs in
-the Serve ingress; the engine sits behind the AsyncEngine protocol."""
+and put into the object store once; a large payload off the event loop) → every choice
+started in the engine at once (from the decoding thread when its embeddings come last) →
+an OpenAI response or SSE stream, whose end (however it comes) aborts what the engine has
+not finished. Runs in the Serve ingress; the engine sits behind the AsyncEngine protocol."""
 
 from __future__ import annotations
 
@@ -122,16 +122,29 @@ class CompletionStream:
             self._end()
 
 
+# A prompt_embeds payload of up to this many base64 characters is decoded and put into the
+# object store on the event loop (≈ 2 ms for 0.7 MB, a (64, 4096) bf16 tensor); a larger one
+# in a worker thread, so that no stream waits long for its next chunk. Under load the hop to
+# a thread costs more than the work it moves: the thread and the loop take turns holding
+# the GIL, each turn up to Python's 5 ms switch interval. On nvidia-h200 (Llama-3.1-8B
+# shape, 16 concurrent streams of such payloads) the thread took 9.6 ms to decode, 3.0 to
+# put and 4.6 to pass the request there and back; on the loop, 1.4, 0.7 and 0.5
+# (BENCHMARKS.md, "Online serving", session 10).
+INLINE_DECODE_MAX_CHARS = 1 << 20
+
+
 class OpenAIServing:
     def __init__(self, engine, *, served_model_name: str | list[str], enable_prompt_embeds: bool,
                  max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None,
-                 max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS):
+                 max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS,
+                 inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS):
         self.engine = engine
         self.admission = Admission(max_in_flight)
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds
         self.max_embeds_bytes = max_embeds_bytes
+        self.inline_decode_max_chars = inline_decode_max_chars
         self.metrics = metrics or Metrics()
 
     def list_models(self) -> ModelList:
@@ -187,8 +200,8 @@ class OpenAIServing:
     async def _start(self, inputs: list[PromptInput], params: SamplingParams,
                      truncation: int | None = None) -> list[Choice]:
         """Validates every prompt (each cut to its last `truncation` tokens or rows, if
-        set), then starts every choice in the engine. When the last prompt is embeddings,
-        the worker thread that decodes and puts them starts the choices itself: the engine
+        set), then starts every choice in the engine. When the last prompt is embeddings
+        decoded in a worker thread, that thread starts the choices itself: the engine
         begins while the event loop (busy with other streams) has yet to pick the request
         up again."""
         loop = asyncio.get_running_loop()
@@ -197,13 +210,16 @@ class OpenAIServing:
                                    lambda last: self._start_choices([*prompts, last], params, loop))
 
     async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
-        """then(the validated prompt); for embeddings, in the worker thread that decodes
-        them. A bad prompt is a 400 naming its field."""
+        """then(the validated prompt); for embeddings past inline_decode_max_chars, in the
+        worker thread that decodes them. A bad prompt is a 400 naming its field."""
         if item.kind == "embeds":
             if not self.enable_prompt_embeds:
                 raise APIError(400, "prompt_embeds is disabled on this server; start it with "
                                "--enable-prompt-embeds to accept embeddings", param="prompt_embeds")
-            return await asyncio.to_thread(lambda: then(self._decode_embeds(item.value, truncation)))
+            decode = functools.partial(self._decode_embeds, item.value, truncation)
+            if len(item.value) <= self.inline_decode_max_chars:
+                return then(decode())
+            return await asyncio.to_thread(lambda: then(decode()))
         try:
             if item.kind == "text":
                 prompt = self.engine.parse_prompt({"prompt": item.value})
@@ -214,7 +230,7 @@ class OpenAIServing:
         return then(truncate_prompt(prompt, truncation))
 
     def _decode_embeds(self, data: str, truncation: int | None = None) -> EnginePrompt:
-        """In a worker thread: the safe decoder, which also validates the tensor (so the
+        """The safe decoder, which also validates the tensor (so the
         engine does not read it again), then the one ray.put of the prompt's embeddings
         (their last `truncation` rows, if set)."""
         try:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from api.embeds_codec import encode_prompt_embeds
-from cluster.default_model import default_model_path
-from workers.config import ModelConfig
+from cluster.default_model import default_model_path, model_shape_path
+from workers.config import ModelConfig, parse_dtype
 
 NUM_WARMUP = 2
 
@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="served model name (default: the server's first)")
     parser.add_argument("--model-path", default=None,
                         help="the served model's folder, for vocab and embeddings (default: built-in)")
+    parser.add_argument("--model-shape", default=None,
+                        help="instead of --model-path: a shape from configs/models that the server runs with "
+                             "--load-format dummy (its prompt_embeds are then random rows, see embed_rows)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -112,10 +115,19 @@ def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list
 
 
 def embed_rows(model_path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """The checkpoint's input embeddings of each prompt, (input_len, hidden) each."""
+    """The checkpoint's input embeddings of each prompt, (input_len, hidden) each. A folder
+    without weights (a model shape, served with --load-format dummy) has no table to read:
+    its rows are seeded random normals of the config's hidden size and dtype (scaled as
+    trained Llama embeddings are), the same bytes on the wire and the same work in the
+    engine as its own table's rows would be."""
     from safetensors import safe_open
 
     name = "model.embed_tokens.weight"
+    if not any(model_path.glob("*.safetensors")):
+        config = ModelConfig.from_pretrained(model_path)
+        gen = torch.Generator().manual_seed(sum(map(sum, prompts)))  # other prompts, other rows
+        dtype = parse_dtype(config.torch_dtype)
+        return [(torch.randn(len(ids), config.hidden_size, generator=gen) * 0.02).to(dtype) for ids in prompts]
     for file in sorted(model_path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as checkpoint:
             if name in checkpoint.keys():
@@ -196,12 +208,20 @@ def round_order(modes: list[str], rounds: int) -> list[str]:
     return order
 
 
-def completion_body(model: str, prompt, output_len: int) -> dict:
+def completion_body(model: str, prompt, output_len: int, per_token_chunks: bool = False) -> bytes:
+    """The streamed request's JSON. per_token_chunks: ask for each token's logprob, for a
+    model without a tokenizer (a --model-shape): its tokens have no text, and the server
+    sends no chunk for a token with neither text nor logprobs, so only the last chunk
+    would come and TTFT would read as the whole request."""
     body = {"model": model, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
+    if per_token_chunks:
+        body["logprobs"] = 0
     if isinstance(prompt, torch.Tensor):
-        return {**body, "prompt": "", "prompt_embeds": encode_prompt_embeds(prompt)}
-    return {**body, "prompt": prompt}
+        body.update(prompt="", prompt_embeds=encode_prompt_embeds(prompt))
+    else:
+        body["prompt"] = prompt
+    return json.dumps(body).encode()
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict[str, float]:
@@ -266,7 +286,7 @@ async def _overhead(args, url: str, model: str, llm, prompts: list) -> dict:
     async with client(args, 1) as http:
         for i, prompt in enumerate(prompts):
             offline = {"prompt_embeds": prompt} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": prompt}
-            body = json.dumps(completion_body(model, prompt, 1)).encode()
+            body = completion_body(model, prompt, 1)
             if i % 2:
                 result = await send(http, url, body)
             start = time.perf_counter()
@@ -290,7 +310,10 @@ def main(argv=None) -> dict:
     url = args.base_url.rstrip("/") + "/completions"
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(args.base_url.rstrip("/") + "/models", headers=headers).json()["data"][0]["id"]
-    model_path = Path(args.model_path) if args.model_path else default_model_path()
+    if args.model_shape:
+        model_path = model_shape_path(args.model_shape)
+    else:
+        model_path = Path(args.model_path) if args.model_path else default_model_path()
     vocab = ModelConfig.from_pretrained(model_path).vocab_size
     token_prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
     modes = ["token ids", "prompt_embeds"] if args.compare_embeds else \
@@ -298,12 +321,13 @@ def main(argv=None) -> dict:
     prompts = {m: embed_rows(model_path, token_prompts) if m == "prompt_embeds" else token_prompts for m in modes}
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
           f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
-    bodies = {m: [json.dumps(completion_body(model, p, args.output_len)).encode() for p in prompts[m]] for m in modes}
+    per_token = args.model_shape is not None
+    bodies = {m: [completion_body(model, p, args.output_len, per_token) for p in prompts[m]] for m in modes}
     for mode in modes if args.num_warmups else ():  # untimed, own prompts: no timed prompt is cached
         warmup = random_prompts(args.num_warmups, args.input_len, vocab, args.seed + 2)
         if mode == "prompt_embeds":
             warmup = embed_rows(model_path, warmup)
-        asyncio.run(run(args, url, [json.dumps(completion_body(model, p, args.output_len)).encode() for p in warmup],
+        asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token) for p in warmup],
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
     intake = {m: [0.0, 0.0] for m in modes}  # the timed requests' server intake: seconds, count

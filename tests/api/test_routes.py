@@ -384,14 +384,20 @@ def test_choices_are_embeds_first_and_indexed_position_times_n_plus_sample(clien
     assert result["model"] == MODEL and result["object"] == "text_completion"
 
 
-@pytest.mark.parametrize("prompt, off_loop", [("", True), ("hi", False)],
-                         ids=["embeddings last: started by their thread", "text last: started on the loop"])
-def test_choices_start_in_the_embeddings_worker_thread_when_embeddings_come_last(client, engine, prompt,
+@pytest.mark.parametrize("prompt, inline_max, off_loop", [
+    ("", 0, True), ("hi", 0, False), ("", 1 << 20, False),
+], ids=["large embeddings last: started by their thread", "text last: started on the loop",
+        "small embeddings: decoded on the loop"])
+def test_choices_start_in_the_embeddings_worker_thread_when_embeddings_come_last(engine, prompt, inline_max,
                                                                                     off_loop):
+    serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
+                            inline_decode_max_chars=inline_max)
+    client = TestClient(build_fastapi_app(serving, api_key=None, max_body_bytes=1 << 20))
     body = {"model": MODEL, "prompt": prompt, "prompt_embeds": [embeds(1), embeds(2)], "n": 2, "max_tokens": 3}
     response = post(client, body)
     assert response.status_code == 200, response.text
     assert engine.started_off_loop == [off_loop] * len(response.json()["choices"])
+    assert [c["text"] for c in response.json()["choices"]][:2] == ["[e1|sNone] w1 w2"] * 2
 
 
 def test_token_id_prompts_and_echo(client):
