@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
     serve.add_argument("model", nargs="?", default=None,
-                       help="Hugging Face model folder (default: the built-in tiny model)")
+                       help="Hugging Face model folder (default: the built-in tiny model); with "
+                            "--load-format dummy, also a shape name from configs/models")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     serve.add_argument("--enable-prompt-embeds", action="store_true",
                        help="accept prompt_embeds in /v1/completions (off by default)")

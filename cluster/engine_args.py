@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.default_model import default_model_path
+from cluster.default_model import default_model_path, model_shape_path, shape_names
 from cluster.tokenizer import load_tokenizer
 from workers.config import EngineConfig, ModelConfig, parse_dtype
 
@@ -38,11 +38,12 @@ class EngineArgs:
 
     def resolve(self):
         """(EngineConfig, tokenizer or None). ValueError for a bad setting."""
-        model_dir = Path(self.model) if self.model else default_model_path()
+        model_dir = self._model_dir()
         if not model_dir.is_dir():
             raise ValueError(
                 f"model {str(model_dir)!r} is not a folder; pass a local Hugging Face model "
-                "folder (config.json, *.safetensors, tokenizer files)"
+                "folder (config.json, *.safetensors, tokenizer files), or with load_format "
+                f"'dummy' a model shape for random weights: {', '.join(shape_names())}"
             )
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = load_tokenizer(model_dir)
@@ -85,6 +86,17 @@ class EngineArgs:
             return self.dtype
         name = model_config.torch_dtype
         return "float32" if name in ("float", "float32") else str(parse_dtype(name)).removeprefix("torch.")
+
+    def _model_dir(self) -> Path:
+        """The model folder: `model`, the built-in default when none, or, for a shipped
+        shape's name with load_format "dummy" (random weights of the real shapes, as for
+        benchmarks), that shape's config folder."""
+        if not self.model:
+            return default_model_path()
+        path = Path(self.model)
+        if not path.is_dir() and self.load_format == "dummy" and self.model in shape_names():
+            return model_shape_path(self.model)
+        return path
 
     def _resolve_device(self) -> str:
         return resolve_device(self.device)

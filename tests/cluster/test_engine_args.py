@@ -1,7 +1,7 @@
 """EngineArgs: the default step budget (max_num_batched_tokens) is the context length within
 [2048, 8192] on a GPU and 2048 on CPU, so a long prompt is prefilled in chunks between
 decode steps, and an explicit value wins; a max_model_len past the model's positions is an
-error at start."""
+error at start. A shipped shape's name with load_format "dummy" is that shape's folder."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def test_max_model_len_past_the_models_positions_is_refused():
     with pytest.raises(ValueError, match=r"max_model_len \(2049\) is greater than the model's "
                                          r"max_position_embeddings \(2048\)"):
         EngineArgs(device="cpu", max_model_len=2049).resolve()
+
+
+def test_a_shape_name_with_dummy_weights_resolves_to_its_config_folder():
+    config, tokenizer = EngineArgs("llama-3.1-8b", load_format="dummy", device="cpu", max_model_len=1024).resolve()
+    assert config.model == str(model_shape_path("llama-3.1-8b"))
+    assert config.model_config.hidden_size == 4096 and tokenizer is None
+
+
+def test_a_shape_name_without_dummy_weights_is_not_a_folder():
+    with pytest.raises(ValueError, match=r"'llama-3.1-8b' is not a folder.*load_format 'dummy'.*llama-3.2-1b"):
+        EngineArgs("llama-3.1-8b", device="cpu").resolve()
