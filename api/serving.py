@@ -129,7 +129,10 @@ class CompletionStream:
 # the GIL, each turn up to Python's 5 ms switch interval. On nvidia-h200 (Llama-3.1-8B
 # shape, 16 concurrent streams of such payloads) the thread took 9.6 ms to decode, 3.0 to
 # put and 4.6 to pass the request there and back; on the loop, 1.4, 0.7 and 0.5
-# (BENCHMARKS.md, "Online serving", session 10).
+# (BENCHMARKS.md, "Online serving", session 10). The loop does wait out a put into a full
+# object store (Ray spills to make room). Admission bounds what this replica holds there:
+# its max_in_flight choices (1,280 by default), each prompt's rows (≤ 0.75 MB from such a
+# payload) held until its choices end: under 1 GB, against a store of 30% of the node's RAM.
 INLINE_DECODE_MAX_CHARS = 1 << 20
 
 
