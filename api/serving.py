@@ -406,14 +406,18 @@ def _prompt_tokens(choices: list[Choice]) -> int:
 
 def _openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> CompletionLogprobs:
     """Our per-token {token_id: Logprob} dicts in OpenAI's completions logprobs shape:
-    the sampled token's string and logprob, the top `num_top`, and text offsets."""
+    the sampled token's string and logprob, the top `num_top` with the sampled token
+    always among them (as OpenAI and vLLM answer: up to num_top + 1 entries, one for
+    logprobs=0), and text offsets."""
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         sampled = entry[token_id]
         ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
         out.tokens.append(sampled.decoded_token or "")
         out.token_logprobs.append(sampled.logprob)
-        out.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in ranked[:num_top]})
+        top = {lp.decoded_token or "": lp.logprob for lp in ranked[:num_top]}
+        top.setdefault(sampled.decoded_token or "", sampled.logprob)
+        out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
     return out
