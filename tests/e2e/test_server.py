@@ -5,6 +5,7 @@ keeps answering; a client that goes away mid-stream frees its KV blocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import runpy
@@ -24,7 +25,7 @@ from api.app import build_app
 from api.embeds_codec import encode_prompt_embeds
 from api.settings import DEFAULT_MODEL_NAME, ServerSettings
 from cluster import LLM, SamplingParams
-from cluster.default_model import default_model_path
+from cluster.default_model import default_model_path, model_shape_path
 from tests.api.test_embeds_codec import _sparse_coo_out_of_range, b64, call_pickle, saved, with_pickle
 from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, wait_healthy
 
@@ -446,6 +447,22 @@ def test_bench_serving_alternates_modes_across_rounds():
     round_order = runpy.run_path(str(BENCH))["round_order"]
     assert round_order(["ids", "embeds"], 3) == ["ids", "embeds", "embeds", "ids", "ids", "embeds"]
     assert round_order(["ids"], 2) == ["ids", "ids"]
+
+
+def test_bench_serving_on_a_model_shape_sends_random_rows_and_asks_for_each_token():
+    """A shape has no weights to read rows from and no tokenizer to stream text with: its
+    prompt_embeds are seeded random rows of its hidden size and dtype, and every request
+    asks for logprobs so each token's chunk goes out (TTFT is the first token's)."""
+    bench = runpy.run_path(str(BENCH))
+    shape = model_shape_path("llama-3.2-1b")
+    prompts = [[11, 12, 13], [14, 15]]
+    rows = bench["embed_rows"](shape, prompts)
+    assert [tuple(r.shape) for r in rows] == [(3, 2048), (2, 2048)] and rows[0].dtype == torch.bfloat16
+    assert torch.equal(rows[0], bench["embed_rows"](shape, prompts)[0])  # seeded
+    assert not torch.equal(rows[0], bench["embed_rows"](shape, [[21, 22, 23]])[0])  # other prompts, other rows
+    body = json.loads(bench["completion_body"]("m", rows[0], 4, per_token_chunks=True))
+    assert body["logprobs"] == 0 and body["prompt"] == "" and body["prompt_embeds"]
+    assert "logprobs" not in json.loads(bench["completion_body"]("m", [1, 2], 4))
 
 
 def test_bench_serving_refuses_non_loopback_addresses():
