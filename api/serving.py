@@ -166,8 +166,6 @@ class OpenAIServing:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.check_model(request.model)
         params, inputs, truncation = self._parse(request)
-        if request.echo and params.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", param="echo")
         reservation = self.admission.reserve(len(inputs) * params.n)
         try:
             choices = await self._start(inputs, params, truncation)
@@ -193,6 +191,10 @@ class OpenAIServing:
             inputs = split_prompts(request)
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        if request.echo and params.logprobs is not None:
+            # The echoed prompt's tokens get theirs too, as OpenAI and vLLM answer (how
+            # evaluation harnesses score a text's likelihood).
+            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         try:
             params.check_vocab(self.engine.vocab_size)
             truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
@@ -281,20 +283,32 @@ class OpenAIServing:
         )
 
     async def _run_choice(self, request: CompletionRequest, choice: Choice):
-        text, token_ids, logprobs, last = self._echo(request, choice), [], [], None
-        generated = ""
+        echo = self._echo(request, choice)
+        text, token_ids, logprobs, prompt_logprobs, last = echo, [], [], None, None
         async for update in self._generate(choice):
-            generated += update.text
             text += update.text
             token_ids += update.token_ids
             logprobs += update.logprobs or ()
+            prompt_logprobs = update.prompt_logprobs or prompt_logprobs
             last = update
+        openai_logprobs = None
+        if choice.params.logprobs is not None:
+            openai_logprobs = _openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo))
+            if prompt_logprobs is not None:
+                openai_logprobs = _joined(self._prompt_logprobs(choice, prompt_logprobs), openai_logprobs)
         return CompletionChoice(
-            index=choice.index, text=text,
-            logprobs=_openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(text) - len(generated))
-            if choice.params.logprobs is not None else None,
+            index=choice.index, text=text, logprobs=openai_logprobs,
             finish_reason=last.finish_reason, stop_reason=last.stop_reason,
         ), len(token_ids)
+
+    def _prompt_logprobs(self, choice: Choice, entries) -> CompletionLogprobs:
+        """An echoed prompt's tokens in OpenAI's logprobs shape: the first has none (nothing
+        precedes it), then each with its own and the top ones."""
+        token_ids = list(choice.prompt.prompt_token_ids)
+        first = self.engine.tokenizer.decode(token_ids[:1]) if self.engine.tokenizer is not None else ""
+        rest = _openai_logprobs(token_ids[1:], entries[1:], choice.params.logprobs, len(first))
+        return _joined(CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
+                                          text_offset=[0]), rest)
 
     async def _generate(self, choice: Choice):
         """The engine's updates for one choice, timed for the metrics."""
@@ -333,6 +347,8 @@ class OpenAIServing:
             return ""
         if choice.prompt.prompt is not None:
             return choice.prompt.prompt
+        if self.engine.tokenizer is None:  # a model shape: its tokens have no text
+            return ""
         return self.engine.tokenizer.decode(list(choice.prompt.prompt_token_ids))
 
     async def _stream(self, request: CompletionRequest, choices: list[Choice],
@@ -376,13 +392,16 @@ class OpenAIServing:
 
     async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
         try:
-            echo, offset, num_held = self._echo(request, choice), 0, 0
+            echo, num_held = self._echo(request, choice), 0
+            offset = len(echo)
             async for update in self._generate(choice):
                 logprobs = None
                 if choice.params.logprobs is not None:
                     logprobs = _openai_logprobs(update.token_ids, update.logprobs or (),
                                                 choice.params.logprobs, offset)
                     offset += sum(len(t) for t in logprobs.tokens)
+                    if update.prompt_logprobs is not None:  # echo: the prompt's come first
+                        logprobs = _joined(self._prompt_logprobs(choice, update.prompt_logprobs), logprobs)
                 if not (echo or update.text or logprobs or update.finish_reason):
                     num_held += len(update.token_ids)  # counted in usage with the next chunk
                     continue  # text held back (a partial character or a possible stop string)
@@ -421,6 +440,13 @@ def _openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> 
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
     return out
+
+
+def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs,
+                              text_offset=first.text_offset + second.text_offset)
 
 
 def _error_event(exc: BaseException) -> str:

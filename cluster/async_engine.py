@@ -16,7 +16,7 @@ from ray.util.placement_group import PlacementGroup
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError, request_error
 from cluster.outputs import CompletionTracker, Logprob
-from cluster.prompts import EnginePrompt, embeds_prompt, parse_engine_prompt
+from cluster.prompts import EnginePrompt, check_prompt_logprobs, embeds_prompt, parse_engine_prompt
 from workers.messages import EngineStats
 from workers.sampling_params import SamplingParams
 
@@ -31,6 +31,8 @@ class SampleUpdate:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_token_time: float | None = None  # monotonic time of the sample's first token
+    # With params.prompt_logprobs, in the update with the first token: as RequestOutput's.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class AsyncEngine:
@@ -70,7 +72,9 @@ class AsyncEngine:
         """Adds one sample (params.n must be 1) to the engine now and returns its stream,
         read on `loop`. Callable from any thread: the worker thread that has just put a
         prompt's embeddings into the object store starts its samples without first
-        waiting for a busy event loop. EngineDeadError if the engine is dead."""
+        waiting for a busy event loop. EngineDeadError if the engine is dead; ValueError
+        for prompt_logprobs of an embeddings prompt."""
+        check_prompt_logprobs(prompt, params)
         return SampleStream(self.engine, self.tokenizer, req_id, prompt, params, loop)
 
     async def generate(
@@ -134,7 +138,7 @@ class SampleStream:
     async def updates(self) -> AsyncIterator[SampleUpdate]:
         """The sample's updates. Raises EngineDeadError if the engine fails mid-request."""
         tracker, deltas = self._tracker, self._deltas
-        first_token_time = None
+        first_token_time, prompt_logprobs_sent = None, False
         try:
             while not tracker.is_finished:
                 pending = [await deltas.get()]
@@ -151,6 +155,9 @@ class SampleStream:
                     first_token_time = time.monotonic()
                 if tracker.finish_reason == "error":
                     raise request_error(self._engine, tracker.error)
+                prompt_logprobs = None
+                if tracker.prompt_logprobs is not None and not prompt_logprobs_sent:
+                    prompt_logprobs, prompt_logprobs_sent = tracker.prompt_logprobs, True
                 yield SampleUpdate(
                     text=text,
                     token_ids=tuple(tracker.token_ids[num_tokens:]),
@@ -158,6 +165,7 @@ class SampleStream:
                     finish_reason=tracker.finish_reason,
                     stop_reason=tracker.stop_reason,
                     first_token_time=first_token_time,
+                    prompt_logprobs=prompt_logprobs,
                 )
         finally:
             self.close()

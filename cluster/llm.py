@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
-from cluster.prompts import EnginePrompt, check_length, parse_engine_prompt, truncate_prompt, truncation_length
+from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, parse_engine_prompt, truncate_prompt,
+                             truncation_length)
 from workers.sampling_params import SamplingParams
 
 
@@ -52,6 +53,8 @@ class LLM:
         max_model_len = self.config.max_model_len
         parsed = [truncate_prompt(self._parse(p), truncation_length(sp.truncate_prompt_tokens, max_model_len))
                   for p, sp in zip(prompts, params)]
+        for p, sp in zip(parsed, params):
+            check_prompt_logprobs(p, sp)
         params = [
             dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, max_model_len))
             for p, sp in zip(parsed, params)
@@ -103,6 +106,8 @@ class LLM:
             raise
         for position, tracker in trackers.values():
             outputs[position].outputs.append(tracker.output())
+            if outputs[position].prompt_logprobs is None:  # each sample's are the same
+                outputs[position].prompt_logprobs = tracker.prompt_logprobs
         for output in outputs:
             output.finished = True
         return outputs

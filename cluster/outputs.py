@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.detokenizer import IncrementalDetokenizer
-from workers.messages import RequestDelta
+from workers.messages import PromptLogprobs, RequestDelta
 from workers.sampling_params import SamplingParams
 
 
@@ -58,6 +58,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs, as vLLM's: None for the first prompt token (nothing
+    # precedes it), then each token's {token_id: Logprob}, itself and the top-k.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class CompletionTracker:
@@ -67,7 +70,9 @@ class CompletionTracker:
         self.index = index
         self.params = params
         self.tokenizer = tokenizer
+        self.prompt_token_ids = prompt_token_ids
         self._token_ids: list[int] = []  # without a tokenizer; else the detokenizer's
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # with the first token
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.detokenizer = (
@@ -103,6 +108,8 @@ class CompletionTracker:
                 list(delta.new_token_ids), delta.finish_reason, delta.stop_reason
             )
         self._add_logprobs(delta)
+        if delta.prompt_logprobs is not None and self.prompt_token_ids is not None:
+            self.prompt_logprobs = self._prompt_logprobs(delta.prompt_logprobs)
         if self.detokenizer is not None and self.detokenizer.stop_matched is not None:
             self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
             return new_text
@@ -122,6 +129,15 @@ class CompletionTracker:
                 top[token] = Logprob(entry.token_logprob, None, self._decode(token))
             self.logprobs.append(top)
             self.cumulative_logprob += entry.token_logprob
+
+    def _prompt_logprobs(self, computed: PromptLogprobs) -> list[dict[int, Logprob] | None]:
+        entries: list[dict[int, Logprob] | None] = [None]
+        rows = zip(self.prompt_token_ids[1:], computed.token_logprobs, computed.ranks, computed.top)
+        for token, logprob, rank, top in rows:
+            entry = {tid: Logprob(lp, i + 1, self._decode(tid)) for i, (tid, lp) in enumerate(top)}
+            entry[token] = Logprob(logprob, rank, self._decode(token))
+            entries.append(entry)
+        return entries
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer else None

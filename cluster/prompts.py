@@ -222,6 +222,13 @@ def truncate_prompt(prompt: EnginePrompt, num_tokens: int | None) -> EnginePromp
     return dataclasses.replace(prompt, prompt=None, prompt_token_ids=prompt.prompt_token_ids[-num_tokens:])
 
 
+def check_prompt_logprobs(prompt: EnginePrompt, params) -> None:
+    """ValueError for prompt_logprobs of an embeddings prompt: it has no tokens to score."""
+    if params.prompt_logprobs is not None and prompt.prompt_token_ids is None:
+        raise ValueError("prompt_logprobs needs a prompt of text or token ids; "
+                         "an embeddings prompt has no tokens to score")
+
+
 def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
     """The max_tokens to use: as asked, or what fits when None. ValueError if too long."""
     if num_prompt_tokens >= max_model_len:

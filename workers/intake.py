@@ -20,6 +20,10 @@ class RequestState:
     prompt_embeds: torch.Tensor | None  # (prompt_len, hidden) in the model dtype
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
+    # Top-k of the prompt's log-probabilities (SamplingParams.prompt_logprobs), or None;
+    # every rank computes the prompt rows' logits (a collective) until the first sample.
+    prompt_logprobs: int | None = None
+    first_sampled: bool = False
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end); embedding positions read as 0."""

@@ -80,6 +80,18 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens first_position + 1, + 2, ... given what precedes
+    each (the raw model distribution): the token's own, its rank (1 = most likely), and
+    the top-k."""
+
+    first_position: int  # the row that predicts prompt token first_position + 1
+    token_logprobs: tuple[float, ...]
+    ranks: tuple[int, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...]  # per token: (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class RequestDelta:
     """New tokens of one request since the last delta the driver received."""
 
@@ -89,6 +101,8 @@ class RequestDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | None = None  # the stop token id that ended it, if any
     error: str | None = None
+    # With a request's first token, if it asked for them: prompt tokens 1 .. prompt_len - 1.
+    prompt_logprobs: PromptLogprobs | None = None
 
     @classmethod
     def not_taken(cls, req_id: str, exc: BaseException) -> "RequestDelta":

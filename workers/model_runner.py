@@ -15,7 +15,7 @@ from workers.config import EngineConfig
 from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
 from workers.kernels.argmax import argmax
 from workers.loader import load_weights
-from workers.messages import ScheduledRequest, StepPlan
+from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
 from workers.models import get_model_class
 from workers.parallel import ProcessGroup
 from workers.transfer import to_device
@@ -23,6 +23,9 @@ from workers.transfer import to_device
 # SHARDSERVE_PREFILL_GRAPHS=0 runs one request's prefill eagerly (an ablation switch).
 USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
+# Prompt rows whose logits are computed at once for prompt_logprobs: 512 x a 128K vocab of
+# float32 is 256 MB.
+PROMPT_LOGPROBS_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class ModelRunner:
         # and each request's index in them; rows the mirrors cannot fill read from here.
         self._feedback: tuple[dict[str, int], torch.Tensor] | None = None
         self._last_logits: torch.Tensor | None = None  # the last executed step's, sampled rows
+        self._prompt_logprobs: dict[str, PromptLogprobs] = {}  # the leader's, from the last step
         self.num_argmax_feedback_steps = 0  # followers: feedback taken from their own logits
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
@@ -160,15 +164,25 @@ class ModelRunner:
         """Runs the forward pass; returns float32 logits [M, vocab] of the sampled rows
         (in `scheduled` order), the same on every rank; None when no row is sampled."""
         self._last_sampled_ids = tuple(s.req_id for s in scheduled if s.is_sampled)
+        self._prompt_logprobs = {}
         self._last_logits = self._execute(scheduled)
+        for sched in scheduled:
+            if sched.is_sampled:
+                self.requests[sched.req_id].first_sampled = True
         return self._last_logits
+
+    def take_prompt_logprobs(self) -> dict[str, PromptLogprobs]:
+        """The leader's: prompt log-probabilities the last execute() computed, by request."""
+        taken, self._prompt_logprobs = self._prompt_logprobs, {}
+        return taken
 
     def _execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         if not scheduled:
             return None
-        if self._is_graphable(scheduled):
+        if self._is_graphable(scheduled):  # decodes: no row predicts a prompt token
             return self._execute_graph(scheduled)
-        if self.prefill_graphs is not None:
+        prompt_rows = self._prompt_logprob_rows(scheduled)
+        if self.prefill_graphs is not None and not prompt_rows:  # the graphs keep only the last row
             logits = self._execute_prefill_graph(scheduled)
             if logits is not False:
                 return logits
@@ -181,9 +195,53 @@ class ModelRunner:
             input_embeds=inputs.input_embeds,
             embeds_mask=inputs.embeds_mask,
         )
+        if prompt_rows:
+            self._compute_prompt_logprobs(hidden, prompt_rows)
         if inputs.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _prompt_logprob_rows(self, scheduled: tuple[ScheduledRequest, ...]):
+        """(state, first row of the step, first position, rows) of each request that asked
+        for prompt logprobs, for this step's rows that predict one of its prompt tokens.
+        Only until its first sample: a recompute after a later preemption has none; one
+        after an earlier preemption repeats rows, and the leader keeps the first copy."""
+        found, row = [], 0
+        for sched in scheduled:
+            state = self.requests[sched.req_id]
+            start = sched.num_computed_tokens
+            end = min(start + sched.num_new_tokens, state.prompt_len - 1)
+            if state.prompt_logprobs is not None and not state.first_sampled and start < end:
+                found.append((state, row, start, end - start))
+            row += sched.num_new_tokens
+        return found
+
+    def _compute_prompt_logprobs(self, hidden: torch.Tensor, prompt_rows) -> None:
+        """Every rank computes the rows' logits (the LM head gathers its vocabulary slices
+        across ranks), PROMPT_LOGPROBS_ROWS at a time; the leader keeps each target token's
+        log-probability under the raw model distribution, its rank and the top-k. Reading
+        them back waits for the device: only steps with such rows pay it."""
+        for state, first_row, first_position, count in prompt_rows:
+            targets = to_device(state.token_ids(first_position + 1, first_position + 1 + count),
+                                self.device, torch.long)
+            logprobs_of, ranks, top = [], [], []
+            for start in range(0, count, PROMPT_LOGPROBS_ROWS):
+                rows = slice(start, min(start + PROMPT_LOGPROBS_ROWS, count))
+                logits = self.model.compute_logits(hidden[first_row + rows.start : first_row + rows.stop])
+                if not self.pg.is_leader:
+                    continue
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                target = logprobs.gather(1, targets[rows, None])
+                logprobs_of += target[:, 0].tolist()
+                ranks += ((logprobs > target).sum(dim=-1) + 1).tolist()
+                if state.prompt_logprobs:
+                    values, ids = logprobs.topk(state.prompt_logprobs, dim=-1)
+                    top += [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                else:
+                    top += [()] * (rows.stop - rows.start)
+            if self.pg.is_leader:
+                self._prompt_logprobs[state.req_id] = PromptLogprobs(
+                    first_position, tuple(logprobs_of), tuple(ranks), tuple(top))
 
     def _is_graphable(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
         """One token-id row per request (decodes): what the captured graphs run."""

@@ -7,7 +7,7 @@ import enum
 
 import torch
 
-from workers.messages import NewRequest
+from workers.messages import NewRequest, PromptLogprobs
 from workers.sampling_params import SamplingParams
 
 
@@ -62,6 +62,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None  # the stop token id that finished it
         self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
+        # Prompt logprobs (sampling_params.prompt_logprobs) of positions 0.. so far, as
+        # (logprob, rank, top) of the token after each; sent once, with the first token.
+        self._prompt_logprobs: list[tuple[float, int, tuple]] = []
+        self._prompt_logprobs_sent = False
         # Own generator so a seeded request samples the same tokens whatever its batch.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
@@ -87,6 +91,24 @@ class Request:
             max_model_len,
             device=device,
         )
+
+    def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        """Keeps the positions not held yet: a recompute after a preemption repeats some."""
+        held = len(self._prompt_logprobs)
+        if chunk.first_position > held:
+            raise RuntimeError(f"request {self.req_id!r}: prompt logprobs from position "
+                               f"{chunk.first_position} came before those from {held}")
+        rows = list(zip(chunk.token_logprobs, chunk.ranks, chunk.top))
+        self._prompt_logprobs.extend(rows[held - chunk.first_position:])
+
+    def take_prompt_logprobs(self) -> PromptLogprobs | None:
+        """Every prompt position's, once (None after, or if the request asked for none)."""
+        if self.sampling_params.prompt_logprobs is None or self.prompt_token_ids is None \
+                or self._prompt_logprobs_sent:
+            return None
+        self._prompt_logprobs_sent = True
+        logprobs, ranks, top = zip(*self._prompt_logprobs) if self._prompt_logprobs else ((), (), ())
+        return PromptLogprobs(0, tuple(logprobs), tuple(ranks), tuple(top))
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k log-probabilities per generated token
+    prompt_logprobs: int | None = None  # top-k log-probabilities per prompt token (token-id prompts)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -60,6 +61,8 @@ class SamplingParams:
              f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
             (self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be between 0 and 20, got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}"),
             (-2.0 <= self.presence_penalty <= 2.0,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workers.block_manager import BlockManager
-from workers.messages import EngineStats, RequestDelta, ScheduledRequest
+from workers.messages import EngineStats, PromptLogprobs, RequestDelta, ScheduledRequest
 from workers.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -274,15 +274,19 @@ class Scheduler:
 
     # -- update ------------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, samples: dict[str, SampleResult]) -> list[RequestDelta]:
-        """Applies a finished step: advances computed tokens, appends sampled tokens, checks
-        stop conditions. One delta per sampled request, then pending abort/length deltas."""
+    def update(self, out: SchedulerOutput, samples: dict[str, SampleResult],
+               prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> list[RequestDelta]:
+        """Applies a finished step: advances computed tokens, keeps the prompt logprobs it
+        computed, appends sampled tokens, checks stop conditions. One delta per sampled
+        request (its first one with its prompt logprobs), then pending abort/length deltas."""
         deltas: list[RequestDelta] = []
         for scheduled in out.scheduled:
             request = self.requests.get(scheduled.req_id)
             if request is None or request.is_finished:
                 continue  # aborted while its step ran; its "abort" delta is pending
             request.num_computed_tokens += scheduled.num_new_tokens
+            if prompt_logprobs and scheduled.req_id in prompt_logprobs:
+                request.add_prompt_logprobs(prompt_logprobs[scheduled.req_id])
             if not scheduled.is_sampled:
                 continue
             if scheduled.req_id not in samples:
@@ -303,6 +307,7 @@ class Scheduler:
             new_logprobs=logprobs,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            prompt_logprobs=request.take_prompt_logprobs(),
         )
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

@@ -138,7 +138,8 @@ class ShardWorker:
     def _mirror(new: NewRequest, prompt_embeds: torch.Tensor | None) -> RequestState:
         """This shard's mirror of the request, with its embeddings rows (if any) on the device."""
         token_ids = list(new.prompt_token_ids) if new.prompt_token_ids else None
-        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds)
+        prompt_logprobs = new.sampling_params.prompt_logprobs if token_ids else None
+        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, prompt_logprobs=prompt_logprobs)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object

@@ -11,12 +11,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.intake import Intake
-from workers.messages import EngineStats, RequestDelta, StepPlan
+from workers.messages import EngineStats, PromptLogprobs, RequestDelta, StepPlan
 from workers.model_runner import ModelRunner
 from workers.parallel import ProcessGroup
 from workers.request import Request
@@ -66,6 +66,7 @@ class LaunchedStep:
 
     out: SchedulerOutput
     samples: SampledTokens | None  # None when the step samples nobody (prefill chunks)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 class LeaderLoop:
@@ -148,7 +149,8 @@ class LeaderLoop:
                           feedback.token_ids if feedback is not None else None)
         logits = self.runner.execute(plan.scheduled)
         sampled = [self.scheduler.get(req_id) for req_id in out.sampled_req_ids]
-        return LaunchedStep(out, self.sampler.launch(logits, sampled) if sampled else None)
+        return LaunchedStep(out, self.sampler.launch(logits, sampled) if sampled else None,
+                            self.runner.take_prompt_logprobs())
 
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """The next step, launched before `launched`'s samples are read, when the batch is
@@ -164,7 +166,7 @@ class LeaderLoop:
         samples = {}
         if launched.samples is not None:
             samples = dict(zip(launched.out.sampled_req_ids, launched.samples.results()))
-        deltas = self.scheduler.update(launched.out, samples)
+        deltas = self.scheduler.update(launched.out, samples, launched.prompt_logprobs)
         self._unsent_tokens += tuple((d.req_id, t) for d in deltas for t in d.new_token_ids)
         self._stats = self.scheduler.stats()
         if deltas:

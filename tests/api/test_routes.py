@@ -98,9 +98,13 @@ class FakeEngine:
                 logprobs = None
                 if params.logprobs is not None:
                     logprobs = ({100 + i: Logprob(-0.5 * (i + 1), 1, piece)},)
+                prompt_logprobs = None  # the first token's update carries the prompt's
+                if i == 0 and params.prompt_logprobs is not None:
+                    prompt_logprobs = [None] + [{t: Logprob(-0.25 * p, 1, f"<{t}>")}
+                                                for p, t in enumerate(prompt.prompt_token_ids[1:], 1)]
                 yield SampleUpdate(piece, (100 + i,), logprobs,
                                    finish_reason="length" if is_last else None,
-                                   first_token_time=start)
+                                   first_token_time=start, prompt_logprobs=prompt_logprobs)
         finally:
             self.closed.add(req_id)
 
@@ -415,6 +419,29 @@ def test_logprobs_shape_and_offsets(client):
     assert logprobs["token_logprobs"] == [-0.5, -1.0, -1.5]
     assert logprobs["top_logprobs"] == [{"[hi|sNone]": -0.5}, {" w1": -1.0}, {" w2": -1.5}]
     assert logprobs["text_offset"] == [0, 10, 13]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_tokens_first(client, tokenizer, stream):
+    """As OpenAI and vLLM answer (lm-evaluation-harness scores texts this way): the echoed
+    prompt's tokens lead the logprobs, the first with none, then the completion's."""
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "logprobs": 1, "stream": stream}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        logprobs = {key: sum((c["choices"][0]["logprobs"][key] for c in chunks), [])
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    else:
+        logprobs, text = response.json()["choices"][0]["logprobs"], response.json()["choices"][0]["text"]
+    first, echo = tokenizer.decode([5]), tokenizer.decode([5, 6, 7])
+    assert text == echo + "[t3|sNone] w1"
+    assert logprobs["tokens"] == [first, "<6>", "<7>", "[t3|sNone]", " w1"]
+    assert logprobs["token_logprobs"] == [None, -0.25, -0.5, -0.5, -1.0]
+    assert logprobs["top_logprobs"] == [None, {"<6>": -0.25}, {"<7>": -0.5}, {"[t3|sNone]": -0.5}, {" w1": -1.0}]
+    assert logprobs["text_offset"] == [0, len(first), len(first) + 3, len(echo), len(echo) + 10]
 
 
 @pytest.mark.parametrize("num_top, expected", [

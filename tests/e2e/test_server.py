@@ -208,6 +208,32 @@ def test_logprobs_shape_and_values_match_the_engine(client, llm):
         offset += len(logprobs.tokens[i])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(client, llm, stream):
+    """How evaluation harnesses score a text (echo, logprobs, one token): the echoed
+    prompt's tokens first, the first with no logprob, each other with its own and the
+    top one, equal to the engine's prompt_logprobs; then the completion's token."""
+    text = "Ray places one shard on each GPU, and"
+    response = complete(client, prompt=text, max_tokens=1, echo=True, logprobs=1, stream=stream)
+    chunks = list(response) if stream else [response]
+    logprobs = {key: sum((getattr(c.choices[0].logprobs, key) for c in chunks if c.choices), [])
+                for key in ("tokens", "token_logprobs", "top_logprobs")}
+    assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(text)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    (expected,) = llm.generate([text], params, use_tqdm=False)
+    ids = expected.prompt_token_ids
+    assert len(logprobs["tokens"]) == len(ids) + 1
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for position in range(1, len(ids)):
+        own = expected.prompt_logprobs[position][ids[position]]
+        assert logprobs["tokens"][position] == own.decoded_token
+        assert logprobs["token_logprobs"][position] == pytest.approx(own.logprob, abs=1e-4)
+        assert own.decoded_token in logprobs["top_logprobs"][position]
+        assert 1 <= len(logprobs["top_logprobs"][position]) <= 2
+    generated = expected.outputs[0].logprobs[0][expected.outputs[0].token_ids[0]]
+    assert logprobs["token_logprobs"][-1] == pytest.approx(generated.logprob, abs=1e-4)
+
+
 def test_n_samples_are_indexed_distinct_and_reproducible_with_seed(client):
     embeds = random_embeds(7)
     sampled = {"temperature": 1.0, "n": 3, "seed": 11, "max_tokens": 8}
