@@ -109,13 +109,19 @@ class CompletionRequest(BaseModel):
         (only with include_usage, as in vLLM)."""
         return self.is_include_usage and bool(self.stream_options.continuous_usage_stats)
 
+    @property
+    def is_echo_only(self) -> bool:
+        """echo with max_tokens 0, as vLLM takes it: the prompt back (with its logprobs, if
+        asked) and nothing generated. The engine still samples one token, unsent."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
         """SamplingParams with OpenAI defaults (temperature 1.0, max_tokens 16, n 1) where a
         field is unset or null; its ValueError becomes a ProtocolError naming the field."""
         values = {name: getattr(self, name) for name in _SAMPLING_FIELDS
                   if getattr(self, name) is not None}
         try:
-            return SamplingParams(max_tokens=self.max_tokens, **values)
+            return SamplingParams(max_tokens=1 if self.is_echo_only else self.max_tokens, **values)
         except ValueError as exc:
             # SamplingParams messages start with the field name ("top_p must be in ...").
             field = str(exc).split(" ", 1)[0]

@@ -291,6 +291,9 @@ class OpenAIServing:
             logprobs += update.logprobs or ()
             prompt_logprobs = update.prompt_logprobs or prompt_logprobs
             last = update
+        finish_reason, stop_reason = last.finish_reason, last.stop_reason
+        if request.is_echo_only:  # the prompt back, without the token sampled for it
+            text, token_ids, logprobs, finish_reason, stop_reason = echo, [], [], "length", None
         openai_logprobs = None
         if choice.params.logprobs is not None:
             openai_logprobs = _openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo))
@@ -298,7 +301,7 @@ class OpenAIServing:
                 openai_logprobs = _joined(self._prompt_logprobs(choice, prompt_logprobs), openai_logprobs)
         return CompletionChoice(
             index=choice.index, text=text, logprobs=openai_logprobs,
-            finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+            finish_reason=finish_reason, stop_reason=stop_reason,
         ), len(token_ids)
 
     def _prompt_logprobs(self, choice: Choice, entries) -> CompletionLogprobs:
@@ -395,6 +398,13 @@ class OpenAIServing:
             echo, num_held = self._echo(request, choice), 0
             offset = len(echo)
             async for update in self._generate(choice):
+                if request.is_echo_only:  # the prompt back, without the token sampled for it
+                    logprobs = None
+                    if update.prompt_logprobs is not None:
+                        logprobs = self._prompt_logprobs(choice, update.prompt_logprobs)
+                    queue.put_nowait((CompletionChoice(index=choice.index, text=echo, logprobs=logprobs,
+                                                       finish_reason="length"), 0))
+                    break
                 logprobs = None
                 if choice.params.logprobs is not None:
                     logprobs = _openai_logprobs(update.token_ids, update.logprobs or (),

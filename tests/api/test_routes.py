@@ -444,6 +444,30 @@ def test_echo_with_logprobs_scores_the_prompt_tokens_first(client, tokenizer, st
     assert logprobs["text_offset"] == [0, len(first), len(first) + 3, len(echo), len(echo) + 10]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_returns_the_scored_prompt_alone(client, tokenizer, stream):
+    """vLLM's echo without generation: the prompt and its logprobs, nothing generated."""
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 0, "echo": True, "logprobs": 0, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        (choice,) = [c["choices"][0] for c in chunks if c["choices"]]
+        usage = chunks[-1]["usage"]
+    else:
+        (choice,), usage = response.json()["choices"], response.json()["usage"]
+    assert choice["text"] == tokenizer.decode([5, 6, 7]) and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == [tokenizer.decode([5]), "<6>", "<7>"]
+    assert choice["logprobs"]["token_logprobs"] == [None, -0.25, -0.5]
+    assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] == 0
+
+
+def test_max_tokens_0_without_echo_is_refused(client):
+    error = error_of(post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400)
+    assert error["param"] == "max_tokens" and "max_tokens must be >= 1" in error["message"]
+
+
 @pytest.mark.parametrize("num_top, expected", [
     (0, {"c": -2.0}), (1, {"a": -0.5, "c": -2.0}), (3, {"a": -0.5, "b": -1.0, "c": -2.0}),
 ])

@@ -234,6 +234,19 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(client, llm, st
     assert logprobs["token_logprobs"][-1] == pytest.approx(generated.logprob, abs=1e-4)
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, llm):
+    text = "The quick brown fox"
+    result = complete(client, prompt=text, max_tokens=0, echo=True, logprobs=0)
+    (choice,) = result.choices
+    assert choice.text == text and choice.finish_reason == "length" and result.usage.completion_tokens == 0
+    (expected,) = llm.generate([text], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
+                               use_tqdm=False)
+    ids = expected.prompt_token_ids
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [expected.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))], abs=1e-4)
+
+
 def test_n_samples_are_indexed_distinct_and_reproducible_with_seed(client):
     embeds = random_embeds(7)
     sampled = {"temperature": 1.0, "n": 3, "seed": 11, "max_tokens": 8}
