@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from api.embeds_codec import decode_prompt_embeds
+from api.logprobs import echoed_prompt_logprobs, joined, openai_logprobs
 from api.metrics import Metrics
 from api.protocol import (
     CompletionChoice,
@@ -294,24 +295,19 @@ class OpenAIServing:
         finish_reason, stop_reason = last.finish_reason, last.stop_reason
         if request.is_echo_only:  # the prompt back, without the token sampled for it
             text, token_ids, logprobs, finish_reason, stop_reason = echo, [], [], "length", None
-        openai_logprobs = None
+        choice_logprobs = None
         if choice.params.logprobs is not None:
-            openai_logprobs = _openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo))
+            choice_logprobs = openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo))
             if prompt_logprobs is not None:
-                openai_logprobs = _joined(self._prompt_logprobs(choice, prompt_logprobs), openai_logprobs)
+                choice_logprobs = joined(self._prompt_logprobs(choice, prompt_logprobs), choice_logprobs)
         return CompletionChoice(
-            index=choice.index, text=text, logprobs=openai_logprobs,
+            index=choice.index, text=text, logprobs=choice_logprobs,
             finish_reason=finish_reason, stop_reason=stop_reason,
         ), len(token_ids)
 
     def _prompt_logprobs(self, choice: Choice, entries) -> CompletionLogprobs:
-        """An echoed prompt's tokens in OpenAI's logprobs shape: the first has none (nothing
-        precedes it), then each with its own and the top ones."""
-        token_ids = list(choice.prompt.prompt_token_ids)
-        first = self.engine.tokenizer.decode(token_ids[:1]) if self.engine.tokenizer is not None else ""
-        rest = _openai_logprobs(token_ids[1:], entries[1:], choice.params.logprobs, len(first))
-        return _joined(CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
-                                          text_offset=[0]), rest)
+        return echoed_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, choice.params.logprobs,
+                                      self.engine.tokenizer)
 
     async def _generate(self, choice: Choice):
         """The engine's updates for one choice, timed for the metrics."""
@@ -407,11 +403,11 @@ class OpenAIServing:
                     break
                 logprobs = None
                 if choice.params.logprobs is not None:
-                    logprobs = _openai_logprobs(update.token_ids, update.logprobs or (),
+                    logprobs = openai_logprobs(update.token_ids, update.logprobs or (),
                                                 choice.params.logprobs, offset)
                     offset += sum(len(t) for t in logprobs.tokens)
                     if update.prompt_logprobs is not None:  # echo: the prompt's come first
-                        logprobs = _joined(self._prompt_logprobs(choice, update.prompt_logprobs), logprobs)
+                        logprobs = joined(self._prompt_logprobs(choice, update.prompt_logprobs), logprobs)
                 if not (echo or update.text or logprobs or update.finish_reason):
                     num_held += len(update.token_ids)  # counted in usage with the next chunk
                     continue  # text held back (a partial character or a possible stop string)
@@ -431,32 +427,6 @@ def _prompt_tokens(choices: list[Choice]) -> int:
     for choice in choices:
         seen[id(choice.prompt)] = choice.prompt.num_tokens
     return sum(seen.values())
-
-
-def _openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> CompletionLogprobs:
-    """Our per-token {token_id: Logprob} dicts in OpenAI's completions logprobs shape:
-    the sampled token's string and logprob, the top `num_top` with the sampled token
-    always among them (as OpenAI and vLLM answer: up to num_top + 1 entries, one for
-    logprobs=0), and text offsets."""
-    out = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries):
-        sampled = entry[token_id]
-        ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
-        out.tokens.append(sampled.decoded_token or "")
-        out.token_logprobs.append(sampled.logprob)
-        top = {lp.decoded_token or "": lp.logprob for lp in ranked[:num_top]}
-        top.setdefault(sampled.decoded_token or "", sampled.logprob)
-        out.top_logprobs.append(top)
-        out.text_offset.append(text_offset)
-        text_offset += len(sampled.decoded_token or "")
-    return out
-
-
-def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
-    return CompletionLogprobs(tokens=first.tokens + second.tokens,
-                              token_logprobs=first.token_logprobs + second.token_logprobs,
-                              top_logprobs=first.top_logprobs + second.top_logprobs,
-                              text_offset=first.text_offset + second.text_offset)
 
 
 def _error_event(exc: BaseException) -> str:

@@ -15,7 +15,8 @@ from starlette.testclient import TestClient
 
 from api.embeds_codec import encode_prompt_embeds
 from api.routes import build_fastapi_app
-from api.serving import OpenAIServing, _openai_logprobs
+from api.logprobs import openai_logprobs
+from api.serving import OpenAIServing
 from cluster.async_engine import SampleUpdate
 from cluster.default_model import default_model_path
 from cluster.engine_client import EngineDeadError, RequestFailedError
@@ -475,7 +476,7 @@ def test_top_logprobs_always_hold_the_sampled_token(num_top, expected):
     # OpenAI: "the API will always return the logprob of the sampled token, so there may be
     # up to logprobs+1 elements"; the sampled token (id 5, ranked third) joins the top ones.
     entry = {1: Logprob(-0.5, 1, "a"), 2: Logprob(-1.0, 2, "b"), 5: Logprob(-2.0, 3, "c")}
-    out = _openai_logprobs([5], [entry], num_top)
+    out = openai_logprobs([5], [entry], num_top)
     assert out.top_logprobs == [expected] and out.tokens == ["c"] and out.token_logprobs == [-2.0]
 
 
