@@ -3,33 +3,50 @@ dicts: for generated tokens, and for an echoed prompt's (vLLM's prompt_logprobs)
 
 from __future__ import annotations
 
+import functools
+
 from api.protocol import CompletionLogprobs
 
 
-def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0) -> CompletionLogprobs:
+def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
+                    as_token_ids: bool = False) -> CompletionLogprobs:
     """Each token's string and logprob, the top `num_top` with the token itself always
     among them (as OpenAI and vLLM answer: up to num_top + 1 entries, one for
-    logprobs=0), and text offsets from `text_offset`."""
+    logprobs=0), and text offsets from `text_offset`. as_token_ids (vLLM's
+    return_tokens_as_token_ids): tokens and top keys read "token_id:<id>", for tokens
+    whose text is not theirs alone (part of a character, or a model without a tokenizer)."""
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         sampled = entry[token_id]
-        ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
-        out.tokens.append(sampled.decoded_token or "")
+        name = functools.partial(_token_name, entry, as_token_ids=as_token_ids)
+        ranked = sorted((tid for tid, lp in entry.items() if lp.rank is not None), key=lambda tid: entry[tid].rank)
+        out.tokens.append(name(token_id))
         out.token_logprobs.append(sampled.logprob)
-        top = {lp.decoded_token or "": lp.logprob for lp in ranked[:num_top]}
-        top.setdefault(sampled.decoded_token or "", sampled.logprob)
+        top = {name(tid): entry[tid].logprob for tid in ranked[:num_top]}
+        top.setdefault(name(token_id), sampled.logprob)
         out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
     return out
 
 
-def echoed_prompt_logprobs(token_ids: list[int], entries, num_top: int, tokenizer) -> CompletionLogprobs:
+def decoded_length(token_ids, entries) -> int:
+    """Characters the tokens' texts take: where the next token's text_offset starts."""
+    return sum(len(entry[token_id].decoded_token or "") for token_id, entry in zip(token_ids, entries))
+
+
+def _token_name(entry, token_id: int, *, as_token_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_token_ids else entry[token_id].decoded_token or ""
+
+
+def echoed_prompt_logprobs(token_ids: list[int], entries, num_top: int, tokenizer,
+                           as_token_ids: bool = False) -> CompletionLogprobs:
     """An echoed prompt's tokens: the first has none (nothing precedes it; its string from
     `tokenizer`, "" without one), then each with its own and the top ones."""
     first = tokenizer.decode(token_ids[:1]) if tokenizer is not None else ""
-    head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
-    return joined(head, openai_logprobs(token_ids[1:], entries[1:], num_top, len(first)))
+    name = f"token_id:{token_ids[0]}" if as_token_ids else first
+    head = CompletionLogprobs(tokens=[name], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return joined(head, openai_logprobs(token_ids[1:], entries[1:], num_top, len(first), as_token_ids))
 
 
 def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:

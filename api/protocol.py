@@ -73,6 +73,7 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    return_tokens_as_token_ids: bool | None = None  # logprobs' tokens as "token_id:<id>"
 
     @model_validator(mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from api.embeds_codec import decode_prompt_embeds
-from api.logprobs import echoed_prompt_logprobs, joined, openai_logprobs
+from api.logprobs import decoded_length, echoed_prompt_logprobs, joined, openai_logprobs
 from api.metrics import Metrics
 from api.protocol import (
     CompletionChoice,
@@ -297,17 +297,18 @@ class OpenAIServing:
             text, token_ids, logprobs, finish_reason, stop_reason = echo, [], [], "length", None
         choice_logprobs = None
         if choice.params.logprobs is not None:
-            choice_logprobs = openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo))
+            choice_logprobs = openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo),
+                                              bool(request.return_tokens_as_token_ids))
             if prompt_logprobs is not None:
-                choice_logprobs = joined(self._prompt_logprobs(choice, prompt_logprobs), choice_logprobs)
+                choice_logprobs = joined(self._prompt_logprobs(request, choice, prompt_logprobs), choice_logprobs)
         return CompletionChoice(
             index=choice.index, text=text, logprobs=choice_logprobs,
             finish_reason=finish_reason, stop_reason=stop_reason,
         ), len(token_ids)
 
-    def _prompt_logprobs(self, choice: Choice, entries) -> CompletionLogprobs:
+    def _prompt_logprobs(self, request: CompletionRequest, choice: Choice, entries) -> CompletionLogprobs:
         return echoed_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, choice.params.logprobs,
-                                      self.engine.tokenizer)
+                                      self.engine.tokenizer, bool(request.return_tokens_as_token_ids))
 
     async def _generate(self, choice: Choice):
         """The engine's updates for one choice, timed for the metrics."""
@@ -397,17 +398,17 @@ class OpenAIServing:
                 if request.is_echo_only:  # the prompt back, without the token sampled for it
                     logprobs = None
                     if update.prompt_logprobs is not None:
-                        logprobs = self._prompt_logprobs(choice, update.prompt_logprobs)
+                        logprobs = self._prompt_logprobs(request, choice, update.prompt_logprobs)
                     queue.put_nowait((CompletionChoice(index=choice.index, text=echo, logprobs=logprobs,
                                                        finish_reason="length"), 0))
                     break
                 logprobs = None
                 if choice.params.logprobs is not None:
-                    logprobs = openai_logprobs(update.token_ids, update.logprobs or (),
-                                                choice.params.logprobs, offset)
-                    offset += sum(len(t) for t in logprobs.tokens)
+                    logprobs = openai_logprobs(update.token_ids, update.logprobs or (), choice.params.logprobs,
+                                               offset, bool(request.return_tokens_as_token_ids))
+                    offset += decoded_length(update.token_ids, update.logprobs or ())
                     if update.prompt_logprobs is not None:  # echo: the prompt's come first
-                        logprobs = joined(self._prompt_logprobs(choice, update.prompt_logprobs), logprobs)
+                        logprobs = joined(self._prompt_logprobs(request, choice, update.prompt_logprobs), logprobs)
                 if not (echo or update.text or logprobs or update.finish_reason):
                     num_held += len(update.token_ids)  # counted in usage with the next chunk
                     continue  # text held back (a partial character or a possible stop string)

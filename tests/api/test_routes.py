@@ -464,6 +464,17 @@ def test_echo_with_max_tokens_0_returns_the_scored_prompt_alone(client, tokenize
     assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] == 0
 
 
+def test_return_tokens_as_token_ids_names_tokens_by_id(client, tokenizer):
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "logprobs": 1,
+            "return_tokens_as_token_ids": True}
+    logprobs = post(client, body).json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["token_id:5", "token_id:6", "token_id:7", "token_id:100", "token_id:101"]
+    assert logprobs["top_logprobs"][1:] == [{"token_id:6": -0.25}, {"token_id:7": -0.5},
+                                            {"token_id:100": -0.5}, {"token_id:101": -1.0}]
+    echo = tokenizer.decode([5, 6, 7])  # offsets still index the text
+    assert logprobs["text_offset"][3:] == [len(echo), len(echo) + len("[t3|sNone]")]
+
+
 def test_max_tokens_0_without_echo_is_refused(client):
     error = error_of(post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400)
     assert error["param"] == "max_tokens" and "max_tokens must be >= 1" in error["message"]

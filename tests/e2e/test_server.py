@@ -247,6 +247,16 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, llm):
         [expected.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))], abs=1e-4)
 
 
+def test_return_tokens_as_token_ids_names_the_engine_tokens(client, llm):
+    result = complete(client, prompt="The quick brown fox", max_tokens=4, logprobs=2,
+                      extra_body={"return_tokens_as_token_ids": True})
+    (expected,) = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                               use_tqdm=False)
+    logprobs = result.choices[0].logprobs
+    assert logprobs.tokens == [f"token_id:{t}" for t in expected.outputs[0].token_ids]
+    assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
+
+
 def test_n_samples_are_indexed_distinct_and_reproducible_with_seed(client):
     embeds = random_embeds(7)
     sampled = {"temperature": 1.0, "n": 3, "seed": 11, "max_tokens": 8}
