@@ -49,5 +49,6 @@ def detokenize(engine, request: DetokenizeRequest) -> DetokenizeResponse:
 
 def _tokenizer(engine):
     if engine.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer; send prompt_token_ids or prompt_embeds")
+        raise APIError(400, "this model has no tokenizer, so it has no text to tokenize or detokenize; "
+                       "send token ids (a list of ids as the prompt) or prompt_embeds to /v1/completions")
     return engine.tokenizer

@@ -173,8 +173,8 @@ def _tokenize(text, tokenizer) -> tuple[int, ...]:
         raise ValueError(f"'prompt' must be a string, got {type(text).__name__}")
     if tokenizer is None:
         raise ValueError(
-            "this model has no tokenizer, so text prompts cannot be used; "
-            "send prompt_token_ids or prompt_embeds"
+            "this model has no tokenizer, so text prompts cannot be used; send token ids "
+            "(prompt_token_ids offline, a list of ids as the prompt over HTTP) or prompt_embeds"
         )
     ids = tuple(tokenizer.encode(text))
     if not ids:

@@ -48,3 +48,14 @@ def test_a_shape_name_with_dummy_weights_resolves_to_its_config_folder():
 def test_a_shape_name_without_dummy_weights_is_not_a_folder():
     with pytest.raises(ValueError, match=r"'llama-3.1-8b' is not a folder.*load_format 'dummy'.*llama-3.2-1b"):
         EngineArgs("llama-3.1-8b", device="cpu").resolve()
+
+
+def test_a_shape_without_a_tokenizer_refuses_text_and_says_what_to_send():
+    from cluster.prompts import parse_prompt
+
+    config, tokenizer = EngineArgs("llama-3.2-1b", load_format="dummy", device="cpu", max_model_len=64).resolve()
+    kwargs = dict(tokenizer=tokenizer, vocab_size=config.model_config.vocab_size,
+                  hidden_size=config.model_config.hidden_size, dtype=config.torch_dtype, enable_prompt_embeds=True)
+    with pytest.raises(ValueError, match=r"no tokenizer.*a list of ids as the prompt over HTTP"):
+        parse_prompt("hello", **kwargs)
+    assert parse_prompt({"prompt_token_ids": [1, 2]}, **kwargs).prompt_token_ids == (1, 2)
