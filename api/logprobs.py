@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from api.protocol import CompletionLogprobs
+from api.protocol import CompletionLogprobs, PromptLogprob
 
 
 def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
@@ -47,6 +47,16 @@ def echoed_prompt_logprobs(token_ids: list[int], entries, num_top: int, tokenize
     name = f"token_id:{token_ids[0]}" if as_token_ids else first
     head = CompletionLogprobs(tokens=[name], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
     return joined(head, openai_logprobs(token_ids[1:], entries[1:], num_top, len(first), as_token_ids))
+
+
+def vllm_prompt_logprobs(token_ids: list[int], entries, num_top: int) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's prompt_logprobs field: None for the first token, then each token's own entry
+    and those ranked within num_top (the engine may have computed more, for echo)."""
+    out: list[dict[int, PromptLogprob] | None] = [None]
+    for token_id, entry in zip(token_ids[1:], entries[1:]):
+        out.append({tid: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+                    for tid, lp in entry.items() if tid == token_id or (lp.rank or 0) <= num_top})
+    return out
 
 
 def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:

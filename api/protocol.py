@@ -23,6 +23,7 @@ _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "include_stop_str_in_output", "skip_special_tokens", "logit_bias", "truncate_prompt_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -74,6 +75,7 @@ class CompletionRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # logprobs' tokens as "token_id:<id>"
+    prompt_logprobs: int | None = None  # vLLM's: each choice's prompt_logprobs, top-k per prompt token
 
     @model_validator(mode="before")
     @classmethod
@@ -181,12 +183,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One entry of vLLM's prompt_logprobs."""
+
+    logprob: float
+    rank: int | None = None  # 1 = most likely
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # vLLM's, with prompt_logprobs: None for the first prompt token, then {token id: entry}
+    # (the token's own and the top-k); in a stream, in the choice's first chunk.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class UsageInfo(BaseModel):

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from api.embeds_codec import decode_prompt_embeds
-from api.logprobs import decoded_length, echoed_prompt_logprobs, joined, openai_logprobs
+from api.logprobs import decoded_length, echoed_prompt_logprobs, joined, openai_logprobs, vllm_prompt_logprobs
 from api.metrics import Metrics
 from api.protocol import (
     CompletionChoice,
@@ -192,10 +192,13 @@ class OpenAIServing:
             inputs = split_prompts(request)
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        if params.prompt_logprobs is not None and any(i.kind == "embeds" for i in inputs):
+            raise APIError(400, "prompt_logprobs needs prompts of text or token ids; prompt_embeds "
+                           "have no tokens to score", param="prompt_logprobs")
         if request.echo and params.logprobs is not None:
             # The echoed prompt's tokens get theirs too, as OpenAI and vLLM answer (how
             # evaluation harnesses score a text's likelihood).
-            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
+            params = dataclasses.replace(params, prompt_logprobs=max(params.logprobs, params.prompt_logprobs or 0))
         try:
             params.check_vocab(self.engine.vocab_size)
             truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
@@ -304,7 +307,13 @@ class OpenAIServing:
         return CompletionChoice(
             index=choice.index, text=text, logprobs=choice_logprobs,
             finish_reason=finish_reason, stop_reason=stop_reason,
+            prompt_logprobs=self._vllm_prompt_logprobs(request, choice, prompt_logprobs),
         ), len(token_ids)
+
+    def _vllm_prompt_logprobs(self, request: CompletionRequest, choice: Choice, entries):
+        if request.prompt_logprobs is None or entries is None:
+            return None
+        return vllm_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, request.prompt_logprobs)
 
     def _prompt_logprobs(self, request: CompletionRequest, choice: Choice, entries) -> CompletionLogprobs:
         return echoed_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, choice.params.logprobs,
@@ -399,8 +408,9 @@ class OpenAIServing:
                     logprobs = None
                     if update.prompt_logprobs is not None:
                         logprobs = self._prompt_logprobs(request, choice, update.prompt_logprobs)
-                    queue.put_nowait((CompletionChoice(index=choice.index, text=echo, logprobs=logprobs,
-                                                       finish_reason="length"), 0))
+                    queue.put_nowait((CompletionChoice(
+                        index=choice.index, text=echo, logprobs=logprobs, finish_reason="length",
+                        prompt_logprobs=self._vllm_prompt_logprobs(request, choice, update.prompt_logprobs)), 0))
                     break
                 logprobs = None
                 if choice.params.logprobs is not None:
@@ -413,7 +423,9 @@ class OpenAIServing:
                     num_held += len(update.token_ids)  # counted in usage with the next chunk
                     continue  # text held back (a partial character or a possible stop string)
                 chunk = CompletionChoice(index=choice.index, text=echo + update.text, logprobs=logprobs,
-                                         finish_reason=update.finish_reason, stop_reason=update.stop_reason)
+                                         finish_reason=update.finish_reason, stop_reason=update.stop_reason,
+                                         prompt_logprobs=self._vllm_prompt_logprobs(request, choice,
+                                                                                    update.prompt_logprobs))
                 echo = ""
                 queue.put_nowait((chunk, num_held + len(update.token_ids)))
                 num_held = 0

@@ -73,7 +73,7 @@ def test_nulls_mean_defaults_and_null_max_tokens_means_fill_the_context():
 
 @pytest.mark.parametrize("name, value", [
     ("suffix", "tail"), ("best_of", 2), ("best_of", True),
-    ("guided_json", {"type": "object"}), ("prompt_logprobs", 1), ("use_beam_search", True), ("frobnicate", 1),
+    ("guided_json", {"type": "object"}), ("use_beam_search", True), ("frobnicate", 1),
 ])
 def test_unsupported_and_unknown_fields_are_rejected_by_name(name, value):
     error = rejected(model="m", prompt="hi", **{name: value})

@@ -475,6 +475,28 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(client, tokenizer):
     assert logprobs["text_offset"][3:] == [len(echo), len(echo) + len("[t3|sNone]")]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_prompt_logprobs_field_comes_with_each_choice(client, stream):
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "prompt_logprobs": 1, "n": 2, "stream": stream}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        found = [c["choices"][0]["prompt_logprobs"] for c in chunks if c["choices"][0]["prompt_logprobs"]]
+    else:
+        found = [c["prompt_logprobs"] for c in response.json()["choices"]]
+        assert all(c["logprobs"] is None for c in response.json()["choices"])  # not asked
+    expected = [None, {"6": {"logprob": -0.25, "rank": 1, "decoded_token": "<6>"}},
+                {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "<7>"}}]
+    assert found == [expected, expected]  # once per choice (in its first chunk when streamed)
+
+
+def test_prompt_logprobs_of_prompt_embeds_are_refused(client):
+    body = {"model": MODEL, "prompt": "", "prompt_embeds": embeds(1), "max_tokens": 2, "prompt_logprobs": 1}
+    error = error_of(post(client, body), 400)
+    assert error["param"] == "prompt_logprobs" and "no tokens to score" in error["message"]
+
+
 def test_max_tokens_0_without_echo_is_refused(client):
     error = error_of(post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400)
     assert error["param"] == "max_tokens" and "max_tokens must be >= 1" in error["message"]

@@ -257,6 +257,20 @@ def test_return_tokens_as_token_ids_names_the_engine_tokens(client, llm):
     assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
 
 
+def test_vllm_prompt_logprobs_field_equals_the_engine(client, llm):
+    text = "Ray places one shard on each GPU, and"
+    result = complete(client, prompt=text, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    served = result.choices[0].model_extra["prompt_logprobs"]
+    (expected,) = llm.generate([text], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
+                               use_tqdm=False)
+    assert served[0] is None and len(served) == len(expected.prompt_logprobs)
+    for got, want in zip(served[1:], expected.prompt_logprobs[1:]):
+        assert {int(t) for t in got} == set(want)
+        for token_id, entry in want.items():
+            assert got[str(token_id)]["logprob"] == pytest.approx(entry.logprob, abs=1e-4)
+            assert (got[str(token_id)]["rank"], got[str(token_id)]["decoded_token"]) == (entry.rank, entry.decoded_token)
+
+
 def test_n_samples_are_indexed_distinct_and_reproducible_with_seed(client):
     embeds = random_embeds(7)
     sampled = {"temperature": 1.0, "n": 3, "seed": 11, "max_tokens": 8}
