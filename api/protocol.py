@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from cluster import SamplingParams  # re-exported: api imports cluster, never workers
@@ -198,8 +198,16 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     # vLLM's, with prompt_logprobs: None for the first prompt token, then {token id: entry}
-    # (the token's own and the top-k); in a stream, in the choice's first chunk.
+    # (the token's own and the top-k); in a stream, in the choice's first chunk. Left out of
+    # the JSON when not asked for.
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_prompt_logprobs(self, handler):
+        data = handler(self)
+        if self.prompt_logprobs is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class UsageInfo(BaseModel):

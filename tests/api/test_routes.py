@@ -482,13 +482,15 @@ def test_vllm_prompt_logprobs_field_comes_with_each_choice(client, stream):
     assert response.status_code == 200, response.text
     if stream:
         chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
-        found = [c["choices"][0]["prompt_logprobs"] for c in chunks if c["choices"][0]["prompt_logprobs"]]
+        found = [c["choices"][0]["prompt_logprobs"] for c in chunks if "prompt_logprobs" in c["choices"][0]]
     else:
         found = [c["prompt_logprobs"] for c in response.json()["choices"]]
         assert all(c["logprobs"] is None for c in response.json()["choices"])  # not asked
     expected = [None, {"6": {"logprob": -0.25, "rank": 1, "decoded_token": "<6>"}},
                 {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "<7>"}}]
     assert found == [expected, expected]  # once per choice (in its first chunk when streamed)
+    plain = post(client, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2}).json()["choices"][0]
+    assert "prompt_logprobs" not in plain  # left out when not asked for
 
 
 def test_prompt_logprobs_of_prompt_embeds_are_refused(client):
