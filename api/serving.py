@@ -302,7 +302,7 @@ class OpenAIServing:
         if choice.params.logprobs is not None:
             choice_logprobs = openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo),
                                               bool(request.return_tokens_as_token_ids))
-            if prompt_logprobs is not None:
+            if request.echo and prompt_logprobs is not None:  # the echoed prompt's come first
                 choice_logprobs = joined(self._prompt_logprobs(request, choice, prompt_logprobs), choice_logprobs)
         return CompletionChoice(
             index=choice.index, text=text, logprobs=choice_logprobs,
@@ -417,7 +417,7 @@ class OpenAIServing:
                     logprobs = openai_logprobs(update.token_ids, update.logprobs or (), choice.params.logprobs,
                                                offset, bool(request.return_tokens_as_token_ids))
                     offset += decoded_length(update.token_ids, update.logprobs or ())
-                    if update.prompt_logprobs is not None:  # echo: the prompt's come first
+                    if request.echo and update.prompt_logprobs is not None:  # the echoed prompt's come first
                         logprobs = joined(self._prompt_logprobs(request, choice, update.prompt_logprobs), logprobs)
                 if not (echo or update.text or logprobs or update.finish_reason):
                     num_held += len(update.token_ids)  # counted in usage with the next chunk

@@ -493,6 +493,19 @@ def test_vllm_prompt_logprobs_field_comes_with_each_choice(client, stream):
     assert "prompt_logprobs" not in plain  # left out when not asked for
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_logprobs_without_echo_leave_the_completions_logprobs_to_generated_tokens(client, stream):
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "prompt_logprobs": 1, "logprobs": 1,
+            "stream": stream}
+    response = post(client, body)
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")] \
+        if stream else [response.json()]
+    tokens = sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks), [])
+    assert tokens == ["[t3|sNone]", " w1"]
+    assert [c["choices"][0]["prompt_logprobs"] for c in chunks if "prompt_logprobs" in c["choices"][0]][0][1] \
+        == {"6": {"logprob": -0.25, "rank": 1, "decoded_token": "<6>"}}
+
+
 def test_prompt_logprobs_of_prompt_embeds_are_refused(client):
     body = {"model": MODEL, "prompt": "", "prompt_embeds": embeds(1), "max_tokens": 2, "prompt_logprobs": 1}
     error = error_of(post(client, body), 400)
