@@ -18,14 +18,12 @@ from workers.loader import load_weights
 from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
 from workers.models import get_model_class
 from workers.parallel import ProcessGroup
+from workers.prompt_logprobs import compute_prompt_logprobs, prompt_logprob_rows
 from workers.transfer import to_device
 
 # SHARDSERVE_PREFILL_GRAPHS=0 runs one request's prefill eagerly (an ablation switch).
 USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
-# Prompt rows whose logits are computed at once for prompt_logprobs: 512 x a 128K vocab of
-# float32 is 256 MB.
-PROMPT_LOGPROBS_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ class ModelRunner:
             return None
         if self._is_graphable(scheduled):  # decodes: no row predicts a prompt token
             return self._execute_graph(scheduled)
-        prompt_rows = self._prompt_logprob_rows(scheduled)
+        prompt_rows = prompt_logprob_rows(scheduled, self.requests)
         if self.prefill_graphs is not None and not prompt_rows:  # the graphs keep only the last row
             logits = self._execute_prefill_graph(scheduled)
             if logits is not False:
@@ -196,52 +194,10 @@ class ModelRunner:
             embeds_mask=inputs.embeds_mask,
         )
         if prompt_rows:
-            self._compute_prompt_logprobs(hidden, prompt_rows)
+            self._prompt_logprobs = compute_prompt_logprobs(self.model, hidden, prompt_rows, self.pg.is_leader)
         if inputs.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden[inputs.sample_rows])
-
-    def _prompt_logprob_rows(self, scheduled: tuple[ScheduledRequest, ...]):
-        """(state, first row of the step, first position, rows) of each request that asked
-        for prompt logprobs, for this step's rows that predict one of its prompt tokens.
-        Only until its first sample: a recompute after a later preemption has none; one
-        after an earlier preemption repeats rows, and the leader keeps the first copy."""
-        found, row = [], 0
-        for sched in scheduled:
-            state = self.requests[sched.req_id]
-            start = sched.num_computed_tokens
-            end = min(start + sched.num_new_tokens, state.prompt_len - 1)
-            if state.prompt_logprobs is not None and not state.first_sampled and start < end:
-                found.append((state, row, start, end - start))
-            row += sched.num_new_tokens
-        return found
-
-    def _compute_prompt_logprobs(self, hidden: torch.Tensor, prompt_rows) -> None:
-        """Every rank computes the rows' logits (the LM head gathers its vocabulary slices
-        across ranks), PROMPT_LOGPROBS_ROWS at a time; the leader keeps each target token's
-        log-probability under the raw model distribution, its rank and the top-k. Reading
-        them back waits for the device: only steps with such rows pay it."""
-        for state, first_row, first_position, count in prompt_rows:
-            targets = to_device(state.token_ids(first_position + 1, first_position + 1 + count),
-                                self.device, torch.long)
-            logprobs_of, ranks, top = [], [], []
-            for start in range(0, count, PROMPT_LOGPROBS_ROWS):
-                rows = slice(start, min(start + PROMPT_LOGPROBS_ROWS, count))
-                logits = self.model.compute_logits(hidden[first_row + rows.start : first_row + rows.stop])
-                if not self.pg.is_leader:
-                    continue
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                target = logprobs.gather(1, targets[rows, None])
-                logprobs_of += target[:, 0].tolist()
-                ranks += ((logprobs > target).sum(dim=-1) + 1).tolist()
-                if state.prompt_logprobs:
-                    values, ids = logprobs.topk(state.prompt_logprobs, dim=-1)
-                    top += [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-                else:
-                    top += [()] * (rows.stop - rows.start)
-            if self.pg.is_leader:
-                self._prompt_logprobs[state.req_id] = PromptLogprobs(
-                    first_position, tuple(logprobs_of), tuple(ranks), tuple(top))
 
     def _is_graphable(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
         """One token-id row per request (decodes): what the captured graphs run."""
