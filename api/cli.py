@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from api.serving import DEFAULT_MAX_WAITING_REQUESTS
+from api.admission import DEFAULT_MAX_WAITING_REQUESTS
 from api.settings import ServerSettings
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S
 

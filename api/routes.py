@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
-from api.serving import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError, OpenAIServing
+from api.errors import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError
+from api.serving import OpenAIServing
 from api.tokenization import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from cluster.engine_client import EngineDeadError, RequestFailedError
 

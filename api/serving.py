@@ -18,6 +18,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from api.embeds_codec import decode_prompt_embeds
+from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
+from api.errors import ENGINE_UNAVAILABLE, APIError
 from api.logprobs import decoded_length, echoed_prompt_logprobs, joined, openai_logprobs, vllm_prompt_logprobs
 from api.metrics import Metrics
 from api.protocol import (
@@ -42,53 +44,6 @@ from cluster import SamplingParams
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
-# Choices admitted beyond the engine's max_num_seqs before new requests are refused.
-DEFAULT_MAX_WAITING_REQUESTS = 1024
-RETRY_AFTER_S = 1
-ENGINE_UNAVAILABLE = "the engine is unavailable (a shard failed or stopped); retry shortly"
-
-
-class APIError(Exception):
-    """An answer other than 200: status, message, OpenAI error type and param."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
-        self.retry_after_s = retry_after_s
-
-
-class Admission:
-    """Backpressure: a bound on choices in the engine (running + waiting). A request is
-    admitted whole or refused with a 503 + Retry-After, so the queue never grows unbounded;
-    one larger than the bound itself is a 400 (retrying could never help)."""
-
-    def __init__(self, max_in_flight: int):
-        self.max_in_flight = max_in_flight
-        self.num_in_flight = 0
-
-    def reserve(self, num_choices: int) -> "Reservation":
-        if num_choices > self.max_in_flight:  # never admitted, however long the client waits
-            raise APIError(400, f"this request asks for {num_choices} choices (prompts x n); the server "
-                           f"runs at most {self.max_in_flight} at once", param="n")
-        if self.num_in_flight + num_choices > self.max_in_flight:
-            raise APIError(503, f"the server is at capacity ({self.num_in_flight} requests in flight, "
-                           f"limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
-                           type="service_unavailable", retry_after_s=RETRY_AFTER_S)
-        self.num_in_flight += num_choices
-        return Reservation(self, num_choices)
-
-
-class Reservation:
-    def __init__(self, admission: Admission, num_choices: int):
-        self._admission, self._num_choices = admission, num_choices
-
-    def release(self) -> None:
-        """Idempotent: called when the request ends, and again if its stream is dropped."""
-        self._admission.num_in_flight -= self._num_choices
-        self._num_choices = 0
-
-
 @dataclass(eq=False)
 class Choice:
     """One (prompt, sample) pair of a request, in response order, its engine request

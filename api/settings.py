@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.serving import DEFAULT_MAX_EMBEDS_BYTES, DEFAULT_MAX_WAITING_REQUESTS
+from api.admission import DEFAULT_MAX_WAITING_REQUESTS
+from api.serving import DEFAULT_MAX_EMBEDS_BYTES
 from api.routes import DEFAULT_MAX_BODY_BYTES
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S

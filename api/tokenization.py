@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from api.serving import APIError
+from api.errors import APIError
 
 
 class TokenizeRequest(BaseModel):

@@ -17,7 +17,8 @@ from starlette.testclient import TestClient
 from api.embeds_codec import encode_prompt_embeds
 from api.protocol import CompletionRequest
 from api.routes import build_fastapi_app
-from api.serving import APIError, OpenAIServing
+from api.errors import APIError
+from api.serving import OpenAIServing
 from cluster.engine_client import EngineDeadError
 from tests.api.test_routes import H, MODEL, FakeEngine, error_of, post, sse_events, tokenizer  # noqa: F401
 
