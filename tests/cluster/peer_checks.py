@@ -1,6 +1,6 @@
-"""What the peer-check modules share: their prompts, the comparison of one output with
-Hugging Face's greedy reference, and the skip for a tensor-parallel size the machine's
-GPUs cannot hold."""
+"""What the peer-check modules share: their prompts (and seeded random token ids), the
+comparison of one output with Hugging Face's greedy reference, and the skip for a
+tensor-parallel size the machine's GPUs cannot hold."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 
 MAX_TOKENS = 8
 LOGPROBS = 5
+
+
+def random_ids(seed: int, length: int, vocab: int) -> list[int]:
+    """Seeded random token ids in [5, vocab): clear of the small ids tokenizers keep for specials."""
+    return torch.randint(5, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def peer_prompts(hf_model):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
+from tests.cluster.peer_checks import random_ids
 from tests.hf_reference import hf_greedy, load_hf_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -26,10 +27,6 @@ def llm(ray_cluster):
 @pytest.fixture(scope="module")
 def hf_model(llm):
     return load_hf_model(llm.config.model)
-
-
-def _random_ids(seed: int, length: int, vocab: int) -> list[int]:
-    return torch.randint(5, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def test_text_prompts_match_hf(llm, hf_model):
@@ -73,7 +70,7 @@ def _generate_staggered(engine, prompts, params_list):
 def test_continuous_batching_matches_each_alone(llm):
     vocab = llm.config.model_config.vocab_size
     lengths, max_tokens = [3, 40, 17, 70, 9, 33], [20, 6, 14, 9, 25, 12]
-    prompts = [_random_ids(i, n, vocab) for i, n in enumerate(lengths)]
+    prompts = [random_ids(i, n, vocab) for i, n in enumerate(lengths)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     alone = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
              for p, sp in zip(prompts, params)]
@@ -90,7 +87,7 @@ def test_request_metrics_record_arrival_first_token_and_finish(llm):
     vocab = llm.config.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2)
     start = time.time()
-    outputs = llm.generate([{"prompt_token_ids": _random_ids(i, 8, vocab)} for i in range(3)], params,
+    outputs = llm.generate([{"prompt_token_ids": random_ids(i, 8, vocab)} for i in range(3)], params,
                            use_tqdm=False)
     end = time.time()
     for output in outputs:
@@ -104,7 +101,7 @@ def test_preemption_under_kv_pressure_keeps_outputs(ray_cluster):
     # 20 blocks of 16 tokens: six 60-token requests cannot all be resident at once.
     with LLM(tensor_parallel_size=2, max_model_len=256, kv_cache_memory_bytes=20 * 32 * 1024) as small:
         vocab = small.config.model_config.vocab_size
-        prompts = [{"prompt_token_ids": _random_ids(100 + i, 40, vocab)} for i in range(6)]
+        prompts = [{"prompt_token_ids": random_ids(100 + i, 40, vocab)} for i in range(6)]
         params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
         together = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
         alone = [small.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
@@ -184,7 +181,7 @@ def test_profile_writes_a_trace_and_table_per_rank(llm, tmp_path):
     """start_profile / stop_profile: every rank's step-loop work (its model's matmuls)
     is in its own trace; stopping twice is an error that names the fix."""
     llm.start_profile()
-    llm.generate([{"prompt_token_ids": _random_ids(7, 10, 1536)}], GREEDY, use_tqdm=False)
+    llm.generate([{"prompt_token_ids": random_ids(7, 10, 1536)}], GREEDY, use_tqdm=False)
     paths = llm.stop_profile(str(tmp_path / "profile"))
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["rank0.json", "rank0.txt", "rank1.json", "rank1.txt"]
     for rank in (0, 1):
@@ -193,7 +190,7 @@ def test_profile_writes_a_trace_and_table_per_rank(llm, tmp_path):
         assert "Self CPU" in (tmp_path / "profile" / f"rank{rank}.txt").read_text()
     with pytest.raises(Exception, match="start_profile first"):
         llm.stop_profile(str(tmp_path / "again"))
-    assert llm.generate([{"prompt_token_ids": _random_ids(8, 5, 1536)}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate([{"prompt_token_ids": random_ids(8, 5, 1536)}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_truncate_prompt_tokens_generates_from_the_last_tokens_and_rows(llm):

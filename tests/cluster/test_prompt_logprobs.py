@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
+from tests.cluster.peer_checks import random_ids
 from tests.hf_reference import load_hf_model
 from workers.messages import PromptLogprobs
 from workers.request import Request
@@ -28,10 +29,6 @@ def hf_model(llm):
     return load_hf_model(llm.config.model)
 
 
-def _ids(seed: int, length: int, vocab: int) -> list[int]:
-    return torch.randint(5, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @torch.inference_mode()
 def _hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     """[len(ids), vocab]: row p is the distribution of the token after position p."""
@@ -40,7 +37,7 @@ def _hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
 
 def test_prompt_logprobs_match_hf_across_chunks(llm, hf_model):
     vocab = llm.config.model_config.vocab_size
-    prompts = [_ids(1, 40, vocab), _ids(2, 7, vocab)]
+    prompts = [random_ids(1, 40, vocab), random_ids(2, 7, vocab)]
     scored = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=5, n=2)
     plain = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     # A request without prompt logprobs shares the steps: its tokens and theirs are unchanged.
@@ -67,7 +64,7 @@ def test_prompt_logprobs_match_hf_across_chunks(llm, hf_model):
 
 def test_prompt_logprobs_zero_give_each_token_its_own_and_one_token_has_none(llm):
     vocab = llm.config.model_config.vocab_size
-    ids = _ids(3, 9, vocab)
+    ids = random_ids(3, 9, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0)
     long, short = llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[:1]}], params, use_tqdm=False)
     assert [list(e) for e in long.prompt_logprobs[1:]] == [[t] for t in ids[1:]]
