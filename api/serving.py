@@ -257,8 +257,9 @@ class OpenAIServing:
         if choice.params.logprobs is not None:
             choice_logprobs = openai_logprobs(token_ids, logprobs, choice.params.logprobs, len(echo),
                                               bool(request.return_tokens_as_token_ids))
-            if request.echo and prompt_logprobs is not None:  # the echoed prompt's come first
-                choice_logprobs = joined(self._prompt_logprobs(request, choice, prompt_logprobs), choice_logprobs)
+            echoed = self._echoed_logprobs(request, choice, prompt_logprobs)
+            if echoed is not None:  # the echoed prompt's come first
+                choice_logprobs = joined(echoed, choice_logprobs)
         return CompletionChoice(
             index=choice.index, text=text, logprobs=choice_logprobs,
             finish_reason=finish_reason, stop_reason=stop_reason,
@@ -270,7 +271,11 @@ class OpenAIServing:
             return None
         return vllm_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, request.prompt_logprobs)
 
-    def _prompt_logprobs(self, request: CompletionRequest, choice: Choice, entries) -> CompletionLogprobs:
+    def _echoed_logprobs(self, request: CompletionRequest, choice: Choice, entries) -> CompletionLogprobs | None:
+        """The echoed prompt's part of the completions logprobs: with echo and logprobs,
+        once the prompt's entries came (with the first token); else None."""
+        if not request.echo or choice.params.logprobs is None or entries is None:
+            return None
         return echoed_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, choice.params.logprobs,
                                       self.engine.tokenizer, bool(request.return_tokens_as_token_ids))
 
@@ -360,9 +365,7 @@ class OpenAIServing:
             offset = len(echo)
             async for update in self._generate(choice):
                 if request.is_echo_only:  # the prompt back, without the token sampled for it
-                    logprobs = None
-                    if update.prompt_logprobs is not None:
-                        logprobs = self._prompt_logprobs(request, choice, update.prompt_logprobs)
+                    logprobs = self._echoed_logprobs(request, choice, update.prompt_logprobs)
                     queue.put_nowait((CompletionChoice(
                         index=choice.index, text=echo, logprobs=logprobs, finish_reason="length",
                         prompt_logprobs=self._vllm_prompt_logprobs(request, choice, update.prompt_logprobs)), 0))
@@ -372,8 +375,9 @@ class OpenAIServing:
                     logprobs = openai_logprobs(update.token_ids, update.logprobs or (), choice.params.logprobs,
                                                offset, bool(request.return_tokens_as_token_ids))
                     offset += decoded_length(update.token_ids, update.logprobs or ())
-                    if request.echo and update.prompt_logprobs is not None:  # the echoed prompt's come first
-                        logprobs = joined(self._prompt_logprobs(request, choice, update.prompt_logprobs), logprobs)
+                    echoed = self._echoed_logprobs(request, choice, update.prompt_logprobs)
+                    if echoed is not None:  # the echoed prompt's come first
+                        logprobs = joined(echoed, logprobs)
                 if not (echo or update.text or logprobs or update.finish_reason):
                     num_held += len(update.token_ids)  # counted in usage with the next chunk
                     continue  # text held back (a partial character or a possible stop string)

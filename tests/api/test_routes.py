@@ -512,6 +512,18 @@ def test_prompt_logprobs_of_prompt_embeds_are_refused(client):
     assert error["param"] == "prompt_logprobs" and "no tokens to score" in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_only_with_prompt_logprobs_but_no_logprobs_leaves_logprobs_null(client, stream):
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 0, "echo": True, "prompt_logprobs": 1, "stream": stream}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")] \
+        if stream else [response.json()]
+    (choice,) = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choice["logprobs"] is None and choice["prompt_logprobs"][1] == {
+        "6": {"logprob": -0.25, "rank": 1, "decoded_token": "<6>"}}
+
+
 def test_max_tokens_0_without_echo_is_refused(client):
     error = error_of(post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400)
     assert error["param"] == "max_tokens" and "max_tokens must be >= 1" in error["message"]
