@@ -52,8 +52,10 @@ def compute_prompt_logprobs(model, hidden: torch.Tensor, found: list[PromptRows]
     out = {}
     for rows in found:
         state = rows.state
-        targets = to_device(state.token_ids(rows.first_position + 1, rows.first_position + 1 + rows.num_rows),
-                            hidden.device, torch.long)
+        targets = None  # the leader's: followers only take part in the LM head's gather
+        if is_leader:
+            targets = to_device(state.token_ids(rows.first_position + 1, rows.first_position + 1 + rows.num_rows),
+                                hidden.device, torch.long)
         logprobs_of, ranks, top = [], [], []
         for start in range(0, rows.num_rows, ROWS_AT_ONCE):
             piece = slice(start, min(start + ROWS_AT_ONCE, rows.num_rows))
