@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS
+from api.ingress import INGRESSES
 from api.settings import ServerSettings
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S
 
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--num-replicas", type=int, default=1)
+    serve.add_argument("--ingress", default="proxy", choices=INGRESSES,
+                       help="how HTTP reaches the replicas: Serve's proxy actor (default), or HAProxy in front "
+                            "of replicas that serve HTTP themselves (Ray Serve's high-throughput mode; Linux). "
+                            "Applies to the local Ray started here; on a cluster (--address), set "
+                            "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for `ray start` instead")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the name(s) requests use for the model; the first is the one responses carry "
                             "when a request names none (default: the model's path)")
@@ -92,14 +98,21 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall
+    from api.ingress import local_haproxy_env
 
     settings = settings_from_args(args)
+    if args.address and args.ingress != "proxy":
+        raise ValueError(f"--ingress {args.ingress} sets up the local Ray that `shardserve serve` starts; a "
+                         "cluster's ingress is its own: start every node's Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
+                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment of `ray start`")
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        # The local Ray's processes (Serve's proxy among them) inherit this environment.
+        # The local Ray's processes (Serve's proxy or HAProxy among them) inherit this environment.
         for name, value in PROXY_ENV_VARS.items():
             os.environ.setdefault(name, value)
+        if args.ingress == "haproxy":
+            os.environ.update(local_haproxy_env())
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
     _check_engine_settings(settings)
     shortfall = replicas_shortfall(settings)
@@ -119,7 +132,8 @@ def serve_command(args: argparse.Namespace) -> int:
     serve.run(build_app(settings), name="shardserve", route_prefix="/", blocking=False)
     print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
           f"(tensor_parallel_size={settings.tensor_parallel_size}, "
-          f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}); Ctrl-C to stop", flush=True)
+          f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}"
+          f"{', HAProxy ingress' if args.ingress == 'haproxy' else ''}); Ctrl-C to stop", flush=True)
     stop.event.wait()
     _shutdown(settings)
     return 0

@@ -8,6 +8,7 @@ import logging
 from ray import serve
 from ray.util.placement_group import get_current_placement_group
 
+from api.ingress import raise_body_buffer_limit
 from api.metrics import Metrics
 from api.routes import build_fastapi_app
 from api.serving import OpenAIServing
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class ShardServeServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        raise_body_buffer_limit()  # with the haproxy ingress, this replica's uvicorn reads the bodies
         # Shards go into this replica's own placement group (bundle i for rank i), named
         # shardserve-<app>-<replica>-rank<r> so an operator can find them.
         self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),

@@ -45,6 +45,19 @@ def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
         time.sleep(0.25)
 
 
+def stream_events(url: str, body: dict, on_first_event=lambda: None) -> list[str]:
+    """The `data:` payloads of a streamed POST to url/v1/completions, "[DONE]" last;
+    on_first_event() runs once the first has arrived (mid-stream)."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                if len(events) == 1:
+                    on_first_event()
+    return events
+
+
 @pytest.fixture(scope="session")
 def server_args() -> dict:
     return {**config_application()["args"], "kv_cache_memory_bytes": KV_CACHE_BYTES}

@@ -15,7 +15,7 @@ import httpx
 
 from scripts.load_test import descendants
 from tests.cluster.test_engine_faults import is_process_gone, wait_until
-from tests.e2e.conftest import free_port, wait_healthy
+from tests.e2e.conftest import free_port, stream_events, wait_healthy
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 90.0
@@ -31,15 +31,13 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(tmp_path):
         wait_healthy(f"http://127.0.0.1:{port}", START_TIMEOUT_S)
         started = descendants(server.pid)
         body = {"prompt": "The quick brown fox", "max_tokens": 150, "ignore_eos": True, "stream": True}
-        events = []
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line.removeprefix("data: "))
-                    if len(events) == 1:  # mid-stream: SIGTERM, then more as supervisors and wrappers send
-                        for sig in [signal.SIGTERM] + [signal.SIGINT, signal.SIGTERM] * 10:
-                            server.send_signal(sig)
-                            time.sleep(0.001)  # spaced, so some land while an earlier one is handled
+
+        def signals():  # mid-stream: SIGTERM, then more as supervisors and wrappers send
+            for sig in [signal.SIGTERM] + [signal.SIGINT, signal.SIGTERM] * 10:
+                server.send_signal(sig)
+                time.sleep(0.001)  # spaced, so some land while an earlier one is handled
+
+        events = stream_events(f"http://127.0.0.1:{port}", body, signals)
         assert server.wait(STOP_TIMEOUT_S) == 0
     finally:
         if server.poll() is None:

@@ -1,0 +1,145 @@
+"""`shardserve serve --ingress haproxy` as users run it (a subprocess with its own local Ray,
+tensor_parallel_size 2): HAProxy on the port, replicas serving HTTP themselves. The
+`openai` client gets the same greedy completions as from the session's server behind
+Serve's proxy, prompt embeddings included (a 1 MB body among them, read by the replica's
+uvicorn with its larger buffer); a bad payload is a 400 and the server keeps answering;
+SIGTERM drains an in-flight stream, and HAProxy goes with every other process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from api.embeds_codec import encode_prompt_embeds
+from scripts.load_test import descendants
+from tests.cluster.test_engine_faults import is_process_gone, wait_until
+from tests.e2e.conftest import free_port, stream_events, wait_healthy
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 90.0
+H = 256  # the default model's hidden size
+GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def haproxy_server(tmp_path_factory):
+    """(process, base URL, its log file) of `shardserve serve --ingress haproxy`."""
+    port = free_port()
+    command = [sys.executable, "-m", "api.cli", "serve", "--ingress", "haproxy", "--port", str(port),
+               "--tensor-parallel-size", "2", "--enable-prompt-embeds", "--max-model-len", "1024",
+               "--kv-cache-memory-bytes", str(16 << 20), "--device", "cpu"]
+    log = open(tmp_path_factory.mktemp("haproxy") / "serve.log", "w+")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, START_TIMEOUT_S)
+        assert wait_until(lambda: "serving" in _output(log), 30), _output(log)  # printed once serve.run returned
+        yield server, url, log
+    finally:
+        if server.poll() is None:  # a test failed before the last one stopped it: stop Ray and HAProxy too
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log.close()
+
+
+def _output(log) -> str:
+    log.seek(0)
+    return log.read()[-3000:]
+
+
+def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_server):
+    server, url, log = haproxy_server
+    port = int(url.rsplit(":", 1)[1])
+    listeners = {_name(pid) for pid in descendants(server.pid) if _listens_on(pid, port)}
+    assert listeners == {"haproxy"}, listeners
+    assert "HAProxy ingress" in _output(log)
+
+
+def test_completions_equal_those_behind_serves_proxy(haproxy_server, server_url):
+    """Text, a list of embeddings (one of 1,024 rows: a 1.4 MB body) and a stream: each
+    the same greedy completion as the session's server (same model and settings, Serve's
+    proxy) gives."""
+    _, url, _ = haproxy_server
+    direct = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    proxied = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    gen = torch.Generator().manual_seed(11)
+    embeds = [encode_prompt_embeds(torch.randn(rows, H, generator=gen)) for rows in (5, 1000)]
+    requests = [
+        {"prompt": "The quick brown fox"},
+        {"prompt": "", "extra_body": {**GREEDY["extra_body"], "prompt_embeds": embeds}},
+    ]
+    for extra in requests:
+        kwargs = {**GREEDY, **extra}
+        got = direct.completions.create(model=None, **kwargs)
+        want = proxied.completions.create(model=None, **kwargs)
+        assert [c.text for c in got.choices] == [c.text for c in want.choices]
+        assert got.usage == want.usage
+    stream = direct.completions.create(model=None, prompt="Ray places one shard on each GPU", stream=True, **GREEDY)
+    streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    want = proxied.completions.create(model=None, prompt="Ray places one shard on each GPU", **GREEDY)
+    assert streamed == want.choices[0].text
+
+
+def test_a_bad_payload_is_a_400_and_the_server_keeps_serving(haproxy_server):
+    _, url, _ = haproxy_server
+    bad = encode_prompt_embeds(torch.randn(7, 13))
+    response = httpx.post(f"{url}/v1/completions", json={"prompt_embeds": bad, "max_tokens": 2}, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt_embeds"
+    assert f"expected shape (seq_len, {H}), got (7, 13)" in error["message"]
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_sigterm_drains_a_stream_then_everything_stops_haproxy_too(haproxy_server):
+    """Last in this module: it stops the server."""
+    server, url, log = haproxy_server
+    started = descendants(server.pid)
+    body = {"prompt": "The quick brown fox", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    events = stream_events(url, body, lambda: server.send_signal(signal.SIGTERM))
+    assert server.wait(STOP_TIMEOUT_S) == 0, _output(log)
+    assert events[-1] == "[DONE]", _output(log)
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert wait_until(lambda: all(is_process_gone(pid) for pid in started), 30), \
+        [(pid, _name(pid)) for pid in started if not is_process_gone(pid)]
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process pid holds a socket listening on 127.0.0.1:port (from /proc, Linux)."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # local address, LISTEN
+            listening.add(f"socket:[{fields[9]}]")
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # gone
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) in listening:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:  # gone
+        return ""
