@@ -26,6 +26,37 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of one request's prefill s
 logger = logging.getLogger(__name__)
 
 
+class Staging:
+    """Pinned host buffers that a step's inputs are written into, then copied to the device
+    without a host wait, used in turn. A buffer is written again only once the copies out
+    of it have run: the host runs ahead of the device by any number of steps that sample
+    nothing (a long prompt's prefill chunks), and a buffer rewritten under a pending copy
+    would give that step another step's inputs. `make()` builds one set of buffers."""
+
+    def __init__(self, make, device: torch.device, count: int = 2):
+        self.buffers = [make() for _ in range(count)]
+        self._copied = [None] * count  # per set: an event after the last copies out of it
+        self._cuda = device.type == "cuda"
+        self.loads = 0  # sets taken so far
+
+    def take(self):
+        """The next set, once the device has copied out of it (a host wait only when the
+        device is `count` loads behind)."""
+        index = self.loads % len(self.buffers)
+        self.loads += 1
+        if self._copied[index] is not None:
+            self._copied[index].synchronize()
+        self._index = index
+        return self.buffers[index]
+
+    def copies_queued(self) -> None:
+        """After queuing the copies out of the set take() gave: marks when they will have run."""
+        if self._cuda:
+            event = self._copied[self._index] or torch.cuda.Event()
+            event.record()
+            self._copied[self._index] = event
+
+
 class DecodeGraphs:
     """Static input buffers and one graph per bucket, all captured by capture_all() (every
     rank captures the same buckets in the same order, so their collectives pair up)."""
@@ -43,13 +74,10 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.small.unbind(0)
         self.rows = torch.arange(size + 1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
-        # Two pinned staging sets, used in turn: a step's inputs are copied while the step
-        # before it may still run (async scheduling), never while the one before that does.
         pinned = device.type == "cuda"
-        self.staging = [(torch.zeros(4, size, dtype=torch.long, pin_memory=pinned),
-                         torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned))
-                        for _ in range(2)]
-        self._num_loads = 0
+        self.staging = Staging(lambda: (torch.zeros(4, size, dtype=torch.long, pin_memory=pinned),
+                                        torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned)),
+                               device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket
         self.pool = None
@@ -100,8 +128,7 @@ class DecodeGraphs:
         width = max(len(t) for t in block_tables)
         slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
         pad = bucket - batch
-        small, tables = self.staging[self._num_loads % 2]
-        self._num_loads += 1
+        small, tables = self.staging.take()
         small[:, :bucket] = torch.tensor([
             list(input_ids) + [0] * pad,
             list(positions) + [0] * pad,
@@ -112,6 +139,7 @@ class DecodeGraphs:
         tables[:bucket, :width] = torch.tensor(rows, dtype=torch.int32)
         self.small[:, :bucket].copy_(small[:, :bucket], non_blocking=True)
         self.block_tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=True)
+        self.staging.copies_queued()
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
         """Metadata over the static buffers: all rows are decodes, no prefill spans."""
@@ -181,12 +209,11 @@ class PrefillGraphs:
         self.no_rows = torch.zeros(0, dtype=torch.long, device=device)
         self.no_lens = torch.zeros(0, dtype=torch.int32, device=device)
         pinned = device.type == "cuda"
-        self.staging = [(torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
-                         torch.zeros(6, dtype=torch.long, pin_memory=pinned),
-                         torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
-                         torch.zeros(size, dtype=torch.bool, pin_memory=pinned))
-                        for _ in range(2)]
-        self._num_loads = 0
+        self.staging = Staging(lambda: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
+                                        torch.zeros(6, dtype=torch.long, pin_memory=pinned),
+                                        torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
+                                        torch.zeros(size, dtype=torch.bool, pin_memory=pinned)),
+                               device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket
         self.pool = None
@@ -227,8 +254,7 @@ class PrefillGraphs:
         """Copies the step into the static buffers: four host-to-device copies, plus one
         on the device for the embedding rows."""
         n, bs, pad = len(input_ids), self.block_size, bucket - len(input_ids)
-        small, spans, tables, mask = self.staging[self._num_loads % 2]
-        self._num_loads += 1
+        small, spans, tables, mask = self.staging.take()
         positions = list(range(num_computed, num_computed + n)) + list(range(pad))
         slots = [block_table[p // bs] * bs + p % bs for p in positions[:n]]
         slots += [self.scratch_block * bs + p % bs for p in range(pad)]
@@ -244,6 +270,7 @@ class PrefillGraphs:
         self.spans.copy_(spans, non_blocking=True)
         self.block_tables.copy_(tables, non_blocking=True)
         self.embeds_mask[:bucket].copy_(mask[:bucket], non_blocking=True)
+        self.staging.copies_queued()
         if num_embeds:
             self.embeds[:num_embeds].copy_(embeds)
 

@@ -59,7 +59,7 @@ def run(path, padded, pg=None):
         runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
         logits.append(runner.execute(scheduled))
     caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
-    return logits, caches, graphs._num_loads, runner.num_blocks
+    return logits, caches, graphs.staging.loads, runner.num_blocks
 """
 
 TP1_SCRIPT = COMMON + """
