@@ -31,12 +31,13 @@ class Staging:
     without a host wait, used in turn. A buffer is written again only once the copies out
     of it have run: the host runs ahead of the device by any number of steps that sample
     nothing (a long prompt's prefill chunks), and a buffer rewritten under a pending copy
-    would give that step another step's inputs. `make()` builds one set of buffers."""
+    would give that step another step's inputs. `make(pinned)` builds one set of buffers,
+    pinned on CUDA."""
 
     def __init__(self, make, device: torch.device, count: int = 2):
-        self.buffers = [make() for _ in range(count)]
-        self._copied = [None] * count  # per set: an event after the last copies out of it
         self._cuda = device.type == "cuda"
+        self.buffers = [make(self._cuda) for _ in range(count)]
+        self._copied = [None] * count  # per set: an event after the last copies out of it
         self.loads = 0  # sets taken so far
 
     def take(self):
@@ -46,15 +47,15 @@ class Staging:
         self.loads += 1
         if self._copied[index] is not None:
             self._copied[index].synchronize()
-        self._index = index
         return self.buffers[index]
 
     def copies_queued(self) -> None:
         """After queuing the copies out of the set take() gave: marks when they will have run."""
         if self._cuda:
-            event = self._copied[self._index] or torch.cuda.Event()
+            index = (self.loads - 1) % len(self.buffers)
+            event = self._copied[index] or torch.cuda.Event()
             event.record()
-            self._copied[self._index] = event
+            self._copied[index] = event
 
 
 class DecodeGraphs:
@@ -74,9 +75,9 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.small.unbind(0)
         self.rows = torch.arange(size + 1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
-        pinned = device.type == "cuda"
-        self.staging = Staging(lambda: (torch.zeros(4, size, dtype=torch.long, pin_memory=pinned),
-                                        torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned)),
+        self.staging = Staging(lambda pinned: (torch.zeros(4, size, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(size, max_blocks_per_seq, dtype=torch.int32,
+                                                           pin_memory=pinned)),
                                device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket
@@ -208,11 +209,10 @@ class PrefillGraphs:
         self.rows = torch.arange(size, dtype=torch.long, device=device)
         self.no_rows = torch.zeros(0, dtype=torch.long, device=device)
         self.no_lens = torch.zeros(0, dtype=torch.int32, device=device)
-        pinned = device.type == "cuda"
-        self.staging = Staging(lambda: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
-                                        torch.zeros(6, dtype=torch.long, pin_memory=pinned),
-                                        torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
-                                        torch.zeros(size, dtype=torch.bool, pin_memory=pinned)),
+        self.staging = Staging(lambda pinned: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(6, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(size, dtype=torch.bool, pin_memory=pinned)),
                                device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket

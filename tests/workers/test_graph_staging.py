@@ -26,7 +26,7 @@ class RecordedEvent:
 def test_a_set_is_reused_only_after_the_copies_out_of_it(monkeypatch):
     monkeypatch.setattr(cuda_graphs.torch.cuda, "Event", RecordedEvent)
     RecordedEvent.log = []
-    staging = Staging(lambda: torch.zeros(2), torch.device("cuda"))  # only the events touch CUDA
+    staging = Staging(lambda pinned: torch.zeros(2), torch.device("cuda"))  # only the events touch CUDA
     first = staging.take()
     staging.copies_queued()
     second = staging.take()
@@ -42,7 +42,7 @@ def test_a_set_is_reused_only_after_the_copies_out_of_it(monkeypatch):
 
 
 def test_off_cuda_there_is_nothing_to_wait_for():
-    staging = Staging(lambda: torch.zeros(2), torch.device("cpu"))
+    staging = Staging(lambda pinned: torch.zeros(2), torch.device("cpu"))
     sets = [staging.take() for _ in range(4)]
     for _ in sets:
         staging.copies_queued()
