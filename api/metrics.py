@@ -35,6 +35,16 @@ METRICS = {
     "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", (), None),
     "shardserve_engine_aborted_requests": (
         "counter", "Requests the engine aborted and freed (client gone, stop string matched here)", (), None),
+    "shardserve_prefix_cache_queries": (
+        "counter", "Prompt tokens looked up in the prefix cache when a request was admitted", (), None),
+    "shardserve_prefix_cache_hits": (
+        "counter", "Prompt tokens found in the prefix cache (their K/V reused, not computed)", (), None),
+}
+# Counters the engine keeps as totals since it started: metric -> EngineStats field.
+ENGINE_COUNTERS = {
+    "shardserve_engine_aborted_requests": "num_aborted",
+    "shardserve_prefix_cache_queries": "prefix_cache_queries",
+    "shardserve_prefix_cache_hits": "prefix_cache_hits",
 }
 ENGINE_REFRESH_S = 2.0
 
@@ -66,7 +76,7 @@ class Metrics:
         self.ray = {name: _ray_metric(name) for name in METRICS}
         self._stats_source = stats_source
         self._refresher: asyncio.Task | None = None
-        self._engine_aborted = 0  # the engine's count as last seen (counters only go up)
+        self._engine_totals = dict.fromkeys(ENGINE_COUNTERS, 0)  # as last seen (counters only go up)
 
     def count_finished(self, status: str) -> None:
         self.prometheus["shardserve_requests"].labels(status=status).inc()
@@ -106,11 +116,12 @@ class Metrics:
                             ("shardserve_kv_cache_usage_perc", stats.kv_cache_usage)):
             self.prometheus[name].set(value)
             self.ray[name].set(value)
-        newly_aborted = stats.num_aborted - self._engine_aborted
-        if newly_aborted > 0:
-            self.prometheus["shardserve_engine_aborted_requests"].inc(newly_aborted)
-            self.ray["shardserve_engine_aborted_requests"].inc(newly_aborted)
-            self._engine_aborted = stats.num_aborted
+        for name, field in ENGINE_COUNTERS.items():
+            total = getattr(stats, field)
+            if total > self._engine_totals[name]:
+                self.prometheus[name].inc(total - self._engine_totals[name])
+                self.ray[name].inc(total - self._engine_totals[name])
+                self._engine_totals[name] = total
 
     def _ensure_refresher(self) -> None:
         """Starts the gauge refresher on the replica's event loop, from the first request

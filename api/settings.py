@@ -33,6 +33,7 @@ class ServerSettings:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # no CUDA-graph capture of decode steps
     async_scheduling: bool = True  # plan the next decode step while this one runs
+    enable_prefix_caching: bool = True  # reuse the K/V of a prompt's cached prefix
     disable_custom_all_reduce: bool = False  # NCCL only, no one-shot all-reduce
     seed: int = 0
     num_replicas: int = 1

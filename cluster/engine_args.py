@@ -34,6 +34,7 @@ class EngineArgs:
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # as in vLLM: skip CUDA-graph capture of decode steps
     async_scheduling: bool = True  # as in vLLM: plan the next decode step while this one runs
+    enable_prefix_caching: bool = True  # as in vLLM: reuse the K/V of a prompt's cached prefix
     disable_custom_all_reduce: bool = False  # as in vLLM: NCCL only (no one-shot all-reduce)
 
     def resolve(self):
@@ -75,6 +76,7 @@ class EngineArgs:
             placement_strategy=self.placement_strategy,
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            enable_prefix_caching=self.enable_prefix_caching,
             disable_custom_all_reduce=self.disable_custom_all_reduce,
             eos_token_ids=_eos_token_ids(model_config, tokenizer),
         )

@@ -176,6 +176,7 @@ class EngineConfig:
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # True: no CUDA-graph capture (decode steps, one request's prefill)
     async_scheduling: bool = True  # plan the next decode step while this one runs
+    enable_prefix_caching: bool = True  # reuse computed full KV blocks by content
     disable_custom_all_reduce: bool = False  # True: NCCL only, no one-shot all-reduce
     eos_token_ids: tuple[int, ...] = field(default=())
 

@@ -118,6 +118,10 @@ class EngineStats:
     num_total_blocks: int
     num_free_blocks: int
     num_aborted: int = 0  # requests aborted since the engine started (their blocks freed)
+    # Since the engine started: prompt tokens (with a preempted request's outputs) looked
+    # up in the prefix cache when a request was admitted, and those found there.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

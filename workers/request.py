@@ -7,6 +7,7 @@ import enum
 
 import torch
 
+from workers.block_hash import BlockHash, hash_block
 from workers.messages import NewRequest, PromptLogprobs
 from workers.sampling_params import SamplingParams
 
@@ -42,6 +43,7 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
+        embeds_block_digests: tuple[bytes, ...] | None = None,
     ) -> None:
         if prompt_len < 1:
             raise ValueError(f"request {req_id!r}: prompt must have >= 1 token, got {prompt_len}")
@@ -62,6 +64,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None  # the stop token id that finished it
         self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
+        # Prefix caching: an embeddings prompt's per-block row digests (block_hash), the
+        # hashes of the full blocks so far, and how many of block_ids the cache holds.
+        self.embeds_block_digests = embeds_block_digests
+        self.block_hashes: list[BlockHash] = []
+        self.num_cached_blocks = 0
         # Prompt logprobs (sampling_params.prompt_logprobs) of positions 0.. so far, as
         # (logprob, rank, top) of the token after each; sent once, with the first token.
         self._prompt_logprobs: list[tuple[float, int, tuple]] = []
@@ -80,6 +87,7 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
+        embeds_block_digests: tuple[bytes, ...] | None = None,
     ) -> "Request":
         prompt_token_ids = None if new.prompt_embeds is not None else list(new.prompt_token_ids)
         return cls(
@@ -90,7 +98,31 @@ class Request:
             eos_token_ids,
             max_model_len,
             device=device,
+            embeds_block_digests=embeds_block_digests,
         )
+
+    def full_block_hashes(self, num_blocks: int, block_size: int) -> list[BlockHash]:
+        """The hashes of its first `num_blocks` full blocks, computed once each. An
+        embeddings prompt without row digests has none (its blocks are never shared)."""
+        if self.prompt_token_ids is None and self.embeds_block_digests is None:
+            return []
+        num_blocks = min(num_blocks, self.num_tokens // block_size)
+        while len(self.block_hashes) < num_blocks:
+            index = len(self.block_hashes)
+            start, end = index * block_size, (index + 1) * block_size
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(hash_block(parent, *self._block_content(start, end)))
+        return self.block_hashes[:num_blocks]
+
+    def _block_content(self, start: int, end: int) -> tuple[list[int], bytes | None]:
+        """Positions [start, end): their token ids, and the digest of the embeddings rows
+        among them (an embeddings prompt's rows have no ids)."""
+        outputs = self.output_token_ids[max(start - self.prompt_len, 0):max(end - self.prompt_len, 0)]
+        if start >= self.prompt_len:
+            return outputs, None
+        if self.prompt_token_ids is not None:
+            return self.prompt_token_ids[start:end] + outputs, None
+        return outputs, self.embeds_block_digests[start // (end - start)]
 
     def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
         """Keeps the positions not held yet: a recompute after a preemption repeats some."""

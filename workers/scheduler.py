@@ -68,6 +68,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._num_arrived = 0
         self.num_aborted = 0
+        # Prompt tokens looked up in the prefix cache at admission, and those found there.
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
         self._finished_req_ids: list[str] = []  # since the previous schedule()
         self._pending_deltas: list[RequestDelta] = []  # requests that finished outside a step
 
@@ -124,6 +127,8 @@ class Scheduler:
             num_total_blocks=self.block_manager.num_total_blocks,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_aborted=self.num_aborted,
+            prefix_cache_queries=self.num_prefix_cache_queries,
+            prefix_cache_hits=self.num_prefix_cache_hits,
         )
 
     def take_pending_deltas(self) -> list[RequestDelta]:
@@ -235,17 +240,51 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
                 self._pending_deltas.append(_final_delta(request))
                 continue
-            num_new_tokens = min(request.num_tokens, budget)  # a waiting request has 0 computed
-            num_blocks = self._num_blocks_to_append(request, num_new_tokens)
-            if not self.block_manager.can_allocate(num_blocks):
+            cached = self._cached_prefix(request)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
+            num_blocks = self.block_manager.blocks_needed(num_cached_tokens + num_new_tokens) - len(cached)
+            if not self.block_manager.can_allocate(num_blocks + self.block_manager.num_reclaimed(cached)):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self._share_prefix(request, cached)
             new_block_ids = self._allocate(request, num_blocks)
-            scheduled.append(_scheduled(request, num_new_tokens, new_block_ids))
+            scheduled.append(_scheduled(request, num_new_tokens, cached + new_block_ids))
             budget -= num_new_tokens
         return scheduled
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks of the request's longest cached prefix (it has none computed:
+        new, or preempted). At least its last token is left to compute, for its logits;
+        a request that scores its prompt (prompt_logprobs) computes every row."""
+        if not self.block_manager.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_manager.block_size
+        return self.block_manager.cached_prefix(request.full_block_hashes(max_blocks, self.block_manager.block_size))
+
+    def _share_prefix(self, request: Request, cached: list[int]) -> None:
+        """The request starts with the cached blocks, its K/V there computed; the shards
+        get them as the first of its new blocks."""
+        self.block_manager.share(cached)
+        request.block_ids = list(cached)
+        request.num_computed_tokens = len(cached) * self.block_manager.block_size
+        request.num_cached_blocks = len(cached)
+        if self.block_manager.enable_caching and request.sampling_params.prompt_logprobs is None:
+            self.num_prefix_cache_queries += request.num_tokens
+            self.num_prefix_cache_hits += request.num_computed_tokens
+
+    def _cache_full_blocks(self, request: Request) -> None:
+        """Keys the request's blocks that became full and computed this step."""
+        block_size = self.block_manager.block_size
+        num_full = request.num_computed_tokens // block_size
+        if not self.block_manager.enable_caching or num_full <= request.num_cached_blocks:
+            return
+        hashes = request.full_block_hashes(num_full, block_size)
+        for index in range(request.num_cached_blocks, len(hashes)):
+            self.block_manager.cache(request.block_ids[index], hashes[index])
+        request.num_cached_blocks = len(hashes)
 
     def _can_ever_fit(self, request: Request) -> bool:
         """Its whole sequence (prompt + outputs kept across a preemption) fits an empty cache."""
@@ -269,6 +308,7 @@ class Scheduler:
         self.block_manager.free(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
+        request.num_cached_blocks = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
@@ -285,6 +325,7 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # aborted while its step ran; its "abort" delta is pending
             request.num_computed_tokens += scheduled.num_new_tokens
+            self._cache_full_blocks(request)
             if prompt_logprobs and scheduled.req_id in prompt_logprobs:
                 request.add_prompt_logprobs(prompt_logprobs[scheduled.req_id])
             if not scheduled.is_sampled:

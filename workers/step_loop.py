@@ -77,7 +77,7 @@ class LeaderLoop:
         self.intake = intake
         self.outbox = Outbox()
         self.scheduler = Scheduler(
-            BlockManager(runner.num_blocks, config.block_size),
+            BlockManager(runner.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,

@@ -4,9 +4,15 @@ that keeps the engine gauges current for Ray's exporter once requests flow."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-
 from api.metrics import METRICS, Metrics
+from workers.messages import EngineStats
+
+
+def engine_stats(*, running: int, waiting: int, free_blocks: int, aborted: int = 0,
+                 cache_queries: int = 0, cache_hits: int = 0) -> EngineStats:
+    return EngineStats(num_running=running, num_waiting=waiting, num_total_blocks=4,
+                       num_free_blocks=free_blocks, num_aborted=aborted,
+                       prefix_cache_queries=cache_queries, prefix_cache_hits=cache_hits)
 
 
 def samples(metrics: Metrics, stats=None) -> dict[str, float]:
@@ -20,7 +26,8 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     metrics.count_finished("stop")
     metrics.observe_request(start=10.0, first_token=10.5, end=12.5, num_tokens=5)
     metrics.observe_intake("prompt_embeds", 0.004)
-    values = samples(metrics, SimpleNamespace(num_running=3, num_waiting=1, kv_cache_usage=0.25, num_aborted=2))
+    values = samples(metrics, engine_stats(running=3, waiting=1, free_blocks=3, aborted=2,
+                                           cache_queries=100, cache_hits=64))
     assert values['shardserve_requests_total{status="stop"}'] == 1
     assert values["shardserve_generation_tokens_total"] == 5
     assert values["shardserve_time_to_first_token_seconds_sum"] == 0.5
@@ -32,9 +39,12 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     assert (values["shardserve_num_requests_running"], values["shardserve_num_requests_waiting"],
             values["shardserve_kv_cache_usage_perc"]) == (3, 1, 0.25)
     assert values["shardserve_engine_aborted_requests_total"] == 2
-    # The engine's count is cumulative: the counter follows it, never back.
-    values = samples(metrics, SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_aborted=5))
+    assert (values["shardserve_prefix_cache_queries_total"], values["shardserve_prefix_cache_hits_total"]) == (100, 64)
+    # The engine's counts are cumulative: the counters follow them, never back.
+    values = samples(metrics, engine_stats(running=0, waiting=0, free_blocks=4, aborted=5,
+                                           cache_queries=180, cache_hits=64))
     assert values["shardserve_engine_aborted_requests_total"] == 5
+    assert (values["shardserve_prefix_cache_queries_total"], values["shardserve_prefix_cache_hits_total"]) == (180, 64)
     assert set(metrics.ray) == set(METRICS)
 
 
@@ -44,7 +54,7 @@ def test_engine_gauges_refresh_without_a_scrape_once_requests_flow():
 
         async def stats():
             read.set()
-            return SimpleNamespace(num_running=2, num_waiting=5, kv_cache_usage=0.5, num_aborted=0)
+            return engine_stats(running=2, waiting=5, free_blocks=2)
 
         metrics = Metrics(stats_source=stats)
         metrics.count_finished("length")  # the first request starts the refresher

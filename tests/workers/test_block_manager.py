@@ -76,3 +76,85 @@ def test_free_of_never_allocated_block_raises():
 def test_bad_construction_raises(num_blocks, block_size):
     with pytest.raises(ValueError):
         BlockManager(num_blocks=num_blocks, block_size=block_size)
+
+
+# -- prefix caching ------------------------------------------------------------------------
+
+def cached_manager(num_blocks: int = 6) -> BlockManager:
+    return BlockManager(num_blocks=num_blocks, block_size=2, enable_caching=True)
+
+
+def test_a_cached_block_is_found_and_shared_by_reference():
+    manager = cached_manager()
+    first, second = manager.allocate(2)
+    manager.cache(first, b"h1")
+    manager.cache(second, b"h2")
+    assert manager.cached_prefix([b"h1", b"h2", b"h3"]) == [first, second]
+    assert manager.cached_prefix([b"h2"]) == [second]  # keys carry their parents: any hit is a prefix
+    assert manager.cached_prefix([b"h3", b"h1"]) == []
+    assert manager.num_reclaimed([first, second]) == 0  # held: sharing takes no free block
+    manager.share([first, second])
+    manager.free([first, second])  # the first holder lets go; the sharer still holds them
+    assert manager.num_free_blocks == 3
+    manager.free([first, second])
+    assert manager.num_free_blocks == 5
+    with pytest.raises(ValueError, match="double free"):
+        manager.free([first])
+
+
+def test_freed_cached_blocks_are_reused_before_being_evicted():
+    manager = cached_manager()
+    block_ids = manager.allocate(2)
+    for block_id, block_hash in zip(block_ids, (b"a", b"b")):
+        manager.cache(block_id, block_hash)
+    manager.free(block_ids)
+    assert manager.num_free_blocks == 5 and manager.num_cached_blocks == 2
+    hit = manager.cached_prefix([b"a", b"b"])
+    assert hit == block_ids and manager.num_reclaimed(hit) == 2
+    manager.share(hit)
+    assert manager.num_free_blocks == 3
+    # Three uncached free blocks remain: allocating them evicts nothing.
+    fresh = manager.allocate(3)
+    assert not set(fresh) & set(block_ids) and manager.num_cached_blocks == 2
+
+
+def test_allocation_evicts_uncached_blocks_first_then_the_least_recently_freed():
+    manager = cached_manager(num_blocks=5)  # 4 usable
+    old, new = manager.allocate(1), manager.allocate(1)
+    manager.cache(old[0], b"old")
+    manager.cache(new[0], b"new")
+    manager.free(old)
+    manager.free(new)
+    assert manager.allocate(2) != old + new  # the two never-cached blocks go first
+    assert manager.allocate(1) == old  # then the least recently freed cached block
+    assert manager.cached_prefix([b"old"]) == []
+    assert manager.cached_prefix([b"new"]) == new
+
+
+def test_a_request_frees_its_tail_blocks_ahead_of_its_head():
+    manager = cached_manager(num_blocks=4)  # 3 usable
+    block_ids = manager.allocate(3)
+    for index, block_id in enumerate(block_ids):
+        manager.cache(block_id, bytes([index]))
+    manager.free(block_ids)
+    assert manager.allocate(1) == [block_ids[2]]  # the prefix's tail is evicted first
+    assert manager.cached_prefix([bytes([0]), bytes([1])]) == block_ids[:2]
+
+
+def test_one_prefix_is_kept_in_one_block():
+    manager = cached_manager()
+    first, second = manager.allocate(2)
+    manager.cache(first, b"same")
+    manager.cache(second, b"same")  # computed twice in one step: the first copy is kept
+    manager.cache(first, b"other")  # a block holds one prefix
+    assert manager.cached_prefix([b"same"]) == [first]
+    assert manager.cached_prefix([b"other"]) == []
+    with pytest.raises(ValueError, match="no cached prefix"):
+        manager.share([second])
+
+
+def test_without_caching_nothing_is_kept():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    block_id = manager.allocate(1)[0]
+    manager.cache(block_id, b"h")
+    assert manager.cached_prefix([b"h"]) == [] and manager.num_cached_blocks == 0

@@ -311,9 +311,10 @@ def check_step(scheduler, out, tables):
         num_cached = scheduled.num_computed_tokens + scheduled.num_new_tokens
         assert len(table) == scheduler.block_manager.blocks_needed(num_cached)
     owned = [b for r in scheduler.running for b in r.block_ids]
-    assert len(owned) == len(set(owned))
     manager = scheduler.block_manager
-    assert len(owned) + manager.num_free_blocks == manager.num_total_blocks
+    if not manager.enable_caching:  # with it, requests share the blocks of their prefix
+        assert len(owned) == len(set(owned))
+    assert len(set(owned)) + manager.num_free_blocks == manager.num_total_blocks
 
 
 def random_request(rng, req_id):
@@ -359,3 +360,130 @@ def test_random_workload_frees_every_block(seed):
     assert len(final) == num_requests
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_total_blocks
     assert scheduler.num_running == scheduler.num_waiting == 0
+
+
+# -- prefix caching ------------------------------------------------------------------------
+
+def make_caching_scheduler(*, num_blocks=65, block_size=4, max_num_seqs=8, max_num_batched_tokens=64):
+    return Scheduler(BlockManager(num_blocks, block_size, enable_caching=True), max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=1024)
+
+
+def ids_request(req_id, prompt, **params):
+    params.setdefault("max_tokens", 4)
+    return Request(req_id, list(prompt), len(prompt), SamplingParams(**params), (EOS,), 1024)
+
+
+def embeds_request(req_id, rows, block_size, **params):
+    """An embeddings prompt whose rows are stood in for by ints (each row's 'bytes')."""
+    params.setdefault("max_tokens", 4)
+    digests = tuple(bytes(rows[i:i + block_size]) for i in range(0, len(rows), block_size))
+    return Request(req_id, None, len(rows), SamplingParams(**params), (EOS,), 1024,
+                   embeds_block_digests=digests)
+
+
+def test_a_later_request_reuses_the_computed_blocks_of_its_prefix():
+    scheduler = make_caching_scheduler(block_size=4)
+    scheduler.add_request(ids_request("a", range(100, 110)))  # 10 tokens: 2 full blocks
+    (out, _), = [step(scheduler)]
+    a_blocks = list(out.scheduled[0].new_block_ids)
+    scheduler.add_request(ids_request("b", [*range(100, 108), 50, 51, 52]))  # shares 8 tokens
+    out, _ = step(scheduler)
+    b = next(s for s in out.scheduled if s.req_id == "b")
+    # Its first two blocks are a's, already computed; the shards get them as new blocks.
+    assert b.num_computed_tokens == 8 and b.num_new_tokens == 3 and b.is_sampled
+    assert b.new_block_ids[:2] == tuple(a_blocks[:2]) and b.new_block_ids[2] not in a_blocks
+    stats = scheduler.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (10 + 11, 8)
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token():
+    scheduler = make_caching_scheduler(block_size=4)
+    scheduler.add_request(ids_request("a", range(8), max_tokens=1))
+    run_to_end(scheduler)
+    scheduler.add_request(ids_request("b", range(8)))
+    out, _ = step(scheduler)
+    # Both blocks are cached, but the logits need the last row: the second block is recomputed
+    # into a fresh block (a shared block is never written).
+    assert out.scheduled[0].num_computed_tokens == 4 and out.scheduled[0].num_new_tokens == 4
+
+
+def test_prompt_logprobs_requests_and_different_kinds_do_not_hit():
+    scheduler = make_caching_scheduler(block_size=2)
+    scheduler.add_request(ids_request("a", [1, 2, 3, 4, 5], max_tokens=1))
+    scheduler.add_request(embeds_request("e", [1, 2, 3, 4, 5], 2, max_tokens=1))
+    run_to_end(scheduler)
+    scheduler.add_request(ids_request("scored", [1, 2, 3, 4, 5], prompt_logprobs=1))
+    scheduler.add_request(embeds_request("e-other", [1, 2, 9, 9, 9], 2))  # rows differ after block 0
+    scheduler.add_request(ids_request("ids", [1, 2, 3, 4, 9]))
+    out, _ = step(scheduler)
+    computed = {s.req_id: s.num_computed_tokens for s in out.scheduled}
+    # The scored prompt computes every row; rows equal to token ids are not those ids.
+    assert computed == {"scored": 0, "e-other": 2, "ids": 4}
+
+
+def test_preempted_request_finds_its_own_blocks_again():
+    scheduler = make_caching_scheduler(num_blocks=7, block_size=2, max_num_batched_tokens=16)  # 6 usable
+    scheduler.add_request(ids_request("a", range(10, 14), max_tokens=6, ignore_eos=True))
+    scheduler.add_request(ids_request("b", range(40, 44), max_tokens=6, ignore_eos=True))
+    for _ in range(10):
+        out, _ = step(scheduler)
+        if "b" in out.preempted_req_ids:
+            break
+    else:
+        raise AssertionError("b was never preempted")
+    while not any(s.req_id == "b" for s in out.scheduled):
+        out, _ = step(scheduler)
+    back = next(s for s in out.scheduled if s.req_id == "b")
+    # Its blocks went back to the pool still keyed; what a did not take since is reused.
+    assert back.num_computed_tokens >= 2
+    assert scheduler.stats().prefix_cache_hits == back.num_computed_tokens
+
+
+def shared_prefix_request(rng, req_id, prefixes, block_size):
+    prefix = rng.choice(prefixes)
+    params = {"max_tokens": rng.choice([1, 3, 8]), "ignore_eos": True}
+    if rng.random() < 0.1:
+        params["prompt_logprobs"] = 1
+    prompt = prefix + [rng.randint(20, 23) for _ in range(rng.randint(1, 6))]
+    if rng.random() < 0.3:
+        return embeds_request(req_id, prompt, block_size, **params), [("row", v) for v in prompt]
+    return ids_request(req_id, prompt, **params), list(prompt)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_shared_prefixes_read_only_their_own_tokens(seed):
+    """Simulated K/V: each row writes its request's token at its slot; every scheduled row's
+    context must then read the request's own tokens, through shared blocks or not."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4])
+    scheduler = make_caching_scheduler(num_blocks=rng.randint(8, 20), block_size=block_size,
+                                       max_num_seqs=rng.randint(1, 5), max_num_batched_tokens=rng.randint(4, 24))
+    prefixes = [[rng.randint(10, 13) for _ in range(rng.randint(0, 12))] for _ in range(3)]
+    slots: dict[tuple[int, int], object] = {}  # (block id, offset) -> what was written there
+    contents, tables, num_added = {}, {}, 0
+    for _ in range(3000):
+        if num_added < 16 and rng.random() < 0.4:
+            request, contents[f"r{num_added}"] = shared_prefix_request(rng, f"r{num_added}", prefixes, block_size)
+            scheduler.add_request(request)
+            num_added += 1
+        if not scheduler.has_unfinished_requests() and num_added == 16:
+            break
+        out = scheduler.schedule()
+        check_step(scheduler, out, tables)
+        for s in out.scheduled:
+            request, content = scheduler.get(s.req_id), contents[s.req_id]
+            tokens = content + request.output_token_ids  # an output token is written by its next row
+            for position in range(s.num_computed_tokens):
+                block_id = request.block_ids[position // block_size]
+                assert slots[(block_id, position % block_size)] == tokens[position], (s, position)
+            for position in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
+                slots[(request.block_ids[position // block_size], position % block_size)] = tokens[position]
+        samples = {r: SampleResult(rng.randint(20, 23), None) for r in out.sampled_req_ids}
+        scheduler.update(out, samples)
+    else:
+        raise AssertionError("workload did not drain")
+    manager = scheduler.block_manager
+    assert manager.num_free_blocks == manager.num_total_blocks
+    stats = scheduler.stats()
+    assert 0 <= stats.prefix_cache_hits <= stats.prefix_cache_queries

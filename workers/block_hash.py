@@ -1,0 +1,43 @@
+"""Content hashes of full KV blocks, the keys of the prefix cache: a block's hash covers its
+tokens and every block before it, so equal hashes mean equal K/V. Runs on the leader shard.
+
+SHA-256, never Python's hash(): a prompt crafted to collide with another user's prefix
+would read that user's K/V (vLLM's CVE-2025-25183). An embeddings row is keyed by the
+digest of its bytes, kind-tagged so it never equals a token id."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+BlockHash = bytes
+_ROOT = b"shardserve-prefix-cache-v1"
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], embeds_digest: bytes | None = None
+               ) -> BlockHash:
+    """The hash of one full block: its parent's hash, the digest of its embeddings rows (if
+    the block starts inside an embeddings prompt), then its token ids."""
+    h = hashlib.sha256(parent if parent is not None else _ROOT)
+    if embeds_digest is not None:
+        h.update(b"E")
+        h.update(embeds_digest)
+    h.update(b"T")
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def embeds_block_digests(embeds: np.ndarray, dtype: str, block_size: int) -> tuple[bytes, ...]:
+    """One digest per block of an embeddings prompt's (prompt_len, hidden) rows: the bytes
+    of rows [i * block_size, (i + 1) * block_size), with the dtype and width that give them
+    meaning. The last block's rows may be fewer (outputs' tokens fill the rest)."""
+    rows, hidden = embeds.shape
+    header = f"{dtype}:{hidden}:".encode()
+    digests = []
+    for start in range(0, rows, block_size):
+        h = hashlib.sha256(header)
+        h.update(np.ascontiguousarray(embeds[start:start + block_size]).data)  # hashlib drops the GIL
+        digests.append(h.digest())
+    return tuple(digests)
