@@ -133,6 +133,20 @@ def test_models_health_version_metrics(client, server_url):
     assert after["shardserve_kv_cache_usage_perc"] == 0
 
 
+def test_a_repeated_prefix_is_served_from_the_prefix_cache(client, server_url):
+    prefix = random_ids(40, 48)  # three full KV blocks
+    complete(client, prompt=prefix + random_ids(41, 5), max_tokens=4)
+    before = metrics(server_url)
+    prompt = prefix + random_ids(42, 7)
+    cached = complete(client, prompt=prompt, max_tokens=4)
+    after = metrics(server_url)
+    assert after["shardserve_prefix_cache_hits_total"] - before["shardserve_prefix_cache_hits_total"] == 48
+    assert after["shardserve_prefix_cache_queries_total"] - before["shardserve_prefix_cache_queries_total"] == 55
+    assert after["shardserve_kv_cache_usage_perc"] == 0  # cached blocks no request holds are free
+    # Greedy: the same text again, its prefix read from the cache again.
+    assert complete(client, prompt=prompt, max_tokens=4).choices[0].text == cached.choices[0].text
+
+
 # Prompt embeddings --------------------------------------------------------------------
 
 def test_single_embeddings_streamed_equals_not_streamed(client):
