@@ -12,6 +12,12 @@ import ray
 from cluster.default_model import model_shape_path
 
 
+# The benchmarks run the same prompts more than once (warm-ups, rounds, repeats), and each
+# run must compute them: their engines keep no prefix cache. scripts/bench_prefix_caching.py
+# measures the cache.
+UNCACHED = {"enable_prefix_caching": False}
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: built-in tiny model)")
     parser.add_argument("--model-shape", default=None, help="a shape from configs/models, e.g. llama-3.1-8b")

@@ -27,7 +27,7 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, init_ray, model_path
+from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
 from workers.config import ModelConfig
 from workers.kernels import pdl
 from workers.layers import num_local_kv_heads
@@ -131,7 +131,7 @@ def run_engine(args, model, tensor_parallel_size: int, kinds: list[str]):
     batch)}; the engine is shut down before returning."""
     llm = LLM(model, tensor_parallel_size=tensor_parallel_size, dtype=args.dtype,
               load_format=args.load_format, max_model_len=args.max_model_len,
-              max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager,
+              max_num_seqs=max(args.batch_size, 1), enforce_eager=args.enforce_eager, **UNCACHED,
               async_scheduling=not args.no_async_scheduling,
               disable_custom_all_reduce=args.disable_custom_all_reduce,
               enable_prompt_embeds="prompt_embeds" in kinds)

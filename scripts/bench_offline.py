@@ -36,7 +36,7 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, init_ray, model_path
+from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
 
 
 def parse_args() -> argparse.Namespace:
@@ -160,7 +160,7 @@ def main() -> None:
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
               load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
-              enable_prompt_embeds=args.compare_embeds, **extra)
+              enable_prompt_embeds=args.compare_embeds, **UNCACHED, **extra)
     config = llm.config
     vocab = config.model_config.vocab_size
     kinds = [False, True] if args.compare_embeds else [False]

@@ -269,7 +269,8 @@ def serving_overhead(args, url: str, model: str, model_path: Path, prompts: dict
                  include_dashboard=False, log_to_driver=False)
     with LLM(str(model_path), tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
              load_format=args.load_format, max_model_len=args.max_model_len, enable_prompt_embeds=True,
-             kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes, device=args.device) as llm:
+             kv_cache_memory_bytes=args.engine_kv_cache_memory_bytes, device=args.device,
+             enable_prefix_caching=False) as llm:  # the server computes each of these prompts once too
         return {mode: asyncio.run(_overhead(args, url, model, llm, mode_prompts))
                 for mode, mode_prompts in prompts.items()}
 
@@ -315,14 +316,20 @@ def main(argv=None) -> dict:
     else:
         model_path = Path(args.model_path) if args.model_path else default_model_path()
     vocab = ModelConfig.from_pretrained(model_path).vocab_size
-    token_prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
     modes = ["token ids", "prompt_embeds"] if args.compare_embeds else \
         ["prompt_embeds" if args.prompt_embeds else "token ids"]
-    prompts = {m: embed_rows(model_path, token_prompts) if m == "prompt_embeds" else token_prompts for m in modes}
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
           f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
     per_token = args.model_shape is not None
-    bodies = {m: [completion_body(model, p, args.output_len, per_token) for p in prompts[m]] for m in modes}
+
+    def bodies(mode: str, round_index: int) -> list[dict]:
+        """Each round its own prompts (a server's prefix cache would serve a repeat), the
+        same ones for both modes (embeddings rows are never a cache hit for token ids)."""
+        prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + 100 * round_index)
+        if mode == "prompt_embeds":
+            prompts = embed_rows(model_path, prompts)
+        return [completion_body(model, p, args.output_len, per_token) for p in prompts]
+
     for mode in modes if args.num_warmups else ():  # untimed, own prompts: no timed prompt is cached
         warmup = random_prompts(args.num_warmups, args.input_len, vocab, args.seed + 2)
         if mode == "prompt_embeds":
@@ -331,9 +338,12 @@ def main(argv=None) -> dict:
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
     intake = {m: [0.0, 0.0] for m in modes}  # the timed requests' server intake: seconds, count
+    rounds_run = dict.fromkeys(modes, 0)
     for mode in round_order(modes, args.rounds):
+        mode_bodies = bodies(mode, rounds_run[mode])
+        rounds_run[mode] += 1
         before = server_intake(args.base_url, mode)
-        mode_results, duration = asyncio.run(run(args, url, bodies[mode], max_concurrency=args.max_concurrency,
+        mode_results, duration = asyncio.run(run(args, url, mode_bodies, max_concurrency=args.max_concurrency,
                                                  rate=args.request_rate))
         after = server_intake(args.base_url, mode)
         results[mode] += mode_results

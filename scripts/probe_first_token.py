@@ -20,7 +20,7 @@ import ray
 import torch
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, init_ray, model_path
+from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     init_ray()
     llm = LLM(model_path(args), tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-              dtype=args.dtype, max_model_len=args.max_model_len, enable_prompt_embeds=True)
+              dtype=args.dtype, max_model_len=args.max_model_len, enable_prompt_embeds=True, **UNCACHED)
     try:
         hidden = llm.config.model_config.hidden_size
         prompts = {"token ids": {"prompt_token_ids": list(range(10, 10 + args.prompt_len))},

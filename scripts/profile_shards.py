@@ -18,7 +18,7 @@ import time
 import ray
 
 from cluster import LLM, SamplingParams
-from scripts.bench_args import add_model_args, init_ray, model_path
+from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,7 +113,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     init_ray()
     llm = LLM(model_path(args), tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-              dtype=args.dtype, max_model_len=args.max_model_len)
+              dtype=args.dtype, max_model_len=args.max_model_len, **UNCACHED)
     try:
         prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
         llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)

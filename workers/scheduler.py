@@ -213,6 +213,7 @@ class Scheduler:
             if new_block_ids is None:
                 break  # it preempted itself: it was the last running request
             scheduled.append(_scheduled(request, num_new_tokens, new_block_ids))
+            self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
             budget -= num_new_tokens
             req_index += 1
         return scheduled, preempted, budget
@@ -252,6 +253,7 @@ class Scheduler:
             self._share_prefix(request, cached)
             new_block_ids = self._allocate(request, num_blocks)
             scheduled.append(_scheduled(request, num_new_tokens, cached + new_block_ids))
+            self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
             budget -= num_new_tokens
         return scheduled
 
@@ -275,10 +277,15 @@ class Scheduler:
             self.num_prefix_cache_queries += request.num_tokens
             self.num_prefix_cache_hits += request.num_computed_tokens
 
-    def _cache_full_blocks(self, request: Request) -> None:
-        """Keys the request's blocks that became full and computed this step."""
+    def _cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Keys the request's blocks that are full once its first `num_computed_tokens`
+        are computed, as far as their tokens are known here. Keyed when the step that
+        computes them is scheduled: a request that shares them later in the same step reads
+        them in each layer after this one wrote them (every row's K/V is stored before any
+        row attends). A row planned ahead (schedule_ahead) holds a token not read back yet:
+        its block is keyed in update()."""
         block_size = self.block_manager.block_size
-        num_full = request.num_computed_tokens // block_size
+        num_full = min(num_computed_tokens, request.num_tokens) // block_size
         if not self.block_manager.enable_caching or num_full <= request.num_cached_blocks:
             return
         hashes = request.full_block_hashes(num_full, block_size)
@@ -325,7 +332,7 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # aborted while its step ran; its "abort" delta is pending
             request.num_computed_tokens += scheduled.num_new_tokens
-            self._cache_full_blocks(request)
+            self._cache_full_blocks(request, request.num_computed_tokens)
             if prompt_logprobs and scheduled.req_id in prompt_logprobs:
                 request.add_prompt_logprobs(prompt_logprobs[scheduled.req_id])
             if not scheduled.is_sampled:

@@ -70,13 +70,14 @@ def test_graph_prefill_matches_eager(ray_cluster, tiny_checkpoints):
 def _run_chunked(path, enforce_eager: bool):
     """One long prompt at a time, in prefill chunks of 16 rows that sample nothing until the
     last: the host queues chunk after chunk without waiting for the device, through the
-    prefill graphs' staging buffers (token ids, then the same rows as embeddings)."""
+    prefill graphs' staging buffers (token ids, then the same rows as embeddings). Each
+    call computes its whole prompt: no prefix cache serves the repeats."""
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (220,), generator=gen).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True)
     outputs = []
     with LLM(str(path), enforce_eager=enforce_eager, max_model_len=256, kv_cache_memory_bytes=16 << 20,
-             enable_prompt_embeds=True, max_num_batched_tokens=16) as llm:
+             enable_prompt_embeds=True, max_num_batched_tokens=16, enable_prefix_caching=False) as llm:
         table = ray.get(llm.engine.leader.__ray_call__.remote(
             lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
         for prompt in ({"prompt_token_ids": ids}, {"prompt_embeds": table[torch.tensor(ids)]}) * 2:

@@ -21,6 +21,7 @@ def test_prompts_after_a_cached_prefix_match_hf(ray_cluster, tiny_checkpoints, t
     vocab = hf_model.config.vocab_size
     prefix = random_ids(11, 40, vocab)  # two full blocks and a half
     first, second = prefix + random_ids(12, 5, vocab), prefix + random_ids(13, 9, vocab)
+    third = random_ids(14, 40, vocab)
     prompts = {
         "ids": [{"prompt_token_ids": first}, {"prompt_token_ids": second}],
         "embeds": [{"prompt_embeds": embed_tokens(hf_model, first)},
@@ -34,15 +35,25 @@ def test_prompts_after_a_cached_prefix_match_hf(ray_cluster, tiny_checkpoints, t
         before = llm.engine.stats()
         outputs += llm.generate([prompts["ids"][1], prompts["embeds"][1]], params, use_tqdm=False)
         after = llm.engine.stats()
+        # One call, each prompt twice: the copies admitted beside the first share its
+        # blocks in the step that computes them.
+        twice = [{"prompt_token_ids": third}] * 2 + [{"prompt_embeds": embed_tokens(hf_model, third)}] * 2
+        outputs += llm.generate(twice, params, use_tqdm=False)
+        last = llm.engine.stats()
     # Each second prompt found the first one's two full prefix blocks, of its own kind.
     assert after.prefix_cache_hits - before.prefix_cache_hits == 2 * 2 * BLOCK_SIZE
     assert after.prefix_cache_queries - before.prefix_cache_queries == 2 * len(second)
+    assert last.prefix_cache_hits - after.prefix_cache_hits == 2 * 2 * BLOCK_SIZE
     from_first = hf_greedy(hf_model, MAX_TOKENS, input_ids=first)
     from_second = hf_greedy(hf_model, MAX_TOKENS, input_ids=second)
     assert_matches_hf(outputs[0], from_first, "token ids, computing the prefix")
     assert_matches_hf(outputs[1], from_first, "embeddings, computing the prefix")
     assert_matches_hf(outputs[2], from_second, "token ids after the cached prefix")
     assert_matches_hf(outputs[3], from_second, "embeddings after the cached prefix")
+    from_third = hf_greedy(hf_model, MAX_TOKENS, input_ids=third)
+    for output, where in zip(outputs[4:], ("ids", "ids, sharing in its step", "embeddings",
+                                            "embeddings, sharing in its step")):
+        assert_matches_hf(output, from_third, where)
 
 
 def test_without_prefix_caching_nothing_is_reused(ray_cluster, tiny_checkpoints):

@@ -397,6 +397,39 @@ def test_a_later_request_reuses_the_computed_blocks_of_its_prefix():
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (10 + 11, 8)
 
 
+def test_samples_of_one_prompt_share_its_blocks_from_the_first_step():
+    """n > 1: the first sample's prompt blocks are keyed when its step is planned, so the
+    others, admitted in the same step, compute only their last block's rows."""
+    scheduler = make_caching_scheduler(block_size=4)
+    for req_id in ("s0", "s1", "s2"):
+        scheduler.add_request(ids_request(req_id, range(100, 110)))
+    out, _ = step(scheduler)
+    first, *others = out.scheduled
+    assert (first.num_computed_tokens, first.num_new_tokens) == (0, 10)
+    for other in others:
+        assert (other.num_computed_tokens, other.num_new_tokens) == (8, 2)
+        assert other.new_block_ids[:2] == first.new_block_ids[:2]
+    assert scheduler.block_manager.num_free_blocks == 64 - 3 - 2  # 3 blocks, then one more each
+
+
+def test_a_block_filled_by_a_row_planned_ahead_is_keyed_once_its_token_is_known():
+    scheduler = make_caching_scheduler(block_size=4)
+    scheduler.add_request(ids_request("a", range(100, 106), max_tokens=8))
+    step(scheduler, token_id=60)  # rows 0-5; the first block is full
+    request = scheduler.get("a")
+    assert request.num_cached_blocks == 1
+    out = scheduler.schedule()  # row 6, input 60
+    ahead = scheduler.schedule_ahead(out)  # row 7, whose input row 6 samples: not known yet
+    assert ahead is not None and request.num_cached_blocks == 1
+    scheduler.update(out, {"a": SampleResult(61, None)})
+    assert request.num_cached_blocks == 1
+    scheduler.update(ahead, {"a": SampleResult(62, None)})
+    assert request.num_cached_blocks == 2  # positions 4-7: 104, 105, 60, 61
+    scheduler.add_request(ids_request("b", [*range(100, 106), 60, 61, 7]))
+    (b,) = [s for s in scheduler.schedule().scheduled if s.req_id == "b"]
+    assert b.num_computed_tokens == 8
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_token():
     scheduler = make_caching_scheduler(block_size=4)
     scheduler.add_request(ids_request("a", range(8), max_tokens=1))
@@ -471,14 +504,18 @@ def test_random_shared_prefixes_read_only_their_own_tokens(seed):
             break
         out = scheduler.schedule()
         check_step(scheduler, out, tables)
+        # As in each layer: every row's K/V is stored, then every row attends to its context.
         for s in out.scheduled:
             request, content = scheduler.get(s.req_id), contents[s.req_id]
             tokens = content + request.output_token_ids  # an output token is written by its next row
-            for position in range(s.num_computed_tokens):
-                block_id = request.block_ids[position // block_size]
-                assert slots[(block_id, position % block_size)] == tokens[position], (s, position)
             for position in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
                 slots[(request.block_ids[position // block_size], position % block_size)] = tokens[position]
+        for s in out.scheduled:
+            request, content = scheduler.get(s.req_id), contents[s.req_id]
+            tokens = content + request.output_token_ids
+            for position in range(s.num_computed_tokens + s.num_new_tokens):
+                block_id = request.block_ids[position // block_size]
+                assert slots[(block_id, position % block_size)] == tokens[position], (s, position)
         samples = {r: SampleResult(rng.randint(20, 23), None) for r in out.sampled_req_ids}
         scheduler.update(out, samples)
     else:
