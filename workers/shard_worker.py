@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,10 @@ from workers.request import Request
 from workers.shm_channel import SPIN_S, try_shm_channel
 from workers.step_loop import LeaderLoop, run_follower
 from workers.transfer import to_device
+
+# Below this, the leader hashes an embeddings prompt's rows on the request's own thread
+# (tens of microseconds, about what a hand-off to the hashing threads costs).
+INLINE_DIGEST_BYTES = 128 << 10
 
 
 def _all_threads_config():
@@ -47,6 +51,9 @@ class ShardWorker:
         self.leader: LeaderLoop | None = None
         self._profiler = None
         self._profiler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
+        # The leader hashes a large embeddings prompt's rows here while the request's own
+        # thread uploads them: both drop the GIL, so neither waits for the other.
+        self._hashing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embeds-digests")
 
     def node_ip(self) -> str:
         import ray
@@ -106,12 +113,13 @@ class ShardWorker:
         follower cannot, it takes a stand-in (below) and raises; the engine client fails
         the request and aborts it at the leader."""
         try:
+            digests = self._embeds_block_digests(new.prompt_embeds, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
             request = None
             if self.leader is not None:
                 request = Request.from_new_request(
                     new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device,
-                    embeds_block_digests=self._embeds_block_digests(new.prompt_embeds, embeds_array))
+                    embeds_block_digests=digests.result() if isinstance(digests, Future) else digests)
         except Exception as exc:
             if self.leader is not None:
                 self.leader.discard(new.req_id)
@@ -163,12 +171,15 @@ class ShardWorker:
         return tensor.to(self.config.torch_dtype, copy=True)
 
     def _embeds_block_digests(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None
-                              ) -> tuple[bytes, ...] | None:
+                              ) -> tuple[bytes, ...] | Future | None:
         """The leader's prefix-cache keys of an embeddings prompt's rows, one per block
-        (about 0.3 ms per 512 KiB, without the GIL)."""
-        if embeds is None or array is None or not self.config.enable_prefix_caching:
+        (SHA-256: about 0.3 ms per 512 KiB). A large prompt's come from a hashing thread,
+        as a Future; a small one's (as fast as handing them over) here."""
+        if self.leader is None or embeds is None or array is None or not self.config.enable_prefix_caching:
             return None
-        return embeds_block_digests(array, embeds.dtype, self.config.block_size)
+        if array.nbytes < INLINE_DIGEST_BYTES:
+            return embeds_block_digests(array, embeds.dtype, self.config.block_size)
+        return self._hashing.submit(embeds_block_digests, array, embeds.dtype, self.config.block_size)
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)

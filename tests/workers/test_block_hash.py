@@ -1,0 +1,56 @@
+"""The prefix cache's keys: block hashes chained over tokens and embedding rows, and the
+leader's digests of an embeddings prompt, hashed on its own thread or on the hashing
+threads while the rows upload."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+
+from workers.block_hash import embeds_block_digests, hash_block
+from workers.config import EngineConfig, ModelConfig
+from workers.messages import PromptEmbedsRef
+from workers.shard_worker import INLINE_DIGEST_BYTES, ShardWorker
+
+
+def test_a_block_hash_covers_its_parent_its_tokens_and_its_rows():
+    root = hash_block(None, [1, 2, 3, 4])
+    assert hash_block(None, [1, 2, 3, 4]) == root and len(root) == 32
+    assert hash_block(None, [1, 2, 3, 5]) != root
+    assert hash_block(root, [5, 6, 7, 8]) != hash_block(hash_block(None, [9, 9, 9, 9]), [5, 6, 7, 8])
+    rows = hash_block(None, [], b"digest")
+    assert rows != hash_block(None, [])  # rows are never the same as no rows
+    assert hash_block(None, [7], b"digest") != rows  # rows then an output token
+    # An int64 per id: ids that print alike do not collide.
+    assert hash_block(None, [1, 23]) != hash_block(None, [12, 3])
+
+
+def test_embeds_digests_are_per_block_and_carry_dtype_and_width():
+    rows = np.arange(10 * 4, dtype=np.uint16).reshape(10, 4)
+    digests = embeds_block_digests(rows, "bfloat16", 4)
+    assert len(digests) == 3  # 4 + 4 + 2 rows
+    assert digests == embeds_block_digests(rows.copy(), "bfloat16", 4)
+    assert embeds_block_digests(rows, "float16", 4) != digests  # the same bits, other values
+    changed = rows.copy()
+    changed[9, 3] += 1
+    assert embeds_block_digests(changed, "bfloat16", 4)[:2] == digests[:2]
+    assert embeds_block_digests(changed, "bfloat16", 4)[2] != digests[2]
+    wide = rows.reshape(5, 8)
+    assert embeds_block_digests(wide, "bfloat16", 2)[0] != embeds_block_digests(rows, "bfloat16", 4)[0]
+
+
+def test_the_leader_hashes_large_prompts_on_its_hashing_threads(tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    config = EngineConfig(model=str(path), model_config=ModelConfig.from_pretrained(path), block_size=16)
+    worker = ShardWorker(config, 0)
+    worker.leader = object()  # rank 0 once init() ran; only whether it is the leader matters here
+    ref = PromptEmbedsRef(None, "float32", (0, 0))
+    small = np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32)
+    large = np.random.default_rng(1).standard_normal((INLINE_DIGEST_BYTES // 256 + 16, 64), dtype=np.float32)
+    assert worker._embeds_block_digests(ref, small) == embeds_block_digests(small, "float32", 16)
+    future = worker._embeds_block_digests(ref, large)
+    assert isinstance(future, Future)
+    assert future.result(timeout=30) == embeds_block_digests(large, "float32", 16)
+    worker.leader = None  # a follower keys nothing
+    assert worker._embeds_block_digests(ref, large) is None
