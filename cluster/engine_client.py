@@ -250,7 +250,7 @@ class EngineClient:
     def _fail_request(self, req_id: str, exc: Exception) -> None:
         logger.error("a shard could not take request %s: %s", req_id, exc)
         if self.dead_reason is None:
-            self._calls.put((self.leader.abort.remote, (req_id,)))
+            self._calls.put((self.leader.fail.remote, (req_id,)))
         cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
         self._deliver(RequestDelta.not_taken(req_id, cause))  # a no-op if the leader's came first
 

@@ -121,13 +121,24 @@ class BlockManager:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
 
-    def cache(self, block_id: int, block_hash: BlockHash) -> None:
-        """Keys a full block whose K/V are computed by its content. A prefix another block
-        already holds (two requests computed it in one step) stays with that one."""
-        if self.enable_caching and block_hash not in self._block_of_hash \
-                and block_id not in self._hash_of_block:
-            self._block_of_hash[block_hash] = block_id
-            self._hash_of_block[block_id] = block_hash
+    def cache(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Keys a full block whose K/V are computed by its content; False if it did not (a
+        prefix another block already holds, two requests having computed it in one step,
+        stays with that one)."""
+        if not self.enable_caching or block_hash in self._block_of_hash or block_id in self._hash_of_block:
+            return False
+        self._block_of_hash[block_hash] = block_id
+        self._hash_of_block[block_id] = block_hash
+        return True
+
+    def uncache(self, keys: list[tuple[int, BlockHash]]) -> None:
+        """Forgets these (block, hash) keys where they still stand: K/V that must not be
+        shared. Such a block, once free, is the next to be handed out."""
+        for block_id, block_hash in keys:
+            if self._block_of_hash.get(block_hash) == block_id:
+                self._evict(block_id)
+                if self._ref_counts[block_id] == 0:
+                    self._free.move_to_end(block_id, last=False)
 
     def _evict(self, block_id: int) -> None:
         block_hash = self._hash_of_block.pop(block_id, None)

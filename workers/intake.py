@@ -24,6 +24,7 @@ class RequestState:
     # every rank computes the prompt rows' logits (a collective) until the first sample.
     prompt_logprobs: int | None = None
     first_sampled: bool = False
+    stand_in: bool = False  # a follower's copy of a request it could not take (zeros for rows)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end); embedding positions read as 0."""

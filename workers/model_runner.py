@@ -55,6 +55,9 @@ class ModelRunner:
         self.decode_graphs = self._make_decode_graphs()
         self.prefill_graphs = self._make_prefill_graphs()
         self.requests: dict[str, RequestState] = {}
+        # Blocks this rank filled from a stand-in (a request it could not take): its K/V
+        # there are not the request's, so no other request may read them as its prefix.
+        self._stand_in_blocks: set[int] = set()
         self._last_sampled_ids: tuple[str, ...] = ()  # the last executed step's, in order
         # From a feeds_back plan: the previous step's sampled tokens, still on the device,
         # and each request's index in them; rows the mirrors cannot fill read from here.
@@ -155,7 +158,24 @@ class ModelRunner:
             if state is None:
                 state = intake.take(sched.req_id, intake_timeout_s)
                 self.requests[sched.req_id] = state
+            if state.stand_in or self._stand_in_blocks:
+                self._check_stand_in_blocks(state, sched)
             state.block_ids.extend(sched.new_block_ids)
+
+    def _check_stand_in_blocks(self, state: RequestState, sched: ScheduledRequest) -> None:
+        """Tracks the blocks stand-ins write, and refuses to let a request read one as its
+        cached prefix. The leader forgets a stand-in's keys once it hears of the failure;
+        a request that shared them before that would get wrong tokens from this rank, so
+        the step fails instead (the engine stops, loudly)."""
+        num_shared = 0 if state.block_ids else sched.num_computed_tokens // self.config.block_size
+        shared, fresh = sched.new_block_ids[:num_shared], sched.new_block_ids[num_shared:]
+        if state.stand_in:
+            self._stand_in_blocks.update(fresh)
+            return
+        self._stand_in_blocks.difference_update(fresh)
+        if self._stand_in_blocks.intersection(shared):
+            raise RuntimeError(f"request {sched.req_id} shares cached K/V that rank {self.pg.rank} computed "
+                               "for a request it could not take")
 
     @torch.inference_mode()
     def execute(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:

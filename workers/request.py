@@ -69,6 +69,7 @@ class Request:
         self.embeds_block_digests = embeds_block_digests
         self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
+        self.keyed_blocks: list[tuple[int, BlockHash]] = []  # the (block, hash) keys it made
         # Prompt logprobs (sampling_params.prompt_logprobs) of positions 0.. so far, as
         # (logprob, rank, top) of the token after each; sent once, with the first token.
         self._prompt_logprobs: list[tuple[float, int, tuple]] = []

@@ -7,7 +7,7 @@ schedule_ahead(out) -> its forward pass -> update(out, samples) -> ..."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,8 @@ from workers.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from workers.sampler import SampleResult
+
+MAX_FINISHED_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class Scheduler:
         # Prompt tokens looked up in the prefix cache at admission, and those found there.
         self.num_prefix_cache_queries = 0
         self.num_prefix_cache_hits = 0
+        # The keys finished requests made, for fail_request (a shard's failure to take a
+        # request reaches the leader a little after the request may have finished).
+        self._finished_keys: OrderedDict[str, list] = OrderedDict()
         self._finished_req_ids: list[str] = []  # since the previous schedule()
         self._pending_deltas: list[RequestDelta] = []  # requests that finished outside a step
 
@@ -95,6 +100,27 @@ class Scheduler:
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._pending_deltas.append(_final_delta(request))
         self.num_aborted += 1
+        return True
+
+    def fail_request(self, req_id: str) -> bool:
+        """A request that a shard could not take: that shard computed its rows from a
+        stand-in, so the K/V it keyed must not be shared. The cache forgets them, requests
+        that already share them end with an error, and the request is aborted. False when
+        the id is unknown (its add has not reached this shard yet)."""
+        request = self.requests.get(req_id)
+        keys = request.keyed_blocks if request is not None else self._finished_keys.pop(req_id, None)
+        if keys is None:
+            return False
+        self.block_manager.uncache(keys)
+        poisoned = {block_id for block_id, _ in keys}
+        for other in [r for r in self.running if r is not request and poisoned.intersection(r.block_ids)]:
+            self._finish(other, RequestStatus.FINISHED_ABORTED)
+            self._pending_deltas.append(RequestDelta(
+                other.req_id, (), None, finish_reason="error",
+                error=f"request {other.req_id} shared the cached prefix of request {req_id}, which a shard "
+                      "could not take"))
+        if request is not None:
+            self.abort_request(req_id)
         return True
 
     def discard(self, req_id: str) -> None:
@@ -290,7 +316,8 @@ class Scheduler:
             return
         hashes = request.full_block_hashes(num_full, block_size)
         for index in range(request.num_cached_blocks, len(hashes)):
-            self.block_manager.cache(request.block_ids[index], hashes[index])
+            if self.block_manager.cache(request.block_ids[index], hashes[index]):
+                request.keyed_blocks.append((request.block_ids[index], hashes[index]))
         request.num_cached_blocks = len(hashes)
 
     def _can_ever_fit(self, request: Request) -> bool:
@@ -366,6 +393,10 @@ class Scheduler:
         if request.block_ids:
             self.block_manager.free(request.block_ids)
             request.block_ids = []
+        if request.keyed_blocks:  # until a shard's failure to take it can no longer come
+            self._finished_keys[request.req_id] = request.keyed_blocks
+            if len(self._finished_keys) > MAX_FINISHED_KEYS:
+                self._finished_keys.popitem(last=False)
         request.status = status
         self._finished_req_ids.append(request.req_id)
 

@@ -142,7 +142,9 @@ class ShardWorker:
             hidden = self.config.model_config.hidden_size
             row = torch.zeros(1, hidden, dtype=self.config.torch_dtype, device=self.runner.device)
             embeds = row.expand(new.prompt_len, hidden)
-        return self._mirror(new, embeds)
+        state = self._mirror(new, embeds)
+        state.stand_in = True
+        return state
 
     @staticmethod
     def _mirror(new: NewRequest, prompt_embeds: torch.Tensor | None) -> RequestState:
@@ -183,6 +185,10 @@ class ShardWorker:
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)
+
+    def fail(self, req_id: str) -> None:
+        """A request another shard could not take: aborted here, its cached K/V unshared."""
+        self.leader.fail(req_id)
 
     def get_outputs(self, timeout_s: float = 1.0, step_timeout_s: float | None = None) -> list[RequestDelta]:
         """Long-poll: the deltas produced since the last call, waiting up to timeout_s.

@@ -105,6 +105,10 @@ class LeaderLoop:
         """For a request whose add failed on this shard: see Scheduler.discard."""
         self._commands.put(("discard", req_id))
 
+    def fail(self, req_id: str) -> None:
+        """For a request whose add failed on another shard: see Scheduler.fail_request."""
+        self._commands.put(("fail", req_id))
+
     def stop(self) -> None:
         self._commands.put(("stop", None))
 
@@ -188,6 +192,9 @@ class LeaderLoop:
                 self._add(arg)
             elif kind == "discard":
                 self.scheduler.discard(arg)
+            elif kind == "fail":
+                if not self.scheduler.fail_request(arg):
+                    self._remember_early_abort(arg)  # taken later: aborted at once, nothing keyed
             elif not self.scheduler.abort_request(arg):
                 self._remember_early_abort(arg)
             try:

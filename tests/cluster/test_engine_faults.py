@@ -156,7 +156,7 @@ def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps
         follower = llm.engine.shards[1]
         ray.get(follower.__ray_call__.remote(_fail_embeddings_once_scheduled))
         hidden = llm.config.model_config.hidden_size
-        rows = np.random.default_rng(0).standard_normal((6, hidden), dtype=np.float32)
+        rows = np.random.default_rng(0).standard_normal((40, hidden), dtype=np.float32)  # 2 full blocks
         deltas: queue.SimpleQueue = queue.SimpleQueue()
         sent_at = time.monotonic()
         llm.engine.add_request("bad", Params(max_tokens=300, ignore_eos=True), deltas.put,
@@ -170,9 +170,17 @@ def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps
         assert not received and not delta.new_token_ids, received[:3]
         assert "could not take request bad: OSError" in delta.error
         assert isinstance(request_error(llm.engine, delta.error), RequestFailedError)
-        outputs = llm.generate([{"prompt_embeds": torch.from_numpy(rows)}, "still serving"],
-                               SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+        greedy = SamplingParams(temperature=0.0, max_tokens=3)
+        before = llm.engine.stats()
+        outputs = llm.generate([{"prompt_embeds": torch.from_numpy(rows)}, "still serving"], greedy, use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 3]
+        # The follower's blocks of the failed request held its stand-in's K/V: the same rows
+        # again found nothing cached, computed their own, and those are shared from then on.
+        after = llm.engine.stats()
+        assert after.prefix_cache_hits == before.prefix_cache_hits
+        [again] = llm.generate([{"prompt_embeds": torch.from_numpy(rows)}], greedy, use_tqdm=False)
+        assert llm.engine.stats().prefix_cache_hits == after.prefix_cache_hits + 32
+        assert again.outputs[0].token_ids == outputs[0].outputs[0].token_ids
         # (Requests that finished in the last step are dropped with the next plan.)
         held = ray.get(follower.__ray_call__.remote(lambda shard: (len(shard.intake), "bad" in shard.runner.requests)))
         assert held == (0, False)

@@ -430,6 +430,33 @@ def test_a_block_filled_by_a_row_planned_ahead_is_keyed_once_its_token_is_known(
     assert b.num_computed_tokens == 8
 
 
+def test_a_request_a_shard_could_not_take_leaves_nothing_to_share():
+    """Its K/V on that shard came from a stand-in: the cache forgets the blocks it keyed,
+    a request already sharing them ends with an error, and later ones compute their own."""
+    scheduler = make_caching_scheduler(block_size=4)
+    scheduler.add_request(ids_request("bad", range(100, 110), max_tokens=8))
+    scheduler.add_request(ids_request("sharer", range(100, 110), max_tokens=8))
+    scheduler.add_request(ids_request("other", range(200, 210), max_tokens=8))
+    out, _ = step(scheduler)
+    assert [s.num_computed_tokens for s in out.scheduled] == [0, 8, 0]
+    assert scheduler.fail_request("bad")
+    deltas = scheduler.take_pending_deltas()
+    assert {d.req_id: d.finish_reason for d in deltas} == {"bad": "abort", "sharer": "error"}
+    assert "shared the cached prefix of request bad" in next(d for d in deltas if d.req_id == "sharer").error
+    assert scheduler.get("other").status is RequestStatus.RUNNING
+    scheduler.add_request(ids_request("later", range(100, 110)))
+    out, _ = step(scheduler)
+    assert next(s for s in out.scheduled if s.req_id == "later").num_computed_tokens == 0
+    # Known by its keys after it finished; unknown (not taken here yet) otherwise.
+    scheduler.abort_request("other")
+    scheduler.schedule()  # "other" is dropped from the scheduler's requests
+    probe = ids_request("probe", range(200, 210))
+    assert len(scheduler.block_manager.cached_prefix(probe.full_block_hashes(2, 4))) == 2
+    assert scheduler.fail_request("other")
+    assert scheduler.block_manager.cached_prefix(probe.full_block_hashes(2, 4)) == []
+    assert not scheduler.fail_request("never-added")
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_token():
     scheduler = make_caching_scheduler(block_size=4)
     scheduler.add_request(ids_request("a", range(8), max_tokens=1))
