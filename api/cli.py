@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the K/V cache of prompt prefixes (token ids or embedding rows) that "
                             "earlier requests computed (default: on)")
+    serve.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report usage.prompt_tokens_details.cached_tokens: prompt tokens whose K/V "
+                            "the prefix cache held")
     serve.add_argument("--disable-custom-all-reduce", action="store_true",
                        help="tensor-parallel all-reduces through NCCL only (no one-shot all-reduce)")
     serve.add_argument("--max-prompt-embeds-bytes", type=int, default=64 << 20,
@@ -83,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed,
         async_scheduling=args.async_scheduling, disable_custom_all_reduce=args.disable_custom_all_reduce,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         num_replicas=args.num_replicas, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
         max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,

@@ -44,6 +44,7 @@ class ShardServeServer:
             max_embeds_bytes=settings.max_prompt_embeds_bytes,
             metrics=Metrics(stats_source=self.engine.stats),
             max_in_flight=settings.max_in_flight,
+            enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
         )
         logger.info("shardserve replica ready: model %s, tp=%d",
                     settings.model_name(), settings.tensor_parallel_size)

@@ -210,15 +210,29 @@ class CompletionChoice(BaseModel):
         return data
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache held
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's; sent (as vLLM does) only with --enable-prompt-tokens-details.
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
+        details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_details(self, handler):
+        data = handler(self)
+        if self.prompt_tokens_details is None:
+            data.pop("prompt_tokens_details", None)
+        return data
 
 
 def _completion_id() -> str:

@@ -43,6 +43,7 @@ class Choice:
     params: SamplingParams
     stream: SampleStream
     status: str | None = None  # how it ended, once counted in the metrics
+    num_cached_tokens: int | None = None  # its prompt tokens the prefix cache held, once known
 
 
 class CompletionStream:
@@ -72,10 +73,11 @@ class Responses:
     counts each choice's end, and a request naming no model is answered with
     `served_model_name`."""
 
-    def __init__(self, engine, metrics: Metrics, served_model_name: str):
+    def __init__(self, engine, metrics: Metrics, served_model_name: str, *, prompt_tokens_details: bool = False):
         self.engine = engine
         self.metrics = metrics
         self.served_model_name = served_model_name
+        self.prompt_tokens_details = prompt_tokens_details  # usage.prompt_tokens_details.cached_tokens
 
     async def complete(self, request: CompletionRequest, choices: list[Choice]) -> CompletionResponse:
         """The whole response, once every choice has finished."""
@@ -84,8 +86,12 @@ class Responses:
         return CompletionResponse(
             model=request.model or self.served_model_name,  # the alias asked for, as vLLM answers
             choices=[choice for choice, _ in results],
-            usage=UsageInfo.of(prompt_tokens(choices), completion_tokens),
+            usage=self._usage(choices, completion_tokens),
         )
+
+    def _usage(self, choices: list[Choice], completion_tokens: int) -> UsageInfo:
+        cached = cached_tokens(choices) if self.prompt_tokens_details else None
+        return UsageInfo.of(prompt_tokens(choices), completion_tokens, cached)
 
     async def _run_choice(self, request: CompletionRequest, choice: Choice):
         echo = self._echo(request, choice)
@@ -132,6 +138,8 @@ class Responses:
         try:
             async for update in choice.stream.updates():
                 num_tokens += len(update.token_ids)
+                if update.num_cached_tokens is not None:
+                    choice.num_cached_tokens = update.num_cached_tokens
                 yield update
                 if update.finish_reason is not None:
                     status = update.finish_reason
@@ -190,7 +198,7 @@ class Responses:
                                                     choices=[chunk], usage=usage))
             else:
                 if request.is_include_usage:
-                    usage = UsageInfo.of(prompt_tokens(choices), completion_tokens)
+                    usage = self._usage(choices, completion_tokens)
                     yield _sse(CompletionStreamResponse(id=response_id, created=created,
                                                         model=model, choices=[], usage=usage))
             yield "data: [DONE]\n\n"
@@ -240,6 +248,16 @@ def prompt_tokens(choices: list[Choice]) -> int:
     for choice in choices:
         seen[id(choice.prompt)] = choice.prompt.num_tokens
     return sum(seen.values())
+
+
+def cached_tokens(choices: list[Choice]) -> int:
+    """Prompt tokens the prefix cache held, once per prompt: its first sample's (the
+    others share what that one computes)."""
+    first: dict[int, int] = {}
+    for choice in sorted(choices, key=lambda c: c.index):
+        if choice.num_cached_tokens is not None:
+            first.setdefault(id(choice.prompt), choice.num_cached_tokens)
+    return sum(first.values())
 
 
 def _error_event(exc: BaseException) -> str:

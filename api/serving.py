@@ -41,7 +41,8 @@ class OpenAIServing:
     def __init__(self, engine, *, served_model_name: str | list[str], enable_prompt_embeds: bool,
                  max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None,
                  max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS,
-                 inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS):
+                 inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS,
+                 enable_prompt_tokens_details: bool = False):
         self.engine = engine
         self.admission = Admission(max_in_flight)
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -50,7 +51,8 @@ class OpenAIServing:
         self.max_embeds_bytes = max_embeds_bytes
         self.inline_decode_max_chars = inline_decode_max_chars
         self.metrics = metrics or Metrics()
-        self.responses = Responses(engine, self.metrics, self.served_model_name)
+        self.responses = Responses(engine, self.metrics, self.served_model_name,
+                                   prompt_tokens_details=enable_prompt_tokens_details)
 
     def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)

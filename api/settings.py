@@ -34,6 +34,7 @@ class ServerSettings:
     enforce_eager: bool = False  # no CUDA-graph capture of decode steps
     async_scheduling: bool = True  # plan the next decode step while this one runs
     enable_prefix_caching: bool = True  # reuse the K/V of a prompt's cached prefix
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
     disable_custom_all_reduce: bool = False  # NCCL only, no one-shot all-reduce
     seed: int = 0
     num_replicas: int = 1

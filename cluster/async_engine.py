@@ -33,6 +33,8 @@ class SampleUpdate:
     first_token_time: float | None = None  # monotonic time of the sample's first token
     # With params.prompt_logprobs, in the update with the first token: as RequestOutput's.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # In the update with the first token: prompt tokens whose K/V the prefix cache held.
+    num_cached_tokens: int | None = None
 
 
 class AsyncEngine:
@@ -138,7 +140,7 @@ class SampleStream:
     async def updates(self) -> AsyncIterator[SampleUpdate]:
         """The sample's updates. Raises EngineDeadError if the engine fails mid-request."""
         tracker, deltas = self._tracker, self._deltas
-        first_token_time, prompt_logprobs_sent = None, False
+        first_token_time, prompt_logprobs_sent, cached_sent = None, False, False
         try:
             while not tracker.is_finished:
                 pending = [await deltas.get()]
@@ -155,9 +157,11 @@ class SampleStream:
                     first_token_time = time.monotonic()
                 if tracker.finish_reason == "error":
                     raise request_error(self._engine, tracker.error)
-                prompt_logprobs = None
+                prompt_logprobs = num_cached_tokens = None
                 if tracker.prompt_logprobs is not None and not prompt_logprobs_sent:
                     prompt_logprobs, prompt_logprobs_sent = tracker.prompt_logprobs, True
+                if tracker.num_cached_tokens is not None and not cached_sent:
+                    num_cached_tokens, cached_sent = tracker.num_cached_tokens, True
                 yield SampleUpdate(
                     text=text,
                     token_ids=tuple(tracker.token_ids[num_tokens:]),
@@ -166,6 +170,7 @@ class SampleStream:
                     stop_reason=tracker.stop_reason,
                     first_token_time=first_token_time,
                     prompt_logprobs=prompt_logprobs,
+                    num_cached_tokens=num_cached_tokens,
                 )
         finally:
             self.close()

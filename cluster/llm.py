@@ -108,6 +108,8 @@ class LLM:
             outputs[position].outputs.append(tracker.output())
             if outputs[position].prompt_logprobs is None:  # each sample's are the same
                 outputs[position].prompt_logprobs = tracker.prompt_logprobs
+            if outputs[position].num_cached_tokens is None:  # the first sample's
+                outputs[position].num_cached_tokens = tracker.num_cached_tokens
         for output in outputs:
             output.finished = True
         return outputs

@@ -61,6 +61,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs, as vLLM's: None for the first prompt token (nothing
     # precedes it), then each token's {token_id: Logprob}, itself and the top-k.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # As vLLM's: prompt tokens whose K/V came from the prefix cache (its first sample's).
+    num_cached_tokens: int | None = None
 
 
 class CompletionTracker:
@@ -73,6 +75,7 @@ class CompletionTracker:
         self.prompt_token_ids = prompt_token_ids
         self._token_ids: list[int] = []  # without a tokenizer; else the detokenizer's
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # with the first token
+        self.num_cached_tokens: int | None = None  # with the first token
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.detokenizer = (
@@ -110,6 +113,8 @@ class CompletionTracker:
         self._add_logprobs(delta)
         if delta.prompt_logprobs is not None and self.prompt_token_ids is not None:
             self.prompt_logprobs = self._prompt_logprobs(delta.prompt_logprobs)
+        if delta.num_cached_tokens is not None:
+            self.num_cached_tokens = delta.num_cached_tokens
         if self.detokenizer is not None and self.detokenizer.stop_matched is not None:
             self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
             return new_text

@@ -103,6 +103,8 @@ class RequestDelta:
     error: str | None = None
     # With a request's first token, if it asked for them: prompt tokens 1 .. prompt_len - 1.
     prompt_logprobs: PromptLogprobs | None = None
+    # With a request's first token: its prompt tokens whose K/V the prefix cache held.
+    num_cached_tokens: int | None = None
 
     @classmethod
     def not_taken(cls, req_id: str, exc: BaseException) -> "RequestDelta":

@@ -70,6 +70,7 @@ class Request:
         self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
         self.keyed_blocks: list[tuple[int, BlockHash]] = []  # the (block, hash) keys it made
+        self.num_cached_tokens: int | None = None  # prompt tokens found cached when first admitted
         # Prompt logprobs (sampling_params.prompt_logprobs) of positions 0.. so far, as
         # (logprob, rank, top) of the token after each; sent once, with the first token.
         self._prompt_logprobs: list[tuple[float, int, tuple]] = []

@@ -299,6 +299,8 @@ class Scheduler:
         request.block_ids = list(cached)
         request.num_computed_tokens = len(cached) * self.block_manager.block_size
         request.num_cached_blocks = len(cached)
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = request.num_computed_tokens
         if self.block_manager.enable_caching and request.sampling_params.prompt_logprobs is None:
             self.num_prefix_cache_queries += request.num_tokens
             self.num_prefix_cache_hits += request.num_computed_tokens
@@ -383,6 +385,7 @@ class Scheduler:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             prompt_logprobs=request.take_prompt_logprobs(),
+            num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else None,
         )
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

@@ -52,6 +52,8 @@ class FakeEngine:
         self.closed: set[str] = set()
         self.generated: dict[str, int] = {}
         self.num_embeds_puts = 0
+        self.cached_per_start: list[int] = []  # each start's prompt tokens "found in the prefix cache"
+        self.cached_of: dict[str, int] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -76,6 +78,8 @@ class FakeEngine:
             raise EngineDeadError("shard 0 died")
         self.started.append(req_id)
         self.started_off_loop.append(not _on_event_loop())
+        if self.cached_per_start:
+            self.cached_of[req_id] = self.cached_per_start.pop(0)
         return FakeStream(self, req_id, self.generate(req_id, prompt, params))
 
     async def generate(self, req_id, prompt, params):
@@ -105,7 +109,8 @@ class FakeEngine:
                                                 for p, t in enumerate(prompt.prompt_token_ids[1:], 1)]
                 yield SampleUpdate(piece, (100 + i,), logprobs,
                                    finish_reason="length" if is_last else None,
-                                   first_token_time=start, prompt_logprobs=prompt_logprobs)
+                                   first_token_time=start, prompt_logprobs=prompt_logprobs,
+                                   num_cached_tokens=self.cached_of.get(req_id) if i == 0 else None)
         finally:
             self.closed.add(req_id)
 
@@ -146,9 +151,10 @@ def tokenizer():
 
 
 def make_app(engine, *, enable_prompt_embeds=True, api_key=None, max_body_bytes=1 << 20,
-             max_embeds_bytes=1 << 16):
+             max_embeds_bytes=1 << 16, enable_prompt_tokens_details=False):
     serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=enable_prompt_embeds,
-                            max_embeds_bytes=max_embeds_bytes)
+                            max_embeds_bytes=max_embeds_bytes,
+                            enable_prompt_tokens_details=enable_prompt_tokens_details)
     return build_fastapi_app(serving, api_key=api_key, max_body_bytes=max_body_bytes)
 
 
@@ -767,3 +773,23 @@ def test_model_aliases_are_listed_accepted_and_echoed(engine):
     streamed = post(client, {"model": "alias", "prompt": "hi", "max_tokens": 2, "stream": True}).text
     assert all(json.loads(event)["model"] == "alias" for event in sse_events(streamed)[:-1])
     assert error_of(post(client, {"model": "other", "prompt": "hi"}), 404)["param"] == "model"
+
+
+def test_usage_reports_cached_prompt_tokens_once_per_prompt_when_asked(engine):
+    """--enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens counts each
+    prompt's first sample (the others share what it computes); without it, no such key."""
+    body = {"model": MODEL, "prompt": ["one two", "three"], "n": 2, "max_tokens": 2}
+    for stream in (False, True):
+        engine.cached_per_start = [3, 7, 5, 9]  # prompt 0: samples 0, 1; then prompt 1
+        with TestClient(make_app(engine, enable_prompt_tokens_details=True)) as client:
+            if stream:
+                events = sse_events(client.post("/v1/completions", json={
+                    **body, "stream": True, "stream_options": {"include_usage": True}}).text)
+                usage = json.loads(events[-2])["usage"]  # the usage chunk, then [DONE]
+            else:
+                usage = client.post("/v1/completions", json=body).json()["usage"]
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 3 + 5}, stream
+    engine.cached_per_start = [3, 7, 5, 9]
+    with TestClient(make_app(engine)) as client:
+        usage = client.post("/v1/completions", json=body).json()["usage"]
+    assert "prompt_tokens_details" not in usage and usage["prompt_tokens"] > 0

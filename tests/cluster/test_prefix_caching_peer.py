@@ -44,6 +44,11 @@ def test_prompts_after_a_cached_prefix_match_hf(ray_cluster, tiny_checkpoints, t
     assert after.prefix_cache_hits - before.prefix_cache_hits == 2 * 2 * BLOCK_SIZE
     assert after.prefix_cache_queries - before.prefix_cache_queries == 2 * len(second)
     assert last.prefix_cache_hits - after.prefix_cache_hits == 2 * 2 * BLOCK_SIZE
+    # Each output says how many of its prompt's tokens came from the cache, as vLLM's; of
+    # two copies in one call, whichever reached the leader first computed the blocks.
+    cached = [o.num_cached_tokens for o in outputs]
+    assert cached[:4] == [0, 0, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE]
+    assert sorted(cached[4:6]) == sorted(cached[6:]) == [0, 2 * BLOCK_SIZE]
     from_first = hf_greedy(hf_model, MAX_TOKENS, input_ids=first)
     from_second = hf_greedy(hf_model, MAX_TOKENS, input_ids=second)
     assert_matches_hf(outputs[0], from_first, "token ids, computing the prefix")
