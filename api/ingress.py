@@ -14,7 +14,9 @@ RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environm
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 INGRESSES = ("proxy", "haproxy")
 
@@ -54,9 +56,10 @@ def local_haproxy_env() -> dict[str, str]:
         get_haproxy_binary()
     except FileNotFoundError as exc:
         raise ValueError(f"--ingress haproxy needs HAProxy: {exc}") from None
+    stats_port = _free_port()
     return {**HAPROXY_ENV_VARS,
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(besides=stats_port))}
 
 
 def raise_body_buffer_limit(limit: int = BODY_BUFFER_BYTES) -> None:
@@ -74,7 +77,35 @@ def raise_body_buffer_limit(limit: int = BODY_BUFFER_BYTES) -> None:
             module.HIGH_WATER_LIMIT = limit
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def _free_port(besides: int | None = None) -> int:
+    """A port free now on every interface, below the ephemeral range and above Ray's worker
+    ports (10002-19999). The local Ray starts after this choice, and its processes bind
+    ports the OS hands out; an ephemeral port chosen here was once taken by one of them
+    before HAProxy bound it, and HAProxy then failed to start."""
+    first, last = 20000, _ephemeral_range()[0] - 1
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(first, last)
+        if port != besides and _is_free(port):
+            return port
+    with socket.socket() as sock:  # a crowded range: what the OS gives
+        sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands out to sockets that ask for none (Linux's default if unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))  # every interface, as HAProxy binds
+        except OSError:
+            return False
+    return True

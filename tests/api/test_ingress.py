@@ -19,6 +19,10 @@ def test_the_local_environment_is_rays_high_throughput_mode_with_free_haproxy_po
     assert HAPROXY_ENV_VARS.items() <= env.items()
     stats, metrics = int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])
     assert stats not in (8404, 9101) and metrics not in (8404, 9101)  # Ray's fixed defaults clash
+    # Below the ephemeral range, where the processes the local Ray starts next take their
+    # ports, and above Ray's worker ports: one of them once took HAProxy's before it bound it.
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert 20000 <= stats < low and 20000 <= metrics < low and stats != metrics
 
 
 def test_no_haproxy_binary_is_a_clear_error(monkeypatch):
