@@ -204,10 +204,7 @@ class CompletionChoice(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unasked_prompt_logprobs(self, handler):
-        data = handler(self)
-        if self.prompt_logprobs is None:
-            data.pop("prompt_logprobs", None)
-        return data
+        return _without_unasked(self, handler, "prompt_logprobs")
 
 
 class PromptTokensDetails(BaseModel):
@@ -229,10 +226,16 @@ class UsageInfo(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unasked_details(self, handler):
-        data = handler(self)
-        if self.prompt_tokens_details is None:
-            data.pop("prompt_tokens_details", None)
-        return data
+        return _without_unasked(self, handler, "prompt_tokens_details")
+
+
+def _without_unasked(model: BaseModel, handler, field: str) -> dict:
+    """The model's JSON without `field` when it is None: an extra the request did not ask
+    for stays out of the response, as vLLM leaves it out."""
+    data = handler(model)
+    if getattr(model, field) is None:
+        data.pop(field, None)
+    return data
 
 
 def _completion_id() -> str:
