@@ -113,7 +113,11 @@ class LocalCluster:
                     "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                     f"--ray-client-server-port={free_port()}"]
             self._start_node(0, ["--head", *head])
-            self.address = (self._temp_dir(0) / "ray_current_cluster").read_text().strip()
+            # The start banner can reach the log before `ray start` writes this file (seen
+            # once: the file was missing when read at once).
+            address_file = self._temp_dir(0) / "ray_current_cluster"
+            self.address = wait_until(lambda: address_file.is_file() and address_file.read_text().strip(),
+                                      START_TIMEOUT_S, "the head's ray_current_cluster file")
             for index in range(1, len(self.names)):
                 self._start_node(index, [f"--address={self.address}"])
         except BaseException:
