@@ -56,10 +56,10 @@ def local_haproxy_env() -> dict[str, str]:
         get_haproxy_binary()
     except FileNotFoundError as exc:
         raise ValueError(f"--ingress haproxy needs HAProxy: {exc}") from None
-    stats_port = _free_port()
+    stats_port = free_port()
     return {**HAPROXY_ENV_VARS,
             "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(besides=stats_port))}
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(besides=stats_port))}
 
 
 def raise_body_buffer_limit(limit: int = BODY_BUFFER_BYTES) -> None:
@@ -77,11 +77,12 @@ def raise_body_buffer_limit(limit: int = BODY_BUFFER_BYTES) -> None:
             module.HIGH_WATER_LIMIT = limit
 
 
-def _free_port(besides: int | None = None) -> int:
+def free_port(besides: int | None = None) -> int:
     """A port free now on every interface, below the ephemeral range and above Ray's worker
-    ports (10002-19999). The local Ray starts after this choice, and its processes bind
-    ports the OS hands out; an ephemeral port chosen here was once taken by one of them
-    before HAProxy bound it, and HAProxy then failed to start."""
+    ports (10002-19999), for a listener that binds it later. A local Ray started in between
+    binds ports the OS hands out: an ephemeral port chosen before it was once taken by one
+    of its processes before HAProxy bound it, and HAProxy then failed to start. (The tests
+    choose their servers' and nodes' ports here too, for the same reason.)"""
     first, last = 20000, _ephemeral_range()[0] - 1
     rng = random.Random()
     for _ in range(200):

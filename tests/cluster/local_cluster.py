@@ -8,20 +8,15 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from api.ingress import free_port
+
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 STARTED = "Ray runtime started"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node_ports() -> list[str]:

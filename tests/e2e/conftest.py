@@ -4,13 +4,14 @@ on the session's local Ray, listening on a free loopback port."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from api.ingress import free_port  # noqa: F401 - the e2e modules' port picker
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 # The session's only change to the config's args: a KV cache of 64 MiB per shard instead
@@ -23,12 +24,6 @@ def config_application() -> dict:
     """The single application entry of configs/default.yaml."""
     (application,) = yaml.safe_load(CONFIG_PATH.read_text())["applications"]
     return application
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
