@@ -287,10 +287,13 @@ class Scheduler:
         """The cached blocks of the request's longest cached prefix (it has none computed:
         new, or preempted). At least its last token is left to compute, for its logits;
         a request that scores its prompt (prompt_logprobs) computes every row."""
-        if not self.block_manager.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self._looks_up(request):
             return []
         max_blocks = (request.num_tokens - 1) // self.block_manager.block_size
         return self.block_manager.cached_prefix(request.full_block_hashes(max_blocks, self.block_manager.block_size))
+
+    def _looks_up(self, request: Request) -> bool:
+        return self.block_manager.enable_caching and request.sampling_params.prompt_logprobs is None
 
     def _share_prefix(self, request: Request, cached: list[int]) -> None:
         """The request starts with the cached blocks, its K/V there computed; the shards
@@ -301,7 +304,7 @@ class Scheduler:
         request.num_cached_blocks = len(cached)
         if request.num_cached_tokens is None:
             request.num_cached_tokens = request.num_computed_tokens
-        if self.block_manager.enable_caching and request.sampling_params.prompt_logprobs is None:
+        if self._looks_up(request):
             self.num_prefix_cache_queries += request.num_tokens
             self.num_prefix_cache_hits += request.num_computed_tokens
 

@@ -111,7 +111,7 @@ class ShardWorker:
         followers' copies are dropped with the next plan), its error delta goes out with
         the next output poll, and the error is raised to the engine client too. If a
         follower cannot, it takes a stand-in (below) and raises; the engine client fails
-        the request and aborts it at the leader."""
+        the request at the leader (fail(): aborted, and nothing it keyed shared)."""
         try:
             digests = self._embeds_block_digests(new.prompt_embeds, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
