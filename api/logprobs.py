@@ -39,14 +39,21 @@ def _token_name(entry, token_id: int, *, as_token_ids: bool) -> str:
     return f"token_id:{token_id}" if as_token_ids else entry[token_id].decoded_token or ""
 
 
-def echoed_prompt_logprobs(token_ids: list[int], entries, num_top: int, tokenizer,
+def echoed_prompt_logprobs(token_ids: list[int], entries, num_top: int, tokenizer, echo: str,
                            as_token_ids: bool = False) -> CompletionLogprobs:
     """An echoed prompt's tokens: the first has none (nothing precedes it; its string from
-    `tokenizer`, "" without one), then each with its own and the top ones."""
+    `tokenizer`, "" without one), then each with its own and the top ones. Offsets index
+    `echo`, the text echoed: where the tokens' strings run longer than it (a text prompt's
+    BOS, which its text never had), the surplus takes no room at its start, so the offsets
+    stay within the echo and never go back at the generated tokens that follow it."""
     first = tokenizer.decode(token_ids[:1]) if tokenizer is not None else ""
     name = f"token_id:{token_ids[0]}" if as_token_ids else first
     head = CompletionLogprobs(tokens=[name], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
-    return joined(head, openai_logprobs(token_ids[1:], entries[1:], num_top, len(first), as_token_ids))
+    out = joined(head, openai_logprobs(token_ids[1:], entries[1:], num_top, len(first), as_token_ids))
+    extra = len(first) + decoded_length(token_ids[1:], entries[1:]) - len(echo)
+    if extra > 0:
+        out.text_offset = [max(0, offset - extra) for offset in out.text_offset]
+    return out
 
 
 def vllm_prompt_logprobs(token_ids: list[int], entries, num_top: int) -> list[dict[int, PromptLogprob] | None]:

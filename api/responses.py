@@ -129,7 +129,8 @@ class Responses:
         if not request.echo or choice.params.logprobs is None or entries is None:
             return None
         return echoed_prompt_logprobs(list(choice.prompt.prompt_token_ids), entries, choice.params.logprobs,
-                                      self.engine.tokenizer, bool(request.return_tokens_as_token_ids))
+                                      self.engine.tokenizer, self._echo(request, choice),
+                                      bool(request.return_tokens_as_token_ids))
 
     async def _generate(self, choice: Choice):
         """The engine's updates for one choice, timed for the metrics."""
@@ -217,6 +218,7 @@ class Responses:
                     queue.put_nowait((CompletionChoice(
                         index=choice.index, text=echo, logprobs=logprobs, finish_reason="length",
                         prompt_logprobs=self._vllm_prompt_logprobs(request, choice, update.prompt_logprobs)), 0))
+                    self.count_finished(choice, "length")  # as the full response counts it, not "abort"
                     break
                 logprobs = None
                 if choice.params.logprobs is not None:

@@ -119,7 +119,10 @@ class CompletionTracker:
             self.finish_reason, self.stop_reason = "stop", self.detokenizer.stop_matched
             return new_text
         if delta.finish_reason is not None:
-            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            # The engine names the eos id too (the detokenizer leaves its text out); vLLM's
+            # stop_reason is only what the request asked to stop on.
+            asked = delta.stop_reason in self.params.stop_token_ids
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason if asked else None
             self.error = delta.error
         return new_text
 

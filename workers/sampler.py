@@ -13,6 +13,9 @@ from workers.request import Request
 from workers.transfer import to_device
 
 _TINY = 1e-20  # floor for exponential noise: a 0 draw would turn masked 0/0 into NaN
+# A temperature above 0 is at least this (vLLM's floor): below ~1e-38 it is 0 in float32,
+# and logits / 0 sample token 0 whatever the logits say.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -113,14 +116,15 @@ class Sampler:
         params = [r.sampling_params for r in chosen]
         device = logits.device
         rows_t = to_device(rows, device, torch.long)
-        temperature = to_device([p.temperature for p in params], device, torch.float32)
+        temperature = to_device([max(p.temperature, MIN_TEMPERATURE) for p in params], device, torch.float32)
         scaled = logits[rows_t] / temperature[:, None]
         if any(p.min_p > 0.0 for p in params):
             scaled = apply_min_p(scaled, to_device([p.min_p for p in params], device, torch.float32))
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled = apply_top_k_top_p(
                 scaled,
-                to_device([p.top_k for p in params], device, torch.long),
+                # A top_k past the vocabulary keeps every token (and fits int64).
+                to_device([min(p.top_k, logits.shape[-1]) for p in params], device, torch.long),
                 to_device([p.top_p for p in params], device, torch.float32),
             )
         probs = torch.softmax(scaled, dim=-1)

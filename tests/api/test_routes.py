@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from api.embeds_codec import encode_prompt_embeds
 from api.routes import build_fastapi_app
-from api.logprobs import openai_logprobs
+from api.logprobs import echoed_prompt_logprobs, openai_logprobs
 from api.serving import OpenAIServing
 from cluster.async_engine import SampleUpdate
 from cluster.default_model import default_model_path
@@ -468,6 +468,38 @@ def test_echo_with_max_tokens_0_returns_the_scored_prompt_alone(client, tokenize
     assert choice["logprobs"]["tokens"] == [tokenizer.decode([5]), "<6>", "<7>"]
     assert choice["logprobs"]["token_logprobs"] == [None, -0.25, -0.5]
     assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] == 0
+    metrics = client.get("/metrics").text.splitlines()  # ended as asked, streamed or not
+    assert 'shardserve_requests_total{status="length"} 1.0' in metrics
+    assert not any(line.startswith('shardserve_requests_total{status="abort"}') for line in metrics)
+
+
+def test_echoed_text_prompt_offsets_index_the_text_its_bos_is_not_in(tokenizer):
+    """A text prompt is echoed as sent, without the BOS its tokens start with: the BOS takes
+    none of the text and every other token's offset is where its string stands in the text
+    (OpenAI's offsets index the text), so they never go back at the first generated token."""
+    text = "hello world"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids[:1]) == tokenizer.bos_token  # not part of the echoed text
+    entries = [None] + [{t: Logprob(-1.0, 1, tokenizer.decode([t]))} for t in ids[1:]]
+    out = echoed_prompt_logprobs(ids, entries, 1, tokenizer, text)
+    assert out.text_offset[0] == 0
+    assert all(text[offset:offset + len(token)] == token
+               for token, offset in zip(out.tokens[1:], out.text_offset[1:]))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_offsets_never_go_back(client, stream):
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 3, "echo": True, "logprobs": 1, "n": 2,
+            "stream": stream}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(e) for e in sse_events(response.text)[:-1]] if stream else [response.json()]
+    for index in (0, 1):
+        offsets = sum((c["choices"][0]["logprobs"]["text_offset"] for c in chunks
+                       if c["choices"][0]["index"] == index), []) if stream \
+            else chunks[0]["choices"][index]["logprobs"]["text_offset"]
+        assert offsets == sorted(offsets) and offsets[-3:] == [11, 11 + len("[hello world|sNone]"),
+                                                               11 + len("[hello world|sNone] w1")]
 
 
 def test_return_tokens_as_token_ids_names_tokens_by_id(client, tokenizer):

@@ -10,7 +10,9 @@ import pytest
 from cluster.default_model import default_model_path
 from cluster import detokenizer
 from cluster.detokenizer import IncrementalDetokenizer
+from cluster.outputs import CompletionTracker
 from cluster.tokenizer import load_tokenizer
+from workers.messages import RequestDelta
 from workers.sampling_params import SamplingParams
 
 HEAD = "Café au lait 😀 naïve 日本語 — the"
@@ -232,3 +234,17 @@ def test_stop_straddling_retired_text(tokenizer, include, working_chars):
     expected = text[: text.index("zebra cross") + (len("zebra cross") if include else 0)]
     assert "".join(pieces) == detok.text == expected and detok.stop_matched == "zebra cross"
 
+
+
+@pytest.mark.parametrize("stop_reason, stop_token_ids, expected", [
+    (EOT, (), None),  # the model's eos: the engine names it (its text is left out); vLLM answers None
+    (EOT, (EOT,), EOT),  # the eos asked for as a stop token: its id
+    (9, (9,), 9),  # one of the request's stop_token_ids
+])
+def test_stop_reason_is_what_the_request_asked_to_stop_on(tokenizer, stop_reason, stop_token_ids, expected):
+    params = SamplingParams(max_tokens=8, stop_token_ids=stop_token_ids)
+    tracker = CompletionTracker(0, tokenizer, (5, 6), params)
+    tracker.apply(RequestDelta("r", (7, stop_reason), None, finish_reason="stop", stop_reason=stop_reason))
+    output = tracker.output()
+    assert (output.finish_reason, output.stop_reason) == ("stop", expected)
+    assert output.token_ids == [7, stop_reason]

@@ -47,6 +47,22 @@ def test_top_k_one_and_tiny_top_p_are_greedy(params):
         assert token_ids(results) == logits.argmax(dim=-1).tolist()
 
 
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    """vLLM's reading of a top_k at or past the vocabulary; 2**63 would not fit int64."""
+    logits = random_logits(2, 100, seed=4)
+    for top_k in (100, 10**6, 2**63, 2**70):
+        seeded = [make_request(f"r{i}", temperature=1.0, seed=i, top_k=top_k) for i in range(2)]
+        unbounded = [make_request(f"r{i}", temperature=1.0, seed=i) for i in range(2)]
+        assert token_ids(Sampler(seed=0)(logits, seeded)) == token_ids(Sampler(seed=0)(logits, unbounded))
+
+
+def test_a_tiny_temperature_samples_near_greedy_not_token_zero():
+    """Below ~1e-38 a temperature is 0 in float32; it samples at vLLM's floor instead."""
+    logits = random_logits(8, 100, seed=5)
+    results = Sampler(seed=0)(logits, [make_request(f"r{i}", temperature=1e-45, seed=i) for i in range(8)])
+    assert token_ids(results) == logits.argmax(dim=-1).tolist()
+
+
 def draw_sequence(seed, batch_position, batch_size, num_steps=6):
     """Tokens of a seeded request sampled `num_steps` times among unseeded neighbours."""
     sampler = Sampler(seed=batch_size)  # other rows use a different shared stream per case
