@@ -131,14 +131,19 @@ class BlockManager:
         self._hash_of_block[block_id] = block_hash
         return True
 
-    def uncache(self, keys: list[tuple[int, BlockHash]]) -> None:
+    def uncache(self, keys: list[tuple[int, BlockHash]]) -> set[int]:
         """Forgets these (block, hash) keys where they still stand: K/V that must not be
-        shared. Such a block, once free, is the next to be handed out."""
+        shared. Such a block, once free, is the next to be handed out. Returns the blocks
+        it forgot, the only ones a request can be sharing: a key that no longer stands
+        went with its block's eviction, and the block may now hold another request's K/V."""
+        forgotten = set()
         for block_id, block_hash in keys:
             if self._block_of_hash.get(block_hash) == block_id:
                 self._evict(block_id)
+                forgotten.add(block_id)
                 if self._ref_counts[block_id] == 0:
                     self._free.move_to_end(block_id, last=False)
+        return forgotten
 
     def _evict(self, block_id: int) -> None:
         block_hash = self._hash_of_block.pop(block_id, None)

@@ -111,8 +111,7 @@ class Scheduler:
         keys = request.keyed_blocks if request is not None else self._finished_keys.pop(req_id, None)
         if keys is None:
             return False
-        self.block_manager.uncache(keys)
-        poisoned = {block_id for block_id, _ in keys}
+        poisoned = self.block_manager.uncache(keys)
         for other in [r for r in self.running if r is not request and poisoned.intersection(r.block_ids)]:
             self._finish(other, RequestStatus.FINISHED_ABORTED)
             self._pending_deltas.append(RequestDelta(

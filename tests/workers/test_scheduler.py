@@ -457,6 +457,21 @@ def test_a_request_a_shard_could_not_take_leaves_nothing_to_share():
     assert not scheduler.fail_request("never-added")
 
 
+def test_failing_a_request_spares_one_that_took_its_evicted_blocks():
+    """Its keys went with its blocks' eviction: a request holding those blocks now wrote its
+    own K/V there, shares nothing of the failed one's, and runs on."""
+    scheduler = make_caching_scheduler(num_blocks=4, block_size=4)  # 3 usable
+    scheduler.add_request(ids_request("bad", range(100, 108), max_tokens=1))
+    run_to_end(scheduler)  # its two keyed blocks are free, still cached
+    scheduler.add_request(ids_request("innocent", range(200, 210), max_tokens=8))
+    step(scheduler)  # takes every block: bad's keys are evicted
+    probe = ids_request("probe", range(100, 108))
+    assert scheduler.block_manager.cached_prefix(probe.full_block_hashes(2, 4)) == []
+    assert scheduler.fail_request("bad")
+    assert scheduler.take_pending_deltas() == []
+    assert scheduler.get("innocent").status is RequestStatus.RUNNING
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_token():
     scheduler = make_caching_scheduler(block_size=4)
     scheduler.add_request(ids_request("a", range(8), max_tokens=1))
