@@ -76,6 +76,7 @@ class CompletionRequest(BaseModel):
     skip_special_tokens: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # logprobs' tokens as "token_id:<id>"
     prompt_logprobs: int | None = None  # vLLM's: each choice's prompt_logprobs, top-k per prompt token
+    cache_salt: str | None = None  # vLLM's: shares cached prefixes only with the same salt
 
     @model_validator(mode="before")
     @classmethod
@@ -96,7 +97,8 @@ class CompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> CompletionRequest:
-        if self.stream_options is not None and not self.stream:
+        # As vLLM checks it: an empty {} (or null) is no option.
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise PydanticCustomError(
                 "invalid_field", "'{field}' is only allowed when stream is true",
                 {"field": "stream_options"})

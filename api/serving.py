@@ -19,7 +19,7 @@ from api.metrics import Metrics
 from api.protocol import CompletionRequest, ModelCard, ModelList, PromptInput, ProtocolError, split_prompts
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
-from cluster.prompts import EnginePrompt, check_length, truncate_prompt, truncation_length
+from cluster.prompts import EnginePrompt, check_length, truncate_prompt, truncation_length, validate_cache_salt
 
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
 
@@ -72,7 +72,7 @@ class OpenAIServing:
         params, inputs, truncation = self._parse(request)
         reservation = self.admission.reserve(len(inputs) * params.n)
         try:
-            choices = await self._start(inputs, params, truncation)
+            choices = await self._start(inputs, params, truncation, request.cache_salt)
         except BaseException:
             reservation.release()
             raise
@@ -105,21 +105,23 @@ class OpenAIServing:
         try:
             params.check_vocab(self.engine.vocab_size)
             truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
+            validate_cache_salt(request.cache_salt)
         except ValueError as exc:  # the messages start with the field's name
             raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
         return params, inputs, truncation
 
     async def _start(self, inputs: list[PromptInput], params: SamplingParams,
-                     truncation: int | None = None) -> list[Choice]:
+                     truncation: int | None = None, cache_salt: str | None = None) -> list[Choice]:
         """Validates every prompt (each cut to its last `truncation` tokens or rows, if
-        set), then starts every choice in the engine. When the last prompt is embeddings
-        decoded in a worker thread, that thread starts the choices itself: the engine
-        begins while the event loop (busy with other streams) has yet to pick the request
-        up again."""
+        set, and salted with `cache_salt`, if any), then starts every choice in the engine.
+        When the last prompt is embeddings decoded in a worker thread, that thread starts
+        the choices itself: the engine begins while the event loop (busy with other
+        streams) has yet to pick the request up again."""
         loop = asyncio.get_running_loop()
-        prompts = [await self._prepare(item, truncation) for item in inputs[:-1]]
+        salted = functools.partial(dataclasses.replace, cache_salt=cache_salt) if cache_salt else lambda p: p
+        prompts = [salted(await self._prepare(item, truncation)) for item in inputs[:-1]]
         return await self._prepare(inputs[-1], truncation,
-                                   lambda last: self._start_choices([*prompts, last], params, loop))
+                                   lambda last: self._start_choices([*prompts, salted(last)], params, loop))
 
     async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
         """then(the validated prompt); for embeddings past inline_decode_max_chars, in the

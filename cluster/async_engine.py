@@ -126,7 +126,7 @@ class SampleStream:
         deltas = self._deltas
         engine.add_request(
             req_id, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
-            prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype,
+            prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype, prompt.cache_salt,
         )
 
     def close(self) -> None:

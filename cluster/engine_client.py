@@ -141,6 +141,7 @@ class EngineClient:
         prompt_token_ids: tuple[int, ...] | None = None,
         prompt_embeds: np.ndarray | PromptEmbedsRef | None = None,
         embeds_dtype: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Sends a validated request to every shard; `sink` receives its deltas on the
         output thread, the last one with a finish_reason. EngineDeadError once dead.
@@ -148,7 +149,7 @@ class EngineClient:
         embeds_ref = prompt_embeds
         if isinstance(prompt_embeds, np.ndarray):
             embeds_ref = self.put_prompt_embeds(prompt_embeds, embeds_dtype)
-        new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params)
+        new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt)
         with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
             if self.dead_reason is not None:
                 raise EngineDeadError(self.dead_reason)

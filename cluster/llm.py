@@ -96,6 +96,7 @@ class LLM:
                     index, self.tokenizer, prompt.prompt_token_ids, sample_params))
                 self.engine.add_request(
                     req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
+                    cache_salt=prompt.cache_salt,
                 )
         try:
             self._collect(deltas, trackers, outputs, use_tqdm)

@@ -38,6 +38,9 @@ class EnginePrompt:
     # (the server puts a prompt's embeddings once, for all its samples), the reference.
     prompt_embeds: np.ndarray | PromptEmbedsRef | None
     embeds_dtype: str | None = None
+    # vLLM's cache_salt: the prompt's prefix-cache keys are salted with it, so it shares
+    # cached K/V only with prompts of the same salt (one per tenant, say).
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -129,7 +132,8 @@ def parse_prompt(
     dtype: torch.dtype,
     enable_prompt_embeds: bool,
 ) -> EnginePrompt:
-    """str | {"prompt": str} | {"prompt_token_ids": [...]} | {"prompt_embeds": tensor}."""
+    """str | {"prompt": str} | {"prompt_token_ids": [...]} | {"prompt_embeds": tensor}; a
+    dict may also carry "cache_salt" (a non-empty string, as vLLM's)."""
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
     if not isinstance(prompt, dict):
@@ -143,17 +147,27 @@ def parse_prompt(
             "a prompt dict needs exactly one of 'prompt', 'prompt_token_ids', 'prompt_embeds'; "
             f"got {sorted(prompt)}"
         )
+    salt = validate_cache_salt(prompt.get("cache_salt"))
     if keys[0] == "prompt_embeds":
         if not enable_prompt_embeds:
             raise ValueError(
                 "prompt_embeds given but prompt embeddings are disabled; "
                 "pass enable_prompt_embeds=True"
             )
-        return embeds_prompt(validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype),
-                             hidden_size, dtype)
-    if keys[0] == "prompt":
-        return EnginePrompt(prompt["prompt"], _tokenize(prompt["prompt"], tokenizer), None)
-    return EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)
+        parsed = embeds_prompt(validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype),
+                               hidden_size, dtype)
+    elif keys[0] == "prompt":
+        parsed = EnginePrompt(prompt["prompt"], _tokenize(prompt["prompt"], tokenizer), None)
+    else:
+        parsed = EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)
+    return parsed if salt is None else dataclasses.replace(parsed, cache_salt=salt)
+
+
+def validate_cache_salt(salt) -> str | None:
+    """None, or a non-empty string (vLLM's rule for cache_salt)."""
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("cache_salt must be a non-empty string if provided")
+    return salt
 
 
 def parse_engine_prompt(prompt, config, tokenizer) -> EnginePrompt:

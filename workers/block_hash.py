@@ -3,7 +3,8 @@ tokens and every block before it, so equal hashes mean equal K/V. Runs on the le
 
 SHA-256, never Python's hash(): a prompt crafted to collide with another user's prefix
 would read that user's K/V (vLLM's CVE-2025-25183). An embeddings row is keyed by the
-digest of its bytes, kind-tagged so it never equals a token id."""
+digest of its bytes, kind-tagged so it never equals a token id. A prompt with a
+cache_salt (vLLM's) chains from a root of that salt: it shares blocks only with its salt."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], embeds_digest
     h.update(b"T")
     h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return h.digest()
+
+
+def salted_root(cache_salt: str | None) -> BlockHash | None:
+    """The parent of a prompt's first block: None (the shared root) without a salt; with
+    one, a root of that salt's own, so the whole chain differs from every other salt's and
+    from the unsalted one ("S" where a block's hash has "E" or "T")."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(_ROOT + b"S" + cache_salt.encode()).digest()
 
 
 def embeds_block_digests(embeds: np.ndarray, dtype: str, block_size: int) -> tuple[bytes, ...]:

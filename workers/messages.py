@@ -31,6 +31,7 @@ class NewRequest:
     prompt_token_ids: tuple[int, ...] | None  # None for an embeddings prompt
     prompt_embeds: PromptEmbedsRef | None
     sampling_params: SamplingParams
+    cache_salt: str | None = None  # salts the leader's prefix-cache keys of this prompt
 
     @property
     def prompt_len(self) -> int:

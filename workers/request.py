@@ -7,7 +7,7 @@ import enum
 
 import torch
 
-from workers.block_hash import BlockHash, hash_block
+from workers.block_hash import BlockHash, hash_block, salted_root
 from workers.messages import NewRequest, PromptLogprobs
 from workers.sampling_params import SamplingParams
 
@@ -44,6 +44,7 @@ class Request:
         *,
         device: str | torch.device = "cpu",
         embeds_block_digests: tuple[bytes, ...] | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         if prompt_len < 1:
             raise ValueError(f"request {req_id!r}: prompt must have >= 1 token, got {prompt_len}")
@@ -67,6 +68,7 @@ class Request:
         # Prefix caching: an embeddings prompt's per-block row digests (block_hash), the
         # hashes of the full blocks so far, and how many of block_ids the cache holds.
         self.embeds_block_digests = embeds_block_digests
+        self._root_hash = salted_root(cache_salt)  # the first block's parent
         self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
         self.keyed_blocks: list[tuple[int, BlockHash]] = []  # the (block, hash) keys it made
@@ -101,6 +103,7 @@ class Request:
             max_model_len,
             device=device,
             embeds_block_digests=embeds_block_digests,
+            cache_salt=new.cache_salt,
         )
 
     def full_block_hashes(self, num_blocks: int, block_size: int) -> list[BlockHash]:
@@ -112,7 +115,7 @@ class Request:
         while len(self.block_hashes) < num_blocks:
             index = len(self.block_hashes)
             start, end = index * block_size, (index + 1) * block_size
-            parent = self.block_hashes[-1] if self.block_hashes else None
+            parent = self.block_hashes[-1] if self.block_hashes else self._root_hash
             self.block_hashes.append(hash_block(parent, *self._block_content(start, end)))
         return self.block_hashes[:num_blocks]
 

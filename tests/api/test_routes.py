@@ -48,6 +48,7 @@ class FakeEngine:
         self.hold_back = hold_back  # add updates with tokens but no final text yet
         self.is_dead = False
         self.started: list[str] = []
+        self.started_salts: list[str | None] = []  # per start(): its prompt's cache_salt
         self.started_off_loop: list[bool] = []  # per start(): from a worker thread
         self.closed: set[str] = set()
         self.generated: dict[str, int] = {}
@@ -77,6 +78,7 @@ class FakeEngine:
         if self.is_dead:
             raise EngineDeadError("shard 0 died")
         self.started.append(req_id)
+        self.started_salts.append(prompt.cache_salt)
         self.started_off_loop.append(not _on_event_loop())
         if self.cached_per_start:
             self.cached_of[req_id] = self.cached_per_start.pop(0)
@@ -267,6 +269,9 @@ def test_prompt_embeds_with_flag_off_names_the_flag(engine):
     ({"prompt": "hi", "max_tokens": 64}, "max_tokens", "maximum context length is 64"),
     ({"prompt_embeds": "EMBEDS", "max_tokens": 62}, "prompt_embeds", "maximum context length is 64"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+    ({"prompt": "hi", "stream_options": {"include_usage": False}}, "stream_options", "only allowed when stream"),
+    ({"prompt": "hi", "cache_salt": ""}, "cache_salt", "cache_salt must be a non-empty string"),
+    ({"prompt": "hi", "cache_salt": 7}, "cache_salt", "cache_salt: "),
     ({"prompt": [[]]}, "prompt", "prompt[0] is an empty list"),
     ({"prompt": [1, 99999]}, "prompt", "prompt_token_ids must be integers in [0, 1536)"),
 ])
@@ -276,6 +281,25 @@ def test_bad_requests_are_400_naming_the_field(client, engine, body, param, expe
     error = error_of(post(client, {"model": MODEL, **body}), 400)
     assert error["param"] == param and expected in error["message"]
     assert engine.started == []
+
+
+def test_empty_stream_options_without_stream_are_no_options(client):
+    """As vLLM reads them: {} sets nothing, so it is not refused as options of a non-stream."""
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream_options": {}})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("inline_decode_max_chars", [0, 1 << 20])  # embeddings decoded in a thread, on the loop
+def test_cache_salt_reaches_every_choice_of_every_prompt(engine, inline_decode_max_chars):
+    serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
+                            inline_decode_max_chars=inline_decode_max_chars)
+    client = TestClient(build_fastapi_app(serving))
+    body = {"model": MODEL, "prompt": ["a", "b"], "prompt_embeds": embeds(1), "n": 2, "max_tokens": 2,
+            "cache_salt": "tenant-7"}
+    assert post(client, body).status_code == 200
+    assert engine.started_salts == ["tenant-7"] * 6
+    assert post(client, {**body, "cache_salt": None}).status_code == 200
+    assert engine.started_salts[6:] == [None] * 6
 
 
 @pytest.mark.parametrize("field, literal, expected", [

@@ -157,11 +157,26 @@ def test_bad_prompt_embeds_raise_and_llm_keeps_working(llm, case):
     ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one of"),
     ({"prompt_token_ids": list(range(5, 260))}, "maximum context length"),
     (42, "must be a string or a dict"),
+    ({"prompt_token_ids": [1, 2], "cache_salt": ""}, "cache_salt must be a non-empty string"),
 ])
 def test_bad_prompts_raise(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(prompt, GREEDY, use_tqdm=False)
     assert llm.generate("still serving", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_a_cache_salt_shares_cached_prefixes_only_within_the_salt(llm):
+    """vLLM's cache_salt through Ray to the leader: a repeat finds the prompt's full blocks
+    (two of 16 tokens) only under the same salt, or with none under none; outputs agree."""
+    ids, rows = random_ids(21, 40, 1536), torch.randn(40, 256, generator=torch.Generator().manual_seed(21))
+    for prompt in ({"prompt_token_ids": ids}, {"prompt_embeds": rows}):
+        cached, texts = [], set()
+        for salt in ("tenant-1", "tenant-2", None, "tenant-1", None, "tenant-2"):
+            salted = {**prompt, "cache_salt": salt} if salt else prompt
+            (output,) = llm.generate(salted, GREEDY, use_tqdm=False)
+            cached.append(output.num_cached_tokens)
+            texts.add(tuple(output.outputs[0].token_ids))
+        assert cached == [0, 0, 0, 32, 32, 32] and len(texts) == 1
 
 
 def test_embeddings_without_flag_raise(ray_cluster):

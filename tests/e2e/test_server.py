@@ -147,6 +147,20 @@ def test_a_repeated_prefix_is_served_from_the_prefix_cache(client, server_url):
     assert complete(client, prompt=prompt, max_tokens=4).choices[0].text == cached.choices[0].text
 
 
+def test_a_cache_salt_keeps_a_prefix_to_requests_of_that_salt(client, server_url):
+    """vLLM's cache_salt over HTTP with the openai client: the same prompt under another
+    salt finds nothing cached; under its own salt, its three full blocks."""
+    prompt = random_ids(43, 50)
+
+    def hits(salt):
+        before = metrics(server_url)["shardserve_prefix_cache_hits_total"]
+        text = complete(client, prompt=prompt, max_tokens=4, extra_body={"cache_salt": salt}).choices[0].text
+        return metrics(server_url)["shardserve_prefix_cache_hits_total"] - before, text
+
+    runs = [hits(salt) for salt in ("tenant-a", "tenant-b", "tenant-a")]
+    assert [n for n, _ in runs] == [0, 0, 48] and len({text for _, text in runs}) == 1
+
+
 # Prompt embeddings --------------------------------------------------------------------
 
 def test_single_embeddings_streamed_equals_not_streamed(client):

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from workers.block_hash import embeds_block_digests, hash_block
+from workers.block_hash import embeds_block_digests, hash_block, salted_root
 from workers.config import EngineConfig, ModelConfig
 from workers.messages import PromptEmbedsRef
 from workers.shard_worker import INLINE_DIGEST_BYTES, ShardWorker
@@ -24,6 +24,15 @@ def test_a_block_hash_covers_its_parent_its_tokens_and_its_rows():
     assert hash_block(None, [7], b"digest") != rows  # rows then an output token
     # An int64 per id: ids that print alike do not collide.
     assert hash_block(None, [1, 23]) != hash_block(None, [12, 3])
+
+
+def test_a_salted_root_is_its_salts_own_and_never_a_block_of_the_shared_chain():
+    assert salted_root(None) is None
+    assert salted_root("a") == salted_root("a") != salted_root("b") and len(salted_root("a")) == 32
+    unsalted_first = hash_block(None, [1, 2, 3, 4])
+    assert hash_block(salted_root("a"), [1, 2, 3, 4]) not in (unsalted_first, hash_block(salted_root("b"), [1, 2, 3, 4]))
+    # The salt's root is tagged apart from any block's hash: no block's tokens or rows make it.
+    assert salted_root("a") not in (hash_block(None, []), hash_block(None, [], b"a"))
 
 
 def test_embeds_digests_are_per_block_and_carry_dtype_and_width():

@@ -397,6 +397,28 @@ def test_a_later_request_reuses_the_computed_blocks_of_its_prefix():
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (10 + 11, 8)
 
 
+def salted(request, salt):
+    return Request(request.req_id, request.prompt_token_ids, request.prompt_len, request.sampling_params,
+                   request.eos_token_ids, 1024, embeds_block_digests=request.embeds_block_digests,
+                   cache_salt=salt)
+
+
+@pytest.mark.parametrize("kind", ["ids", "embeds"])
+def test_a_cache_salt_shares_blocks_only_with_prompts_of_the_same_salt(kind):
+    """vLLM's cache_salt: the same prompt with another salt, or none, finds nothing cached."""
+    def make(req_id, salt):
+        request = ids_request(req_id, range(100, 110)) if kind == "ids" \
+            else embeds_request(req_id, list(range(100, 110)), 4)
+        return salted(request, salt)
+    scheduler = make_caching_scheduler(block_size=4)
+    computed = {}
+    for req_id, salt in [("a", "tenant-1"), ("b", "tenant-2"), ("c", None), ("d", "tenant-1"), ("e", None)]:
+        scheduler.add_request(make(req_id, salt))
+        out, _ = step(scheduler)
+        computed[req_id] = next(s for s in out.scheduled if s.req_id == req_id).num_computed_tokens
+    assert computed == {"a": 0, "b": 0, "c": 0, "d": 8, "e": 8}
+
+
 def test_samples_of_one_prompt_share_its_blocks_from_the_first_step():
     """n > 1: the first sample's prompt blocks are keyed when its step is planned, so the
     others, admitted in the same step, compute only their last block's rows."""
