@@ -7,6 +7,10 @@ import functools
 
 from api.protocol import CompletionLogprobs, PromptLogprob
 
+# vLLM's floor for a logprob in a response: JSON has no -Infinity (a token whose
+# probability underflowed float32 would otherwise fail the whole response).
+MIN_LOGPROB = -9999.0
+
 
 def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
                     as_token_ids: bool = False) -> CompletionLogprobs:
@@ -21,9 +25,9 @@ def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
         name = functools.partial(_token_name, entry, as_token_ids=as_token_ids)
         ranked = sorted((tid for tid, lp in entry.items() if lp.rank is not None), key=lambda tid: entry[tid].rank)
         out.tokens.append(name(token_id))
-        out.token_logprobs.append(sampled.logprob)
-        top = {name(tid): entry[tid].logprob for tid in ranked[:num_top]}
-        top.setdefault(name(token_id), sampled.logprob)
+        out.token_logprobs.append(_floored(sampled.logprob))
+        top = {name(tid): _floored(entry[tid].logprob) for tid in ranked[:num_top]}
+        top.setdefault(name(token_id), _floored(sampled.logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
@@ -33,6 +37,10 @@ def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
 def decoded_length(token_ids, entries) -> int:
     """Characters the tokens' texts take: where the next token's text_offset starts."""
     return sum(len(entry[token_id].decoded_token or "") for token_id, entry in zip(token_ids, entries))
+
+
+def _floored(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
 
 
 def _token_name(entry, token_id: int, *, as_token_ids: bool) -> str:
@@ -61,7 +69,7 @@ def vllm_prompt_logprobs(token_ids: list[int], entries, num_top: int) -> list[di
     and those ranked within num_top (the engine may have computed more, for echo)."""
     out: list[dict[int, PromptLogprob] | None] = [None]
     for token_id, entry in zip(token_ids[1:], entries[1:]):
-        out.append({tid: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+        out.append({tid: PromptLogprob(logprob=_floored(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
                     for tid, lp in entry.items() if tid == token_id or (lp.rank or 0) <= num_top})
     return out
 

@@ -303,15 +303,23 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 def validation_error_body(errors: list[dict]) -> dict:
-    """A 400 body from pydantic's (or FastAPI's RequestValidationError's) `.errors()`."""
+    """A 400 body from pydantic's (or FastAPI's RequestValidationError's) `.errors()`: each
+    error once, at the field's path (without the union member pydantic tried: "prompt",
+    not "prompt.str")."""
     messages, params = [], []
     for error in errors:
         ctx = error.get("ctx") or {}
         if "field" in ctx:  # our own errors name their field in ctx
             param, text = ctx["field"], error["msg"]
         else:
-            param = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            param = ".".join(str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_tag(part))
             text = f"{param}: {error['msg']}" if param else error["msg"]
         params.append(param or None)
-        messages.append(text)
+        if text not in messages:
+            messages.append(text)
     return error_body("; ".join(messages), param=params[0] if params else None)
+
+
+def _is_union_tag(part) -> bool:
+    """A loc part naming the member of a union pydantic tried (str, list[int], ...)."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))

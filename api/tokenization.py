@@ -15,12 +15,14 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True  # as /v1/completions tokenizes a text prompt
+    return_token_strs: bool = False  # vLLM's: each token's string in the vocabulary too
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -35,8 +37,11 @@ class DetokenizeResponse(BaseModel):
 
 
 def tokenize(engine, request: TokenizeRequest) -> TokenizeResponse:
-    ids = _tokenizer(engine).encode(request.prompt, add_special_tokens=request.add_special_tokens)
-    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=list(ids))
+    tokenizer = _tokenizer(engine)
+    ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+    token_strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=list(ids),
+                            token_strs=token_strs)
 
 
 def detokenize(engine, request: DetokenizeRequest) -> DetokenizeResponse:

@@ -55,6 +55,7 @@ class FakeEngine:
         self.num_embeds_puts = 0
         self.cached_per_start: list[int] = []  # each start's prompt tokens "found in the prefix cache"
         self.cached_of: dict[str, int] = {}
+        self.logprob_of = lambda i: -0.5 * (i + 1)  # the i-th generated token's
 
     @property
     def vocab_size(self) -> int:
@@ -104,7 +105,7 @@ class FakeEngine:
                 self.generated[req_id] = self.generated.get(req_id, 0) + 1
                 logprobs = None
                 if params.logprobs is not None:
-                    logprobs = ({100 + i: Logprob(-0.5 * (i + 1), 1, piece)},)
+                    logprobs = ({100 + i: Logprob(self.logprob_of(i), 1, piece)},)
                 prompt_logprobs = None  # the first token's update carries the prompt's
                 if i == 0 and params.prompt_logprobs is not None:
                     prompt_logprobs = [None] + [{t: Logprob(-0.25 * p, 1, f"<{t}>")}
@@ -273,6 +274,7 @@ def test_prompt_embeds_with_flag_off_names_the_flag(engine):
     ({"prompt": "hi", "cache_salt": ""}, "cache_salt", "cache_salt must be a non-empty string"),
     ({"prompt": "hi", "cache_salt": 7}, "cache_salt", "cache_salt: "),
     ({"prompt": [[]]}, "prompt", "prompt[0] is an empty list"),
+    ({"prompt": 5}, "prompt", "prompt: Input should be a valid string; prompt: Input should be a valid list"),
     ({"prompt": [1, 99999]}, "prompt", "prompt_token_ids must be integers in [0, 1536)"),
 ])
 def test_bad_requests_are_400_naming_the_field(client, engine, body, param, expected):
@@ -586,6 +588,17 @@ def test_echo_only_with_prompt_logprobs_but_no_logprobs_leaves_logprobs_null(cli
         "6": {"logprob": -0.25, "rank": 1, "decoded_token": "<6>"}}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_logprob_of_minus_infinity_is_floored_as_vllms(client, engine, stream):
+    """JSON has no -Infinity: a token whose probability underflowed reads -9999.0."""
+    engine.logprob_of = lambda i: float("-inf") if i == 1 else -0.5
+    response = post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "logprobs": 0, "stream": stream})
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(e) for e in sse_events(response.text)[:-1]] if stream else [response.json()]
+    logprobs = sum((c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks), [])
+    assert logprobs == [-0.5, -9999.0, -0.5]
+
+
 def test_max_tokens_0_without_echo_is_refused(client):
     error = error_of(post(client, {"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400)
     assert error["param"] == "max_tokens" and "max_tokens must be >= 1" in error["message"]
@@ -762,8 +775,12 @@ def test_tokenize_gives_the_ids_a_completion_would_use_and_detokenize_inverts_it
     body = response.json()
     assert body["tokens"] == list(engine.parse_prompt(text).prompt_token_ids)  # what /v1/completions uses
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.max_model_len
+    assert body["token_strs"] is None
     plain = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
     assert plain == tokenizer.encode(text, add_special_tokens=False)
+    named = client.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert named["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    assert named["token_strs"][0] == tokenizer.bos_token and "".join(named["token_strs"][1:]).endswith("fox")
     back = client.post("/detokenize", json={"model": MODEL, "tokens": plain})
     assert back.status_code == 200 and back.json() == {"prompt": tokenizer.decode(plain)}
 
