@@ -8,6 +8,9 @@ GPU time left the GPU idle.
     python scripts/profile_step_loop.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 \\
         --num-prompts 1000 --input-len 256 --output-len 256 --max-num-batched-tokens 8192
 
+With `--max-num-seqs 8 --output-len-spread 0.5`, requests end one by one and each new one
+joins running decodes: the mixed steps of a server under steady load.
+
 On a machine without CUDA it runs the built-in default model on the CPU, with host clocks
 for the events."""
 
@@ -40,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--output-len-spread", type=float, default=0.0, metavar="F",
+                        help="each prompt's max_tokens drawn from output-len * [1 - F, 1 + F], so that requests "
+                             "end and new ones join at different steps (mixed steps of few prefills)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -77,12 +83,12 @@ class ProfiledLoop:
     def _event(self):
         return new_event(self.cuda)
 
-    def run(self, prompts: list[list[int]], output_len: int, tag: str) -> float:
+    def run(self, prompts: list[list[int]], output_lens: list[int], tag: str) -> float:
         """Wall seconds until every prompt has finished."""
         self.records.clear()
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         start = time.perf_counter()
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, output_len) in enumerate(zip(prompts, output_lens)):
+            params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
             new = NewRequest(f"{tag}{i}", tuple(prompt), None, params)
             self.intake.put(RequestState(new.req_id, len(prompt), list(prompt), None))
             self.loop.add_request(Request.from_new_request(new, self.config.eos_token_ids,
@@ -104,7 +110,9 @@ def summarize(records, buckets) -> dict:
     rows = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     previous_end = None
     for is_decode, requests, tokens, start, end, host_s in records:
-        key = ("decode", buckets(requests)) if is_decode else ("mixed", tokens // 2048 * 2048)
+        # Mixed steps by tokens: up to 128, 512 and 2048, then per 2048.
+        size = next((b for b in (128, 512, 2048) if tokens <= b), -(-tokens // 2048) * 2048)
+        key = ("decode", buckets(requests)) if is_decode else ("mixed", size)
         row = rows[key]
         row[0] += 1
         row[1] += start.elapsed_time(end)
@@ -130,24 +138,26 @@ def main(argv=None) -> dict:
     rng = random.Random(0)
     vocab = config.model_config.vocab_size
     try:
-        profiled.run([[rng.randrange(10, vocab - 10) for _ in range(8)]] * 2, 4, "warmup-")
+        profiled.run([[rng.randrange(10, vocab - 10) for _ in range(8)]] * 2, [4, 4], "warmup-")
         prompts = [[rng.randrange(10, vocab - 10) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+        spread = args.output_len * args.output_len_spread
+        output_lens = [max(1, round(args.output_len + rng.uniform(-spread, spread))) for _ in prompts]
         if args.sync_debug and cuda:
             torch.cuda.set_sync_debug_mode("warn")
         if args.op_table:
             # The loop runs on its own thread, which a default profiler does not see.
             all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
             with torch.profiler.profile(experimental_config=all_threads) as prof:
-                wall = profiled.run(prompts, args.output_len, "p")
+                wall = profiled.run(prompts, output_lens, "p")
         else:
-            wall = profiled.run(prompts, args.output_len, "p")
+            wall = profiled.run(prompts, output_lens, "p")
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
     finally:
         profiled.stop()
     graphs = runner.decode_graphs
     rows = summarize(profiled.records, graphs.bucket_for if graphs is not None else (lambda n: n))
-    tokens = args.num_prompts * args.output_len
+    tokens = sum(output_lens)
     print(f"{args.num_prompts} x {args.input_len} -> {args.output_len}: {wall:.2f} s, {tokens / wall:.0f} "
           f"output tok/s, {len(profiled.records)} steps")
     print(f"{'kind':>8} {'bucket':>6} {'steps':>6} {'gpu ms':>8} {'timeline ms':>12} {'host ms':>8} {'total s':>8}")

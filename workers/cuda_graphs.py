@@ -116,6 +116,8 @@ class DecodeGraphs:
         if fed_tokens is not None:
             index, tokens = fed_tokens
             self.input_ids[index] = tokens
+        if not self.graphs:  # not captured (a CPU check of the padding): the same inputs, eagerly
+            return self._forward(bucket)[:batch]
         graph, logits = self.graphs[bucket]
         graph.replay()
         self.replays[bucket] += 1
@@ -158,10 +160,12 @@ class DecodeGraphs:
             prefills=[],
         )
 
+    def _forward(self, bucket: int) -> torch.Tensor | None:
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self._metadata(bucket), self.kv_caches)
+        return self.model.compute_logits(hidden)
+
     def _capture(self, bucket: int):
-        metadata = self._metadata(bucket)
-        args = (self.input_ids[:bucket], self.positions[:bucket], metadata, self.kv_caches)
-        graph, logits = capture(lambda: self.model.compute_logits(self.model(*args)), self.pool)
+        graph, logits = capture(lambda: self._forward(bucket), self.pool)
         self.pool = graph.pool()
         return graph, logits
 

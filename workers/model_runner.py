@@ -23,6 +23,12 @@ from workers.transfer import to_device
 
 # SHARDSERVE_PREFILL_GRAPHS=0 runs one request's prefill eagerly (an ablation switch).
 USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
+# A step of decodes and at most this many prefills (or prefill chunks) runs as graph
+# replays: the decodes' decode graph, then each prefill's prefill graph. Each replay reads
+# the weights once; run eagerly, such a step is bound by the host's launches (8B shape, one
+# H200: five decodes and a 64-row prefill, 47 ms eagerly against 4.7 ms for a decode step;
+# BENCHMARKS.md, "Mixed steps"). A step of more prefills runs eagerly, in one pass.
+MAX_GRAPH_PREFILLS = 4
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
 
 
@@ -71,13 +77,19 @@ class ModelRunner:
         head_dim = config.model_config.head_dim
         if config.enforce_eager or not DecodeGraphs.supports(self.device, head_dim, config.block_size):
             return None
-        graphs = DecodeGraphs(
+        graphs = self.new_decode_graphs()
+        graphs.capture_all()
+        return graphs
+
+    def new_decode_graphs(self) -> DecodeGraphs:
+        """Decode graphs' buffers for this runner, not captured (captured, they replay;
+        uncaptured, they run the same padded step eagerly)."""
+        config = self.config
+        return DecodeGraphs(
             self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
             max_blocks_per_seq=-(-config.max_model_len // config.block_size),
             block_size=config.block_size, scratch_block=self.num_blocks, device=self.device,
         )
-        graphs.capture_all()
-        return graphs
 
     def _make_prefill_graphs(self) -> PrefillGraphs | None:
         config = self.config
@@ -201,7 +213,7 @@ class ModelRunner:
             return self._execute_graph(scheduled)
         prompt_rows = prompt_logprob_rows(scheduled, self.requests)
         if self.prefill_graphs is not None and not prompt_rows:  # the graphs keep only the last row
-            logits = self._execute_prefill_graph(scheduled)
+            logits = self._execute_in_graphs(scheduled)
             if logits is not False:
                 return logits
         inputs = self._prepare(scheduled)
@@ -221,15 +233,16 @@ class ModelRunner:
 
     def _is_graphable(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
         """One token-id row per request (decodes): what the captured graphs run."""
-        if self.decode_graphs is None or len(scheduled) > self.decode_graphs.buckets[-1]:
-            return False
-        for sched in scheduled:
-            state = self.requests[sched.req_id]
-            if sched.num_new_tokens != 1 or not sched.is_sampled:
-                return False
-            if state.prompt_embeds is not None and sched.num_computed_tokens < state.prompt_len:
-                return False
-        return True
+        return self._fits_decode_graphs(scheduled) and all(self._is_decode(s) for s in scheduled)
+
+    def _fits_decode_graphs(self, decodes) -> bool:
+        return self.decode_graphs is not None and len(decodes) <= self.decode_graphs.buckets[-1]
+
+    def _is_decode(self, sched: ScheduledRequest) -> bool:
+        """One sampled token-id row (not a prompt's embedding row): a decode graph's row."""
+        state = self.requests[sched.req_id]
+        return (sched.num_new_tokens == 1 and sched.is_sampled
+                and not (state.prompt_embeds is not None and sched.num_computed_tokens < state.prompt_len))
 
     def _execute_graph(self, scheduled: tuple[ScheduledRequest, ...]) -> torch.Tensor | None:
         positions = [s.num_computed_tokens for s in scheduled]
@@ -243,25 +256,51 @@ class ModelRunner:
         return self.decode_graphs.run(input_ids, positions, [state.block_ids for state in states],
                                       self._fed_tokens(fed))
 
-    def _execute_prefill_graph(self, scheduled: tuple[ScheduledRequest, ...]):
-        """One request's prefill rows through the prefill graphs: its logits (None when the
-        chunk samples nothing); False when the step is not one they run (several
-        requests, a bucket too small, or rows whose token is still being fed back)."""
-        if len(scheduled) != 1:
+    def _execute_in_graphs(self, scheduled: tuple[ScheduledRequest, ...]):
+        """A step of decodes and up to MAX_GRAPH_PREFILLS prefills (or prefill chunks)
+        through the captured graphs: the decodes in one replay of their decode graph, then
+        each prefill in its prefill graph, in the same order on every rank. Logits of the
+        sampled rows in `scheduled` order (None when none samples); False when the step is
+        not one they run: more prefills, a prefill past the largest bucket or of rows whose
+        token is still being fed back, or more decodes than a decode graph holds."""
+        decodes = tuple(s for s in scheduled if self._is_decode(s))
+        prefills = [s for s in scheduled if not self._is_decode(s)]
+        if len(prefills) > MAX_GRAPH_PREFILLS or (decodes and not self._fits_decode_graphs(decodes)):
             return False
-        sched = scheduled[0]
+        inputs = [self._prefill_graph_inputs(s) for s in prefills]
+        if any(i is None for i in inputs):
+            return False
+        pieces = []  # (sampled req_ids, their logits)
+        if decodes:
+            pieces.append(([s.req_id for s in decodes], self._execute_graph(decodes)))
+        for sched, (ids, embeds) in zip(prefills, inputs):
+            state = self.requests[sched.req_id]
+            logits = self.prefill_graphs.run(ids, sched.num_computed_tokens, state.block_ids, embeds)
+            if sched.is_sampled:
+                # A graph's output lives in its pool, which the next prefill graph's replay
+                # may write: copied out unless it is the step's only one.
+                pieces.append(([sched.req_id], logits.clone() if len(scheduled) > 1 and logits is not None else logits))
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            return pieces[0][1]
+        row = {req_id: (logits, i) for req_ids, logits in pieces for i, req_id in enumerate(req_ids)}
+        return torch.stack([row[s.req_id][0][row[s.req_id][1]] for s in scheduled if s.is_sampled])
+
+    def _prefill_graph_inputs(self, sched: ScheduledRequest):
+        """(token ids, embedding rows or None) of a prefill (chunk) the prefill graphs run;
+        None if they cannot: a bucket too small, or rows whose token is still being fed back."""
         if self.prefill_graphs.bucket_for(sched.num_new_tokens) is None:
-            return False
+            return None
         state = self.requests[sched.req_id]
         start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
         ids = state.token_ids(start, end)
         if len(ids) < end - start:
-            return False
+            return None
         embeds = None  # the rows' embeddings come first; their ids read as 0
         if state.prompt_embeds is not None and start < state.prompt_len:
             embeds = state.prompt_embeds[start : min(end, state.prompt_len)]
-        logits = self.prefill_graphs.run(ids, start, state.block_ids, embeds)
-        return logits if sched.is_sampled else None
+        return ids, embeds
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into

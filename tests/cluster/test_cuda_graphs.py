@@ -97,3 +97,29 @@ def test_graph_prefill_chunks_queued_ahead_match_eager(ray_cluster, tiny_checkpo
     assert no_replays == {} and replays.get(16, 0) >= 4 * 13, replays  # 14 chunks a prompt
     assert_same_samples(eager, graphed, atol=1e-3)
     assert_same_samples(graphed[:2], graphed[2:], atol=1e-9)  # the same calls again: the same bits
+
+
+def _run_mixed(path, enforce_eager: bool):
+    """Six prompts of staggered lengths through two seats: as one request ends, the next
+    joins the other's decodes, so steps mix decodes with one prefill (token ids, then
+    embedding rows) and each step replays a decode graph and a prefill graph."""
+    gen = torch.Generator().manual_seed(6)
+    ids = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 20, 9, 33, 17, 12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=3, ignore_eos=True) for m in (3, 11, 6, 9, 4, 7)]
+    with LLM(str(path), enforce_eager=enforce_eager, max_model_len=128, kv_cache_memory_bytes=16 << 20,
+             enable_prompt_embeds=True, max_num_seqs=2, enable_prefix_caching=False) as llm:
+        table = ray.get(llm.engine.leader.__ray_call__.remote(
+            lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+        prompts = [{"prompt_token_ids": x} for x in ids[:3]] + [{"prompt_embeds": table[torch.tensor(x)]} for x in ids[3:]]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        replays = _replays(llm, "prefill_graphs")
+    return [o.outputs[0] for o in outputs], replays
+
+
+@pytest.mark.gpu
+def test_graph_mixed_steps_match_eager(ray_cluster, tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    graphed, replays = _run_mixed(path, enforce_eager=False)
+    eager, no_replays = _run_mixed(path, enforce_eager=True)
+    assert no_replays == {} and sum(replays.values()) == 6, replays  # every prompt's prefill in a graph
+    assert_same_samples(eager, graphed, atol=1e-3)

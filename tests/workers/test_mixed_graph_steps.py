@@ -1,0 +1,87 @@
+"""Mixed steps through the captured graphs: a step of decodes and a few prefills runs as
+one decode-graph replay and one prefill-graph replay per prefill (ModelRunner's
+_execute_in_graphs). On CPU the graphs' padded steps run eagerly with the kernels in
+Triton's interpreter (on CUDA the graphs replay the same inputs); each step's logits, in
+the step's order of sampled rows, and every real cache block must equal the plain eager
+step's: prefills alone, decodes beside a prefill of embedding rows, decodes around a chunk
+that samples nothing, and a step of more prefills than MAX_GRAPH_PREFILLS (eager in both)."""
+
+from __future__ import annotations
+
+from tests.workers.conftest import run_in_triton_interpreter
+
+SCRIPT = """
+import sys
+import torch
+from workers import model_runner
+from workers.config import EngineConfig, ModelConfig
+from workers.intake import Intake, RequestState
+from workers.kernels import elementwise, paged_attention, paged_prefill
+from workers.messages import ScheduledRequest as S, StepPlan
+from workers.model_runner import ModelRunner
+from workers.parallel import ProcessGroup
+
+elementwise.is_available = lambda device: True
+paged_attention.is_available = lambda device, head_dim, block_size: True
+paged_prefill.is_available = lambda device, head_dim, block_size: True
+
+
+def run(path, graphs):
+    config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
+                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8)
+    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
+    assert runner.decode_graphs is None and runner.prefill_graphs is None  # CPU: nothing captured
+    if graphs:
+        runner.decode_graphs, runner.prefill_graphs = runner.new_decode_graphs(), runner.new_prefill_graphs()
+    calls = {"eager": 0}
+    model_forward = runner.model.forward
+    def counted(*args, **kwargs):  # the graphs' padded steps call the model too: count the step's own
+        calls["eager"] += 1
+        return model_forward(*args, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(9, config.model_config.hidden_size, generator=gen)
+    intake = Intake()
+    for req_id, prompt in [("a", list(range(3, 15))), ("b", [7, 8, 9, 10, 11, 12]), ("d", list(range(20, 28)))]:
+        intake.put(RequestState(req_id, len(prompt), prompt, None))
+    intake.put(RequestState("c", 9, None, embeds))
+    for i in range(5):
+        intake.put(RequestState(f"e{i}", 2, [30 + i, 40 + i], None))
+    steps = [
+        ((S("a", 0, 12, (1, 2, 3), True), S("b", 0, 6, (5, 6), True)), ()),  # two prefills
+        ((S("a", 12, 1, (4,), True), S("b", 6, 1, (), True), S("c", 0, 9, (7, 8, 9), True)),
+         (("a", 50), ("b", 51))),  # decodes, then a prefill of embedding rows
+        ((S("a", 13, 1, (), True), S("d", 0, 8, (10, 11), False), S("c", 9, 1, (), True), S("b", 7, 1, (), True)),
+         (("a", 52), ("b", 53), ("c", 54))),  # a chunk that samples nothing, between decodes
+        (tuple(S(f"e{i}", 0, 2, (12 + i,), True) for i in range(5)), ()),  # past MAX_GRAPH_PREFILLS
+    ]
+    logits, eager_steps = [], []
+    for i, (scheduled, appended) in enumerate(steps):
+        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
+        runner.model.forward = counted
+        before = calls["eager"]
+        logits.append(runner.execute(scheduled))
+        runner.model.forward = model_forward
+        eager_steps.append(calls["eager"] - before)
+    caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
+    loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if graphs else None
+    return logits, caches, loads, eager_steps
+
+
+assert model_runner.MAX_GRAPH_PREFILLS == 4
+for path in sys.argv[1:]:
+    plain, plain_caches, _, plain_calls = run(path, graphs=False)
+    graphed, graphed_caches, loads, graphed_calls = run(path, graphs=True)
+    # Decode graph: steps 2 and 3; prefill graph: 2 + 1 + 1 prefills; step 4 eager in both.
+    assert loads == (2, 4), loads
+    assert plain_calls == [1, 1, 1, 1] and graphed_calls == [2, 2, 2, 1], (plain_calls, graphed_calls)
+    assert [x.shape[0] for x in graphed] == [2, 3, 3, 5]
+    for step, (a, b) in enumerate(zip(plain, graphed)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{path} step {step}")
+    for layer, (a, b) in enumerate(zip(plain_caches, graphed_caches)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{path} layer {layer} cache")
+print("checked")
+"""
+
+
+def test_mixed_steps_in_graphs_equal_eager_steps_in_triton_interpreter(tiny_checkpoints):
+    run_in_triton_interpreter(SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("qwen3")))
