@@ -4,13 +4,15 @@ _execute_in_graphs). On CPU the graphs' padded steps run eagerly with the kernel
 Triton's interpreter (on CUDA the graphs replay the same inputs); each step's logits, in
 the step's order of sampled rows, and every real cache block must equal the plain eager
 step's: prefills alone, decodes beside a prefill of embedding rows, decodes around a chunk
-that samples nothing, and a step of more prefills than MAX_GRAPH_PREFILLS (eager in both)."""
+that samples nothing, and a step of more prefills than MAX_GRAPH_PREFILLS (eager in both).
+At tensor_parallel_size 2 (two forked ranks over gloo) both ranks replay the same graphs
+and their logits equal TP 1's eager ones."""
 
 from __future__ import annotations
 
 from tests.workers.conftest import run_in_triton_interpreter
 
-SCRIPT = """
+COMMON = """
 import sys
 import torch
 from workers import model_runner
@@ -26,10 +28,12 @@ paged_attention.is_available = lambda device, head_dim, block_size: True
 paged_prefill.is_available = lambda device, head_dim, block_size: True
 
 
-def run(path, graphs):
+def run(path, graphs, pg=None):
+    pg = pg or ProcessGroup()
     config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
-                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8)
-    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
+                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8,
+                          tensor_parallel_size=pg.world_size)
+    runner = ModelRunner(config, pg, torch.device("cpu"))
     assert runner.decode_graphs is None and runner.prefill_graphs is None  # CPU: nothing captured
     if graphs:
         runner.decode_graphs, runner.prefill_graphs = runner.new_decode_graphs(), runner.new_prefill_graphs()
@@ -66,7 +70,9 @@ def run(path, graphs):
     loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if graphs else None
     return logits, caches, loads, eager_steps
 
+"""
 
+TP1_SCRIPT = COMMON + """
 assert model_runner.MAX_GRAPH_PREFILLS == 4
 for path in sys.argv[1:]:
     plain, plain_caches, _, plain_calls = run(path, graphs=False)
@@ -83,5 +89,43 @@ print("checked")
 """
 
 
+TP2_SCRIPT = COMMON + """
+import multiprocessing
+from workers.parallel import bind_store, init_process_group
+
+
+def rank_main(rank, path, ports, results):
+    torch.set_num_threads(1)
+    store = bind_store("127.0.0.1", 2, 60) if rank == 0 else None
+    if store is not None:
+        ports.put(store.port)
+    port = store.port if store is not None else ports.get(timeout=60)
+    pg = init_process_group(rank, 2, "127.0.0.1", port, "cpu", 60, store)
+    logits, _, loads, _ = run(path, graphs=True, pg=pg)
+    results.put((rank, loads, [x.numpy().copy() for x in logits]))
+
+
+path = sys.argv[1]
+reference = run(path, graphs=False)[0]
+ctx = multiprocessing.get_context("fork")  # the script has no file a spawned process could import
+ports, results = ctx.Queue(), ctx.Queue()
+procs = [ctx.Process(target=rank_main, args=(rank, path, ports, results)) for rank in range(2)]
+for p in procs:
+    p.start()
+by_rank = {rank: (loads, logits) for rank, loads, logits in (results.get(timeout=300) for _ in procs)}
+for p in procs:
+    p.join(timeout=60)
+for rank, (loads, logits) in sorted(by_rank.items()):
+    assert loads == (2, 4), (rank, loads)  # both ranks replay the same graphs in the same order
+    for step, (got, want) in enumerate(zip(logits, reference)):
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4, msg=f"rank {rank} step {step}")
+print("checked")
+"""
+
+
 def test_mixed_steps_in_graphs_equal_eager_steps_in_triton_interpreter(tiny_checkpoints):
-    run_in_triton_interpreter(SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("qwen3")))
+    run_in_triton_interpreter(TP1_SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("qwen3")))
+
+
+def test_mixed_steps_in_graphs_at_tp2_equal_tp1_eager_in_triton_interpreter(tiny_checkpoints):
+    run_in_triton_interpreter(TP2_SCRIPT, str(tiny_checkpoints("llama")))
