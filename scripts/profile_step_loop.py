@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
                 wall = profiled.run(prompts, output_lens, "p")
         else:
             wall = profiled.run(prompts, output_lens, "p")
-        if cuda:
+        if args.sync_debug and cuda:
             torch.cuda.set_sync_debug_mode(0)
     finally:
         profiled.stop()
