@@ -79,8 +79,6 @@ class EngineClient:
         self.shards = self._start_shards()
         self.leader = self.shards[0]
         self._run_refs = [shard.run.remote() for shard in self.shards]
-        self._poller = threading.Thread(target=self._poll_outputs, name="shardserve-outputs", daemon=True)
-        self._poller.start()
         # Requests and aborts go to the shards from this thread, never from the caller's:
         # Ray cancels, recursively, the calls a cancelled task made, and a Serve request
         # whose client went away is such a task. Its abort would be lost (the request
@@ -93,6 +91,9 @@ class EngineClient:
         self._unchecked_adds: dict[str, list] = {}
         self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
         self._caller.start()
+        # Last: its first poll may return at once, and it then reads the state above.
+        self._poller = threading.Thread(target=self._poll_outputs, name="shardserve-outputs", daemon=True)
+        self._poller.start()
 
     def _start_shards(self) -> list:
         actor_cls = ray.remote(max_concurrency=SHARD_MAX_CONCURRENCY)(ShardWorker)
@@ -144,7 +145,8 @@ class EngineClient:
         cache_salt: str | None = None,
     ) -> None:
         """Sends a validated request to every shard; `sink` receives its deltas on the
-        output thread, the last one with a finish_reason. EngineDeadError once dead.
+        output thread, the last one with a finish_reason. EngineDeadError once dead;
+        ValueError for the id of a request still running.
         An embeddings array is put into the object store here; a PromptEmbedsRef was."""
         embeds_ref = prompt_embeds
         if isinstance(prompt_embeds, np.ndarray):
@@ -153,6 +155,8 @@ class EngineClient:
         with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
             if self.dead_reason is not None:
                 raise EngineDeadError(self.dead_reason)
+            if req_id in self._sinks:  # the leader's scheduler would refuse it from its step loop
+                raise ValueError(f"request id {req_id!r} is already running")
             self._sinks[req_id] = sink
         # The ref goes as a top-level argument, so Ray fetches the array before the call
         # runs, not on an actor thread beside the step loop; the request the shards get
@@ -245,7 +249,9 @@ class EngineClient:
             del self._unchecked_adds[req_id]
             try:
                 ray.get(refs)
-            except Exception as exc:  # noqa: BLE001 - any failure of the call fails its request
+            except ray.exceptions.ActorDiedError:
+                pass  # a shard died, not this request: the engine's death (its run() failed) ends it
+            except Exception as exc:  # noqa: BLE001 - any other failure of the call fails its request
                 self._fail_request(req_id, exc)
 
     def _fail_request(self, req_id: str, exc: Exception) -> None:
@@ -261,7 +267,7 @@ class EngineClient:
             if delta.finish_reason is not None:
                 self._sinks.pop(delta.req_id, None)
         if sink is not None:
-            sink(delta)
+            _call_sink(sink, delta)
 
     @staticmethod
     def _run_failure(ref) -> str:
@@ -276,13 +282,17 @@ class EngineClient:
         then kills the shards still alive: their step loops wait in a collective on the
         lost peer and would hold their threads (and the devices) forever."""
         logger.error("shardserve engine %s is dead: %s", self.name, reason)
+        self._end_requests(reason)
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def _end_requests(self, reason: str) -> None:
+        """Ends every request in flight with an error; from now on add_request raises."""
         with self._lock:
             self.dead_reason = reason
             sinks, self._sinks = self._sinks, {}
         for req_id, sink in sinks.items():
-            sink(RequestDelta(req_id, (), None, finish_reason="error", error=reason))
-        for shard in self.shards:
-            ray.kill(shard)
+            _call_sink(sink, RequestDelta(req_id, (), None, finish_reason="error", error=reason))
 
     def start_profile(self) -> None:
         """Starts torch.profiler on every shard (see stop_profile)."""
@@ -308,10 +318,22 @@ class EngineClient:
         self._calls.put((None, ()))
         self._poller.join(timeout=POLL_TIMEOUT_S * 2)
         self._caller.join(timeout=POLL_TIMEOUT_S * 2)
+        # The stopped leader sends nothing more: a request still running would wait forever.
+        if self.dead_reason is None:
+            self._end_requests(f"shardserve engine {self.name} was shut down")
 
     def _release_group(self) -> None:
         if self._owns_group:
             remove_placement_group(self.placement_group)
+
+
+def _call_sink(sink: DeltaSink, delta: RequestDelta) -> None:
+    """A sink that raises (a stream whose event loop has closed) loses its own deltas, not
+    the output thread and with it every other request."""
+    try:
+        sink(delta)
+    except Exception:
+        logger.exception("the sink of request %s raised; its deltas are dropped", delta.req_id)
 
 
 def shard_actor_name(engine_name: str, rank: int) -> str:

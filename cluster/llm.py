@@ -81,6 +81,28 @@ class LLM:
     def _run(self, prompts: list[EnginePrompt], params: list[SamplingParams], use_tqdm: bool):
         deltas: queue.SimpleQueue = queue.SimpleQueue()
         outputs, trackers = [], {}
+        try:  # a failure while adding (a later prompt's put, Ctrl-C) stops those already added
+            self._add_requests(prompts, params, deltas, outputs, trackers)
+            self._collect(deltas, trackers, outputs, use_tqdm)
+        except BaseException:
+            for req_id, (_, tracker) in trackers.items():
+                if not tracker.is_finished:
+                    self.engine.abort(req_id)
+            raise
+        for position, tracker in trackers.values():
+            outputs[position].outputs.append(tracker.output())
+            if outputs[position].prompt_logprobs is None:  # each sample's are the same
+                outputs[position].prompt_logprobs = tracker.prompt_logprobs
+            if outputs[position].num_cached_tokens is None:  # the first sample's
+                outputs[position].num_cached_tokens = tracker.num_cached_tokens
+        for output in outputs:
+            output.finished = True
+        return outputs
+
+    def _add_requests(self, prompts: list[EnginePrompt], params: list[SamplingParams], deltas: queue.SimpleQueue,
+                      outputs: list[RequestOutput], trackers: dict) -> None:
+        """Adds each prompt's samples to the engine, each tracked before it is added (an
+        abort of an id the engine never took does nothing)."""
         for prompt, sp in zip(prompts, params):
             request_id = self.engine.next_request_id()
             metrics = RequestMetrics(arrival_time=time.time())
@@ -98,22 +120,6 @@ class LLM:
                     req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
                     cache_salt=prompt.cache_salt,
                 )
-        try:
-            self._collect(deltas, trackers, outputs, use_tqdm)
-        except BaseException:
-            for req_id, (_, tracker) in trackers.items():
-                if not tracker.is_finished:
-                    self.engine.abort(req_id)
-            raise
-        for position, tracker in trackers.values():
-            outputs[position].outputs.append(tracker.output())
-            if outputs[position].prompt_logprobs is None:  # each sample's are the same
-                outputs[position].prompt_logprobs = tracker.prompt_logprobs
-            if outputs[position].num_cached_tokens is None:  # the first sample's
-                outputs[position].num_cached_tokens = tracker.num_cached_tokens
-        for output in outputs:
-            output.finished = True
-        return outputs
 
     def _collect(self, deltas: queue.SimpleQueue, trackers: dict, outputs: list[RequestOutput], use_tqdm: bool):
         remaining = {}

@@ -1,7 +1,8 @@
 """EngineClient sends requests and aborts to the shards from its own thread, in order:
 never from the caller's thread, whose Ray task (a Serve request whose client went away)
 may be cancelled, and Ray cancels the calls such a task made, recursively. Stand-in shards
-(no Ray) record where each call came from."""
+(no Ray) record where each call came from. A sink that raises stops neither the output
+thread nor the other requests; shutdown ends every request still in flight."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import collections
 import queue
 import threading
 
-from cluster.engine_client import EngineClient
-from workers.messages import PromptEmbedsRef
+import pytest
+
+import cluster.engine_client as engine_client
+from cluster.engine_client import EngineClient, EngineDeadError
+from workers.messages import PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
 
 
@@ -26,6 +30,9 @@ class StandInShard:
     def __init__(self, log: list, rank: int):
         self.add_request = Method(log, f"add_request@{rank}")
         self.abort = Method(log, f"abort@{rank}")
+        self.shutdown = Method(log, f"shutdown@{rank}")
+        self.fail = Method(log, f"fail@{rank}")
+        self.run = Method(log, f"run@{rank}")
 
 
 def _client(log: list) -> EngineClient:
@@ -56,3 +63,128 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     # The embeddings' ref goes as the call's argument only, not nested in the request.
     _, (new, array_ref), _ = log[2]
     assert array_ref == "object-ref" and new.prompt_embeds.ref is None
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """ray.wait finds nothing finished and ray.kill does nothing: stand-in shards only."""
+    monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: ([], list(refs)))
+    monkeypatch.setattr(engine_client.ray, "kill", lambda actor: None)
+
+
+def _poll_once(client: EngineClient, deltas: list[RequestDelta]) -> None:
+    """Runs the output thread's loop on this thread over one poll that returns `deltas`."""
+    def get_outputs():
+        client._closed = True  # the loop ends after this poll
+        return deltas
+
+    client._closed, client._run_refs, client._unchecked_adds = False, [], {}
+    client._get_outputs = get_outputs
+    client._poll_outputs()
+
+
+def test_a_sink_that_raises_stops_neither_the_output_thread_nor_other_requests(no_ray):
+    """A stream whose event loop has closed raises from its sink (call_soon_threadsafe):
+    the output thread must go on delivering to the other requests."""
+    client, received = _client([]), []
+
+    def closed_loop_sink(delta):
+        raise RuntimeError("Event loop is closed")
+
+    client.add_request("gone", SamplingParams(), closed_loop_sink, (5, 6))
+    client.add_request("live", SamplingParams(), received.append, (7, 8))
+    gone_end = RequestDelta("gone", (), None, finish_reason="abort")
+    live_token = RequestDelta("live", (9,), None)
+    _poll_once(client, [gone_end, live_token])
+    assert received == [live_token]
+    assert client.num_unfinished == 1  # "gone" ended, "live" still runs
+
+
+def test_shutdown_ends_requests_in_flight_and_refuses_new_ones(no_ray):
+    """Nothing is left waiting forever: a request still running at shutdown gets an error
+    delta (EngineDeadError for its caller), and a request added after it raises."""
+    log: list = []
+    client, received = _client(log), []
+    client.name, client._closed, client._owns_group, client._run_refs = "t", False, False, []
+    client._poller = threading.Thread(target=lambda: None)
+    client._poller.start()
+    client.add_request("running", SamplingParams(), received.append, (5, 6, 7))
+    client.shutdown()
+    assert [d.finish_reason for d in received] == ["error"]
+    assert client.num_unfinished == 0 and client.dead_reason is not None
+    assert engine_client.request_error(client, received[0].error).__class__ is EngineDeadError
+    with pytest.raises(EngineDeadError):
+        client.add_request("late", SamplingParams(), received.append, (5,))
+    assert ("shutdown@0", (), "MainThread") in [(n, a, t) for n, a, t in log]
+
+
+def test_the_output_thread_starts_after_what_it_reads(monkeypatch):
+    """The output thread reads the calls' state (_sent_adds, _unchecked_adds) after its
+    first poll: __init__ must have made it before starting the thread."""
+    log: list = []
+    shard = StandInShard(log, 0)
+    monkeypatch.setattr(EngineClient, "_start_shards", lambda self: [shard])
+    monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: ([], list(refs)))
+
+    def first_poll(self):  # the poller's first poll returns at once, before __init__ goes on
+        self._closed = True
+        return []
+
+    monkeypatch.setattr(EngineClient, "_get_outputs", first_poll)
+    real_thread = threading.Thread
+
+    def thread(target, name, daemon):  # the output thread's first poll runs before start() returns
+        if name != "shardserve-outputs":
+            return real_thread(target=target, name=name, daemon=daemon)
+        done = threading.Event()
+
+        class FirstPollFirst:
+            def start(self):
+                target()
+                done.set()
+
+            def join(self, timeout=None):
+                done.wait(timeout)
+        return FirstPollFirst()
+
+    monkeypatch.setattr(engine_client.threading, "Thread", thread)
+    client = EngineClient(config=None, placement_group=object(), name="t")
+    client._calls.put((None, ()))
+    client._caller.join(timeout=10)
+
+
+def test_a_request_id_already_running_is_refused():
+    """A second request under a running one's id would take over the first's sink (that
+    one then never ends), and the leader's scheduler refuses the id from its step loop,
+    which stops the engine for every request: the client refuses it at once instead."""
+    log: list = []
+    client, first = _client(log), []
+    client.add_request("same", SamplingParams(), first.append, (5, 6))
+    with pytest.raises(ValueError, match="same"):
+        client.add_request("same", SamplingParams(), lambda delta: None, (7, 8))
+    client._calls.put((None, ()))
+    client._caller.join(timeout=10)
+    assert [args[0].req_id for name, args, _ in log if name == "add_request@0"] == ["same"]
+    client._deliver(RequestDelta("same", (9,), None, finish_reason="length"))
+    assert [d.new_token_ids for d in first] == [(9,)]
+
+
+def test_an_add_lost_with_a_dead_shard_ends_as_the_engines_death(monkeypatch, no_ray):
+    """A follower that dies fails its pending add_request calls as it fails its run():
+    their requests must end as the engine's (EngineDeadError: 503, retry), not as requests
+    the engine could not take (RequestFailedError: 500, "a retry fails the same way")."""
+    client, seen = _client([]), []
+
+    def died(refs):
+        raise engine_client.ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: (list(refs), []))
+    monkeypatch.setattr(engine_client.ray, "get", died)
+    client.add_request("x", SamplingParams(), lambda d: seen.append((d, client.dead_reason)), (5, 6))
+    client._sent_adds.append(("x", ["add-x@0", "add-x@1"]))  # what the calls thread records
+    client.name, client._closed, client._unchecked_adds = "t", False, {}
+    client._run_refs, client._get_outputs = ["run@0", "run@1"], lambda: []
+    client._poll_outputs()  # one poll: the adds' and the runs' failures seen together
+    assert len(seen) == 1
+    delta, dead_reason = seen[0]
+    assert delta.finish_reason == "error" and dead_reason is not None

@@ -1,0 +1,46 @@
+"""LLM.generate leaves no request running in the engine when it raises: not while
+collecting outputs, nor while adding a batch's requests (a failed put of a later prompt's
+embeddings, the engine dying, Ctrl-C). A stand-in EngineClient records the calls (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.llm import LLM
+from cluster.prompts import EnginePrompt
+from workers.sampling_params import SamplingParams
+
+
+class StandInClient:
+    """Takes requests until told to fail; records aborts."""
+
+    dead_reason = None
+
+    def __init__(self, fail_at: int):
+        self.added, self.aborted, self.fail_at = [], [], fail_at
+        self._ids = iter(range(100))
+
+    def next_request_id(self):
+        return f"req-{next(self._ids)}"
+
+    def put_prompt(self, prompt):
+        return prompt
+
+    def add_request(self, req_id, params, sink, *prompt, **kwargs):
+        if len(self.added) == self.fail_at:
+            raise KeyboardInterrupt  # or ObjectStoreFullError, EngineDeadError
+        self.added.append(req_id)
+
+    def abort(self, req_id):
+        self.aborted.append(req_id)
+
+
+def test_a_failure_while_adding_aborts_the_requests_already_added():
+    llm = LLM.__new__(LLM)  # no cluster: only the intake of generate() runs
+    llm.tokenizer, llm.engine = None, StandInClient(fail_at=3)
+    prompts = [EnginePrompt(None, (5, 6, 7), None)] * 3
+    params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, n=2), SamplingParams(max_tokens=8)]
+    with pytest.raises(KeyboardInterrupt):
+        llm._run(prompts, params, use_tqdm=False)
+    assert llm.engine.added == ["req-0", "req-1-0", "req-1-1"]
+    assert set(llm.engine.added) <= set(llm.engine.aborted)
