@@ -71,7 +71,12 @@ class EngineClient:
         self.placement_group = placement_group or create_placement_group(
             config.tensor_parallel_size, config.device, config.placement_strategy
         )
-        self._sinks: dict[str, DeltaSink] = {}
+        # Running requests by their id in the engine (the caller's id and a serial number: the
+        # shards may still know a finished request's id, so a caller's id can come again):
+        # the caller's id and its sink; and each caller's id's engine id, for its abort.
+        self._sinks: dict[str, tuple[str, DeltaSink]] = {}
+        self._engine_ids: dict[str, str] = {}
+        self._serials = itertools.count()
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
@@ -144,20 +149,23 @@ class EngineClient:
         embeds_dtype: str | None = None,
         cache_salt: str | None = None,
     ) -> None:
-        """Sends a validated request to every shard; `sink` receives its deltas on the
-        output thread, the last one with a finish_reason. EngineDeadError once dead;
-        ValueError for the id of a request still running.
+        """Sends a validated request to every shard; `sink` receives its deltas (with
+        req_id) on the output thread, the last one with a finish_reason. EngineDeadError
+        once dead; ValueError for the id of a request still running (a finished one's id
+        may come again: the shards know each request by an id of the engine's own).
         An embeddings array is put into the object store here; a PromptEmbedsRef was."""
         embeds_ref = prompt_embeds
         if isinstance(prompt_embeds, np.ndarray):
             embeds_ref = self.put_prompt_embeds(prompt_embeds, embeds_dtype)
-        new = NewRequest(req_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt)
         with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
             if self.dead_reason is not None:
                 raise EngineDeadError(self.dead_reason)
-            if req_id in self._sinks:  # the leader's scheduler would refuse it from its step loop
+            if req_id in self._engine_ids:  # its abort could not tell the two apart
                 raise ValueError(f"request id {req_id!r} is already running")
-            self._sinks[req_id] = sink
+            engine_id = f"{req_id}#{next(self._serials)}"
+            self._sinks[engine_id] = (req_id, sink)
+            self._engine_ids[req_id] = engine_id
+        new = NewRequest(engine_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt)
         # The ref goes as a top-level argument, so Ray fetches the array before the call
         # runs, not on an actor thread beside the step loop; the request the shards get
         # holds no nested ref, so none of them becomes a borrower of it (0.17 ms a call).
@@ -173,9 +181,9 @@ class EngineClient:
     def abort(self, req_id: str) -> None:
         """Stops a request and frees its KV blocks; its sink gets a final "abort" delta."""
         with self._lock:
-            known = req_id in self._sinks
-        if known and self.dead_reason is None:
-            self._calls.put((self.leader.abort.remote, (req_id,)))
+            engine_id = self._engine_ids.get(req_id)
+        if engine_id is not None and self.dead_reason is None:
+            self._calls.put((self.leader.abort.remote, (engine_id,)))
 
     def _make_calls(self) -> None:
         """The calls thread: sends queued requests and aborts in order, until shutdown."""
@@ -262,12 +270,16 @@ class EngineClient:
         self._deliver(RequestDelta.not_taken(req_id, cause))  # a no-op if the leader's came first
 
     def _deliver(self, delta: RequestDelta) -> None:
+        """To the request's sink, under the caller's id."""
         with self._lock:
-            sink = self._sinks.get(delta.req_id)
-            if delta.finish_reason is not None:
-                self._sinks.pop(delta.req_id, None)
-        if sink is not None:
-            _call_sink(sink, delta)
+            entry = self._sinks.get(delta.req_id)
+            if entry is not None and delta.finish_reason is not None:
+                del self._sinks[delta.req_id]
+                del self._engine_ids[entry[0]]
+        if entry is not None:
+            req_id, sink = entry
+            error = delta.error.replace(delta.req_id, req_id) if delta.error else delta.error
+            _call_sink(sink, dataclasses.replace(delta, req_id=req_id, error=error))
 
     @staticmethod
     def _run_failure(ref) -> str:
@@ -290,8 +302,8 @@ class EngineClient:
         """Ends every request in flight with an error; from now on add_request raises."""
         with self._lock:
             self.dead_reason = reason
-            sinks, self._sinks = self._sinks, {}
-        for req_id, sink in sinks.items():
+            sinks, self._sinks, self._engine_ids = self._sinks, {}, {}
+        for req_id, sink in sinks.values():
             _call_sink(sink, RequestDelta(req_id, (), None, finish_reason="error", error=reason))
 
     def start_profile(self) -> None:

@@ -7,6 +7,7 @@ thread nor the other requests; shutdown ends every request still in flight."""
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import threading
 
@@ -39,7 +40,8 @@ def _client(log: list) -> EngineClient:
     client = EngineClient.__new__(EngineClient)  # no cluster: only the intake path runs
     client.shards = [StandInShard(log, 0), StandInShard(log, 1)]
     client.leader = client.shards[0]
-    client._sinks, client._lock, client.dead_reason = {}, threading.Lock(), None
+    client._sinks, client._engine_ids, client._serials = {}, {}, itertools.count()
+    client._lock, client.dead_reason = threading.Lock(), None
     client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
     client._caller.start()
@@ -57,8 +59,8 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
     assert [(name, args[0] if name.startswith("abort") else args[0].req_id) for name, args, _ in log] == [
-        ("add_request@0", "a"), ("add_request@1", "a"), ("add_request@0", "b"), ("add_request@1", "b"),
-        ("abort@0", "a")]
+        ("add_request@0", "a#0"), ("add_request@1", "a#0"), ("add_request@0", "b#1"), ("add_request@1", "b#1"),
+        ("abort@0", "a#0")]  # the shards know each request by the engine's own id for it
     assert {thread for _, _, thread in log} == {"shardserve-calls"}
     # The embeddings' ref goes as the call's argument only, not nested in the request.
     _, (new, array_ref), _ = log[2]
@@ -93,10 +95,10 @@ def test_a_sink_that_raises_stops_neither_the_output_thread_nor_other_requests(n
 
     client.add_request("gone", SamplingParams(), closed_loop_sink, (5, 6))
     client.add_request("live", SamplingParams(), received.append, (7, 8))
-    gone_end = RequestDelta("gone", (), None, finish_reason="abort")
-    live_token = RequestDelta("live", (9,), None)
+    gone_end = RequestDelta("gone#0", (), None, finish_reason="abort")  # as the shards name them
+    live_token = RequestDelta("live#1", (9,), None)
     _poll_once(client, [gone_end, live_token])
-    assert received == [live_token]
+    assert received == [RequestDelta("live", (9,), None)]  # under the caller's id
     assert client.num_unfinished == 1  # "gone" ended, "live" still runs
 
 
@@ -153,20 +155,28 @@ def test_the_output_thread_starts_after_what_it_reads(monkeypatch):
     client._caller.join(timeout=10)
 
 
-def test_a_request_id_already_running_is_refused():
+def test_a_request_id_already_running_is_refused_and_a_finished_ones_may_come_again():
     """A second request under a running one's id would take over the first's sink (that
-    one then never ends), and the leader's scheduler refuses the id from its step loop,
-    which stops the engine for every request: the client refuses it at once instead."""
+    one then never ends), and its abort could not tell the two apart: the client refuses
+    it at once. A finished request's id is free again, though the leader may still hold
+    the request (it drops finished ones at its next step): the shards know every request
+    by the engine's own id for it, so the leader never sees an id twice."""
     log: list = []
     client, first = _client(log), []
     client.add_request("same", SamplingParams(), first.append, (5, 6))
     with pytest.raises(ValueError, match="same"):
         client.add_request("same", SamplingParams(), lambda delta: None, (7, 8))
+    client._deliver(RequestDelta("same#0", (9,), None, finish_reason="length"))
+    assert [(d.req_id, d.new_token_ids) for d in first] == [("same", (9,))]
+    # Once it has finished, its id may come again: the shards know the new one by another.
+    again = []
+    client.add_request("same", SamplingParams(), again.append, (7, 8))
+    client._deliver(RequestDelta("same#0", (1,), None))  # the first one's, late: not the new one's
+    client._deliver(RequestDelta("same#1", (4,), None, finish_reason="stop", error=None))
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
-    assert [args[0].req_id for name, args, _ in log if name == "add_request@0"] == ["same"]
-    client._deliver(RequestDelta("same", (9,), None, finish_reason="length"))
-    assert [d.new_token_ids for d in first] == [(9,)]
+    assert [args[0].req_id for name, args, _ in log if name == "add_request@0"] == ["same#0", "same#1"]
+    assert [(d.req_id, d.new_token_ids) for d in again] == [("same", (4,))]
 
 
 def test_an_add_lost_with_a_dead_shard_ends_as_the_engines_death(monkeypatch, no_ray):
@@ -181,7 +191,7 @@ def test_an_add_lost_with_a_dead_shard_ends_as_the_engines_death(monkeypatch, no
     monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: (list(refs), []))
     monkeypatch.setattr(engine_client.ray, "get", died)
     client.add_request("x", SamplingParams(), lambda d: seen.append((d, client.dead_reason)), (5, 6))
-    client._sent_adds.append(("x", ["add-x@0", "add-x@1"]))  # what the calls thread records
+    client._sent_adds.append(("x#0", ["add-x@0", "add-x@1"]))  # what the calls thread records
     client.name, client._closed, client._unchecked_adds = "t", False, {}
     client._run_refs, client._get_outputs = ["run@0", "run@1"], lambda: []
     client._poll_outputs()  # one poll: the adds' and the runs' failures seen together

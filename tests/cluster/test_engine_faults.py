@@ -182,6 +182,30 @@ def test_an_embeddings_request_a_follower_cannot_take_fails_and_the_engine_keeps
         assert llm.engine.stats().prefix_cache_hits == after.prefix_cache_hits + 32
         assert again.outputs[0].token_ids == outputs[0].outputs[0].token_ids
         # (Requests that finished in the last step are dropped with the next plan.)
-        held = ray.get(follower.__ray_call__.remote(lambda shard: (len(shard.intake), "bad" in shard.runner.requests)))
+        # The shards know it by the engine's id for it: "bad#<serial>".
+        held = ray.get(follower.__ray_call__.remote(
+            lambda shard: (len(shard.intake), any(r.startswith("bad#") for r in shard.runner.requests))))
         assert held == (0, False)
         assert llm.engine.num_unfinished == 0
+
+
+def test_a_finished_requests_id_may_come_again_at_once(ray_cluster):
+    """A caller of the engine (AsyncEngine.start, EngineClient.add_request) may reuse the
+    id of a request that has just finished, while the leader still holds that request (it
+    drops finished ones at its next step): the leader once refused the id from its step
+    loop, and the engine died. Each use now runs, and the engine keeps serving."""
+    with LLM(**ENGINE) as llm:
+        outputs = []
+        for _ in range(3):
+            deltas: queue.SimpleQueue = queue.SimpleQueue()
+            llm.engine.add_request("same", Params(temperature=0.0, max_tokens=4, ignore_eos=True), deltas.put,
+                                   prompt_token_ids=(5, 6, 7))
+            tokens = []
+            while (delta := deltas.get(timeout=DEADLINE_S)).finish_reason is None:
+                tokens += delta.new_token_ids
+            tokens += delta.new_token_ids
+            outputs.append((delta.req_id, delta.finish_reason, tokens))
+        assert [o[:2] for o in outputs] == [("same", "length")] * 3
+        assert len(outputs[0][2]) == 4 and outputs[0][2] == outputs[1][2] == outputs[2][2]
+        assert llm.engine.dead_reason is None
+        assert llm.generate("still serving", LONG, use_tqdm=False)[0].outputs[0].token_ids
