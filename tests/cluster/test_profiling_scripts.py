@@ -101,3 +101,14 @@ def test_bench_latency_reports_the_speedup_over_a_baseline_size_in_one_run(ray_c
     out = capsys.readouterr().out
     assert "model=" in out and "tp=2" in out
     assert f"TP=2 over TP=1 (same run): {report['speedup']:.3f}x tokens/s" in out and "goal 1.6x" in out
+
+
+def test_probe_arrivals_times_each_phase(ray_cluster, capsys):
+    main = runpy.run_path(str(SCRIPTS / "probe_arrivals.py"))["main"]
+    rows = main(["--rates", "50", "--num-prompts", "12", "--c1-prompts", "3", "--input-len", "8",
+                 "--output-len", "4", "--max-model-len", "128", "--kv-cache-memory-bytes", str(16 << 20)])
+    assert list(rows) == ["c1", "50 req/s", "c1 again"]
+    assert [row["requests"] for row in rows.values()] == [3, 12, 3]
+    for row in rows.values():
+        assert 0 < row["median TTFT (ms)"] <= row["p90 TTFT (ms)"] and row["median TPOT (ms)"] > 0
+    assert "50 req/s" in capsys.readouterr().out
