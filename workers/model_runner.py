@@ -284,8 +284,8 @@ class ModelRunner:
             return None
         if len(pieces) == 1:
             return pieces[0][1]
-        row = {req_id: (logits, i) for req_ids, logits in pieces for i, req_id in enumerate(req_ids)}
-        return torch.stack([row[s.req_id][0][row[s.req_id][1]] for s in scheduled if s.is_sampled])
+        rows = {req_id: logits[i] for req_ids, logits in pieces for i, req_id in enumerate(req_ids)}
+        return torch.stack([rows[s.req_id] for s in scheduled if s.is_sampled])
 
     def _prefill_graph_inputs(self, sched: ScheduledRequest):
         """(token ids, embedding rows or None) of a prefill (chunk) the prefill graphs run;

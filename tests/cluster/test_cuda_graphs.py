@@ -19,6 +19,12 @@ def _replays(llm, graphs: str) -> dict:
         lambda shard: dict(getattr(shard.runner, graphs).replays) if getattr(shard.runner, graphs) else {}))
 
 
+def _embedding_table(llm) -> torch.Tensor:
+    """The leader's input-embedding table, float32 on the CPU: prompt_embeds of token ids."""
+    return ray.get(llm.engine.leader.__ray_call__.remote(
+        lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+
+
 def _run(path, enforce_eager: bool):
     gen = torch.Generator().manual_seed(3)
     prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in (3, 9, 17, 30, 5)]
@@ -47,8 +53,7 @@ def _run_one_at_a_time(path, enforce_eager: bool):
     outputs = []
     with LLM(str(path), enforce_eager=enforce_eager, max_model_len=128, kv_cache_memory_bytes=16 << 20,
              enable_prompt_embeds=True) as llm:
-        table = ray.get(llm.engine.leader.__ray_call__.remote(
-            lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+        table = _embedding_table(llm)
         prompts.append({"prompt_embeds": table[torch.tensor(prompts[3]["prompt_token_ids"])]})
         for prompt in prompts:
             outputs += llm.generate([prompt], params, use_tqdm=False)
@@ -78,8 +83,7 @@ def _run_chunked(path, enforce_eager: bool):
     outputs = []
     with LLM(str(path), enforce_eager=enforce_eager, max_model_len=256, kv_cache_memory_bytes=16 << 20,
              enable_prompt_embeds=True, max_num_batched_tokens=16, enable_prefix_caching=False) as llm:
-        table = ray.get(llm.engine.leader.__ray_call__.remote(
-            lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+        table = _embedding_table(llm)
         for prompt in ({"prompt_token_ids": ids}, {"prompt_embeds": table[torch.tensor(ids)]}) * 2:
             outputs += llm.generate([prompt], params, use_tqdm=False)
         replays = _replays(llm, "prefill_graphs")
@@ -108,8 +112,7 @@ def _run_mixed(path, enforce_eager: bool):
     params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=3, ignore_eos=True) for m in (3, 11, 6, 9, 4, 7)]
     with LLM(str(path), enforce_eager=enforce_eager, max_model_len=128, kv_cache_memory_bytes=16 << 20,
              enable_prompt_embeds=True, max_num_seqs=2, enable_prefix_caching=False) as llm:
-        table = ray.get(llm.engine.leader.__ray_call__.remote(
-            lambda shard: shard.runner.model.model.embed_tokens.weight.float().cpu()))
+        table = _embedding_table(llm)
         prompts = [{"prompt_token_ids": x} for x in ids[:3]] + [{"prompt_embeds": table[torch.tensor(x)]} for x in ids[3:]]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         replays = _replays(llm, "prefill_graphs")

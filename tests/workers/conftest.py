@@ -107,6 +107,45 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu") -> list:
     return [by_rank[r] for r in range(world_size)]
 
 
+# Script pieces for run_in_triton_interpreter. KERNELS_ON: the CUDA kernels' paths taken on
+# CPU, where the interpreter runs them. ON_TWO_FORKED_RANKS: on_two_forked_ranks(fn), fn(pg)
+# on two forked processes over gloo (a `python -c` script has no file that spawned
+# processes could import), {rank: what fn returned}.
+KERNELS_ON = """
+from workers.kernels import elementwise, paged_attention, paged_prefill
+elementwise.is_available = lambda device: True
+paged_attention.is_available = lambda device, head_dim, block_size: True
+paged_prefill.is_available = lambda device, head_dim, block_size: True
+"""
+
+ON_TWO_FORKED_RANKS = """
+import multiprocessing
+import torch
+from workers.parallel import bind_store, init_process_group
+
+
+def on_two_forked_ranks(fn):
+    def rank_main(rank, ports, results):
+        torch.set_num_threads(1)
+        store = bind_store("127.0.0.1", 2, 60) if rank == 0 else None
+        if store is not None:
+            ports.put(store.port)
+        port = store.port if store is not None else ports.get(timeout=60)
+        pg = init_process_group(rank, 2, "127.0.0.1", port, "cpu", 60, store)
+        results.put((rank, fn(pg)))
+
+    ctx = multiprocessing.get_context("fork")
+    ports, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=rank_main, args=(rank, ports, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    by_rank = dict(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return by_rank
+"""
+
+
 def run_in_triton_interpreter(script: str, *argv: str, timeout_s: float = 600) -> None:
     """Runs `script` (which prints "checked" at its end) in a fresh process under
     Triton's CPU interpreter, chosen before any kernel is decorated; fails with its stderr."""

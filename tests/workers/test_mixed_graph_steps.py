@@ -10,22 +10,17 @@ and their logits equal TP 1's eager ones."""
 
 from __future__ import annotations
 
-from tests.workers.conftest import run_in_triton_interpreter
+from tests.workers.conftest import KERNELS_ON, ON_TWO_FORKED_RANKS, run_in_triton_interpreter
 
-COMMON = """
+COMMON = KERNELS_ON + """
 import sys
 import torch
 from workers import model_runner
 from workers.config import EngineConfig, ModelConfig
 from workers.intake import Intake, RequestState
-from workers.kernels import elementwise, paged_attention, paged_prefill
 from workers.messages import ScheduledRequest as S, StepPlan
 from workers.model_runner import ModelRunner
 from workers.parallel import ProcessGroup
-
-elementwise.is_available = lambda device: True
-paged_attention.is_available = lambda device, head_dim, block_size: True
-paged_prefill.is_available = lambda device, head_dim, block_size: True
 
 
 def run(path, graphs, pg=None):
@@ -89,32 +84,15 @@ print("checked")
 """
 
 
-TP2_SCRIPT = COMMON + """
-import multiprocessing
-from workers.parallel import bind_store, init_process_group
-
-
-def rank_main(rank, path, ports, results):
-    torch.set_num_threads(1)
-    store = bind_store("127.0.0.1", 2, 60) if rank == 0 else None
-    if store is not None:
-        ports.put(store.port)
-    port = store.port if store is not None else ports.get(timeout=60)
-    pg = init_process_group(rank, 2, "127.0.0.1", port, "cpu", 60, store)
+TP2_SCRIPT = COMMON + ON_TWO_FORKED_RANKS + """
+def graphed(pg):
     logits, _, loads, _ = run(path, graphs=True, pg=pg)
-    results.put((rank, loads, [x.numpy().copy() for x in logits]))
+    return loads, [x.numpy().copy() for x in logits]
 
 
 path = sys.argv[1]
 reference = run(path, graphs=False)[0]
-ctx = multiprocessing.get_context("fork")  # the script has no file a spawned process could import
-ports, results = ctx.Queue(), ctx.Queue()
-procs = [ctx.Process(target=rank_main, args=(rank, path, ports, results)) for rank in range(2)]
-for p in procs:
-    p.start()
-by_rank = {rank: (loads, logits) for rank, loads, logits in (results.get(timeout=300) for _ in procs)}
-for p in procs:
-    p.join(timeout=60)
+by_rank = on_two_forked_ranks(graphed)
 for rank, (loads, logits) in sorted(by_rank.items()):
     assert loads == (2, 4), (rank, loads)  # both ranks replay the same graphs in the same order
     for step, (got, want) in enumerate(zip(logits, reference)):
