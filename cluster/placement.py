@@ -82,9 +82,21 @@ def placement_shortfall(bundles: list[dict[str, float]], strategy: str) -> str |
     return None
 
 
+# Ray narrows each GPU actor's CUDA_VISIBLE_DEVICES to its own GPU unless this is set. A
+# shard must see its host's other GPUs: CUDA maps a peer's memory (the one-shot all-reduce's
+# symmetric buffers) only from a device the process can see. The shard picks its own GPU
+# by Ray's assignment (workers/shard_worker.py, ShardWorker._select_device), as vLLM's
+# Ray workers do.
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
 def shard_actor_options(group: PlacementGroup, bundle_index: int, device: str) -> dict:
     """Ray actor options that put one shard in its bundle and use all of it."""
-    resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_gpus": 0, "num_cpus": 1}
+    if device == "cuda":
+        resources = {"num_gpus": 1, "num_cpus": 0,
+                     "runtime_env": {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}}}
+    else:
+        resources = {"num_gpus": 0, "num_cpus": 1}
     return {
         **resources,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(

@@ -2,17 +2,23 @@
 symmetric memory: each rank copies its tensor into a buffer every rank maps, then one
 kernel reads all ranks' copies over NVLink (peer-to-peer loads, no multicast) and sums
 them. Decode steps all-reduce a few KiB twice per layer, where NCCL's latency dominates.
-Captured in CUDA graphs like NCCL. Runs in each shard."""
+Messages of decode size in 16-bit floats take the barrier-free kernel of
+workers/kernels/lamport_all_reduce.py instead (SHARDSERVE_LAMPORT_ALL_REDUCE=0 turns it
+off). Captured in CUDA graphs like NCCL. Runs in each shard."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
+from workers.kernels import lamport_all_reduce as lamport
+
 MAX_BYTES = 1 << 20  # larger messages (prefill) go through NCCL
 logger = logging.getLogger(__name__)
+LAMPORT_ENABLED = os.environ.get("SHARDSERVE_LAMPORT_ALL_REDUCE", "1") != "0"
 
 
 class OneShotAllReduce:
@@ -31,6 +37,7 @@ class OneShotAllReduce:
         # the 8B shape at TP > 1); PyTorch builds without it get the copy and the reduce.
         self._copy_and_reduce = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out", None)
         self._reduce = torch.ops.symm_mem.one_shot_all_reduce_out
+        self._lamport = LamportAllReduce(group, device) if LAMPORT_ENABLED and lamport.triton is not None else None
 
     def fits(self, x: torch.Tensor) -> bool:
         """Contiguous, at most MAX_BYTES, a multiple of 4 bytes long, and starting 16 bytes
@@ -41,6 +48,8 @@ class OneShotAllReduce:
                 and x.storage_offset() * x.element_size() % 16 == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lamport is not None and lamport.takes(x):
+            return self._lamport(x)
         flat = x.view(-1)
         staged = self.buffer[: flat.numel() * flat.element_size()].view(x.dtype)
         if self._copy_and_reduce is not None:
@@ -51,6 +60,26 @@ class OneShotAllReduce:
             staged.copy_(flat)
             self._reduce(staged, "sum", self.group_name, flat)
         return x
+
+
+class LamportAllReduce:
+    """The barrier-free kernel's state on this rank: its receive buffer (symmetric memory,
+    every rank's mapped here) and its programs' slot table."""
+
+    def __init__(self, group, device: torch.device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        buffer = symm_mem.empty(lamport.buffer_numel(self.world_size), dtype=torch.int16, device=device)
+        buffer.fill_(lamport.EMPTY)
+        torch.cuda.synchronize(device)  # empty on every rank before the rendezvous returns on any
+        handle = symm_mem.rendezvous(buffer, group.group_name)
+        self._buffer = buffer
+        self.buffers = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        self.slots = torch.zeros(lamport.MAX_PROGRAMS, dtype=torch.int32, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return lamport.lamport_all_reduce(x, self.buffers, self.slots, self.rank, self.world_size)
 
 
 def try_one_shot_all_reduce(pg, device: torch.device) -> OneShotAllReduce | None:

@@ -40,6 +40,25 @@ def _all_threads_config():
         raise RuntimeError(f"this PyTorch ({torch.__version__}) cannot profile the step-loop thread") from exc
 
 
+def assigned_cuda_index() -> int:
+    """The CUDA index of the GPU Ray gave this actor. The shard sees every GPU of its host
+    (cluster/placement.py sets NOSET_CUDA_VISIBLE_DEVICES), so Ray's GPU id is looked up in
+    CUDA_VISIBLE_DEVICES as the node set it; where Ray narrowed it to the one GPU anyway,
+    that is index 0."""
+    import ray
+
+    gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    if len(gpu_ids) != 1:
+        raise RuntimeError(f"a shard takes exactly one GPU, Ray assigned {gpu_ids}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return int(gpu_ids[0])
+    visible = [entry.strip() for entry in visible.split(",")]
+    if gpu_ids[0] not in visible:
+        raise RuntimeError(f"Ray assigned GPU {gpu_ids[0]}, not in CUDA_VISIBLE_DEVICES={visible}")
+    return visible.index(gpu_ids[0])
+
+
 class ShardWorker:
     def __init__(self, config: EngineConfig, rank: int):
         # No CUDA calls here: the device is chosen in init(), after Ray set the env.
@@ -91,9 +110,9 @@ class ShardWorker:
     def _select_device(self) -> torch.device:
         if self.config.device == "cpu":
             return torch.device("cpu")
-        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU.
-        torch.cuda.set_device(0)
-        return torch.device("cuda", 0)
+        device = torch.device("cuda", assigned_cuda_index())
+        torch.cuda.set_device(device)
+        return device
 
     def run(self) -> None:
         """Runs the step loop until shutdown. Called once; returns only at the end."""

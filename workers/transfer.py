@@ -18,4 +18,8 @@ def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None
     device = torch.device(device)
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    # Pinned memory belongs to the calling thread's current device, which is GPU 0 on a
+    # thread that never chose one (a shard sees every GPU of its host): the guard keeps a
+    # request thread from opening a context on another shard's GPU.
+    with torch.cuda.device(device):
+        return tensor.pin_memory().to(device, non_blocking=True)

@@ -56,3 +56,43 @@ def test_resources_held_by_others_are_waited_for_then_refused_with_what_is_free(
     finally:
         for group in held:
             ray.util.remove_placement_group(group)
+
+
+class _Context:
+    def __init__(self, gpu_ids):
+        self.gpu_ids = gpu_ids
+
+    def get_accelerator_ids(self):
+        return {"GPU": self.gpu_ids}
+
+
+@pytest.mark.parametrize("visible, gpu_ids, index", [
+    (None, ["1"], 1),  # every GPU of the host visible: Ray's id is the index
+    ("2,3", ["3"], 1),  # the node started with some GPUs: the id's place in that list
+    ("5", ["5"], 0),  # Ray narrowed the list to the actor's GPU after all
+])
+def test_a_gpu_shard_sees_its_hosts_gpus_and_takes_the_one_ray_assigned(monkeypatch, visible, gpu_ids, index):
+    from cluster.placement import NOSET_CUDA_VISIBLE_DEVICES, shard_actor_options
+    from workers.shard_worker import assigned_cuda_index
+
+    options = shard_actor_options(None, 0, "cuda")
+    assert options["num_gpus"] == 1 and options["runtime_env"] == {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}}
+    assert "runtime_env" not in shard_actor_options(None, 0, "cpu")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(gpu_ids))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert assigned_cuda_index() == index
+
+
+def test_a_gpu_shard_refuses_an_assignment_it_cannot_find(monkeypatch):
+    from workers.shard_worker import assigned_cuda_index
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(["4"]))
+    with pytest.raises(RuntimeError, match="Ray assigned GPU 4, not in CUDA_VISIBLE_DEVICES"):
+        assigned_cuda_index()
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context([]))
+    with pytest.raises(RuntimeError, match="exactly one GPU"):
+        assigned_cuda_index()
