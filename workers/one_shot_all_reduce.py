@@ -24,7 +24,7 @@ LAMPORT_ENABLED = os.environ.get("SHARDSERVE_LAMPORT_ALL_REDUCE", "1") != "0"
 class OneShotAllReduce:
     """all_reduce(x) in place for contiguous x of at most MAX_BYTES; fits(x) says which."""
 
-    def __init__(self, group, device: torch.device):
+    def __init__(self, group, device: torch.device, use_lamport: bool = False):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
@@ -37,7 +37,7 @@ class OneShotAllReduce:
         # the 8B shape at TP > 1); PyTorch builds without it get the copy and the reduce.
         self._copy_and_reduce = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out", None)
         self._reduce = torch.ops.symm_mem.one_shot_all_reduce_out
-        self._lamport = LamportAllReduce(group, device) if LAMPORT_ENABLED and lamport.triton is not None else None
+        self._lamport = LamportAllReduce(group, device) if use_lamport else None
 
     def fits(self, x: torch.Tensor) -> bool:
         """Contiguous, at most MAX_BYTES, a multiple of 4 bytes long, and starting 16 bytes
@@ -75,7 +75,10 @@ class LamportAllReduce:
         torch.cuda.synchronize(device)  # empty on every rank before the rendezvous returns on any
         handle = symm_mem.rendezvous(buffer, group.group_name)
         self._buffer = buffer
-        self.buffers = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        # The handle maps each rank's whole allocation; the buffer may start past its base,
+        # at the same offset on every rank (symmetric allocations).
+        offset = buffer.data_ptr() - handle.buffer_ptrs[self.rank]
+        self.buffers = torch.tensor([ptr + offset for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
         self.slots = torch.zeros(lamport.MAX_PROGRAMS, dtype=torch.int32, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +91,10 @@ def try_one_shot_all_reduce(pg, device: torch.device) -> OneShotAllReduce | None
     others skip."""
     communicator, error = None, None
     if pg.on_one_host():
+        # Every rank takes the Lamport path or none does (the switch is per process).
+        use_lamport = pg.all_reduce_min(int(LAMPORT_ENABLED and lamport.triton is not None)) == 1
         try:
-            communicator = OneShotAllReduce(dist.group.WORLD, device)
+            communicator = OneShotAllReduce(dist.group.WORLD, device, use_lamport)
         except (RuntimeError, AttributeError, ImportError) as exc:
             error = exc
     if pg.all_reduce_min(int(communicator is not None)) == 0:

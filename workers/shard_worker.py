@@ -237,7 +237,7 @@ class ShardWorker:
         if self.runner is not None and self.runner.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         self._profiler = profile(activities=activities, experimental_config=_all_threads_config())
-        self._profiler_thread.submit(self._profiler.start).result()
+        self._on_profiler_thread(self._profiler.start)
 
     def stop_profile(self, directory: str) -> list[str]:
         """Writes rank<r>.json (a Chrome / Perfetto trace) and rank<r>.txt (ops by self
@@ -255,8 +255,19 @@ class ShardWorker:
             profiler.export_chrome_trace(str(trace))
             table.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
 
-        self._profiler_thread.submit(stop_and_write).result()
+        self._on_profiler_thread(stop_and_write)
         return [str(trace), str(table)]
+
+    def _on_profiler_thread(self, fn) -> None:
+        """fn() on the profiler's own thread, with this shard's GPU current there: the
+        profiler synchronizes the current device, and a thread that never chose one is on
+        GPU 0, another shard's (a shard sees every GPU of its host)."""
+        def run() -> None:
+            if self.runner is not None and self.runner.device.type == "cuda":
+                torch.cuda.set_device(self.runner.device)
+            fn()
+
+        self._profiler_thread.submit(run).result()
 
     def pid(self) -> int:
         return os.getpid()

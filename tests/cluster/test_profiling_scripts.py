@@ -1,9 +1,11 @@
 """The profiling scripts run as written (default model, CPU): per-rank phase timers that
-count every step and first-token medians for both prompt kinds (on the session's Ray, at
-TP 2), the in-process step-loop table, and the object-store hand-off of embeddings."""
+count every step, first-token medians for both prompt kinds and the per-rank kernel table
+(on the session's Ray, at TP 2), the in-process step-loop table, and the object-store
+hand-off of embeddings."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -112,3 +114,24 @@ def test_probe_arrivals_times_each_phase(ray_cluster, capsys):
     for row in rows.values():
         assert 0 < row["median TTFT (ms)"] <= row["p90 TTFT (ms)"] and row["median TPOT (ms)"] > 0
     assert "50 req/s" in capsys.readouterr().out
+
+
+def test_profile_kernels_names_each_ranks_all_reduce_and_writes_its_trace(ray_cluster, capsys):
+    main = runpy.run_path(str(SCRIPTS / "profile_kernels.py"))["main"]
+    by_rank = main(["-tp", "2", "--prompt-len", "8", "--max-tokens", "4", "--max-model-len", "128"])
+    assert sorted(by_rank) == [0, 1]  # a trace from each rank; CPU runs launch no kernels
+    out = capsys.readouterr().out
+    assert "rank 0 all-reduce: gloo only (CPU)" in out and "rank 1 all-reduce: gloo only (CPU)" in out
+    assert "rank 0: 0 kernels" in out and "rank 1: 0 kernels" in out
+
+
+def test_profile_kernels_sums_a_trace_by_kernel_name(tmp_path):
+    kernels_by_name = runpy.run_path(str(SCRIPTS / "profile_kernels.py"))["kernels_by_name"]
+    trace = tmp_path / "rank0.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"cat": "kernel", "name": "_gemv_kernel", "dur": 17.0},
+        {"cat": "kernel", "name": "_gemv_kernel", "dur": 19.0},
+        {"cat": "kernel", "name": "_lamport_all_reduce_kernel", "dur": 2.5},
+        {"cat": "cpu_op", "name": "aten::mm", "dur": 40.0},  # host ops are not kernels
+    ]}))
+    assert kernels_by_name(str(trace)) == {"_gemv_kernel": (36.0, 2), "_lamport_all_reduce_kernel": (2.5, 1)}

@@ -18,11 +18,14 @@ NUMELS = (4096, 5, 2049, MAX_NUMEL, 1, 4096, 3000, 7)
 
 
 def messages(world_size: int, numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    """One message per rank; rank 0's starts with -0.0 and 0.0, which every rank must
-    still receive (as zeros)."""
+    """One message per rank. Rank 0's starts with -0.0 and 0.0, which every rank must
+    still receive (as zeros), then NaN, +Inf and +Inf, against rank 1's -Inf in the last
+    of those: sums of NaN, Inf and NaN (Inf - Inf) that must stay so."""
     gen = torch.Generator().manual_seed(seed)
     parts = [torch.randn(numel, generator=gen).to(dtype) for _ in range(world_size)]
-    parts[0][:2] = torch.tensor([-0.0, 0.0])[:numel]
+    parts[0][:5] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), float("inf")])[:numel]
+    if numel >= 5:
+        parts[1][4] = float("-inf")
     return parts
 
 
@@ -31,9 +34,15 @@ def expected_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.float() for p in parts]).sum(dim=0).to(parts[0].dtype)
 
 
+def same_values(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal, with NaN where the other has NaN (a NaN's sign and payload may differ)."""
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+
+
 CHECK = """
 import sys, torch
-from tests.workers.test_lamport_all_reduce import NUMELS, expected_sum, messages
+from tests.workers.test_lamport_all_reduce import NUMELS, expected_sum, messages, same_values
 from workers.kernels import lamport_all_reduce as lamport
 
 for world_size in (2, 4):
@@ -61,7 +70,7 @@ for world_size in (2, 4):
         for rank in range(world_size):
             lamport.lamport_all_reduce(xs[rank], addresses, slots[rank], rank, world_size, push=False)
         for rank in range(world_size):
-            assert torch.equal(xs[rank], want), (world_size, call, rank)
+            assert same_values(xs[rank], want), (world_size, call, rank)
             assert torch.equal(xs[rank].view(torch.int16), xs[0].view(torch.int16)), "ranks differ in bits"
         programs = -(-numel // lamport.BLOCK)
         calls[:programs] += 1
@@ -86,6 +95,7 @@ def test_takes_only_contiguous_16_bit_messages_up_to_the_cap():
 
 
 def _sequence(pg, numels):
+    from workers.cuda_graphs import capture
     from workers.one_shot_all_reduce import try_one_shot_all_reduce
 
     device = torch.device("cuda", pg.rank)
@@ -97,27 +107,28 @@ def _sequence(pg, numels):
         expected = x.clone()
         dist.all_reduce(expected, group=pg._device_group)
         got = all_reduce(x.clone())
-        if not torch.equal(got, expected):
+        if not same_values(got, expected):
             mismatches.append(label)
 
     generator = torch.Generator(device=device).manual_seed(7 + pg.rank)
     for round_ in range(3):
         for numel in numels:
-            dtype = torch.bfloat16 if numel % 2 else torch.float16
-            check(("eager", round_, numel), torch.randn(numel, dtype=dtype, device=device, generator=generator))
+            for dtype in (torch.bfloat16, torch.float16):
+                check(("eager", round_, numel, str(dtype)),
+                      torch.randn(numel, dtype=dtype, device=device, generator=generator))
+    for dtype in (torch.bfloat16, torch.float16):  # NaN and Inf sums, as the interpreter test has them
+        check(("nan and inf", str(dtype)), messages(2, 4096, dtype, seed=11)[pg.rank].to(device))
     # A graph of 64 calls on a decode row (a decode step's all-reduces), replayed between
     # eager calls of other sizes, as decode graphs run between eager prefills.
     static = torch.zeros(4096, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        all_reduce(static.clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def halve_and_sum_64_times():
         work = static.clone()
         for _ in range(64):
             work = all_reduce(work * 0.5)
+        return work
+
+    graph, work = capture(halve_and_sum_64_times, None)
     for step in range(5):
         value = torch.randn(4096, dtype=torch.bfloat16, device=device, generator=generator)
         static.copy_(value)

@@ -15,11 +15,13 @@ NUMELS = (2, 2048, 4096, 4 * 4096, 1 << 19)
 
 
 def _sums(pg, numels):
+    from workers.cuda_graphs import capture
     from workers.one_shot_all_reduce import MAX_BYTES, try_one_shot_all_reduce
 
     device = torch.device("cuda", pg.rank)
     all_reduce = try_one_shot_all_reduce(pg, device)
     assert all_reduce is not None, "one-shot all-reduce unavailable on one host of 2 GPUs"
+    all_reduce._lamport = None  # symmetric memory for every size here (test_lamport_all_reduce has the rest)
     mismatches = []
     odd = torch.ones(3, dtype=torch.bfloat16, device=device)
     if all_reduce.fits(odd) or all_reduce.fits(torch.ones(16, dtype=torch.bfloat16, device=device)[1:9]):
@@ -42,15 +44,7 @@ def _sums(pg, numels):
                 mismatches.append(("eager", str(dtype), numel))
     # In a graph: inputs written into a static tensor, the sum read from the graph's output.
     static = torch.zeros(4096, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        all_reduce(static.clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work = static.clone()
-        out = all_reduce(work)
+    graph, out = capture(lambda: all_reduce(static.clone()), None)
     for step in range(3):
         value = torch.randn(4096, dtype=torch.bfloat16, device=device, generator=generator)
         static.copy_(value)
@@ -68,3 +62,23 @@ def test_one_shot_all_reduce_equals_nccl_eagerly_and_in_a_graph():
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     assert run_distributed(_sums, 2, NUMELS, device="cuda") == [[], []]
+
+
+def test_bench_all_reduce_names_the_gpus_it_needs(monkeypatch):
+    from scripts import bench_all_reduce
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="needs 2 GPUs on this host, it has 1"):
+        bench_all_reduce.main(["--world-size", "2"])
+
+
+@pytest.mark.gpu
+def test_bench_all_reduce_prints_every_path_per_size(capsys):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    from scripts import bench_all_reduce
+
+    bench_all_reduce.main(["--world-size", "2", "--sizes", "8192", "--repeats", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    paths = [line.split(None, 1)[1].rsplit(None, 2)[0].strip() for line in lines[2:]]
+    assert paths == ["Lamport", "one kernel (floor)", "symmetric-memory one-shot", "NCCL"], lines

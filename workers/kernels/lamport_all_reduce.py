@@ -86,6 +86,9 @@ if triton is not None:
             if IS_BF16:  # rounded to nearest even by hand (Triton's interpreter truncates)
                 wide = total.to(tl.uint32, bitcast=True)
                 summed = ((wide + 0x7FFF + ((wide >> 16) & 1)) >> 16).to(tl.int16)
+                # A NaN's payload may carry into the sign (the GPU's 0x7FFFFFFF gives -0.0):
+                # NaN stays NaN, as in NCCL's sum.
+                summed = tl.where(total != total, 0x7FC0, summed)
             else:
                 summed = total.to(tl.float16).to(tl.int16, bitcast=True)
             tl.store(out_ptr + offs, summed, mask=mask)
@@ -103,6 +106,9 @@ def lamport_all_reduce(x: torch.Tensor, buffers: torch.Tensor, slots: torch.Tens
     int64 [world_size], each rank's receive buffer (buffer_numel(world_size) int16, filled
     with EMPTY before the first call) as mapped here; slots: int32 [MAX_PROGRAMS] zeros at
     the start, this rank's own. push / reduce split a call in two for the interpreter."""
+    if not takes(x):  # a larger grid would run past the slot table and into other parts
+        raise ValueError(f"the Lamport all-reduce takes contiguous bfloat16/float16 messages of 1 to "
+                         f"{MAX_NUMEL} elements, got {tuple(x.shape)} {x.dtype}")
     flat = x.view(-1).view(torch.int16)
     grid = (triton.cdiv(flat.numel(), BLOCK),)
     options = launch_options(x.device) if push and reduce else {"PDL": False}
