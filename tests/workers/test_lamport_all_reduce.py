@@ -1,7 +1,8 @@
 """The barrier-free all-reduce kernel (workers/kernels/lamport_all_reduce.py) sums like
 NCCL: on CPU through Triton's interpreter, with 2 and 4 simulated ranks in one process
-(each call split into every rank's sends, then every rank's receives); on 2 GPUs (gpu
-marker) through OneShotAllReduce, eagerly, in a replayed graph and both interleaved."""
+(each call split into every rank's sends, then every rank's receives) and with 2 forked
+processes running whole calls at once over shared memory; on 2 GPUs (gpu marker) through
+OneShotAllReduce, eagerly, in a replayed graph and both interleaved."""
 
 from __future__ import annotations
 
@@ -83,6 +84,58 @@ print("checked")
 
 def test_lamport_kernel_sums_like_nccl_in_the_interpreter():
     run_in_triton_interpreter(CHECK, timeout_s=300)
+
+
+# Two forked processes at once, over buffers in shared memory that both map at the same
+# addresses: rank 0 runs whole calls (sends, then polling) as on GPUs; rank 1 pauses
+# between its sends and its receives, so rank 0 sends its next call while rank 1 has yet
+# to read this one (the case the rotating slots are for).
+CONCURRENT = """
+import multiprocessing, time, torch
+from tests.workers.test_lamport_all_reduce import NUMELS, expected_sum, messages, same_values
+from workers.kernels import lamport_all_reduce as lamport
+
+world_size = 2
+buffers = [torch.full((lamport.buffer_numel(world_size),), lamport.EMPTY, dtype=torch.int16).share_memory_()
+           for _ in range(world_size)]
+addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+calls = [(numel, torch.bfloat16 if i % 2 == 0 else torch.float16) for i, numel in enumerate(NUMELS * 2)]
+
+
+def rank_main(rank, results):
+    torch.set_num_threads(1)
+    slots = torch.zeros(lamport.MAX_PROGRAMS, dtype=torch.int32)
+    wrong = []
+    for call, (numel, dtype) in enumerate(calls):
+        parts = messages(world_size, numel, dtype, seed=call)
+        got = parts[rank].clone()
+        if rank == 0:
+            lamport.lamport_all_reduce(got, addresses, slots, rank, world_size)
+        else:  # slow between its sends and its receives: rank 0 runs into the next call meanwhile
+            lamport.lamport_all_reduce(got, addresses, slots, rank, world_size, reduce=False)
+            time.sleep(0.02)
+            lamport.lamport_all_reduce(got, addresses, slots, rank, world_size, push=False)
+        if not same_values(got, expected_sum(parts)):
+            wrong.append(call)
+    results.put((rank, wrong))
+
+
+ctx = multiprocessing.get_context("fork")
+results = ctx.Queue()
+procs = [ctx.Process(target=rank_main, args=(rank, results)) for rank in range(world_size)]
+for p in procs:
+    p.start()
+by_rank = dict(results.get(timeout=90) for _ in procs)  # a hang (e.g. a slot reused too soon) fails here
+for p in procs:
+    p.join(timeout=30)
+assert by_rank == {0: [], 1: []}, by_rank
+assert all(bool((b == lamport.EMPTY).all()) for b in buffers), "a buffer not emptied after the last call"
+print("checked")
+"""
+
+
+def test_lamport_kernel_on_two_processes_at_once_in_the_interpreter():
+    run_in_triton_interpreter(CONCURRENT, timeout_s=150)
 
 
 def test_takes_only_contiguous_16_bit_messages_up_to_the_cap():
