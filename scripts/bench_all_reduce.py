@@ -26,7 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 262144],
                         help="message sizes in bytes, bfloat16 (8192: one decode row of hidden size 4096)")
     parser.add_argument("--repeats", type=int, default=30)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    bad = [size for size in args.sizes if size <= 0 or size % 4]
+    if bad:
+        parser.error(f"--sizes are whole bfloat16 messages of a positive multiple of 4 bytes; got {bad}")
+    return args
 
 
 def _graph_of(op, x: torch.Tensor) -> torch.cuda.CUDAGraph:

@@ -39,7 +39,10 @@ def all_reduce_path(shard) -> str:
         return "none (TP=1)"
     if fast is None:
         return "NCCL only" if shard.runner.device.type == "cuda" else "gloo only (CPU)"
-    lamport = "on for bfloat16/float16 messages up to 256 KiB" if getattr(fast, "_lamport", None) is not None else "off"
+    from workers.kernels.lamport_all_reduce import MAX_NUMEL
+
+    lamport = (f"on for bfloat16/float16 messages up to {MAX_NUMEL * 2 // 1024} KiB"
+               if getattr(fast, "_lamport", None) is not None else "off")
     return f"{type(fast).__name__} (symmetric memory), Lamport kernel {lamport}"
 
 

@@ -85,6 +85,12 @@ def _collect(procs, results, by_rank: dict, errors: list) -> None:
             by_rank[rank] = torch.load(io.BytesIO(payload), weights_only=False)
 
 
+def skip_unless_gpus(count: int) -> None:
+    """Skips the test, with the reason shown, on a machine of fewer than `count` GPUs."""
+    if torch.cuda.device_count() < count:
+        pytest.skip(f"needs {count} GPUs, this machine has {torch.cuda.device_count()}")
+
+
 def run_distributed(fn, world_size: int, *args, device: str = "cpu") -> list:
     """fn(pg, *args) on `world_size` spawned processes, a gloo group on CPU or, with
     device="cuda", NCCL with rank r on GPU r; returns each rank's result."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.workers.conftest import run_distributed, run_in_triton_interpreter
+from tests.workers.conftest import run_distributed, run_in_triton_interpreter, skip_unless_gpus
 from workers.kernels.lamport_all_reduce import MAX_NUMEL, takes
 
 # Message sizes in call order: grids of 4, 1, 3, 128 and 1 programs, so programs' slots
@@ -200,6 +200,5 @@ def _sequence(pg, numels):
 
 @pytest.mark.gpu
 def test_lamport_all_reduce_equals_nccl_on_two_gpus():
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    skip_unless_gpus(2)
     assert run_distributed(_sequence, 2, NUMELS, device="cuda") == [[], []]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.workers.conftest import run_distributed
+from tests.workers.conftest import run_distributed, skip_unless_gpus
 
 # Element counts: two (4 bytes in bfloat16, the shortest the kernel takes), a decode row
 # of the 1B and 8B shapes, four 8B rows, and the largest message it takes in bfloat16.
@@ -59,8 +59,7 @@ def _sums(pg, numels):
 
 @pytest.mark.gpu
 def test_one_shot_all_reduce_equals_nccl_eagerly_and_in_a_graph():
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    skip_unless_gpus(2)
     assert run_distributed(_sums, 2, NUMELS, device="cuda") == [[], []]
 
 
@@ -72,10 +71,17 @@ def test_bench_all_reduce_names_the_gpus_it_needs(monkeypatch):
         bench_all_reduce.main(["--world-size", "2"])
 
 
+def test_bench_all_reduce_refuses_sizes_that_are_no_whole_message(capsys):
+    from scripts import bench_all_reduce
+
+    with pytest.raises(SystemExit):
+        bench_all_reduce.parse_args(["--sizes", "8192", "6", "0"])
+    assert "positive multiple of 4 bytes; got [6, 0]" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_bench_all_reduce_prints_every_path_per_size(capsys):
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    skip_unless_gpus(2)
     from scripts import bench_all_reduce
 
     bench_all_reduce.main(["--world-size", "2", "--sizes", "8192", "--repeats", "3"])
