@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,8 @@ from workers.attention import NULL_BLOCK, AttentionMetadata, PrefillBatch
 from workers.kernels import paged_attention, paged_prefill
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of one request's prefill step
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of a step the prefill graphs run
+MAX_GRAPH_SPANS = 16  # requests in a step the prefill graphs run (decodes among them)
 
 logger = logging.getLogger(__name__)
 
@@ -185,37 +187,58 @@ def capture(forward, pool):
     return graph, out
 
 
+@dataclass(frozen=True)
+class GraphSpan:
+    """One request's rows in a step the prefill graphs run: token ids at positions
+    num_computed.. (embedding rows read as 0), its block table, the embeddings of its first
+    rows (on the device) or None, and whether its last row samples."""
+
+    ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    embeds: torch.Tensor | None
+    sampled: bool
+
+
 class PrefillGraphs:
-    """One request's prefill step of n rows (n from 2 up to the largest bucket), replayed in
-    the graph of the smallest bucket T >= n. The step runs as two spans of the prefill
-    kernel: the request's n rows, then T - n padding rows (possibly none) that form a
-    request of their own at positions 0.., whose keys live in the scratch block, so they
-    neither write nor read a real request's cache. The request's embedding rows, if any,
-    are copied into a static buffer and selected by a mask, so one graph serves token ids
-    and prompt_embeds. Every rank captures the same buckets in the same order."""
+    """Steps of up to `max_spans` requests' rows (prefills, prefill chunks, and decodes as
+    one-row spans), n rows in all, replayed in the graph of the smallest bucket T >= n.
+    Every row goes through the prefill kernel: the requests' spans, empty spans up to
+    max_spans (their programs return at once), then T - n padding rows (possibly none) that
+    form a span of their own at positions 0.., whose keys live in the scratch block, so they
+    neither write nor read a real request's cache. Embedding rows, if any, are copied into a
+    static buffer and selected by a mask, so one graph serves token ids and prompt_embeds.
+    Logits are those of each sampled span's last row, in span order. Every rank captures the
+    same buckets in the same order."""
 
     def __init__(self, model, kv_caches, *, max_tokens: int, max_blocks_per_seq: int, block_size: int,
-                 scratch_block: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 scratch_block: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 max_spans: int = MAX_GRAPH_SPANS):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
+        self.max_spans = max_spans
         self.buckets = [b for b in PREFILL_BUCKETS if b <= max_tokens]
         size = self.buckets[-1] if self.buckets else 0
+        k = max_spans
         # Static inputs: rows of `small` are token ids, positions, cache slots; `spans` holds
-        # the query starts (3) and lengths (2) of the two spans and the sampled row (1).
+        # the spans' query starts (k + 2: k spans, the padding span, the end), their key
+        # counts (k + 1) and the sampled rows (k).
         self.small = torch.zeros(3, size, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.small.unbind(0)
-        self.spans = torch.zeros(6, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(2, max_blocks_per_seq, dtype=torch.long, device=device)
+        self.spans = torch.zeros(3 * k + 3, dtype=torch.long, device=device)
+        self.query_start_loc, self.seq_lens, self.sample_rows = self.spans.split([k + 2, k + 1, k])
+        self.block_tables = torch.zeros(k + 1, max_blocks_per_seq, dtype=torch.long, device=device)
         self.embeds = torch.zeros(size, hidden_size, dtype=dtype, device=device)
         self.embeds_mask = torch.zeros(size, dtype=torch.bool, device=device)
         self.rows = torch.arange(size, dtype=torch.long, device=device)
         self.no_rows = torch.zeros(0, dtype=torch.long, device=device)
         self.no_lens = torch.zeros(0, dtype=torch.int32, device=device)
         self.staging = Staging(lambda pinned: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
-                                               torch.zeros(6, dtype=torch.long, pin_memory=pinned),
-                                               torch.zeros(2, max_blocks_per_seq, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(3 * k + 3, dtype=torch.long, pin_memory=pinned),
+                                               torch.zeros(k + 1, max_blocks_per_seq, dtype=torch.long,
+                                                           pin_memory=pinned),
                                                torch.zeros(size, dtype=torch.bool, pin_memory=pinned)),
                                device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
@@ -234,57 +257,83 @@ class PrefillGraphs:
         row: its keys in the scratch block)."""
         started = time.monotonic()
         for bucket in reversed(self.buckets):
-            self._load([0] * bucket, 0, [self.scratch_block] * -(-bucket // self.block_size), None, bucket)
+            self._load([], bucket)
             self.graphs[bucket] = self._capture(bucket)
         torch.cuda.synchronize()
-        logger.info("captured prefill CUDA graphs for %s rows in %.1f s", self.buckets, time.monotonic() - started)
+        logger.info("captured prefill CUDA graphs for %s rows, up to %d requests a step, in %.1f s",
+                    self.buckets, self.max_spans, time.monotonic() - started)
 
-    def run(self, input_ids: list[int], num_computed: int, block_table: list[int],
-            embeds: torch.Tensor | None = None) -> torch.Tensor | None:
-        """float32 logits [1, vocab] of the last of the request's rows (input_ids, at
-        positions num_computed..) on the leader, None on the others. embeds: the rows'
-        prompt embeddings (on the device), the first len(embeds) rows, or None. Without
-        captured graphs (a CPU check of the padding) the same inputs run eagerly."""
-        bucket = self.bucket_for(len(input_ids))
-        self._load(input_ids, num_computed, block_table, embeds, bucket)
+    def run(self, spans: list[GraphSpan], fed_tokens=None) -> torch.Tensor | None:
+        """float32 logits [S, vocab], one per sampled span in order (a view of the graph's
+        output: the next replay of any bucket may overwrite it); None when no span samples.
+        fed_tokens (index, tokens on the device) overwrite the input ids at those rows (the
+        previous step's samples). Without captured graphs (a CPU check of the padding) the
+        same inputs run eagerly."""
+        bucket = self.bucket_for(sum(len(span.ids) for span in spans))
+        self._load(spans, bucket)
+        if fed_tokens is not None:
+            index, tokens = fed_tokens
+            self.input_ids[index] = tokens
+        num_sampled = sum(span.sampled for span in spans)
         if not self.graphs:
-            return self._forward(bucket)
-        graph, logits = self.graphs[bucket]
-        graph.replay()
-        self.replays[bucket] += 1
-        return logits
+            logits = self._forward(bucket)
+        else:
+            graph, logits = self.graphs[bucket]
+            graph.replay()
+            self.replays[bucket] += 1
+        return logits[:num_sampled] if num_sampled and logits is not None else None
 
-    def _load(self, input_ids, num_computed: int, block_table: list[int], embeds, bucket: int) -> None:
+    def _load(self, spans: list[GraphSpan], bucket: int) -> None:
         """Copies the step into the static buffers: four host-to-device copies, plus one
-        on the device for the embedding rows."""
-        n, bs, pad = len(input_ids), self.block_size, bucket - len(input_ids)
-        small, spans, tables, mask = self.staging.take()
-        positions = list(range(num_computed, num_computed + n)) + list(range(pad))
-        slots = [block_table[p // bs] * bs + p % bs for p in positions[:n]]
-        slots += [self.scratch_block * bs + p % bs for p in range(pad)]
-        small[:, :bucket] = torch.tensor([list(input_ids) + [0] * pad, positions, slots])
-        spans.copy_(torch.tensor([0, n, bucket, num_computed + n, pad, n - 1]))
+        on the device per span of embedding rows."""
+        if len(spans) > self.max_spans:
+            raise ValueError(f"{len(spans)} requests in a step; the prefill graphs hold {self.max_spans}")
+        bs, k = self.block_size, self.max_spans
+        small, staged_spans, tables, mask = self.staging.take()
+        ids, positions, slots, starts, lens, sampled = [], [], [], [], [], []
+        embeds = []  # (first row, rows)
         width = tables.shape[1]
-        tables[0] = torch.tensor(block_table + [NULL_BLOCK] * (width - len(block_table)))
-        tables[1] = self.scratch_block
-        num_embeds = 0 if embeds is None else embeds.shape[0]
+        for i, span in enumerate(spans):
+            n = len(span.ids)
+            starts.append(len(ids))
+            if span.embeds is not None:
+                embeds.append((len(ids), span.embeds))
+            span_positions = range(span.num_computed, span.num_computed + n)
+            ids += span.ids
+            positions += span_positions
+            slots += [span.block_table[p // bs] * bs + p % bs for p in span_positions]
+            lens.append(span.num_computed + n)
+            if span.sampled:
+                sampled.append(len(ids) - 1)
+            tables[i] = torch.tensor(span.block_table + [NULL_BLOCK] * (width - len(span.block_table)))
+        num_rows, pad = len(ids), bucket - len(ids)
+        ids += [0] * pad
+        positions += list(range(pad))
+        slots += [self.scratch_block * bs + p % bs for p in range(pad)]
+        small[:, :bucket] = torch.tensor([ids, positions, slots])
+        empty = k - len(spans)
+        staged_spans.copy_(torch.tensor(starts + [num_rows] * (empty + 1) + [bucket]
+                                        + lens + [0] * empty + [pad]
+                                        + sampled + [0] * (k - len(sampled))))
+        tables[len(spans):k] = NULL_BLOCK
+        tables[k] = self.scratch_block
         mask[:bucket] = False
-        mask[:num_embeds] = True
+        for first, rows in embeds:
+            mask[first:first + rows.shape[0]] = True
         self.small[:, :bucket].copy_(small[:, :bucket], non_blocking=True)
-        self.spans.copy_(spans, non_blocking=True)
+        self.spans.copy_(staged_spans, non_blocking=True)
         self.block_tables.copy_(tables, non_blocking=True)
         self.embeds_mask[:bucket].copy_(mask[:bucket], non_blocking=True)
         self.staging.copies_queued()
-        if num_embeds:
-            self.embeds[:num_embeds].copy_(embeds)
+        for first, rows in embeds:
+            self.embeds[first:first + rows.shape[0]].copy_(rows)
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
-        """Metadata over the static buffers: two prefill spans, no decodes."""
-        query_start_loc, seq_lens = self.spans[0:3], self.spans[3:5]
+        """Metadata over the static buffers: every row in a prefill span, no decodes."""
         return AttentionMetadata(
             positions=self.positions[:bucket],
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
             block_tables=self.block_tables,
             slot_mapping=self.slot_mapping[:bucket],
             decode_rows=self.no_rows,
@@ -293,8 +342,8 @@ class PrefillGraphs:
             decode_q_positions=self.no_rows[:, None],
             decode_seq_lens=self.no_lens,
             prefills=[],
-            prefill_batch=PrefillBatch(rows=self.rows[:bucket], query_start_loc=query_start_loc,
-                                       seq_lens=seq_lens, block_tables=self.block_tables,
+            prefill_batch=PrefillBatch(rows=self.rows[:bucket], query_start_loc=self.query_start_loc,
+                                       seq_lens=self.seq_lens, block_tables=self.block_tables,
                                        max_query_len=bucket, covers_all_rows=True),
         )
 
@@ -302,7 +351,7 @@ class PrefillGraphs:
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], self._metadata(bucket),
                             self.kv_caches, input_embeds=self.embeds[:bucket],
                             embeds_mask=self.embeds_mask[:bucket])
-        return self.model.compute_logits(hidden[self.spans[5:6]])
+        return self.model.compute_logits(hidden[self.sample_rows])
 
     def _capture(self, bucket: int):
         graph, logits = capture(lambda: self._forward(bucket), self.pool)

@@ -4,6 +4,7 @@ Runs in each shard process."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 from workers.intake import Intake, RequestState
 from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
-from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
+from workers.cuda_graphs import MAX_GRAPH_SPANS, DecodeGraphs, GraphSpan, PrefillGraphs
 from workers.kernels.argmax import argmax
 from workers.loader import load_weights
 from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
@@ -23,11 +24,11 @@ from workers.transfer import to_device
 
 # SHARDSERVE_PREFILL_GRAPHS=0 runs one request's prefill eagerly (an ablation switch).
 USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
-# A step of decodes and at most this many prefills (or prefill chunks) runs as graph
-# replays: the decodes' decode graph, then each prefill's prefill graph. Each replay reads
-# the weights once; run eagerly, such a step is bound by the host's launches (8B shape, one
-# H200: five decodes and a 64-row prefill, 47 ms eagerly against 4.7 ms for a decode step;
-# BENCHMARKS.md, "Mixed steps"). A step of more prefills runs eagerly, in one pass.
+# A step of more requests than the prefill graphs hold (MAX_GRAPH_SPANS), of decodes and at
+# most this many prefills (or chunks), runs as graph replays: the decodes' decode graph,
+# then each prefill's prefill graph. Each replay reads the weights once; run eagerly, such a
+# step is bound by the host's launches (8B shape, one H200: five decodes and a 64-row
+# prefill, 47 ms eagerly against 4.7 ms for a decode step; BENCHMARKS.md, "Mixed steps").
 MAX_GRAPH_PREFILLS = 4
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
 
@@ -103,7 +104,7 @@ class ModelRunner:
         graphs.capture_all()
         return graphs
 
-    def new_prefill_graphs(self) -> PrefillGraphs:
+    def new_prefill_graphs(self, max_spans: int = MAX_GRAPH_SPANS) -> PrefillGraphs:
         """Prefill graphs' buffers for this runner, not captured (captured, they replay;
         uncaptured, they run the same padded step eagerly)."""
         config = self.config
@@ -112,7 +113,7 @@ class ModelRunner:
             max_tokens=min(config.max_num_batched_tokens, config.max_model_len),
             max_blocks_per_seq=-(-config.max_model_len // config.block_size), block_size=config.block_size,
             scratch_block=self.num_blocks, hidden_size=config.model_config.hidden_size,
-            dtype=config.torch_dtype, device=self.device,
+            dtype=config.torch_dtype, device=self.device, max_spans=max_spans,
         )
 
     def _num_blocks_that_fit(self) -> int:
@@ -257,29 +258,42 @@ class ModelRunner:
                                       self._fed_tokens(fed))
 
     def _execute_in_graphs(self, scheduled: tuple[ScheduledRequest, ...]):
-        """A step of decodes and up to MAX_GRAPH_PREFILLS prefills (or prefill chunks)
-        through the captured graphs: the decodes in one replay of their decode graph, then
-        each prefill in its prefill graph, in the same order on every rank. Logits of the
-        sampled rows in `scheduled` order (None when none samples); False when the step is
-        not one they run: more prefills, a prefill past the largest bucket or of rows whose
-        token is still being fed back, or more decodes than a decode graph holds."""
+        """A step of prefills (or prefill chunks) and decodes through the captured graphs,
+        in the same order on every rank. Up to MAX_GRAPH_SPANS requests in at most the
+        largest bucket's rows: one replay of the prefill graphs, decodes as one-row spans,
+        so the weights are read once. More requests (many decodes beside a few prefills):
+        the decodes' decode graph, then each of up to MAX_GRAPH_PREFILLS prefills in its own
+        replay. Logits of the sampled rows in `scheduled` order (None when none samples);
+        False when the step is neither: a prefill of rows whose token is still being fed
+        back, past the largest bucket, or more prefills or decodes than the graphs hold."""
+        spans, fed = [], []  # fed: (row, req_id) of decode rows whose token is fed back
+        num_rows = 0
+        for sched in scheduled:
+            span = self._graph_span(sched)
+            if span is None:
+                return False
+            if not span.ids:  # a decode row: the previous step's sample, still on the device
+                fed.append((num_rows, sched.req_id))
+                span = dataclasses.replace(span, ids=[0])
+            spans.append(span)
+            num_rows += len(span.ids)
+        graphs = self.prefill_graphs
+        if len(spans) <= graphs.max_spans and graphs.bucket_for(num_rows) is not None:
+            return graphs.run(spans, self._fed_tokens(fed))
         decodes = tuple(s for s in scheduled if self._is_decode(s))
-        prefills = [s for s in scheduled if not self._is_decode(s)]
-        if len(prefills) > MAX_GRAPH_PREFILLS or (decodes and not self._fits_decode_graphs(decodes)):
-            return False
-        inputs = [self._prefill_graph_inputs(s) for s in prefills]
-        if any(i is None for i in inputs):
+        prefills = [(s, span) for s, span in zip(scheduled, spans) if not self._is_decode(s)]
+        if (len(prefills) > MAX_GRAPH_PREFILLS or (decodes and not self._fits_decode_graphs(decodes))
+                or any(graphs.bucket_for(len(span.ids)) is None for _, span in prefills)):
             return False
         pieces = []  # (sampled req_ids, their logits)
         if decodes:
             pieces.append(([s.req_id for s in decodes], self._execute_graph(decodes)))
-        for sched, (ids, embeds) in zip(prefills, inputs):
-            state = self.requests[sched.req_id]
-            logits = self.prefill_graphs.run(ids, sched.num_computed_tokens, state.block_ids, embeds)
+        for sched, span in prefills:
+            logits = graphs.run([span])
             if sched.is_sampled:
                 # A graph's output lives in its pool, which the next prefill graph's replay
-                # may write: copied out unless it is the step's only one.
-                pieces.append(([sched.req_id], logits.clone() if len(scheduled) > 1 and logits is not None else logits))
+                # may write: copied out.
+                pieces.append(([sched.req_id], logits.clone() if logits is not None else None))
         if not pieces:
             return None
         if len(pieces) == 1:
@@ -287,20 +301,18 @@ class ModelRunner:
         rows = {req_id: logits[i] for req_ids, logits in pieces for i, req_id in enumerate(req_ids)}
         return torch.stack([rows[s.req_id] for s in scheduled if s.is_sampled])
 
-    def _prefill_graph_inputs(self, sched: ScheduledRequest):
-        """(token ids, embedding rows or None) of a prefill (chunk) the prefill graphs run;
-        None if they cannot: a bucket too small, or rows whose token is still being fed back."""
-        if self.prefill_graphs.bucket_for(sched.num_new_tokens) is None:
-            return None
+    def _graph_span(self, sched: ScheduledRequest) -> GraphSpan | None:
+        """The request's rows as the prefill graphs take them; ids [] for a decode row whose
+        token is still being fed back; None for a prefill (chunk) of such rows."""
         state = self.requests[sched.req_id]
         start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
         ids = state.token_ids(start, end)
-        if len(ids) < end - start:
+        if len(ids) < end - start and not (self._is_decode(sched) and not ids):
             return None
         embeds = None  # the rows' embeddings come first; their ids read as 0
         if state.prompt_embeds is not None and start < state.prompt_len:
             embeds = state.prompt_embeds[start : min(end, state.prompt_len)]
-        return ids, embeds
+        return GraphSpan(ids, start, state.block_ids, embeds, sched.is_sampled)
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into

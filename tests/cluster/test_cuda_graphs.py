@@ -105,8 +105,8 @@ def test_graph_prefill_chunks_queued_ahead_match_eager(ray_cluster, tiny_checkpo
 
 def _run_mixed(path, enforce_eager: bool):
     """Six prompts of staggered lengths through two seats: as one request ends, the next
-    joins the other's decodes, so steps mix decodes with one prefill (token ids, then
-    embedding rows) and each step replays a decode graph and a prefill graph."""
+    joins the other's decodes, so steps mix a decode with one prefill (token ids, then
+    embedding rows), each step one replay of the prefill graphs."""
     gen = torch.Generator().manual_seed(6)
     ids = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 20, 9, 33, 17, 12)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=3, ignore_eos=True) for m in (3, 11, 6, 9, 4, 7)]
@@ -124,5 +124,6 @@ def test_graph_mixed_steps_match_eager(ray_cluster, tiny_checkpoints):
     path = tiny_checkpoints("llama")
     graphed, replays = _run_mixed(path, enforce_eager=False)
     eager, no_replays = _run_mixed(path, enforce_eager=True)
-    assert no_replays == {} and sum(replays.values()) == 6, replays  # every prompt's prefill in a graph
+    # Six prefills, admitted in at most five steps (two at the start), each step one replay.
+    assert no_replays == {} and 3 <= sum(replays.values()) <= 5, replays
     assert_same_samples(eager, graphed, atol=1e-3)

@@ -1,6 +1,7 @@
-"""Mixed steps through the captured graphs: a step of decodes and a few prefills runs as
-one decode-graph replay and one prefill-graph replay per prefill (ModelRunner's
-_execute_in_graphs). On CPU the graphs' padded steps run eagerly with the kernels in
+"""Mixed steps through the captured graphs (ModelRunner's _execute_in_graphs): a step of
+up to the prefill graphs' span capacity in requests is one replay of the prefill graphs,
+decodes as one-row spans; a step of more requests is one decode-graph replay and one
+prefill-graph replay per prefill. On CPU the graphs' padded steps run eagerly with the kernels in
 Triton's interpreter (on CUDA the graphs replay the same inputs); each step's logits, in
 the step's order of sampled rows, and every real cache block must equal the plain eager
 step's: prefills alone, decodes beside a prefill of embedding rows, decodes around a chunk
@@ -23,7 +24,7 @@ from workers.model_runner import ModelRunner
 from workers.parallel import ProcessGroup
 
 
-def run(path, graphs, pg=None):
+def run(path, graphs, pg=None, max_spans=16):
     pg = pg or ProcessGroup()
     config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
                           block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8,
@@ -31,7 +32,8 @@ def run(path, graphs, pg=None):
     runner = ModelRunner(config, pg, torch.device("cpu"))
     assert runner.decode_graphs is None and runner.prefill_graphs is None  # CPU: nothing captured
     if graphs:
-        runner.decode_graphs, runner.prefill_graphs = runner.new_decode_graphs(), runner.new_prefill_graphs()
+        runner.decode_graphs = runner.new_decode_graphs()
+        runner.prefill_graphs = runner.new_prefill_graphs(max_spans=max_spans)
     calls = {"eager": 0}
     model_forward = runner.model.forward
     def counted(*args, **kwargs):  # the graphs' padded steps call the model too: count the step's own
@@ -71,15 +73,18 @@ TP1_SCRIPT = COMMON + """
 assert model_runner.MAX_GRAPH_PREFILLS == 4
 for path in sys.argv[1:]:
     plain, plain_caches, _, plain_calls = run(path, graphs=False)
-    graphed, graphed_caches, loads, graphed_calls = run(path, graphs=True)
-    # Decode graph: steps 2 and 3; prefill graph: 2 + 1 + 1 prefills; step 4 eager in both.
-    assert loads == (2, 4), loads
-    assert plain_calls == [1, 1, 1, 1] and graphed_calls == [2, 2, 2, 1], (plain_calls, graphed_calls)
-    assert [x.shape[0] for x in graphed] == [2, 3, 3, 5]
-    for step, (a, b) in enumerate(zip(plain, graphed)):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{path} step {step}")
-    for layer, (a, b) in enumerate(zip(plain_caches, graphed_caches)):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{path} layer {layer} cache")
+    # (prefill graphs' span capacity, (decode graph loads, prefill graph loads), model passes a step)
+    for max_spans, want_loads, want_calls in [
+        (16, (0, 4), [1, 1, 1, 1]),  # every step one replay, decodes as one-row spans
+        (3, (1, 3), [1, 1, 2, 1]),  # step 3's four requests: decodes' graph, then the chunk's; step 4 eager
+    ]:
+        graphed, graphed_caches, loads, graphed_calls = run(path, graphs=True, max_spans=max_spans)
+        assert loads == want_loads and graphed_calls == want_calls, (max_spans, loads, graphed_calls)
+        assert plain_calls == [1, 1, 1, 1] and [x.shape[0] for x in graphed] == [2, 3, 3, 5]
+        for step, (a, b) in enumerate(zip(plain, graphed)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{path} {max_spans} step {step}")
+        for layer, (a, b) in enumerate(zip(plain_caches, graphed_caches)):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{path} {max_spans} layer {layer} cache")
 print("checked")
 """
 
@@ -94,7 +99,7 @@ path = sys.argv[1]
 reference = run(path, graphs=False)[0]
 by_rank = on_two_forked_ranks(graphed)
 for rank, (loads, logits) in sorted(by_rank.items()):
-    assert loads == (2, 4), (rank, loads)  # both ranks replay the same graphs in the same order
+    assert loads == (0, 4), (rank, loads)  # both ranks replay the same graphs in the same order
     for step, (got, want) in enumerate(zip(logits, reference)):
         torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4, msg=f"rank {rank} step {step}")
 print("checked")
