@@ -68,6 +68,7 @@ class PrefillBatch:
     block_tables: torch.Tensor  # LongTensor [S, max_blocks]
     max_query_len: int  # rows of the longest span (sizes the kernel's grid)
     covers_all_rows: bool = False  # rows == 0..N-1 (no decodes): no gather, no scatter
+    block_map: torch.Tensor | None = None  # a captured step's: the kernel's program map
 
 
 @dataclass
@@ -282,7 +283,7 @@ class Attention(nn.Module):
         keys in the paged cache, one kernel launch for every span."""
         return paged_prefill.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], batch.block_tables, batch.query_start_loc, batch.seq_lens,
-            self.scale, self.sliding_window, max_query_len=batch.max_query_len)
+            self.scale, self.sliding_window, max_query_len=batch.max_query_len, block_map=batch.block_map)
 
     def _decode(self, q, kv_cache, metadata: AttentionMetadata, all_rows: bool = False) -> torch.Tensor:
         """[B, heads, d]: each decode row against its context (all_rows: every row of q is

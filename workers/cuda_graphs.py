@@ -20,6 +20,7 @@ import torch
 
 from workers.attention import NULL_BLOCK, AttentionMetadata, PrefillBatch
 from workers.kernels import paged_attention, paged_prefill
+from workers.kernels.paged_prefill import query_block_map
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of a step the prefill graphs run
@@ -203,8 +204,10 @@ class GraphSpan:
 class PrefillGraphs:
     """Steps of up to `max_spans` requests' rows (prefills, prefill chunks, and decodes as
     one-row spans), n rows in all, replayed in the graph of the smallest bucket T >= n.
-    Every row goes through the prefill kernel: the requests' spans, empty spans up to
-    max_spans (their programs return at once), then T - n padding rows (possibly none) that
+    Every row goes through the prefill kernel, whose programs a block map assigns to the
+    spans' query blocks (a grid of about T / rows_per_program + max_spans programs per KV
+    head, fixed per bucket): the requests' spans, empty spans up to max_spans (no
+    programs), then T - n padding rows (possibly none) that
     form a span of their own at positions 0.., whose keys live in the scratch block, so they
     neither write nor read a real request's cache. Embedding rows, if any, are copied into a
     static buffer and selected by a mask, so one graph serves token ids and prompt_embeds.
@@ -213,7 +216,7 @@ class PrefillGraphs:
 
     def __init__(self, model, kv_caches, *, max_tokens: int, max_blocks_per_seq: int, block_size: int,
                  scratch_block: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 max_spans: int = MAX_GRAPH_SPANS):
+                 max_spans: int = MAX_GRAPH_SPANS, rows_per_program: int = 1):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -235,11 +238,17 @@ class PrefillGraphs:
         self.rows = torch.arange(size, dtype=torch.long, device=device)
         self.no_rows = torch.zeros(0, dtype=torch.long, device=device)
         self.no_lens = torch.zeros(0, dtype=torch.int32, device=device)
+        # The prefill kernel's programs, one per query block of each span, in a grid fixed per
+        # bucket: each span adds at most one partial block (the kernel's rows_per_program).
+        self.rows_per_program = rows_per_program
+        num_programs = self.num_programs(size)
+        self.block_map = torch.zeros(num_programs, 2, dtype=torch.int32, device=device)
         self.staging = Staging(lambda pinned: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
                                                torch.zeros(3 * k + 3, dtype=torch.long, pin_memory=pinned),
                                                torch.zeros(k + 1, max_blocks_per_seq, dtype=torch.long,
                                                            pin_memory=pinned),
-                                               torch.zeros(size, dtype=torch.bool, pin_memory=pinned)),
+                                               torch.zeros(size, dtype=torch.bool, pin_memory=pinned),
+                                               torch.zeros(num_programs, 2, dtype=torch.int32, pin_memory=pinned)),
                                device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # logits
         self.replays: Counter[int] = Counter()  # per bucket
@@ -251,6 +260,11 @@ class PrefillGraphs:
 
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None) if num_rows >= 2 else None
+
+    def num_programs(self, bucket: int) -> int:
+        """Prefill-kernel programs (per KV head) of a step of `bucket` rows in up to
+        max_spans spans and the padding span."""
+        return -(-bucket // self.rows_per_program) + self.max_spans + 1
 
     def capture_all(self) -> None:
         """Captures every bucket, largest first, on padding inputs (every row a padding
@@ -289,7 +303,7 @@ class PrefillGraphs:
         if len(spans) > self.max_spans:
             raise ValueError(f"{len(spans)} requests in a step; the prefill graphs hold {self.max_spans}")
         bs, k = self.block_size, self.max_spans
-        small, staged_spans, tables, mask = self.staging.take()
+        small, staged_spans, tables, mask, block_map = self.staging.take()
         ids, positions, slots, starts, lens, sampled = [], [], [], [], [], []
         embeds = []  # (first row, rows)
         width = tables.shape[1]
@@ -317,6 +331,10 @@ class PrefillGraphs:
                                         + sampled + [0] * (k - len(sampled))))
         tables[len(spans):k] = NULL_BLOCK
         tables[k] = self.scratch_block
+        num_programs = self.num_programs(bucket)
+        query_lens = [len(span.ids) for span in spans] + [0] * empty + [pad]
+        block_map[:num_programs] = torch.tensor(
+            query_block_map(query_lens, self.rows_per_program, num_programs), dtype=torch.int32).view(-1, 2)
         mask[:bucket] = False
         for first, rows in embeds:
             mask[first:first + rows.shape[0]] = True
@@ -324,6 +342,7 @@ class PrefillGraphs:
         self.spans.copy_(staged_spans, non_blocking=True)
         self.block_tables.copy_(tables, non_blocking=True)
         self.embeds_mask[:bucket].copy_(mask[:bucket], non_blocking=True)
+        self.block_map[:num_programs].copy_(block_map[:num_programs], non_blocking=True)
         self.staging.copies_queued()
         for first, rows in embeds:
             self.embeds[first:first + rows.shape[0]].copy_(rows)
@@ -344,7 +363,8 @@ class PrefillGraphs:
             prefills=[],
             prefill_batch=PrefillBatch(rows=self.rows[:bucket], query_start_loc=self.query_start_loc,
                                        seq_lens=self.seq_lens, block_tables=self.block_tables,
-                                       max_query_len=bucket, covers_all_rows=True),
+                                       max_query_len=bucket, covers_all_rows=True,
+                                       block_map=self.block_map[:self.num_programs(bucket)]),
         )
 
     def _forward(self, bucket: int) -> torch.Tensor | None:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.intake import Intake, RequestState
-from workers.attention import AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
+from workers.attention import Attention, AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
 from workers.cuda_graphs import MAX_GRAPH_SPANS, DecodeGraphs, GraphSpan, PrefillGraphs
+from workers.kernels import paged_prefill
 from workers.kernels.argmax import argmax
 from workers.loader import load_weights
 from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
@@ -114,7 +115,13 @@ class ModelRunner:
             max_blocks_per_seq=-(-config.max_model_len // config.block_size), block_size=config.block_size,
             scratch_block=self.num_blocks, hidden_size=config.model_config.hidden_size,
             dtype=config.torch_dtype, device=self.device, max_spans=max_spans,
+            rows_per_program=self._prefill_rows_per_program(),
         )
+
+    def _prefill_rows_per_program(self) -> int:
+        """The prefill kernel's query rows per program for this rank's attention heads."""
+        attention = next(m for m in self.model.modules() if isinstance(m, Attention))
+        return paged_prefill.query_rows_per_program(attention.num_heads, attention.num_kv_heads)
 
     def _num_blocks_that_fit(self) -> int:
         per_block = kv_cache_bytes_per_block(

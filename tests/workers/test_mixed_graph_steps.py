@@ -42,18 +42,19 @@ def run(path, graphs, pg=None, max_spans=16):
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(9, config.model_config.hidden_size, generator=gen)
     intake = Intake()
-    for req_id, prompt in [("a", list(range(3, 15))), ("b", [7, 8, 9, 10, 11, 12]), ("d", list(range(20, 28)))]:
+    # a: 36 rows, over one program's query rows (the kernel's block map gives it several)
+    for req_id, prompt in [("a", list(range(3, 39))), ("b", [7, 8, 9, 10, 11, 12]), ("d", list(range(20, 28)))]:
         intake.put(RequestState(req_id, len(prompt), prompt, None))
     intake.put(RequestState("c", 9, None, embeds))
     for i in range(5):
         intake.put(RequestState(f"e{i}", 2, [30 + i, 40 + i], None))
     steps = [
-        ((S("a", 0, 12, (1, 2, 3), True), S("b", 0, 6, (5, 6), True)), ()),  # two prefills
-        ((S("a", 12, 1, (4,), True), S("b", 6, 1, (), True), S("c", 0, 9, (7, 8, 9), True)),
+        ((S("a", 0, 36, tuple(range(1, 10)), True), S("b", 0, 6, (11, 12), True)), ()),  # two prefills
+        ((S("a", 36, 1, (10,), True), S("b", 6, 1, (), True), S("c", 0, 9, (13, 14, 15), True)),
          (("a", 50), ("b", 51))),  # decodes, then a prefill of embedding rows
-        ((S("a", 13, 1, (), True), S("d", 0, 8, (10, 11), False), S("c", 9, 1, (), True), S("b", 7, 1, (), True)),
+        ((S("a", 37, 1, (), True), S("d", 0, 8, (16, 17), False), S("c", 9, 1, (), True), S("b", 7, 1, (), True)),
          (("a", 52), ("b", 53), ("c", 54))),  # a chunk that samples nothing, between decodes
-        (tuple(S(f"e{i}", 0, 2, (12 + i,), True) for i in range(5)), ()),  # past MAX_GRAPH_PREFILLS
+        (tuple(S(f"e{i}", 0, 2, (18 + i,), True) for i in range(5)), ()),  # past MAX_GRAPH_PREFILLS
     ]
     logits, eager_steps = [], []
     for i, (scheduled, appended) in enumerate(steps):

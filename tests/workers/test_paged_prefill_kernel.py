@@ -35,6 +35,8 @@ BATCHES = [
     [(3, 2), (0, 100), (1, 17)],
     [(90, 38)],
 ]
+# As captured steps give the kernel on a block map: requests of no rows among them.
+MAPPED_BATCHES = [[(0, 17), (5, 0), (40, 1), (0, 0), (3, 30)], [(0, 0), (7, 2)]]
 # block_m / block_n for the kernel; {} for its defaults.
 TILES = [{}, {"block_m": 16, "block_n": 16}, {"block_m": 64, "block_n": 16}, {"block_m": 32, "block_n": 32}]
 GPU_BATCHES = BATCHES + [
@@ -95,11 +97,19 @@ def _reference(q, k_cache, v_cache, tables, starts, lens, scale, window):
     return out
 
 
-def _check(kernels, case, batch, device, seed, **tiles):
-    """tiles: block_m / block_n for the kernel (its defaults if none)."""
+def _check(kernels, case, batch, device, seed, mapped=False, **tiles):
+    """tiles: block_m / block_n for the kernel (its defaults if none). mapped: launched on
+    a block map (as captured steps are) with a few programs to spare, not on the grid of
+    the longest request."""
     window, dtype = case[4], case[5]
     q, k_cache, v_cache, tables, starts, lens, max_rows = _case(case, batch, device, seed)
     scale = case[2] ** -0.5
+    if mapped:
+        per_program = kernels.query_rows_per_program(case[0], case[1], tiles.get("block_m", kernels.BLOCK_M))
+        query_lens = (starts[1:] - starts[:-1]).tolist()
+        num_programs = sum(-(-n // per_program) for n in query_lens) + 3
+        flat = kernels.query_block_map(query_lens, per_program, num_programs)
+        tiles = {**tiles, "block_map": torch.tensor(flat, dtype=torch.int32, device=device).view(-1, 2)}
     out = kernels.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, scale, window,
                                           max_query_len=max_rows, **tiles)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -119,6 +129,15 @@ def test_reference_matches_sdpa():
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(sdpa.transpose(0, 1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch", range(len(MAPPED_BATCHES)))
+def test_kernel_on_a_block_map_matches_reference_on_cuda(case, batch):
+    from workers.kernels import paged_prefill
+
+    _check(paged_prefill, case, MAPPED_BATCHES[batch], "cuda", seed=batch, mapped=True)
 
 
 @pytest.mark.gpu
@@ -150,7 +169,7 @@ def test_kernel_logic_in_triton_interpreter():
     program several key steps and query blocks. Small head dims keep it quick; bfloat16 is
     left to the CUDA test (the interpreter's tl.dot of bfloat16 tiles returns garbage)."""
     run_in_triton_interpreter(
-        "from tests.workers.test_paged_prefill_kernel import BATCHES, CASES, TILES, _check\n"
+        "from tests.workers.test_paged_prefill_kernel import BATCHES, CASES, MAPPED_BATCHES, TILES, _check\n"
         "from workers.kernels import paged_prefill\n"
         "import torch\n"
         "cases = [c for c in CASES if c[2] <= 64 and c[5] != torch.bfloat16]\n"
@@ -158,5 +177,8 @@ def test_kernel_logic_in_triton_interpreter():
         "    for seed, batch in enumerate(BATCHES):\n"
         "        tiles = TILES[(index + seed) % len(TILES)]\n"
         "        _check(paged_prefill, case, batch, 'cpu', seed, **tiles)\n"
+        "for index, case in enumerate(cases[:3]):\n"  # on a block map, with requests of no rows
+        "    for seed, batch in enumerate(MAPPED_BATCHES):\n"
+        "        _check(paged_prefill, case, batch, 'cpu', seed, mapped=True, **TILES[(index + seed) % len(TILES)])\n"
         "print('checked')\n"
     )

@@ -31,13 +31,13 @@ if triton is not None:
 
     @triton.jit
     def _paged_prefill_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, query_start_ptr, seq_lens_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, query_start_ptr, seq_lens_ptr, block_map_ptr,
         qk_scale, window,
         stride_qn, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
         stride_tb, stride_on, stride_oh,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PDL: tl.constexpr,
+        MAPPED: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (query block, request, KV head): BLOCK_Q query rows times the
         GROUP heads sharing the KV head, flattened into BLOCK_M tile rows (row i is query
@@ -45,8 +45,14 @@ if triton is not None:
         Online softmax in float32 over the keys the block can see: from the window start of
         its first row to its last row's position; nothing past that is read."""
         release_then_wait(PDL)  # every program, before the early return below
-        q_block = tl.program_id(0)
-        req = tl.program_id(1)
+        if MAPPED:  # a grid fixed in advance (a captured step): (request, query block) per program
+            req = tl.load(block_map_ptr + 2 * tl.program_id(0)).to(tl.int32)
+            q_block = tl.load(block_map_ptr + 2 * tl.program_id(0) + 1).to(tl.int32)
+            if req < 0:  # past the step's query blocks
+                return
+        else:
+            q_block = tl.program_id(0)
+            req = tl.program_id(1)
         kv_head = tl.program_id(2)
         # positions fit int32: the same arithmetic for int32 and int64 index tensors
         row_start = tl.load(query_start_ptr + req).to(tl.int32)
@@ -110,13 +116,18 @@ def paged_prefill_attention(
     max_query_len: int,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
+    block_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [N, heads, d], request r's rows q[query_start_loc[r]:query_start_loc[r + 1]] at
     the last positions of its seq_lens[r] keys; caches [num_blocks, block_size, kv_heads, d]
     holding every key of those positions (this step's too); block_tables [R, max_blocks]
     (entries past a request's length never read) -> [N, heads, d] in q's dtype.
     max_query_len: rows of the longest request (a host int, sizes the grid without a sync);
-    block_m / block_n: tile rows and keys per step, powers of two >= 16."""
+    block_m / block_n: tile rows and keys per step, powers of two >= 16; block_map: an int32
+    [P, 2] map of program to (request, query block), -1 past the step's blocks
+    (`query_block_map`): the grid is then P programs per KV head, however the rows fall into
+    requests (a captured step's grid is fixed; without a map it is max_query_len by
+    requests)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_heads % num_kv_heads:
@@ -130,15 +141,34 @@ def paged_prefill_attention(
         return out
     block_m = max(block_m, triton.next_power_of_2(group))  # at least one query row per program
     block_q = block_m // group
-    _paged_prefill_kernel[(triton.cdiv(max_query_len, block_q), num_requests, num_kv_heads)](
+    grid = (triton.cdiv(max_query_len, block_q), num_requests, num_kv_heads)
+    if block_map is not None:
+        grid = (block_map.shape[0], 1, num_kv_heads)
+    _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        block_map if block_map is not None else seq_lens,
         scale * LOG2_E, sliding_window or 0,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HAS_WINDOW=sliding_window is not None,
+        HEAD_DIM=head_dim, HAS_WINDOW=sliding_window is not None, MAPPED=block_map is not None,
         num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
         **launch_options(q.device),
     )
     return out
+
+
+def query_rows_per_program(num_heads: int, num_kv_heads: int, block_m: int = BLOCK_M) -> int:
+    """Query rows one program of the kernel takes (its BLOCK_Q) for this head grouping."""
+    group = num_heads // num_kv_heads
+    return max(block_m, 1 << (group - 1).bit_length()) // group
+
+
+def query_block_map(query_lens: list[int], rows_per_program: int, num_programs: int) -> list[int]:
+    """The kernel's block_map, flattened: (request, query block) for each query block of
+    each request in turn, then (-1, 0) up to num_programs."""
+    entries = [(req, block) for req, n in enumerate(query_lens) for block in range(-(-n // rows_per_program))]
+    if len(entries) > num_programs:
+        raise ValueError(f"{len(entries)} query blocks, over the {num_programs} programs of the grid")
+    return [x for entry in entries for x in entry] + [-1, 0] * (num_programs - len(entries))
