@@ -39,12 +39,16 @@ METRICS = {
         "counter", "Prompt tokens looked up in the prefix cache when a request was admitted", (), None),
     "shardserve_prefix_cache_hits": (
         "counter", "Prompt tokens found in the prefix cache (their K/V reused, not computed)", (), None),
+    "shardserve_engine_kernel_compiles": (
+        "counter", "Triton kernels the engine's leader shard compiled while serving (each stalled a step; "
+        "the shard's log names the kernel and its specialization)", (), None),
 }
 # Counters the engine keeps as totals since it started: metric -> EngineStats field.
 ENGINE_COUNTERS = {
     "shardserve_engine_aborted_requests": "num_aborted",
     "shardserve_prefix_cache_queries": "prefix_cache_queries",
     "shardserve_prefix_cache_hits": "prefix_cache_hits",
+    "shardserve_engine_kernel_compiles": "num_kernel_compiles",
 }
 ENGINE_REFRESH_S = 2.0
 

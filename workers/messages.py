@@ -125,6 +125,9 @@ class EngineStats:
     # up in the prefix cache when a request was admitted, and those found there.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Triton kernels the leader compiled after it began serving (each stalled a step:
+    # workers/kernels/compile_watch.py).
+    num_kernel_compiles: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

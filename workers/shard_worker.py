@@ -4,6 +4,7 @@ runs on its own thread and talks to the other ranks only through torch.distribut
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import warnings
@@ -16,6 +17,7 @@ import torch
 from workers.block_hash import embeds_block_digests
 from workers.config import EngineConfig
 from workers.intake import Intake, RequestState
+from workers.kernels.compile_watch import CompileWatch
 from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
 from workers.model_runner import ModelRunner
 from workers.one_shot_all_reduce import try_one_shot_all_reduce
@@ -73,6 +75,7 @@ class ShardWorker:
         # The leader hashes a large embeddings prompt's rows here while the request's own
         # thread uploads them: both drop the GIL, so neither waits for the other.
         self._hashing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embeds-digests")
+        self._compiles = CompileWatch()
 
     def node_ip(self) -> str:
         import ray
@@ -89,6 +92,8 @@ class ShardWorker:
         """Joins the process group, builds the model shard and its KV cache.
         Returns the number of KV blocks (equal on every rank)."""
         device = self._select_device()
+        if device.type == "cuda":
+            self._compiles.install()
         pg = init_process_group(
             self.rank,
             self.config.tensor_parallel_size,
@@ -116,6 +121,7 @@ class ShardWorker:
 
     def run(self) -> None:
         """Runs the step loop until shutdown. Called once; returns only at the end."""
+        self._compiles.serving()  # graphs are captured: a kernel compiled now stalls a step
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
         if self.leader is not None:
@@ -218,7 +224,7 @@ class ShardWorker:
         return deltas
 
     def stats(self) -> EngineStats:
-        return self.leader.stats()
+        return dataclasses.replace(self.leader.stats(), num_kernel_compiles=self._compiles.num_compiles)
 
     def shutdown(self) -> None:
         if self.leader is not None:

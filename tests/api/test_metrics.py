@@ -9,10 +9,11 @@ from workers.messages import EngineStats
 
 
 def engine_stats(*, running: int, waiting: int, free_blocks: int, aborted: int = 0,
-                 cache_queries: int = 0, cache_hits: int = 0) -> EngineStats:
+                 cache_queries: int = 0, cache_hits: int = 0, compiles: int = 0) -> EngineStats:
     return EngineStats(num_running=running, num_waiting=waiting, num_total_blocks=4,
                        num_free_blocks=free_blocks, num_aborted=aborted,
-                       prefix_cache_queries=cache_queries, prefix_cache_hits=cache_hits)
+                       prefix_cache_queries=cache_queries, prefix_cache_hits=cache_hits,
+                       num_kernel_compiles=compiles)
 
 
 def samples(metrics: Metrics, stats=None) -> dict[str, float]:
@@ -27,7 +28,7 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
     metrics.observe_request(start=10.0, first_token=10.5, end=12.5, num_tokens=5)
     metrics.observe_intake("prompt_embeds", 0.004)
     values = samples(metrics, engine_stats(running=3, waiting=1, free_blocks=3, aborted=2,
-                                           cache_queries=100, cache_hits=64))
+                                           cache_queries=100, cache_hits=64, compiles=1))
     assert values['shardserve_requests_total{status="stop"}'] == 1
     assert values["shardserve_generation_tokens_total"] == 5
     assert values["shardserve_time_to_first_token_seconds_sum"] == 0.5
@@ -40,11 +41,13 @@ def test_prometheus_text_counts_requests_tokens_and_latencies():
             values["shardserve_kv_cache_usage_perc"]) == (3, 1, 0.25)
     assert values["shardserve_engine_aborted_requests_total"] == 2
     assert (values["shardserve_prefix_cache_queries_total"], values["shardserve_prefix_cache_hits_total"]) == (100, 64)
+    assert values["shardserve_engine_kernel_compiles_total"] == 1
     # The engine's counts are cumulative: the counters follow them, never back.
     values = samples(metrics, engine_stats(running=0, waiting=0, free_blocks=4, aborted=5,
-                                           cache_queries=180, cache_hits=64))
+                                           cache_queries=180, cache_hits=64, compiles=3))
     assert values["shardserve_engine_aborted_requests_total"] == 5
     assert (values["shardserve_prefix_cache_queries_total"], values["shardserve_prefix_cache_hits_total"]) == (180, 64)
+    assert values["shardserve_engine_kernel_compiles_total"] == 3
     assert set(metrics.ray) == set(METRICS)
 
 
