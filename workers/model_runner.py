@@ -14,7 +14,7 @@ from workers.intake import Intake, RequestState
 from workers.attention import Attention, AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
 from workers.cuda_graphs import MAX_GRAPH_SPANS, DecodeGraphs, GraphSpan, PrefillGraphs
-from workers.kernels import paged_prefill
+from workers.kernels import gemv, paged_prefill
 from workers.kernels.argmax import argmax
 from workers.loader import load_weights
 from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
@@ -62,6 +62,7 @@ class ModelRunner:
         )
         self.decode_graphs = self._make_decode_graphs()
         self.prefill_graphs = self._make_prefill_graphs()
+        self._warm_up_eager_steps()
         self.requests: dict[str, RequestState] = {}
         # Blocks this rank filled from a stand-in (a request it could not take): its K/V
         # there are not the request's, so no other request may read them as its prefix.
@@ -73,6 +74,32 @@ class ModelRunner:
         self._last_logits: torch.Tensor | None = None  # the last executed step's, sampled rows
         self._prompt_logprobs: dict[str, PromptLogprobs] = {}  # the leader's, from the last step
         self.num_argmax_feedback_steps = 0  # followers: feedback taken from their own logits
+
+    @torch.inference_mode()
+    def _warm_up_eager_steps(self) -> None:
+        """Runs the eager step shapes once while the engine starts. Triton compiles a
+        kernel at its first launch with a new specialization, and the graphs' capture
+        launches only its own (attention over fixed-width int32 tables, the prefill kernel
+        on a block map). Without this, the first step too large for the graphs compiled
+        the eager variants, and its requests waited. The shapes are: decodes beside prefill
+        spans, prefills alone and decodes alone, over long block tables two blocks wide, and
+        the LM head on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs
+        sample 1, 2, 4, ...). Every rank runs the same steps, so their collectives pair up.
+        The rows write and read only the scratch block. On CPU nothing compiles; the steps
+        run anyway, so that the tests cover this path."""
+        table = [self.num_blocks] * 2  # the scratch block, twice
+        n = min(2 * self.config.block_size, self.config.max_model_len)  # tokens a request reaches
+        steps = (([n // 4, n // 2, n - 1, 0, 0], [1, 1, 1, min(5, n), n]),  # (computed, new) tokens
+                 ([0], [n]),
+                 ([n // 4, n - 1], [1, 1]))
+        for computed, new in steps:
+            metadata = AttentionMetadata.build(computed, new, [table] * len(new), self.config.block_size, self.device)
+            ids = torch.zeros(sum(new), dtype=torch.long, device=self.device)
+            hidden = self.model(ids, metadata.positions, metadata, self.kv_caches)
+            for rows in range(1, min(gemv.MAX_ROWS, hidden.shape[0]) + 1):
+                self.model.compute_logits(hidden[:rows])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
         config = self.config

@@ -127,3 +127,24 @@ def test_graph_mixed_steps_match_eager(ray_cluster, tiny_checkpoints):
     # Six prefills, admitted in at most five steps (two at the start), each step one replay.
     assert no_replays == {} and 3 <= sum(replays.values()) <= 5, replays
     assert_same_samples(eager, graphed, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_eager_steps_compile_no_kernel_while_serving(ray_cluster, tiny_checkpoints):
+    """The start-up's warm-up compiles what eager steps launch: steps too large for the
+    graphs (prefills past 512 rows beside decodes, contexts of many block-table widths,
+    1 to 4 sampled rows for the LM head's GEMV in bfloat16) compile no Triton kernel once
+    the engine serves (session 18 saw a one-time 1.35 s stall in a server's first burst)."""
+    path = tiny_checkpoints("llama")
+    gen = torch.Generator().manual_seed(5)
+    lengths = (3, 40, 700, 17, 530, 90, 5, 610, 64, 300, 33, 8)
+    prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in lengths]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (3, 7, 11, 5, 9, 2, 13, 4, 6, 8, 10, 1)]
+    with LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=6,
+             kv_cache_memory_bytes=64 << 20) as llm:
+        watching = ray.get(llm.engine.leader.__ray_call__.remote(lambda shard: shard._compiles._serving))
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        compiles = llm.engine.stats().num_kernel_compiles
+    assert watching
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
+    assert compiles == 0

@@ -29,13 +29,16 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 if triton is not None:
     from workers.kernels.pdl import release_then_wait
 
-    @triton.jit
+    # The block table's width (stride_tb) and the split count change with every eager
+    # step's contexts and batch: not specialized on, so that one compiled kernel (with or
+    # without SPLIT) serves them all, and no step compiles a variant while requests wait.
+    @triton.jit(do_not_specialize=["num_splits", "stride_tb"])
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tables_ptr, seq_lens_ptr,
-        scale, window, num_heads,
+        scale, window, num_heads, num_splits,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        TILE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        TILE: tl.constexpr, SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """One program per (sequence, KV head, split): the GROUP query heads that share the
@@ -59,7 +62,7 @@ if triton is not None:
         if HAS_WINDOW:  # HF Mistral: a key is visible if its position > query - window
             first = tl.maximum(seq_len - window, 0)
         first_tile = first // TILE
-        per_split = tl.cdiv(tl.cdiv(seq_len, TILE) - first_tile, NUM_SPLITS)
+        per_split = tl.cdiv(tl.cdiv(seq_len, TILE) - first_tile, num_splits)
         start = first_tile + split * per_split
         stop = tl.minimum(start + per_split, tl.cdiv(seq_len, TILE))
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -81,20 +84,20 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-        if NUM_SPLITS == 1:
+        if not SPLIT:  # one split: num_splits == 1
             out = acc / l[:, None]
             tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
         else:
-            row = (seq * num_heads + heads) * NUM_SPLITS + split  # [G] rows of [B, H, S]
+            row = (seq * num_heads + heads) * num_splits + split  # [G] rows of [B, H, S]
             tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
             tl.store(ml_ptr + row * 2, m, mask=g_ok)
             tl.store(ml_ptr + row * 2 + 1, l, mask=g_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _reduce_splits_kernel(
-        part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+        part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+        BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (sequence, head): the splits' partial softmaxes rescaled to
         their common max and summed (an empty split has max -inf and weighs 0)."""
@@ -102,8 +105,8 @@ if triton is not None:
         seq, head = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)
-        row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + s
-        s_ok = s < NUM_SPLITS
+        row = (seq * tl.num_programs(1) + head) * num_splits + s
+        s_ok = s < num_splits
         m = tl.load(ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
         l = tl.load(ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
         weight = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
@@ -138,7 +141,8 @@ def paged_decode_attention(
     """q [B, heads, d]; caches [num_blocks, block_size, kv_heads, d]; block_tables
     [B, max_blocks] (entries past a sequence's length are never read); seq_lens [B]
     (context including the query's own, already-written token) -> [B, heads, d].
-    num_splits: programs per (sequence, KV head); None picks it from the batch (CUDA)."""
+    num_splits: programs per (sequence, KV head), 1 to MAX_SPLITS; None picks it from the
+    batch (CUDA)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -147,23 +151,24 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         num_splits = num_splits_for(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be 1 to {MAX_SPLITS} (the split reduction's width), got {num_splits}")
     part = ml = out  # unused by a single split
     if num_splits > 1:
         part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part, ml, block_tables, seq_lens,
-        scale, sliding_window or 0, num_heads,
+        scale, sliding_window or 0, num_heads, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, TILE=max(TILE_KEYS, block_size), NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, TILE=max(TILE_KEYS, block_size), SPLIT=num_splits > 1,
         HAS_WINDOW=sliding_window is not None, **launch_options(q.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(batch, num_heads)](
-            part, ml, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            **launch_options(q.device),
+            part, ml, out, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(MAX_SPLITS), HEAD_DIM=head_dim, **launch_options(q.device),
         )
     return out

@@ -29,7 +29,9 @@ def is_available(device: torch.device, head_dim: int, block_size: int) -> bool:
 if triton is not None:
     from workers.kernels.pdl import release_then_wait
 
-    @triton.jit
+    # The block table's width (stride_tb) is an eager step's longest context: not
+    # specialized on, so that no step compiles a variant while requests wait.
+    @triton.jit(do_not_specialize=["stride_tb"])
     def _paged_prefill_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, query_start_ptr, seq_lens_ptr, block_map_ptr,
         qk_scale, window,
