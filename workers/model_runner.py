@@ -82,22 +82,25 @@ class ModelRunner:
         launches only its own (attention over fixed-width int32 tables, the prefill kernel
         on a block map). Without this, the first step too large for the graphs compiled
         the eager variants, and its requests waited. The shapes are: decodes beside prefill
-        spans, prefills alone and decodes alone, over long block tables two blocks wide, and
-        the LM head on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs
-        sample 1, 2, 4, ...). Every rank runs the same steps, so their collectives pair up.
-        The rows write and read only the scratch block. On CPU nothing compiles; the steps
-        run anyway, so that the tests cover this path."""
+        spans, prefills alone and 1 to MAX_ROWS decodes alone, over long block tables two
+        blocks wide, and the LM head on 1 to MAX_ROWS sampled rows (the GEMV's per-row
+        variants; the graphs sample 1, 2, 4, ...). Every rank runs the same steps, so their
+        collectives pair up. The rows write and read only the scratch block. On CPU nothing
+        compiles; the steps run anyway, so that the tests cover this path."""
         table = [self.num_blocks] * 2  # the scratch block, twice
         n = min(2 * self.config.block_size, self.config.max_model_len)  # tokens a request reaches
-        steps = (([n // 4, n // 2, n - 1, 0, 0], [1, 1, 1, min(5, n), n]),  # (computed, new) tokens
-                 ([0], [n]),
-                 ([n // 4, n - 1], [1, 1]))
-        for computed, new in steps:
+        steps = [([n // 4, n // 2, n - 1, 0, 0], [1, 1, 1, min(5, n), n]),  # (computed, new) tokens
+                 ([0], [n])]
+        # Decodes alone, 1 to MAX_ROWS of them: the projections' GEMV variants of an eager
+        # engine (--enforce-eager); the graphs capture their own.
+        steps += [([max(n - 1 - i, 0) for i in range(rows)], [1] * rows) for rows in range(1, gemv.MAX_ROWS + 1)]
+        for index, (computed, new) in enumerate(steps):
             metadata = AttentionMetadata.build(computed, new, [table] * len(new), self.config.block_size, self.device)
             ids = torch.zeros(sum(new), dtype=torch.long, device=self.device)
             hidden = self.model(ids, metadata.positions, metadata, self.kv_caches)
-            for rows in range(1, min(gemv.MAX_ROWS, hidden.shape[0]) + 1):
-                self.model.compute_logits(hidden[:rows])
+            if index == 0:  # the LM head on the sampled rows of an eager mixed step
+                for rows in range(1, min(gemv.MAX_ROWS, hidden.shape[0]) + 1):
+                    self.model.compute_logits(hidden[:rows])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
