@@ -14,7 +14,7 @@ from workers.intake import Intake, RequestState
 from workers.attention import Attention, AttentionMetadata, allocate_kv_caches, kv_cache_bytes_per_block
 from workers.config import EngineConfig
 from workers.cuda_graphs import MAX_GRAPH_SPANS, DecodeGraphs, GraphSpan, PrefillGraphs
-from workers.kernels import gemv, paged_prefill
+from workers.kernels import gemv, paged_attention, paged_prefill
 from workers.kernels.argmax import argmax
 from workers.loader import load_weights
 from workers.messages import PromptLogprobs, ScheduledRequest, StepPlan
@@ -82,20 +82,25 @@ class ModelRunner:
         launches only its own (attention over fixed-width int32 tables, the prefill kernel
         on a block map). Without this, the first step too large for the graphs compiled
         the eager variants, and its requests waited. The shapes are: decodes beside prefill
-        spans, prefills alone and 1 to MAX_ROWS decodes alone, over long block tables two
-        blocks wide, and the LM head on 1 to MAX_ROWS sampled rows (the GEMV's per-row
-        variants; the graphs sample 1, 2, 4, ...). Every rank runs the same steps, so their
-        collectives pair up. The rows write and read only the scratch block. On CPU nothing
-        compiles; the steps run anyway, so that the tests cover this path."""
-        table = [self.num_blocks] * 2  # the scratch block, twice
-        n = min(2 * self.config.block_size, self.config.max_model_len)  # tokens a request reaches
-        steps = [([n // 4, n // 2, n - 1, 0, 0], [1, 1, 1, min(5, n), n]),  # (computed, new) tokens
-                 ([0], [n])]
-        # Decodes alone, 1 to MAX_ROWS of them: the projections' GEMV variants of an eager
-        # engine (--enforce-eager); the graphs capture their own.
-        steps += [([max(n - 1 - i, 0) for i in range(rows)], [1] * rows) for rows in range(1, gemv.MAX_ROWS + 1)]
-        for index, (computed, new) in enumerate(steps):
-            metadata = AttentionMetadata.build(computed, new, [table] * len(new), self.config.block_size, self.device)
+        spans, and prefills alone, over int64 block tables of the step's own width; 1 to
+        MAX_ROWS decodes alone, with contexts long enough for several splits; and the LM
+        head on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs sample
+        1, 2, 4, ...). Every rank runs the same steps, so their collectives pair up. The
+        rows write and read only the scratch block. On CPU nothing compiles; the steps run
+        anyway, so that the tests cover this path."""
+        block_size, max_len = self.config.block_size, self.config.max_model_len
+        # (num_computed_tokens, num_new_tokens, table width): short contexts (one tile of
+        # keys: decode attention in one split) in two blocks, long ones in up to 4 tiles.
+        n = min(2 * block_size, max_len)
+        steps = [([n // 4, n // 2, n - 1, 0, 0], [1, 1, 1, min(5, n), n], 2), ([0], [n], 2)]
+        # Decodes alone, 1 to MAX_ROWS of them, in several splits: the projections' GEMV
+        # variants of an eager engine (--enforce-eager); the graphs capture their own.
+        long = min(4 * paged_attention.TILE_KEYS, max_len)
+        steps += [([max(long - 1 - i, 0) for i in range(rows)], [1] * rows, -(-long // block_size))
+                  for rows in range(1, gemv.MAX_ROWS + 1)]
+        for index, (computed, new, width) in enumerate(steps):
+            tables = [[self.num_blocks] * width] * len(new)  # the scratch block, `width` times
+            metadata = AttentionMetadata.build(computed, new, tables, block_size, self.device)
             ids = torch.zeros(sum(new), dtype=torch.long, device=self.device)
             hidden = self.model(ids, metadata.positions, metadata, self.kv_caches)
             if index == 0:  # the LM head on the sampled rows of an eager mixed step
