@@ -98,3 +98,12 @@ def test_a_real_kernel_compiled_for_a_new_constexpr_is_counted(hooks):
     torch.cuda.synchronize()
     assert watch.num_compiles == 1
     assert torch.equal(x, torch.full_like(x, 4.0))
+
+
+def test_switched_off_it_leaves_tritons_hooks_alone(hooks, monkeypatch):
+    from workers.kernels import compile_watch
+
+    monkeypatch.setattr(compile_watch, "ENABLED", False)
+    before = knobs.runtime.jit_cache_hook
+    assert not CompileWatch().install()
+    assert knobs.runtime.jit_cache_hook is before

@@ -8,15 +8,19 @@ shape the start-up did not run, stalls that step and every request in it until t
 ends; after a fresh install, Triton's on-disk cache is empty too. This watch logs each such
 compile with the kernel and its specialization, and counts them (EngineStats.
 num_kernel_compiles; `shardserve_engine_kernel_compiles_total` on /metrics), so that a
-stall in the latencies can be traced to the step shape that caused it."""
+stall in the latencies can be traced to the step shape that caused it.
+SHARDSERVE_WATCH_COMPILES=0 leaves Triton's hooks alone (with a hook set, Triton also
+serializes each compile's specialization, which it otherwise skips)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 logger = logging.getLogger(__name__)
+ENABLED = os.environ.get("SHARDSERVE_WATCH_COMPILES", "1") != "0"
 
 
 class CompileWatch:
@@ -32,7 +36,9 @@ class CompileWatch:
     def install(self) -> bool:
         """Adds this watch to Triton's hooks before and after a compile, keeping any hooks
         already set (called in turn, their answers returned). False where this Triton
-        has no such hooks."""
+        has no such hooks, or SHARDSERVE_WATCH_COMPILES=0."""
+        if not ENABLED:
+            return False
         try:
             from triton import knobs
         except ImportError:
