@@ -93,19 +93,33 @@ def check_loopback(base_url: str) -> None:
 
 INTAKE = "shardserve_request_intake_seconds"
 INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
+COMPILES = "shardserve_engine_kernel_compiles_total"
 
 
-def server_intake(base_url: str, mode: str) -> tuple[float, float] | None:
-    """(sum in s, count) of the server's intake histogram for this mode's input: the time
-    from a request's arrival at the replica to its choices running in the engine. None
-    when the server does not export it (not a shardserve server)."""
+def server_metrics(base_url: str) -> str | None:
+    """The server's Prometheus text; None when it is not a shardserve server's."""
     text = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/metrics").text
-    if f"# TYPE {INTAKE} histogram" not in text:
-        return None
+    return text if f"# TYPE {INTAKE} histogram" in text else None
+
+
+def server_intake(text: str, mode: str) -> tuple[float, float]:
+    """(sum in s, count) of the server's intake histogram for this mode's input: the time
+    from a request's arrival at the replica to its choices running in the engine."""
     label = f'{{input="{INTAKE_INPUT[mode]}"}}'
-    figures = dict(line.rsplit(" ", 1) for line in text.splitlines()
-                   if line.startswith((f"{INTAKE}_sum{label} ", f"{INTAKE}_count{label} ")))
-    return (float(figures.get(f"{INTAKE}_sum{label}", 0.0)), float(figures.get(f"{INTAKE}_count{label}", 0.0)))
+    return (_sample(text, f"{INTAKE}_sum{label}"), _sample(text, f"{INTAKE}_count{label}"))
+
+
+def kernel_compiles(text: str) -> float:
+    """Triton kernels the engine compiled while serving (each stalled a step)."""
+    return _sample(text, COMPILES)
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of the sample `name` (with its labels), 0 where the text has none."""
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -337,24 +351,31 @@ def main(argv=None) -> dict:
         asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token) for p in warmup],
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
-    intake = {m: [0.0, 0.0] for m in modes}  # the timed requests' server intake: seconds, count
+    # The timed requests' server intake (seconds, count) and the engine's kernel compiles
+    # meanwhile, per mode, from the server's /metrics before and after each round.
+    intake = {m: [0.0, 0.0] for m in modes}
+    compiles = dict.fromkeys(modes, 0.0)
     rounds_run = dict.fromkeys(modes, 0)
     for mode in round_order(modes, args.rounds):
         mode_bodies = bodies(mode, rounds_run[mode])
         rounds_run[mode] += 1
-        before = server_intake(args.base_url, mode)
+        before = server_metrics(args.base_url)
         mode_results, duration = asyncio.run(run(args, url, mode_bodies, max_concurrency=args.max_concurrency,
                                                  rate=args.request_rate))
-        after = server_intake(args.base_url, mode)
+        after = server_metrics(args.base_url)
         results[mode] += mode_results
         durations[mode] += duration
         if before is not None and after is not None:
-            intake[mode][0] += after[0] - before[0]
-            intake[mode][1] += after[1] - before[1]
+            (sum_before, count_before) = server_intake(before, mode)
+            (sum_after, count_after) = server_intake(after, mode)
+            intake[mode][0] += sum_after - sum_before
+            intake[mode][1] += count_after - count_before
+            compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
     report = {m: summarize(results[m], durations[m]) for m in modes}
     for mode in modes:
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
+            report[mode]["kernel compiles while serving"] = int(compiles[mode])
     print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
     if args.serving_overhead:
         overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)

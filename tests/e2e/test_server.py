@@ -526,12 +526,30 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
         assert 0 < report[mode]["median TTFT (ms)"] <= report[mode]["p99 TTFT (ms)"]
         # The server's intake of each timed request (arrival to running) is part of its TTFT.
         assert 0 < report[mode]["mean server intake (ms)"] < report[mode]["mean TTFT (ms)"]
+        assert report[mode]["kernel compiles while serving"] == 0  # on CPU nothing compiles
         overhead = report["overhead"][mode]
         assert overhead["samples"] == 3 and overhead["median engine TTFT (ms)"] > 0
         assert overhead["serving overhead (ms)"] == pytest.approx(
             overhead["median HTTP TTFT (ms)"] - overhead["median engine TTFT (ms)"])
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out and "serving overhead (ms)" in out and "ratio" in out
+
+
+def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
+    script = runpy.run_path(str(BENCH))
+    text = "\n".join([
+        "# TYPE shardserve_request_intake_seconds histogram",
+        'shardserve_request_intake_seconds_sum{input="prompt"} 0.25',
+        'shardserve_request_intake_seconds_count{input="prompt"} 10.0',
+        'shardserve_request_intake_seconds_sum{input="prompt_embeds"} 0.5',
+        'shardserve_request_intake_seconds_count{input="prompt_embeds"} 4.0',
+        "# TYPE shardserve_engine_kernel_compiles_total counter",
+        "shardserve_engine_kernel_compiles_total 3.0",
+    ])
+    assert script["server_intake"](text, "token ids") == (0.25, 10.0)
+    assert script["server_intake"](text, "prompt_embeds") == (0.5, 4.0)
+    assert script["kernel_compiles"](text) == 3.0
+    assert script["kernel_compiles"]("# an older server\n") == 0.0
 
 
 def test_bench_serving_alternates_modes_across_rounds():
