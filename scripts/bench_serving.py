@@ -96,30 +96,28 @@ INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
 COMPILES = "shardserve_engine_kernel_compiles_total"
 
 
-def server_metrics(base_url: str) -> str | None:
-    """The server's Prometheus text; None when it is not a shardserve server's."""
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text as {sample with its labels: value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def server_metrics(base_url: str) -> dict[str, float] | None:
+    """The server's /metrics samples; None when it is not a shardserve server."""
     text = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/metrics").text
-    return text if f"# TYPE {INTAKE} histogram" in text else None
+    return metric_samples(text) if f"# TYPE {INTAKE} histogram" in text else None
 
 
-def server_intake(text: str, mode: str) -> tuple[float, float]:
+def server_intake(samples: dict[str, float], mode: str) -> tuple[float, float]:
     """(sum in s, count) of the server's intake histogram for this mode's input: the time
     from a request's arrival at the replica to its choices running in the engine."""
     label = f'{{input="{INTAKE_INPUT[mode]}"}}'
-    return (_sample(text, f"{INTAKE}_sum{label}"), _sample(text, f"{INTAKE}_count{label}"))
+    return samples.get(f"{INTAKE}_sum{label}", 0.0), samples.get(f"{INTAKE}_count{label}", 0.0)
 
 
-def kernel_compiles(text: str) -> float:
+def kernel_compiles(samples: dict[str, float]) -> float:
     """Triton kernels the engine compiled while serving (each stalled a step)."""
-    return _sample(text, COMPILES)
-
-
-def _sample(text: str, name: str) -> float:
-    """The value of the sample `name` (with its labels), 0 where the text has none."""
-    for line in text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return samples.get(COMPILES, 0.0)
 
 
 def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list[list[int]]:

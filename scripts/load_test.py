@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from api.embeds_codec import encode_prompt_embeds
-from scripts.bench_serving import check_loopback
+from scripts.bench_serving import check_loopback, metric_samples
 
 # Ray actor classes whose processes make up a server: their RSS is what must not grow.
 SERVER_ACTOR_CLASSES = ("ShardWorker", "ServeReplica", "ProxyActor")
@@ -127,9 +127,7 @@ async def run_round(args, url: str, model: str, round_index: int, deadline: floa
 
 
 def server_metrics(root: str) -> dict[str, float]:
-    text = httpx.get(f"{root}/metrics", timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return metric_samples(httpx.get(f"{root}/metrics", timeout=10).text)
 
 
 def settle(root: str) -> dict[str, float]:

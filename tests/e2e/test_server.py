@@ -546,10 +546,11 @@ def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
         "# TYPE shardserve_engine_kernel_compiles_total counter",
         "shardserve_engine_kernel_compiles_total 3.0",
     ])
-    assert script["server_intake"](text, "token ids") == (0.25, 10.0)
-    assert script["server_intake"](text, "prompt_embeds") == (0.5, 4.0)
-    assert script["kernel_compiles"](text) == 3.0
-    assert script["kernel_compiles"]("# an older server\n") == 0.0
+    samples = script["metric_samples"](text)
+    assert script["server_intake"](samples, "token ids") == (0.25, 10.0)
+    assert script["server_intake"](samples, "prompt_embeds") == (0.5, 4.0)
+    assert script["kernel_compiles"](samples) == 3.0
+    assert script["kernel_compiles"](script["metric_samples"]("# an older server\n")) == 0.0
 
 
 def test_bench_serving_alternates_modes_across_rounds():
