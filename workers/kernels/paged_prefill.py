@@ -141,7 +141,7 @@ def paged_prefill_attention(
     num_requests = seq_lens.shape[0]
     if num_tokens == 0 or num_requests == 0 or max_query_len == 0:
         return out
-    block_m = max(block_m, triton.next_power_of_2(group))  # at least one query row per program
+    block_m = _tile_rows(group, block_m)
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), num_requests, num_kv_heads)
     if block_map is not None:
@@ -164,7 +164,13 @@ def paged_prefill_attention(
 def query_rows_per_program(num_heads: int, num_kv_heads: int, block_m: int = BLOCK_M) -> int:
     """Query rows one program of the kernel takes (its BLOCK_Q) for this head grouping."""
     group = num_heads // num_kv_heads
-    return max(block_m, 1 << (group - 1).bit_length()) // group
+    return _tile_rows(group, block_m) // group
+
+
+def _tile_rows(group: int, block_m: int) -> int:
+    """A program's tile rows (BLOCK_M): block_m, or more so that it holds at least one
+    query row of `group` heads."""
+    return max(block_m, 1 << (group - 1).bit_length())
 
 
 def query_block_map(query_lens: list[int], rows_per_program: int, num_programs: int) -> list[int]:
