@@ -71,7 +71,7 @@ def test_a_compile_without_its_start_is_still_counted(hooks):
     watch = CompileWatch()
     watch.install()
     watch.serving()
-    knobs.runtime.jit_post_compile_hook(key=("unhashable", ["list"]), repr="k[](...)", fn=_FnInfo(),
+    knobs.runtime.jit_post_compile_hook(key="never started", repr="k[](...)", fn=_FnInfo(),
                                         compile={}, is_manual_warmup=False, already_compiled=False)
     assert watch.num_compiles == 1
 

@@ -66,13 +66,13 @@ class CompileWatch:
     def compile_started(self, info: dict) -> None:
         """Triton's jit_cache_hook arguments: a kernel is about to compile."""
         with self._lock:
-            self._started[_key(info)] = time.monotonic()
+            self._started[info["key"]] = time.monotonic()
 
     def compile_ended(self, info: dict) -> None:
         """Triton's jit_post_compile_hook arguments: the kernel has compiled (or loaded
         from Triton's on-disk cache)."""
         with self._lock:
-            started = self._started.pop(_key(info), None)
+            started = self._started.pop(info["key"], None)
             if not self._serving:
                 return
             self.num_compiles += 1
@@ -80,15 +80,6 @@ class CompileWatch:
         logger.warning(
             "Triton compiled %s%s while serving; the step waited for it. The engine's start-up "
             "ran no step of this shape. Specialization: %s", _name(info), took, info.get("repr", "?"))
-
-
-def _key(info: dict):
-    key = info.get("key")
-    try:
-        hash(key)
-    except TypeError:
-        return repr(key)
-    return key
 
 
 def _name(info: dict) -> str:
