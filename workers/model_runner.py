@@ -85,7 +85,7 @@ class ModelRunner:
         spans, and prefills alone, over int64 block tables of the step's own width; 1 to
         MAX_ROWS decodes alone, with contexts long enough for several splits; and the LM
         head on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs sample
-        1, 2, 4, ...). Every rank runs the same steps, so their collectives pair up. The
+        1, 2, 4, ...), then greedy sampling's argmax over those logits. Every rank runs the same steps, so their collectives pair up. The
         rows write and read only the scratch block. On CPU nothing compiles; the steps run
         anyway, so that the tests cover this path."""
         block_size, max_len = self.config.block_size, self.config.max_model_len
@@ -105,7 +105,10 @@ class ModelRunner:
             hidden = self.model(ids, metadata.positions, metadata, self.kv_caches)
             if index == 0:  # the LM head on the sampled rows of an eager mixed step
                 for rows in range(1, min(gemv.MAX_ROWS, hidden.shape[0]) + 1):
-                    self.model.compute_logits(hidden[:rows])
+                    logits = self.model.compute_logits(hidden[:rows])
+                # Greedy sampling's argmax (the sampler's, and followers' greedy feedback):
+                # no graph captures it, so without this its first step compiled it.
+                argmax(logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

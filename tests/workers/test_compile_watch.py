@@ -59,6 +59,8 @@ def test_compiles_after_serving_are_counted_and_logged_and_earlier_hooks_still_r
     message = record.getMessage()
     assert "workers.kernels.paged_attention._paged_decode_kernel" in message
     assert "NUM_SPLITS: constexpr=3" in message and " ms while serving" in message
+    assert list(watch.recent) == ["workers.kernels.paged_attention._paged_decode_kernel: "
+                                  "_paged_decode_kernel[num_warps=4](NUM_SPLITS: constexpr=3)"]
     # The hooks that were there before run in turn, and the cache hook's answer is theirs.
     assert compile_once("skip me") is True
     assert hooks == [("cache", "2"), ("post", "2"), ("cache", "3"), ("post", "3"),

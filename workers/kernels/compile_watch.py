@@ -14,6 +14,7 @@ serializes each compile's specialization, which it otherwise skips)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ class CompileWatch:
 
     def __init__(self) -> None:
         self.num_compiles = 0  # since serving()
+        self.recent: collections.deque[str] = collections.deque(maxlen=32)  # "kernel: specialization"
         self._serving = False
         self._started: dict[object, float] = {}  # compile key -> when its cache miss was seen
         self._lock = threading.Lock()
@@ -77,9 +79,11 @@ class CompileWatch:
                 return
             self.num_compiles += 1
         took = "" if started is None else f" in {(time.monotonic() - started) * 1e3:.0f} ms"
+        name, specialization = _name(info), info.get("repr", "?")
+        self.recent.append(f"{name}: {specialization}")
         logger.warning(
             "Triton compiled %s%s while serving; the step waited for it. The engine's start-up "
-            "ran no step of this shape. Specialization: %s", _name(info), took, info.get("repr", "?"))
+            "ran no step of this shape. Specialization: %s", name, took, specialization)
 
 
 def _name(info: dict) -> str:
