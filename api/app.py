@@ -9,6 +9,7 @@ import dataclasses
 from ray.serve import Application
 
 from api.deployment import ShardServeServer
+from api.ingress import PROXY_CALLBACK
 from api.settings import ServerSettings
 from cluster.engine_args import resolve_device
 from cluster.placement import placement_shortfall, replica_bundles
@@ -24,12 +25,14 @@ REPLICA_ENV_VARS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
-# The same for the HTTP proxy (its router on the proxy's own loop), which Serve starts
-# from the cluster's environment: `shardserve serve` sets these before starting a local
-# Ray; on an existing cluster, set them in the environment of `ray start`.
+# The same for the HTTP proxy (its router on the proxy's own loop), and a request's body
+# read whole in the proxy before it is routed (api/ingress.py, WholeBodyMiddleware). Serve
+# starts the proxy from the cluster's environment: `shardserve serve` sets these before
+# starting a local Ray; on an existing cluster, set them in the environment of `ray start`.
 PROXY_ENV_VARS = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
 }
 
 

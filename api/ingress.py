@@ -7,6 +7,13 @@
   the body or the streamed tokens. On the 8B shape at concurrency 1 it cut the serving
   overhead from 9.3 to 2.2 ms for token ids (BENCHMARKS.md, "Online serving", session 11).
 
+Behind Serve's proxy, a body would reach the replica in as many actor calls as batches of
+it had arrived at the proxy when the replica asked: a 0.7 MB prompt_embeds body took four.
+WholeBodyMiddleware, which `shardserve serve` installs in the proxy through Serve's proxy
+callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=api.ingress.proxy_middlewares), reads a
+body of up to PROXY_BODY_BUFFER_BYTES before the proxy routes the request, so that it
+travels in one.
+
 Serve reads its ingress from the environment of the cluster's processes, when they start.
 `shardserve serve --ingress haproxy` sets it for the local Ray it starts; on a cluster, set
 RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment of
@@ -17,6 +24,8 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
+
+PROXY_CALLBACK = "api.ingress.proxy_middlewares"
 
 INGRESSES = ("proxy", "haproxy")
 
@@ -60,6 +69,74 @@ def local_haproxy_env() -> dict[str, str]:
     return {**HAPROXY_ENV_VARS,
             "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(besides=stats_port))}
+
+
+# What Serve's proxy reads of a body before it routes the request (WholeBodyMiddleware): a
+# (512, 4096) bf16 prompt_embeds tensor is 5.6 MB of base64. A larger body's first
+# PROXY_BODY_BUFFER_BYTES go in one message and the rest as it comes, so a proxy holds at
+# most this much of each request it routes.
+PROXY_BODY_BUFFER_BYTES = 16 << 20
+
+
+class WholeBodyMiddleware:
+    """ASGI middleware for Serve's HTTP proxy: reads an HTTP request's body, up to
+    `max_bytes`, before the proxy routes the request, then hands it on as one message.
+
+    The proxy routes a request as soon as its headers are in; the replica then pulls the
+    body back over actor calls, each taking the chunks that have reached the proxy by then.
+    Under load, with the proxy's loop busy relaying token streams, a 0.7 MB body came in
+    four such calls (BENCHMARKS.md, "Online serving", session 10). Read whole first, it
+    comes in one. The replica could not start on the request before its whole body anyway
+    (it is one JSON document). A body declared larger than max_bytes, and any message
+    after the body (a disconnect), pass through as they come."""
+
+    num_joined_bodies = 0  # bodies this process read in several chunks and passed on in one
+
+    def __init__(self, app, max_bytes: int = PROXY_BODY_BUFFER_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or _declared_length(scope) > self.max_bytes:
+            return await self.app(scope, receive, send)
+        chunks, size, queued = [], 0, []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was in
+                queued.append(message)
+                more = True
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if not more or size >= self.max_bytes:
+                break
+        queued.insert(0, {"type": "http.request", "body": b"".join(chunks), "more_body": more})
+        if not more and len(chunks) > 1:
+            WholeBodyMiddleware.num_joined_bodies += 1
+
+        async def replay():
+            return queued.pop(0) if queued else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _declared_length(scope) -> int:
+    """The request's Content-Length, or 0 (none, or not a number: chunked uploads)."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def proxy_middlewares() -> list:
+    """Serve's proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH), called in each
+    HTTP proxy as it starts: WholeBodyMiddleware, and a uvicorn that reads a body without
+    waiting for the app's turn (raise_body_buffer_limit)."""
+    from starlette.middleware import Middleware
+
+    raise_body_buffer_limit()
+    return [Middleware(WholeBodyMiddleware)]
 
 
 def raise_body_buffer_limit(limit: int = BODY_BUFFER_BYTES) -> None:

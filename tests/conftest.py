@@ -34,6 +34,12 @@ def shardserve_cache(tmp_path_factory):
 def ray_cluster(shardserve_cache):
     import ray
 
+    from api.app import PROXY_ENV_VARS
+
+    # Serve's proxy as `shardserve serve` starts it (the local Ray's processes inherit this
+    # environment): its router on its own loop, bodies read whole before routing.
+    for name, value in PROXY_ENV_VARS.items():
+        os.environ.setdefault(name, value)
     # Logical CPUs: TP=8 engines and Serve replicas need more bundles than 2 cores.
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"SHARDSERVE_CACHE_DIR": str(shardserve_cache)}})

@@ -170,3 +170,15 @@ def test_dashboard_queries_only_metrics_that_exist_and_shows_them_all():
     for variable in ("application", "replica"):
         queried.add(_metric_of(QUERIED.search(variables[variable]["definition"]).group(1)))
     assert queried == set(METRICS)
+
+
+def test_rayservice_pods_start_serves_proxy_as_shardserve_serve_does():
+    """Every pod's Ray gets `shardserve serve`'s proxy settings (api.app.PROXY_ENV_VARS):
+    Serve starts a proxy on every node from that node's environment."""
+    from api.app import PROXY_ENV_VARS
+
+    cluster = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for container in (c for group in groups for c in group["template"]["spec"]["containers"]):
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert PROXY_ENV_VARS.items() <= env.items(), container["name"]

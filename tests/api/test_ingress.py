@@ -1,15 +1,19 @@
-"""The haproxy ingress's set-up (no Ray cluster): the environment `shardserve serve
---ingress haproxy` gives its local Ray, the refusal on a cluster, and the replica's larger
-uvicorn body buffer."""
+"""The ingresses' set-up (no Ray cluster): the environment `shardserve serve --ingress
+haproxy` gives its local Ray, the refusal on a cluster, the replica's larger uvicorn body
+buffer, and the middleware that reads a body whole in Serve's proxy."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import uvicorn.protocols.http.h11_impl as h11_impl
 import uvicorn.protocols.http.httptools_impl as httptools_impl
 
 from api import cli
-from api.ingress import BODY_BUFFER_BYTES, HAPROXY_ENV_VARS, local_haproxy_env, raise_body_buffer_limit
+from api.app import PROXY_ENV_VARS
+from api.ingress import (BODY_BUFFER_BYTES, HAPROXY_ENV_VARS, WholeBodyMiddleware, local_haproxy_env,
+                         proxy_middlewares, raise_body_buffer_limit)
 
 
 def test_the_local_environment_is_rays_high_throughput_mode_with_free_haproxy_ports():
@@ -53,3 +57,85 @@ def test_the_replicas_uvicorn_reads_bodies_past_64_kib_without_waiting(monkeypat
     assert h11_impl.HIGH_WATER_LIMIT == httptools_impl.HIGH_WATER_LIMIT == BODY_BUFFER_BYTES
     raise_body_buffer_limit(1024)  # never lowered
     assert h11_impl.HIGH_WATER_LIMIT == httptools_impl.HIGH_WATER_LIMIT == BODY_BUFFER_BYTES
+
+
+def _through_middleware(messages: list[dict], *, max_bytes: int = 1 << 20, headers=(), scope_type="http",
+                        extra_receives: int = 0) -> list[dict]:
+    """What an app behind WholeBodyMiddleware receives when the client's side yields
+    `messages`: the app reads until a message without more_body (as it reads a body), then
+    `extra_receives` more (as Serve's proxy watches for a disconnect)."""
+    client = list(messages)
+
+    async def receive():
+        return client.pop(0)
+
+    received = []
+
+    async def app(scope, receive, send):
+        received.append(await receive())
+        while received[-1].get("more_body", False):
+            received.append(await receive())
+        for _ in range(extra_receives):
+            received.append(await receive())
+
+    scope = {"type": scope_type, "headers": list(headers)}
+    asyncio.run(WholeBodyMiddleware(app, max_bytes=max_bytes)(scope, receive, None))
+    return received
+
+
+def _chunk(body: bytes, more: bool) -> dict:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_a_body_in_chunks_reaches_the_app_in_one_message_and_later_messages_pass_through():
+    before = WholeBodyMiddleware.num_joined_bodies
+    chunks = [_chunk(b"a" * 65536, True), _chunk(b"b" * 65536, True), _chunk(b"c" * 1000, False)]
+    received = _through_middleware([*chunks, {"type": "http.disconnect"}], extra_receives=1)
+    assert received == [_chunk(b"a" * 65536 + b"b" * 65536 + b"c" * 1000, False), {"type": "http.disconnect"}]
+    assert WholeBodyMiddleware.num_joined_bodies == before + 1
+
+
+def test_past_max_bytes_the_first_part_comes_whole_and_the_rest_as_it_arrives():
+    chunks = [_chunk(b"a" * 600, True), _chunk(b"b" * 600, True), _chunk(b"c" * 600, False)]
+    received = _through_middleware(chunks, max_bytes=1000)
+    assert received == [_chunk(b"a" * 600 + b"b" * 600, True), _chunk(b"c" * 600, False)]
+
+
+def test_a_body_declared_larger_than_max_bytes_passes_untouched():
+    """The replica answers it 413 from its Content-Length: nothing is held in the proxy."""
+    chunks = [_chunk(b"a" * 600, True), _chunk(b"b" * 600, False)]
+    assert _through_middleware(chunks, max_bytes=1000, headers=[(b"content-length", b"1200")]) == chunks
+    # A declared length within the bound (or none, or not a number) is read whole.
+    for headers in ([(b"content-length", b"1200")], [], [(b"content-length", b"12x")]):
+        assert _through_middleware(chunks, max_bytes=2000, headers=headers) == [_chunk(b"a" * 600 + b"b" * 600, False)]
+    before = WholeBodyMiddleware.num_joined_bodies
+    assert _through_middleware([_chunk(b"", False)]) == [_chunk(b"", False)]  # a GET's: nothing to join
+    assert WholeBodyMiddleware.num_joined_bodies == before
+
+
+def test_a_client_gone_before_its_body_ended_is_a_partial_body_then_the_disconnect():
+    before = WholeBodyMiddleware.num_joined_bodies
+    received = _through_middleware([_chunk(b"a" * 10, True), {"type": "http.disconnect"}])
+    assert received == [_chunk(b"a" * 10, True), {"type": "http.disconnect"}]
+    assert WholeBodyMiddleware.num_joined_bodies == before
+
+
+def test_other_scopes_pass_through():
+    messages = [{"type": "websocket.connect"}]
+    assert _through_middleware(messages, scope_type="websocket") == messages
+
+
+def test_shardserve_serve_installs_the_middleware_in_serves_proxy(monkeypatch):
+    """`shardserve serve` sets the proxy callback for the local Ray it starts; the callback
+    returns what Serve's proxy accepts (starlette Middleware) and raises uvicorn's buffer."""
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    assert PROXY_ENV_VARS["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "api.ingress.proxy_middlewares"
+    for module in (h11_impl, httptools_impl):
+        monkeypatch.setattr(module, "HIGH_WATER_LIMIT", 65536)
+    [middleware] = validate_http_proxy_callback_return(
+        call_function_from_import_path(PROXY_ENV_VARS["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]))
+    assert middleware.cls is WholeBodyMiddleware
+    assert h11_impl.HIGH_WATER_LIMIT == BODY_BUFFER_BYTES
+    assert [m.cls for m in proxy_middlewares()] == [WholeBodyMiddleware]

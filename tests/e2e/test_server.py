@@ -196,6 +196,31 @@ def test_list_of_embeddings_and_mixed_prompt_put_embeddings_first(client):
     assert texts == {c.index: c.text for c in mixed.choices} and usage == mixed.usage.model_dump()
 
 
+def _joined_bodies_in_serves_proxy() -> int:
+    """WholeBodyMiddleware.num_joined_bodies in the Serve HTTP proxy of this (one-node) Ray."""
+    import ray
+
+    [proxy] = [ray.get_actor(a["name"], namespace=a["namespace"])
+               for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_PROXY_ACTOR")]
+    return ray.get(proxy.__ray_call__.remote(
+        lambda _: __import__("api.ingress", fromlist=["ingress"]).WholeBodyMiddleware.num_joined_bodies))
+
+
+def test_a_large_prompt_embeds_body_reaches_the_replica_whole_and_decodes_as_offline(client, llm):
+    """600 rows of 256 float32: 0.8 MB of base64, which arrives at Serve's proxy in several
+    chunks. The session's Ray has `shardserve serve`'s proxy settings, so the proxy reads
+    the body whole before routing it (api/ingress.py, WholeBodyMiddleware); the result is
+    the offline engine's."""
+    embeds = random_embeds(11, rows=600)
+    before = _joined_bodies_in_serves_proxy()
+    result = complete(client, [embeds], max_tokens=4)
+    assert _joined_bodies_in_serves_proxy() == before + 1
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    (expected,) = llm.generate([{"prompt_embeds": embeds}], params, use_tqdm=False)[0].outputs
+    assert result.usage.prompt_tokens == 600
+    assert result.choices[0].text == expected.text
+
+
 def test_http_results_equal_llm_generate(client, llm, embed_table):
     ids = random_ids(4)
     prompts = [TEXTS[0], TEXTS[1], {"prompt_token_ids": ids},
