@@ -115,8 +115,12 @@ def rank_main(rank, results):
             lamport.lamport_all_reduce(got, addresses, slots, rank, world_size, reduce=False)
             time.sleep(0.02)
             lamport.lamport_all_reduce(got, addresses, slots, rank, world_size, push=False)
-        if not same_values(got, expected_sum(parts)):
-            wrong.append(call)
+        want = expected_sum(parts)
+        if not same_values(got, want):  # what a failure needs to be read: the first wrong element's bits
+            bad = (got.view(torch.int16) != want.view(torch.int16)) & ~(got.isnan() & want.isnan())
+            i = int(bad.nonzero()[0])
+            wrong.append(dict(call=call, numel=numel, wrong=int(bad.sum()), index=i, got=int(got.view(torch.int16)[i]),
+                              want=int(want.view(torch.int16)[i]), sent=[int(p.view(torch.int16)[i]) for p in parts]))
     results.put((rank, wrong))
 
 
