@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from api.metrics import METRICS, Metrics
+from scripts.bench_serving import metric_samples
 from workers.messages import EngineStats
 
 
@@ -17,9 +18,7 @@ def engine_stats(*, running: int, waiting: int, free_blocks: int, aborted: int =
 
 
 def samples(metrics: Metrics, stats=None) -> dict[str, float]:
-    text = metrics.render(stats).decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return metric_samples(metrics.render(stats).decode())
 
 
 def test_prometheus_text_counts_requests_tokens_and_latencies():

@@ -26,6 +26,7 @@ from api.embeds_codec import encode_prompt_embeds
 from api.settings import DEFAULT_MODEL_NAME, ServerSettings
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path, model_shape_path
+from scripts.bench_serving import metric_samples
 from tests.api.test_embeds_codec import _sparse_coo_out_of_range, b64, call_pickle, saved, with_pickle
 from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, wait_healthy
 
@@ -88,9 +89,7 @@ def stream_texts(client, embeds=(), prompt="", **kwargs) -> tuple[dict[int, str]
 
 
 def metrics(server_url: str) -> dict[str, float]:
-    text = httpx.get(f"{server_url}/metrics", timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return metric_samples(httpx.get(f"{server_url}/metrics", timeout=10).text)
 
 
 # The config file ----------------------------------------------------------------------
