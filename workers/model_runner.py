@@ -83,11 +83,12 @@ class ModelRunner:
         on a block map). Without this, the first step too large for the graphs compiled
         the eager variants, and its requests waited. The shapes are: decodes beside prefill
         spans, and prefills alone, over int64 block tables of the step's own width; 1 to
-        MAX_ROWS decodes alone, with contexts long enough for several splits; and the LM
-        head on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs sample
-        1, 2, 4, ...), then greedy sampling's argmax over those logits. Every rank runs the same steps, so their collectives pair up. The
-        rows write and read only the scratch block. On CPU nothing compiles; the steps run
-        anyway, so that the tests cover this path."""
+        MAX_ROWS decodes alone, with contexts long enough for several splits; the LM head
+        on 1 to MAX_ROWS sampled rows (the GEMV's per-row variants; the graphs sample 1, 2,
+        4, ...); and greedy sampling's argmax over those logits. Every rank runs the same
+        steps, so their collectives pair up. The rows write and read only the scratch
+        block. On CPU nothing compiles; the steps run anyway, so that the tests cover this
+        path."""
         block_size, max_len = self.config.block_size, self.config.max_model_len
         # (num_computed_tokens, num_new_tokens, table width): short contexts (one tile of
         # keys: decode attention in one split) in two blocks, long ones in up to 4 tiles.
