@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help="tokens a step may hold; longer prompts are prefilled in chunks "
                             "(default: max-model-len within [2048, 8192] on GPU, 2048 on CPU)")
-    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: cuda where the Ray cluster has a GPU for every shard, else cpu (default: auto)")
     serve.add_argument("--placement-strategy", default="STRICT_PACK",
                        choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])
     serve.add_argument("--kv-cache-memory-bytes", type=int, default=None)

@@ -4,6 +4,7 @@ or a Serve replica."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import ray
 from cluster.default_model import default_model_path, model_shape_path, shape_names
 from cluster.tokenizer import load_tokenizer
 from workers.config import EngineConfig, ModelConfig, parse_dtype
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_STEP_TOKENS = {"cuda": 8192, "cpu": 2048}  # the default step budget's ceiling
 
@@ -101,15 +104,23 @@ class EngineArgs:
         return path
 
     def _resolve_device(self) -> str:
-        return resolve_device(self.device)
+        return resolve_device(self.device, self.tensor_parallel_size)
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when the Ray cluster this process joined has a GPU, else "cpu";
-    any other value as it is."""
+def resolve_device(device: str, tensor_parallel_size: int) -> str:
+    """"auto" -> "cuda" when the Ray cluster this process joined has a GPU for every shard,
+    else "cpu" (with a warning if it has some GPUs: an engine it cannot place on them would
+    otherwise wait for GPUs that may never come); any other value as it is."""
     if device != "auto":
         return device
-    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus >= tensor_parallel_size:
+        return "cuda"
+    if gpus:
+        logger.warning("device auto: the Ray cluster has %g GPU(s), fewer than tensor_parallel_size=%d, so the "
+                       "engine runs on CPU; pass device='cuda' (--device cuda) to wait for GPUs instead",
+                       gpus, tensor_parallel_size)
+    return "cpu"
 
 
 def default_step_tokens(device: str, max_model_len: int) -> int:

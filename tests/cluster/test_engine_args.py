@@ -1,14 +1,16 @@
 """EngineArgs: the default step budget (max_num_batched_tokens) is the context length within
 [2048, 8192] on a GPU and 2048 on CPU, so a long prompt is prefilled in chunks between
 decode steps, and an explicit value wins; a max_model_len past the model's positions is an
-error at start. A shipped shape's name with load_format "dummy" is that shape's folder."""
+error at start. A shipped shape's name with load_format "dummy" is that shape's folder.
+device "auto" is CUDA only where the Ray cluster has a GPU for every shard."""
 
 from __future__ import annotations
 
 import pytest
 
 from cluster.default_model import model_shape_path
-from cluster.engine_args import EngineArgs, default_step_tokens
+from cluster import engine_args
+from cluster.engine_args import EngineArgs, default_step_tokens, resolve_device
 
 
 @pytest.mark.parametrize("device, max_model_len, expected", [
@@ -59,3 +61,26 @@ def test_a_shape_without_a_tokenizer_refuses_text_and_says_what_to_send():
     with pytest.raises(ValueError, match=r"no tokenizer.*a list of ids as the prompt over HTTP"):
         parse_prompt("hello", **kwargs)
     assert parse_prompt({"prompt_token_ids": [1, 2]}, **kwargs).prompt_token_ids == (1, 2)
+
+
+@pytest.mark.parametrize("gpus, tensor_parallel_size, expected, warns", [
+    (0, 1, "cpu", False), (1, 1, "cuda", False), (2, 2, "cuda", False), (8, 2, "cuda", False),
+    (1, 2, "cpu", True), (4, 8, "cpu", True),
+])
+def test_auto_device_is_cuda_only_where_every_shard_gets_a_gpu(monkeypatch, caplog, gpus, tensor_parallel_size,
+                                                                expected, warns):
+    """An engine the cluster's GPUs cannot hold would wait for GPUs that may never come
+    (one GPU, tensor_parallel_size 2): "auto" then runs it on CPU, and says so."""
+    monkeypatch.setattr(engine_args.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(engine_args.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)} if gpus
+                        else {"CPU": 16.0})
+    with caplog.at_level("WARNING", logger="cluster.engine_args"):
+        assert resolve_device("auto", tensor_parallel_size) == expected
+    assert ("fewer than tensor_parallel_size" in caplog.text) == warns
+    assert resolve_device("cuda", tensor_parallel_size) == "cuda"  # an explicit device waits for its GPUs
+    assert resolve_device("cpu", tensor_parallel_size) == "cpu"
+
+
+def test_auto_device_without_ray_is_cpu(monkeypatch):
+    monkeypatch.setattr(engine_args.ray, "is_initialized", lambda: False)
+    assert resolve_device("auto", 1) == "cpu"
