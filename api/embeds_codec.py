@@ -46,6 +46,7 @@ _METADATA_MEMBERS = {"version", ".data/version", "byteorder", ".format_version",
 _MAX_MEMBERS = 16
 _MAX_PICKLE_BYTES = 4096  # a single tensor's data.pkl is ~150 bytes
 _MAX_REASON_CHARS = 200
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local file header (zipfile's)
 _MARK = object()
 _EMPTY_HOOKS = object()  # the OrderedDict() of backward hooks every tensor pickle carries
 
@@ -131,21 +132,45 @@ def _decode_base64(data: str, max_bytes: int) -> bytes:
     return raw
 
 
-def _read_members(raw: bytes, max_bytes: int) -> dict[str, bytes]:
+def _read_members(raw: bytes, max_bytes: int) -> dict[str, bytes | memoryview]:
     """The archive's members keyed by name below the archive folder, after size checks."""
     if raw[:1] == b"\x80":
         raise PromptEmbedsError(
             "prompt_embeds is a legacy (non-zip) torch.save; save with the default "
             "zip format (torch.save(tensor, f))")
     try:
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-        infos = _checked_infos(archive.infolist(), max_bytes)
-        return {name: archive.read(info) for name, info in infos.items()}
+        infos = _checked_infos(zipfile.ZipFile(io.BytesIO(raw)).infolist(), max_bytes)
+        view = memoryview(raw)
+        members = {name: _stored_bytes(view, info) for name, info in infos.items()}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error,
-            NotImplementedError, RuntimeError) as exc:
+            NotImplementedError, RuntimeError, UnicodeDecodeError) as exc:
         raise PromptEmbedsError(
             f"prompt_embeds is not a readable torch.save zip archive: "
             f"{_bounded(str(exc))}") from None
+    # The storage records stay views of `raw` (_build copies the one it reads); the rest is small.
+    return {name: data if name.startswith("data/") else data.tobytes() for name, data in members.items()}
+
+
+def _stored_bytes(raw: memoryview, info: zipfile.ZipInfo) -> memoryview:
+    """A stored member's bytes, sliced from the archive without a copy, after its local
+    header: the signature, and the name the central directory gave (as zipfile checks).
+    CRC-32s are not checked, as torch.load does not: torch.save writes none after
+    torch.serialization.set_crc32_options(False). Sizes bound every slice."""
+    start = info.header_offset
+    header = raw[start:start + _LOCAL_HEADER.size]
+    if len(header) != _LOCAL_HEADER.size:
+        raise zipfile.BadZipFile(f"truncated local header of {info.filename!r}")
+    signature, _, _, flags, *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if signature != zipfile.stringFileHeader:
+        raise zipfile.BadZipFile(f"bad local header signature for {info.filename!r}")
+    name_start = start + _LOCAL_HEADER.size
+    name = raw[name_start:name_start + name_length].tobytes().decode("utf-8" if flags & 0x800 else "cp437")
+    if name != info.orig_filename:
+        raise zipfile.BadZipFile(f"member name in directory {info.orig_filename!r} and header {name!r} differ")
+    data_start = name_start + name_length + extra_length
+    if info.compress_size != info.file_size or data_start + info.file_size > len(raw):
+        raise zipfile.BadZipFile(f"member {info.filename!r} runs past the archive")
+    return raw[data_start:data_start + info.file_size]
 
 
 def _checked_infos(infos: list[zipfile.ZipInfo], max_bytes: int) -> dict[str, zipfile.ZipInfo]:

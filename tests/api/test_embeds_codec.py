@@ -214,6 +214,41 @@ def test_rejects_truncated_zip():
             decode(b64(raw[:cut]))
 
 
+def test_an_archive_saved_without_crc32s_decodes_as_torch_load_reads_it():
+    """torch.serialization.set_crc32_options(False) (large saves skip the checksums) writes
+    zeros where the CRC-32s go; zipfile refuses those, torch.load does not, nor do we."""
+    tensor = torch.randn(5, H)
+    torch.serialization.set_crc32_options(False)
+    try:
+        raw = saved(tensor)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with pytest.raises(zipfile.BadZipFile, match="CRC"):
+        members(raw)
+    assert torch.equal(decode(b64(raw)), tensor)
+    assert torch.equal(decode(b64(raw)), torch.load(io.BytesIO(raw), weights_only=True))
+
+
+def test_rejects_a_member_whose_local_header_disagrees_with_the_directory():
+    """zipfile's own check: the name in a member's local header is the central
+    directory's, so no entry of the directory reads another member's bytes."""
+    raw = bytearray(saved(torch.randn(3, H)))
+    at = raw.index(b"archive/data.pkl")  # the first: data.pkl's local header
+    raw[at:at + len(b"archive/data.pkl")] = b"archive/data.pkx"
+    with pytest.raises(PromptEmbedsError, match="not a readable.*differ"):
+        decode(b64(bytes(raw)))
+
+
+def test_rejects_a_member_whose_directory_size_runs_past_the_archive():
+    raw = bytearray(saved(torch.randn(3, H)))
+    record = zipfile.ZipFile(io.BytesIO(bytes(raw))).getinfo("archive/data/0")
+    at = raw.rindex(b"PK\x01\x02", 0, raw.rindex(b"archive/data/0"))  # its central directory entry
+    struct.pack_into("<LL", raw, at + 20, len(raw), len(raw))  # compressed and uncompressed sizes
+    assert record.file_size < len(raw)
+    with pytest.raises(PromptEmbedsError, match="not a readable.*runs past the archive"):
+        decode(b64(bytes(raw)), max_bytes=4 * len(raw))
+
+
 def test_rejects_legacy_pickle_format():
     raw = saved(torch.randn(3, H), _use_new_zipfile_serialization=False)
     with pytest.raises(PromptEmbedsError, match="legacy"):
