@@ -11,8 +11,10 @@ Behind Serve's proxy, a body would reach the replica in as many actor calls as b
 it had arrived at the proxy when the replica asked: a 0.7 MB prompt_embeds body took four.
 WholeBodyMiddleware, which `shardserve serve` installs in the proxy through Serve's proxy
 callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=api.ingress.proxy_middlewares), reads a
-body of up to PROXY_BODY_BUFFER_BYTES before the proxy routes the request, so that it
-travels in one.
+body of up to PROXY_BODY_BUFFER_BYTES before the proxy routes the request. A whole body of
+the app's own routes then travels in the request's scope, which the proxy sends with its
+call to the replica; the replica's ScopeBodyMiddleware reads it there, without a call
+back to the proxy (which, relaying token streams, answers such calls late under load).
 
 Serve reads its ingress from the environment of the cluster's processes, when they start.
 `shardserve serve --ingress haproxy` sets it for the local Ray it starts; on a cluster, set
@@ -77,6 +79,13 @@ def local_haproxy_env() -> dict[str, str]:
 # most this much of each request it routes.
 PROXY_BODY_BUFFER_BYTES = 16 << 20
 
+# Where a whole body read by WholeBodyMiddleware travels to the replica: in the ASGI scope,
+# which Serve's proxy pickles into its call to the replica, so the replica need not call the
+# proxy back for it. Only for POSTs to the paths of this app's routes that read a body
+# (ScopeBodyMiddleware puts it back there); other paths get their bodies as Serve relays them.
+BODY_SCOPE_KEY = "shardserve.body"
+SCOPE_BODY_PATHS = ("/v1/completions", "/tokenize", "/detokenize")
+
 
 class WholeBodyMiddleware:
     """ASGI middleware for Serve's HTTP proxy: reads an HTTP request's body, up to
@@ -86,11 +95,13 @@ class WholeBodyMiddleware:
     body back over actor calls, each taking the chunks that have reached the proxy by then.
     Under load, with the proxy's loop busy relaying token streams, a 0.7 MB body came in
     four such calls (BENCHMARKS.md, "Online serving", session 10). Read whole first, it
-    comes in one. The replica could not start on the request before its whole body anyway
-    (it is one JSON document). A body declared larger than max_bytes, and any message
-    after the body (a disconnect), pass through as they come."""
+    comes in one; for a POST to one of SCOPE_BODY_PATHS it comes in none, inside the
+    request's scope (BODY_SCOPE_KEY). The replica could not start on the request before its
+    whole body anyway (it is one JSON document). A body declared larger than max_bytes, and
+    any message after the body (a disconnect), pass through as they come."""
 
     num_joined_bodies = 0  # bodies this process read in several chunks and passed on in one
+    num_scope_bodies = 0  # bodies this process sent to the replica inside the request's scope
 
     def __init__(self, app, max_bytes: int = PROXY_BODY_BUFFER_BYTES):
         self.app = app
@@ -111,14 +122,53 @@ class WholeBodyMiddleware:
             more = message.get("more_body", False)
             if not more or size >= self.max_bytes:
                 break
-        queued.insert(0, {"type": "http.request", "body": b"".join(chunks), "more_body": more})
+        body = b"".join(chunks)
         if not more and len(chunks) > 1:
             WholeBodyMiddleware.num_joined_bodies += 1
+        if not more and body and scope.get("method") == "POST" and scope["path"].endswith(SCOPE_BODY_PATHS):
+            # The proxy pickles the scope into its call to the replica: the body rides along,
+            # and the replica's ScopeBodyMiddleware reads it there instead of calling back
+            # for it. What the proxy relays behind it is an empty body.
+            scope[BODY_SCOPE_KEY] = body
+            body = b""
+            WholeBodyMiddleware.num_scope_bodies += 1
+            send = _dropping_body(scope, send)
+        queued.insert(0, {"type": "http.request", "body": body, "more_body": more})
 
         async def replay():
             return queued.pop(0) if queued else await receive()
 
         await self.app(scope, replay, send)
+
+
+def _dropping_body(scope, send):
+    """`send`, which first drops the body from the scope: once the response starts, the
+    replica has the request, and the proxy holds no body for the rest of a long stream."""
+    async def send_dropping_body(message):
+        scope.pop(BODY_SCOPE_KEY, None)
+        await send(message)
+
+    return send_dropping_body
+
+
+class ScopeBodyMiddleware:
+    """ASGI middleware of the replica's app: a request whose body WholeBodyMiddleware put in
+    its scope gets that body from its first receive(); later receives (the disconnect
+    watch) go on to Serve's, whose first message is the empty body the proxy relayed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        body = scope.pop(BODY_SCOPE_KEY, None) if scope["type"] == "http" else None
+        if body is None:
+            return await self.app(scope, receive, send)
+        first = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive_body_first():
+            return first.pop() if first else await receive()
+
+        await self.app(scope, receive_body_first, send)
 
 
 def _declared_length(scope) -> int:

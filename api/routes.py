@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 
 from api.protocol import CompletionRequest, error_body, validation_error_body
 from api.errors import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError
+from api.ingress import ScopeBodyMiddleware
 from api.serving import OpenAIServing
 from api.tokenization import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from cluster.engine_client import EngineDeadError, RequestFailedError
@@ -51,6 +52,7 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
     app = FastAPI(title="shardserve", version=VERSION)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(ScopeBodyMiddleware)  # outermost: the body is back before any other reads it
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):

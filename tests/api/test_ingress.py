@@ -1,10 +1,12 @@
 """The ingresses' set-up (no Ray cluster): the environment `shardserve serve --ingress
 haproxy` gives its local Ray, the refusal on a cluster, the replica's larger uvicorn body
-buffer, and the middleware that reads a body whole in Serve's proxy."""
+buffer, the middleware that reads a body whole in Serve's proxy and sends it in the
+request's scope, and the replica's that reads it there."""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 import uvicorn.protocols.http.h11_impl as h11_impl
@@ -12,8 +14,8 @@ import uvicorn.protocols.http.httptools_impl as httptools_impl
 
 from api import cli
 from api.app import PROXY_ENV_VARS
-from api.ingress import (BODY_BUFFER_BYTES, HAPROXY_ENV_VARS, WholeBodyMiddleware, local_haproxy_env,
-                         proxy_middlewares, raise_body_buffer_limit)
+from api.ingress import (BODY_BUFFER_BYTES, BODY_SCOPE_KEY, HAPROXY_ENV_VARS, ScopeBodyMiddleware,
+                         WholeBodyMiddleware, local_haproxy_env, proxy_middlewares, raise_body_buffer_limit)
 
 
 def test_the_local_environment_is_rays_high_throughput_mode_with_free_haproxy_ports():
@@ -60,10 +62,11 @@ def test_the_replicas_uvicorn_reads_bodies_past_64_kib_without_waiting(monkeypat
 
 
 def _through_middleware(messages: list[dict], *, max_bytes: int = 1 << 20, headers=(), scope_type="http",
-                        extra_receives: int = 0) -> list[dict]:
+                        extra_receives: int = 0, scope: dict | None = None) -> list[dict]:
     """What an app behind WholeBodyMiddleware receives when the client's side yields
     `messages`: the app reads until a message without more_body (as it reads a body), then
-    `extra_receives` more (as Serve's proxy watches for a disconnect)."""
+    `extra_receives` more (as Serve's proxy watches for a disconnect). `scope` (updated in
+    place) adds to the request's scope."""
     client = list(messages)
 
     async def receive():
@@ -78,8 +81,29 @@ def _through_middleware(messages: list[dict], *, max_bytes: int = 1 << 20, heade
         for _ in range(extra_receives):
             received.append(await receive())
 
-    scope = {"type": scope_type, "headers": list(headers)}
+    scope = scope if scope is not None else {}
+    scope.update({"type": scope_type, "headers": list(headers)})
     asyncio.run(WholeBodyMiddleware(app, max_bytes=max_bytes)(scope, receive, None))
+    return received
+
+
+def _in_the_replica(scope: dict, relayed: list[dict], receives: int) -> list[dict]:
+    """What the replica's app behind ScopeBodyMiddleware receives in `receives` calls, given
+    the scope as Serve's proxy sends it (pickled) and the messages the proxy relays."""
+    scope = pickle.loads(pickle.dumps(scope))
+    relayed = list(relayed)
+
+    async def receive():
+        return relayed.pop(0)
+
+    received = []
+
+    async def app(app_scope, receive, send):
+        assert BODY_SCOPE_KEY not in app_scope
+        for _ in range(receives):
+            received.append(await receive())
+
+    asyncio.run(ScopeBodyMiddleware(app)(scope, receive, None))
     return received
 
 
@@ -118,6 +142,60 @@ def test_a_client_gone_before_its_body_ended_is_a_partial_body_then_the_disconne
     received = _through_middleware([_chunk(b"a" * 10, True), {"type": "http.disconnect"}])
     assert received == [_chunk(b"a" * 10, True), {"type": "http.disconnect"}]
     assert WholeBodyMiddleware.num_joined_bodies == before
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/llm/v1/completions", "/tokenize", "/detokenize"])
+def test_a_whole_body_of_the_apps_routes_rides_in_the_scope_and_the_replica_reads_it_first(path):
+    """Serve's proxy sends the scope with its call to the replica: a body in it needs no call
+    back to the proxy. The proxy relays an empty body behind it, then the disconnect."""
+    before = WholeBodyMiddleware.num_scope_bodies
+    scope = {"method": "POST", "path": path}
+    chunks = [_chunk(b"a" * 65536, True), _chunk(b"b" * 10, False)]
+    relayed = _through_middleware([*chunks, {"type": "http.disconnect"}], extra_receives=1, scope=scope)
+    assert relayed == [_chunk(b"", False), {"type": "http.disconnect"}]
+    assert scope[BODY_SCOPE_KEY] == b"a" * 65536 + b"b" * 10
+    assert WholeBodyMiddleware.num_scope_bodies == before + 1
+    assert _in_the_replica(scope, relayed, receives=3) == [
+        _chunk(b"a" * 65536 + b"b" * 10, False), _chunk(b"", False), {"type": "http.disconnect"}]
+
+
+def test_the_proxy_drops_a_scope_body_once_the_response_starts():
+    """The proxy's scope lives as long as the request's stream: past the response's start
+    it holds no body (up to 16 MiB each, for every request streaming through it)."""
+    scope = {"type": "http", "headers": [], "method": "POST", "path": "/v1/completions"}
+    sent, seen = [], []
+
+    async def receive():
+        return _chunk(b"x" * 100, False)
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(app_scope, receive, send):
+        await receive()
+        seen.append(BODY_SCOPE_KEY in app_scope)  # the proxy pickles it into its call here
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append(BODY_SCOPE_KEY in app_scope)
+
+    asyncio.run(WholeBodyMiddleware(app)(scope, receive, send))
+    assert seen == [True, False] and sent == [{"type": "http.response.start", "status": 200, "headers": []}]
+
+
+@pytest.mark.parametrize("method, path, messages", [
+    ("GET", "/v1/completions", [_chunk(b"x", False)]),
+    ("POST", "/v1/other", [_chunk(b"x", False)]),  # another app's route: its body as Serve relays it
+    ("POST", "/v1/completions", [_chunk(b"", False)]),
+    # past max_bytes: the first 1,200 bytes in one message, the rest as it comes
+    ("POST", "/v1/completions", [_chunk(b"a" * 600, True), _chunk(b"b" * 600, True), _chunk(b"c", False)]),
+    ("POST", "/v1/completions", [_chunk(b"a" * 10, True), {"type": "http.disconnect"}]),  # the client left
+])
+def test_any_other_body_is_relayed_as_it_came(method, path, messages):
+    before = WholeBodyMiddleware.num_scope_bodies
+    scope = {"method": method, "path": path}
+    relayed = _through_middleware(messages, max_bytes=1000, scope=scope)
+    assert BODY_SCOPE_KEY not in scope and WholeBodyMiddleware.num_scope_bodies == before
+    assert b"".join(m.get("body", b"") for m in relayed) == b"".join(m.get("body", b"") for m in messages)
+    assert _in_the_replica(scope, relayed, receives=len(relayed)) == relayed
 
 
 def test_other_scopes_pass_through():

@@ -195,29 +195,46 @@ def test_list_of_embeddings_and_mixed_prompt_put_embeddings_first(client):
     assert texts == {c.index: c.text for c in mixed.choices} and usage == mixed.usage.model_dump()
 
 
-def _joined_bodies_in_serves_proxy() -> int:
-    """WholeBodyMiddleware.num_joined_bodies in the Serve HTTP proxy of this (one-node) Ray."""
+def _bodies_in_serves_proxy() -> tuple[int, int]:
+    """WholeBodyMiddleware's counts in the Serve HTTP proxy of this (one-node) Ray: bodies
+    joined from several chunks, and bodies sent to the replica in the request's scope."""
     import ray
 
     [proxy] = [ray.get_actor(a["name"], namespace=a["namespace"])
                for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_PROXY_ACTOR")]
-    return ray.get(proxy.__ray_call__.remote(
-        lambda _: __import__("api.ingress", fromlist=["ingress"]).WholeBodyMiddleware.num_joined_bodies))
+
+    def counts(_):
+        from api.ingress import WholeBodyMiddleware
+        return WholeBodyMiddleware.num_joined_bodies, WholeBodyMiddleware.num_scope_bodies
+
+    return ray.get(proxy.__ray_call__.remote(counts))
 
 
 def test_a_large_prompt_embeds_body_reaches_the_replica_whole_and_decodes_as_offline(client, llm):
     """600 rows of 256 float32: 0.8 MB of base64, which arrives at Serve's proxy in several
     chunks. The session's Ray has `shardserve serve`'s proxy settings, so the proxy reads
-    the body whole before routing it (api/ingress.py, WholeBodyMiddleware); the result is
-    the offline engine's."""
+    the body whole before routing it and sends it in the request's scope (api/ingress.py,
+    WholeBodyMiddleware); the replica reads it there, and the result is the offline engine's."""
     embeds = random_embeds(11, rows=600)
-    before = _joined_bodies_in_serves_proxy()
+    joined, in_scope = _bodies_in_serves_proxy()
     result = complete(client, [embeds], max_tokens=4)
-    assert _joined_bodies_in_serves_proxy() == before + 1
+    assert _bodies_in_serves_proxy() == (joined + 1, in_scope + 1)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     (expected,) = llm.generate([{"prompt_embeds": embeds}], params, use_tqdm=False)[0].outputs
     assert result.usage.prompt_tokens == 600
     assert result.choices[0].text == expected.text
+
+
+def test_a_small_body_also_rides_in_the_scope_streamed_or_not(client):
+    """A token-id request's body too: the replica calls the proxy back for no body. A
+    streamed request (whose replica also watches the proxy for a disconnect) ends as usual."""
+    _, in_scope = _bodies_in_serves_proxy()
+    ids = random_ids(5, length=5)
+    result = complete(client, prompt=ids, max_tokens=3)
+    assert result.usage.prompt_tokens == 5 and result.usage.completion_tokens == 3
+    stream = complete(client, prompt=ids, max_tokens=3, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == result.choices[0].text
+    assert _bodies_in_serves_proxy()[1] == in_scope + 2
 
 
 def test_http_results_equal_llm_generate(client, llm, embed_table):
