@@ -4,6 +4,7 @@ HOST:PORT, and stays up until Ctrl-C / SIGTERM, then shuts down cleanly."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -107,6 +108,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall
+    from cluster.engine_args import resolve_device
     from api.ingress import local_haproxy_env
 
     settings = settings_from_args(args)
@@ -123,6 +125,9 @@ def serve_command(args: argparse.Namespace) -> int:
         if args.ingress == "haproxy":
             os.environ.update(local_haproxy_env())
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
+    # "auto" resolved once, against the cluster joined: the checks, the placement and the
+    # app then agree, and a warning that it fell back to CPU comes once.
+    settings = dataclasses.replace(settings, device=resolve_device(settings.device, settings.tensor_parallel_size))
     _check_engine_settings(settings)
     shortfall = replicas_shortfall(settings)
     if shortfall and not args.address:  # a Ray started here cannot grow
