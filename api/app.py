@@ -40,7 +40,7 @@ def build_app(args: dict | None = None) -> Application:
     """One ingress deployment; each replica reserves its shards' bundles (with its own
     CPU merged into bundle 0) in a placement group of its own."""
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_dict(dict(args or {}))
-    settings = dataclasses.replace(settings, device=resolve_device(settings.device, settings.tensor_parallel_size))
+    settings = with_resolved_device(settings)
     return ShardServeServer.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 0,
@@ -64,6 +64,11 @@ def replicas_shortfall(settings: ServerSettings) -> str | None:
     return shortfall
 
 
+def with_resolved_device(settings: ServerSettings) -> ServerSettings:
+    """The settings with device "auto" resolved against the Ray cluster this process joined."""
+    return dataclasses.replace(settings, device=resolve_device(settings.device, settings.tensor_parallel_size))
+
+
 def _replica_bundles(settings: ServerSettings) -> list[dict[str, float]]:
     """One replica's placement-group bundles: its shards', its own CPU merged into bundle 0."""
-    return replica_bundles(settings.tensor_parallel_size, resolve_device(settings.device, settings.tensor_parallel_size), REPLICA_CPUS)
+    return replica_bundles(settings.tensor_parallel_size, with_resolved_device(settings).device, REPLICA_CPUS)

@@ -4,7 +4,6 @@ HOST:PORT, and stays up until Ctrl-C / SIGTERM, then shuts down cleanly."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -107,8 +106,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall
-    from cluster.engine_args import resolve_device
+    from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall, with_resolved_device
     from api.ingress import local_haproxy_env
 
     settings = settings_from_args(args)
@@ -127,7 +125,7 @@ def serve_command(args: argparse.Namespace) -> int:
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
     # "auto" resolved once, against the cluster joined: the checks, the placement and the
     # app then agree, and a warning that it fell back to CPU comes once.
-    settings = dataclasses.replace(settings, device=resolve_device(settings.device, settings.tensor_parallel_size))
+    settings = with_resolved_device(settings)
     _check_engine_settings(settings)
     shortfall = replicas_shortfall(settings)
     if shortfall and not args.address:  # a Ray started here cannot grow
