@@ -24,10 +24,10 @@ from collections import defaultdict
 
 import torch
 
-from cluster.default_model import default_model_path
+from cluster.engine_args import EngineArgs
 from scripts.bench_args import add_model_args, model_path
 from scripts.step_events import new_event
-from workers.config import EngineConfig, ModelConfig
+from workers.config import EngineConfig
 from workers.intake import Intake, RequestState
 from workers.messages import NewRequest
 from workers.model_runner import ModelRunner
@@ -122,15 +122,21 @@ def summarize(records, buckets) -> dict:
     return {key: (n, gpu / n, timeline / n, host / n) for key, (n, gpu, timeline, host) in sorted(rows.items())}
 
 
+def engine_config(args: argparse.Namespace, cuda: bool) -> EngineConfig:
+    """The engine's settings as LLM(...) resolves them (--dtype auto: the checkpoint's
+    dtype); float32 on CPU."""
+    config, _ = EngineArgs(
+        model=model_path(args), dtype=args.dtype if cuda else "float32", load_format=args.load_format,
+        device="cuda" if cuda else "cpu", max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+    ).resolve()
+    return config
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    path = model_path(args) or str(default_model_path())
-    config = EngineConfig(
-        model=path, model_config=ModelConfig.from_pretrained(path), dtype=args.dtype if cuda else "float32",
-        load_format=args.load_format, device="cuda" if cuda else "cpu", max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-    )
+    config = engine_config(args, cuda)
     if cuda:
         torch.cuda.set_device(0)
     runner = ModelRunner(config, ProcessGroup(), torch.device("cuda", 0) if cuda else torch.device("cpu"))

@@ -71,6 +71,18 @@ def test_profile_step_loop_op_table(capsys):
     assert "Self CPU" in out and ("aten::mm" in out or "aten::addmm" in out)
 
 
+def test_profile_step_loop_resolves_dtype_auto_as_llm_does():
+    """--dtype auto (the default) is the checkpoint's dtype on CUDA; it reached the engine
+    as "auto" and was refused there, on every GPU host (session 21)."""
+    script = runpy.run_path(str(SCRIPTS / "profile_step_loop.py"))
+    parse_args, engine_config = script["parse_args"], script["engine_config"]
+    shape = ["--model-shape", "llama-3.2-1b", "--load-format", "dummy"]
+    assert engine_config(parse_args(shape), cuda=True).dtype == "bfloat16"
+    assert engine_config(parse_args(shape + ["--dtype", "float16"]), cuda=True).dtype == "float16"
+    assert engine_config(parse_args([]), cuda=True).dtype == "float32"  # the built-in model's own
+    assert engine_config(parse_args(shape), cuda=False).dtype == "float32"
+
+
 def test_profile_step_loop_accounts_for_every_step(capsys):
     main = runpy.run_path(str(SCRIPTS / "profile_step_loop.py"))["main"]
     result = main(["--num-prompts", "6", "--input-len", "12", "--output-len", "5",
