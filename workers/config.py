@@ -171,7 +171,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prompt_embeds: bool = False
     seed: int = 0
-    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, measured on GPU
+    kv_cache_memory_bytes: int | None = None  # None: 512 MiB on CPU, measured on GPU
     gpu_memory_utilization: float = 0.9
     placement_strategy: str = "STRICT_PACK"
     enforce_eager: bool = False  # True: no CUDA-graph capture (decode steps, one request's prefill)

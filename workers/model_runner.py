@@ -32,6 +32,7 @@ USE_PREFILL_GRAPHS = os.environ.get("SHARDSERVE_PREFILL_GRAPHS", "1") != "0"
 # prefill, 47 ms eagerly against 4.7 ms for a decode step; BENCHMARKS.md, "Mixed steps").
 MAX_GRAPH_PREFILLS = 4
 CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's CPU backend does
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -170,19 +171,23 @@ class ModelRunner:
             self.config.torch_dtype,
         )
         budget = self.config.kv_cache_memory_bytes
+        measured = ""
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             budget = int(total * self.config.gpu_memory_utilization) - used
+            measured = (f" (gpu_memory_utilization={self.config.gpu_memory_utilization} of the GPU's "
+                        f"{total / GIB:.1f} GiB, of which {used / GIB:.1f} GiB are in use already: the weights, "
+                        "other processes)")
         elif budget is None:
             budget = CPU_KV_CACHE_BYTES
-        num_blocks = budget // per_block
+        num_blocks = max(budget, 0) // per_block
         min_blocks = self.config.max_model_len // self.config.block_size + 2
         if num_blocks < min_blocks:
             raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {self.config.block_size} tokens, "
+                f"the KV cache holds {num_blocks} blocks of {self.config.block_size} tokens{measured}, "
                 f"fewer than one request of max_model_len={self.config.max_model_len} needs; "
-                "lower max_model_len or give the cache more memory"
+                "lower max_model_len or give the cache more memory (gpu_memory_utilization, kv_cache_memory_bytes)"
             )
         return int(num_blocks)
 
