@@ -41,6 +41,8 @@ def _install_timers(shard) -> bool:
 
     totals, counts = collections.defaultdict(float), collections.Counter()
     shard._phase_times = (totals, counts)
+    if shard.leader is None:
+        _wait_in_broadcast_object()
 
     def timed(fn, key):
         @functools.wraps(fn)
@@ -90,6 +92,24 @@ def _install_timers(shard) -> bool:
         # The leader process's only SampledTokens readers are its step loop's.
         sampler_module.SampledTokens.results = timed(sampler_module.SampledTokens.results, "results(wait)")
     return True
+
+
+def _wait_in_broadcast_object(timeout_s: float = 10.0) -> None:
+    """On a follower: returns once its step loop waits for the next plan. The warm-up's
+    output reaches the driver before the follower's loop is back there, and a wait begun
+    after the timers went in would count the warm-up's last one as the run's."""
+    import sys
+    import time as clock
+
+    deadline = clock.monotonic() + timeout_s
+    while clock.monotonic() < deadline:
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                if frame.f_code.co_name == "broadcast_object":
+                    return
+                frame = frame.f_back
+        clock.sleep(0.001)
+    raise TimeoutError(f"the follower's step loop did not wait for a plan within {timeout_s:g} s")
 
 
 def _phase_times(shard) -> dict:
