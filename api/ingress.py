@@ -84,7 +84,7 @@ PROXY_BODY_BUFFER_BYTES = 16 << 20
 # proxy back for it. Only for POSTs to the paths of this app's routes that read a body
 # (ScopeBodyMiddleware puts it back there); other paths get their bodies as Serve relays them.
 BODY_SCOPE_KEY = "shardserve.body"
-SCOPE_BODY_PATHS = ("/v1/completions", "/tokenize", "/detokenize")
+SCOPE_BODY_PATHS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 
 
 class WholeBodyMiddleware:

@@ -22,12 +22,12 @@ def openai_logprobs(token_ids, entries, num_top: int, text_offset: int = 0,
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         sampled = entry[token_id]
-        name = functools.partial(_token_name, entry, as_token_ids=as_token_ids)
-        ranked = sorted((tid for tid, lp in entry.items() if lp.rank is not None), key=lambda tid: entry[tid].rank)
+        name = functools.partial(token_name, entry, as_token_ids=as_token_ids)
+        ranked = ranked_token_ids(entry)
         out.tokens.append(name(token_id))
-        out.token_logprobs.append(_floored(sampled.logprob))
-        top = {name(tid): _floored(entry[tid].logprob) for tid in ranked[:num_top]}
-        top.setdefault(name(token_id), _floored(sampled.logprob))
+        out.token_logprobs.append(floored_logprob(sampled.logprob))
+        top = {name(tid): floored_logprob(entry[tid].logprob) for tid in ranked[:num_top]}
+        top.setdefault(name(token_id), floored_logprob(sampled.logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(sampled.decoded_token or "")
@@ -39,11 +39,17 @@ def decoded_length(token_ids, entries) -> int:
     return sum(len(entry[token_id].decoded_token or "") for token_id, entry in zip(token_ids, entries))
 
 
-def _floored(logprob: float) -> float:
+def ranked_token_ids(entry) -> list[int]:
+    """An entry's ranked token ids, most likely first (the sampled token, when it is not
+    among the top ones the engine computed, has no rank)."""
+    return sorted((tid for tid, lp in entry.items() if lp.rank is not None), key=lambda tid: entry[tid].rank)
+
+
+def floored_logprob(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
-def _token_name(entry, token_id: int, *, as_token_ids: bool) -> str:
+def token_name(entry, token_id: int, *, as_token_ids: bool) -> str:
     return f"token_id:{token_id}" if as_token_ids else entry[token_id].decoded_token or ""
 
 
@@ -69,7 +75,7 @@ def vllm_prompt_logprobs(token_ids: list[int], entries, num_top: int) -> list[di
     and those ranked within num_top (the engine may have computed more, for echo)."""
     out: list[dict[int, PromptLogprob] | None] = [None]
     for token_id, entry in zip(token_ids[1:], entries[1:]):
-        out.append({tid: PromptLogprob(logprob=_floored(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+        out.append({tid: PromptLogprob(logprob=floored_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
                     for tid, lp in entry.items() if tid == token_id or (lp.rank or 0) <= num_top})
     return out
 

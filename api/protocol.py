@@ -1,5 +1,6 @@
 """Pydantic models of the OpenAI completions API as vLLM users send it (with
-`prompt_embeds`), the mapping to SamplingParams, and error bodies; runs in the Serve ingress."""
+`prompt_embeds`), the sampling fields it shares with chat completions (api.chat) and
+their mapping to SamplingParams, and error bodies; runs in the Serve ingress."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -16,9 +17,6 @@ from cluster import SamplingParams  # re-exported: api imports cluster, never wo
 
 MAX_PROMPTS = 1024  # prompts per request (embeds + text), as vLLM's default cap
 
-# OpenAI fields we do not implement, with the values that mean "not used": the official
-# client sends a field only when the caller passes it, so these are accepted and dropped.
-_UNSUPPORTED_NEUTRAL = {"best_of": (None, 1), "suffix": (None, "")}
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -42,24 +40,25 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False  # vLLM's: usage in every chunk, with include_usage
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are errors, never silently ignored."""
+class GenerationRequest(BaseModel):
+    """What /v1/completions and /v1/chat/completions share: the model, streaming, and the
+    sampling fields (OpenAI's and vLLM's extras). Unknown fields are errors, never silently
+    ignored; `unsupported_neutral` lists the OpenAI fields not implemented, with the values
+    that mean "not used" (the official client sends a field only when the caller passes
+    it, so these are accepted and dropped)."""
 
     model_config = ConfigDict(extra="forbid")
+    unsupported_neutral: ClassVar[dict[str, tuple]] = {}
 
     model: str | None = None  # None: the served model
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
-    prompt_embeds: str | list[str] | None = None  # base64 of torch.save(tensor) each
     max_tokens: int | None = 16  # null: up to max_model_len
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    echo: bool | None = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
@@ -75,7 +74,6 @@ class CompletionRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # logprobs' tokens as "token_id:<id>"
-    prompt_logprobs: int | None = None  # vLLM's: each choice's prompt_logprobs, top-k per prompt token
     cache_salt: str | None = None  # vLLM's: shares cached prefixes only with the same salt
 
     @model_validator(mode="before")
@@ -86,17 +84,17 @@ class CompletionRequest(BaseModel):
         for name, value in data.items():
             if name in cls.model_fields:
                 continue
-            neutral = _UNSUPPORTED_NEUTRAL.get(name, ())
+            neutral = cls.unsupported_neutral.get(name, ())
             if not any(type(value) is type(v) and value == v for v in neutral):
                 accepted = " or ".join(map(json.dumps, neutral))
                 hint = f"; only {accepted} is accepted" if neutral else ""
                 raise PydanticCustomError(
                     "unsupported_field", "unsupported field '{field}'{hint}",
                     {"field": name, "hint": hint})
-        return {k: v for k, v in data.items() if k not in _UNSUPPORTED_NEUTRAL}
+        return {k: v for k, v in data.items() if k not in cls.unsupported_neutral}
 
     @model_validator(mode="after")
-    def _check_stream_options(self) -> CompletionRequest:
+    def _check_stream_options(self) -> GenerationRequest:
         # As vLLM checks it: an empty {} (or null) is no option.
         if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise PydanticCustomError(
@@ -114,24 +112,44 @@ class CompletionRequest(BaseModel):
         (only with include_usage, as in vLLM)."""
         return self.is_include_usage and bool(self.stream_options.continuous_usage_stats)
 
+    def sampling_values(self) -> dict[str, Any]:
+        """SamplingParams' arguments from the fields set (not null); max_tokens always."""
+        values = {name: getattr(self, name) for name in _SAMPLING_FIELDS
+                  if name in type(self).model_fields and getattr(self, name) is not None}
+        return {**values, "max_tokens": self.max_tokens}
+
+    def to_sampling_params(self) -> SamplingParams:
+        """SamplingParams with OpenAI defaults (temperature 1.0, n 1) where a field is
+        unset or null; its ValueError becomes a ProtocolError naming the field."""
+        try:
+            return SamplingParams(**self.sampling_values())
+        except ValueError as exc:
+            # SamplingParams messages start with the field name ("top_p must be in ...").
+            field = str(exc).split(" ", 1)[0]
+            raise ProtocolError(
+                str(exc), param=field if field in type(self).model_fields else None) from None
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    unsupported_neutral: ClassVar[dict[str, tuple]] = {"best_of": (None, 1), "suffix": (None, "")}
+
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
+    prompt_embeds: str | list[str] | None = None  # base64 of torch.save(tensor) each
+    logprobs: int | None = None
+    echo: bool | None = False
+    prompt_logprobs: int | None = None  # vLLM's: each choice's prompt_logprobs, top-k per prompt token
+
     @property
     def is_echo_only(self) -> bool:
         """echo with max_tokens 0, as vLLM takes it: the prompt back (with its logprobs, if
         asked) and nothing generated. The engine still samples one token, unsent."""
         return bool(self.echo) and self.max_tokens == 0
 
-    def to_sampling_params(self) -> SamplingParams:
-        """SamplingParams with OpenAI defaults (temperature 1.0, max_tokens 16, n 1) where a
-        field is unset or null; its ValueError becomes a ProtocolError naming the field."""
-        values = {name: getattr(self, name) for name in _SAMPLING_FIELDS
-                  if getattr(self, name) is not None}
-        try:
-            return SamplingParams(max_tokens=1 if self.is_echo_only else self.max_tokens, **values)
-        except ValueError as exc:
-            # SamplingParams messages start with the field name ("top_p must be in ...").
-            field = str(exc).split(" ", 1)[0]
-            raise ProtocolError(
-                str(exc), param=field if field in type(self).model_fields else None) from None
+    def sampling_values(self) -> dict[str, Any]:
+        values = super().sampling_values()
+        return {**values, "max_tokens": 1} if self.is_echo_only else values
 
 
 @dataclass(frozen=True)
@@ -240,18 +258,18 @@ def _without_unasked(model: BaseModel, handler, field: str) -> dict:
     return data
 
 
-def _completion_id() -> str:
+def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def _now() -> int:
+def unix_time() -> int:
     return int(time.time())
 
 
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=_completion_id)
+    id: str = Field(default_factory=completion_id)
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_time)
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
@@ -262,9 +280,9 @@ class CompletionStreamResponse(BaseModel):
     choices and carries `usage`; earlier chunks carry usage null, or, with vLLM's
     continuous_usage_stats, their choice's prompt and completion tokens so far."""
 
-    id: str = Field(default_factory=_completion_id)
+    id: str = Field(default_factory=completion_id)
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_time)
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
@@ -273,7 +291,7 @@ class CompletionStreamResponse(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_time)
     owned_by: str = "shardserve"
     root: str | None = None
     max_model_len: int | None = None

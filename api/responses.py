@@ -1,7 +1,8 @@
 """How a request's running choices become OpenAI's answer: one CompletionResponse, or the
 SSE lines of a stream (a chunk per update per choice, the usage chunk if asked, [DONE]).
 Echoed prompts, logprobs in OpenAI's and vLLM's shapes, and each choice's end counted in
-the metrics. Runs in the Serve ingress, on the replica's event loop."""
+the metrics; api.chat.ChatResponses gives chat's shapes to the same machinery. Runs in the
+Serve ingress, on the replica's event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from api.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     UsageInfo,
+    completion_id,
     error_body,
 )
 from cluster import SamplingParams
@@ -73,6 +74,10 @@ class Responses:
     counts each choice's end, and a request naming no model is answered with
     `served_model_name`."""
 
+    response_type = CompletionResponse
+    stream_chunk_type = CompletionStreamResponse
+    new_id = staticmethod(completion_id)
+
     def __init__(self, engine, metrics: Metrics, served_model_name: str, *, prompt_tokens_details: bool = False):
         self.engine = engine
         self.metrics = metrics
@@ -83,7 +88,7 @@ class Responses:
         """The whole response, once every choice has finished."""
         results = await asyncio.gather(*(self._run_choice(request, c) for c in choices))
         completion_tokens = sum(num for _, num in results)
-        return CompletionResponse(
+        return self.response_type(
             model=request.model or self.served_model_name,  # the alias asked for, as vLLM answers
             choices=[choice for choice, _ in results],
             usage=self._usage(choices, completion_tokens),
@@ -173,7 +178,7 @@ class Responses:
         """SSE lines: a chunk per update per choice, the usage chunk if asked, [DONE].
         A failure after the 200 went out is an error event, then [DONE]. end() runs last,
         however the stream stops."""
-        created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        created, response_id = int(time.time()), self.new_id()
         model = request.model or self.served_model_name
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(request, c, queue)) for c in choices]
@@ -195,53 +200,59 @@ class Responses:
                     counts = per_choice[chunk.index]
                     counts[1] += num_tokens
                     usage = UsageInfo.of(*counts)
-                yield _sse(CompletionStreamResponse(id=response_id, created=created, model=model,
-                                                    choices=[chunk], usage=usage))
+                yield _sse(self.stream_chunk_type(id=response_id, created=created, model=model,
+                                                  choices=[chunk], usage=usage))
             else:
                 if request.is_include_usage:
                     usage = self._usage(choices, completion_tokens)
-                    yield _sse(CompletionStreamResponse(id=response_id, created=created,
-                                                        model=model, choices=[], usage=usage))
+                    yield _sse(self.stream_chunk_type(id=response_id, created=created,
+                                                      model=model, choices=[], usage=usage))
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:
                 task.cancel()  # a disconnected client: each choice's engine request is aborted
             end()  # and those whose task never ran
 
-    async def _pump(self, request: CompletionRequest, choice: Choice, queue: asyncio.Queue) -> None:
+    async def _pump(self, request, choice: Choice, queue: asyncio.Queue) -> None:
+        """Each (chunk, tokens it carries) of the choice into `queue`, then None; or the
+        exception that ended it."""
         try:
-            echo, num_held = self._echo(request, choice), 0
-            offset = len(echo)
-            async for update in self._generate(choice):
-                if request.is_echo_only:  # the prompt back, without the token sampled for it
-                    logprobs = self._echoed_logprobs(request, choice, update.prompt_logprobs)
-                    queue.put_nowait((CompletionChoice(
-                        index=choice.index, text=echo, logprobs=logprobs, finish_reason="length",
-                        prompt_logprobs=self._vllm_prompt_logprobs(request, choice, update.prompt_logprobs)), 0))
-                    self.count_finished(choice, "length")  # as the full response counts it, not "abort"
-                    break
-                logprobs = None
-                if choice.params.logprobs is not None:
-                    logprobs = openai_logprobs(update.token_ids, update.logprobs or (), choice.params.logprobs,
-                                               offset, bool(request.return_tokens_as_token_ids))
-                    offset += decoded_length(update.token_ids, update.logprobs or ())
-                    echoed = self._echoed_logprobs(request, choice, update.prompt_logprobs)
-                    if echoed is not None:  # the echoed prompt's come first
-                        logprobs = joined(echoed, logprobs)
-                if not (echo or update.text or logprobs or update.finish_reason):
-                    num_held += len(update.token_ids)  # counted in usage with the next chunk
-                    continue  # text held back (a partial character or a possible stop string)
-                chunk = CompletionChoice(index=choice.index, text=echo + update.text, logprobs=logprobs,
-                                         finish_reason=update.finish_reason, stop_reason=update.stop_reason,
-                                         prompt_logprobs=self._vllm_prompt_logprobs(request, choice,
-                                                                                    update.prompt_logprobs))
-                echo = ""
-                queue.put_nowait((chunk, num_held + len(update.token_ids)))
-                num_held = 0
+            async for item in self._chunks(request, choice):
+                queue.put_nowait(item)
             queue.put_nowait(None)
         except Exception as exc:
             queue.put_nowait(exc)
 
+    async def _chunks(self, request: CompletionRequest, choice: Choice):
+        """(chunk, tokens it carries) per update that has something to send: the echoed
+        prompt leads the first; held-back tokens are counted with the next chunk."""
+        echo, num_held = self._echo(request, choice), 0
+        offset = len(echo)
+        async for update in self._generate(choice):
+            if request.is_echo_only:  # the prompt back, without the token sampled for it
+                logprobs = self._echoed_logprobs(request, choice, update.prompt_logprobs)
+                yield CompletionChoice(
+                    index=choice.index, text=echo, logprobs=logprobs, finish_reason="length",
+                    prompt_logprobs=self._vllm_prompt_logprobs(request, choice, update.prompt_logprobs)), 0
+                self.count_finished(choice, "length")  # as the full response counts it, not "abort"
+                return
+            logprobs = None
+            if choice.params.logprobs is not None:
+                logprobs = openai_logprobs(update.token_ids, update.logprobs or (), choice.params.logprobs,
+                                           offset, bool(request.return_tokens_as_token_ids))
+                offset += decoded_length(update.token_ids, update.logprobs or ())
+                echoed = self._echoed_logprobs(request, choice, update.prompt_logprobs)
+                if echoed is not None:  # the echoed prompt's come first
+                    logprobs = joined(echoed, logprobs)
+            if not (echo or update.text or logprobs or update.finish_reason):
+                num_held += len(update.token_ids)  # counted in usage with the next chunk
+                continue  # text held back (a partial character or a possible stop string)
+            yield CompletionChoice(index=choice.index, text=echo + update.text, logprobs=logprobs,
+                                   finish_reason=update.finish_reason, stop_reason=update.stop_reason,
+                                   prompt_logprobs=self._vllm_prompt_logprobs(request, choice,
+                                                                              update.prompt_logprobs)), \
+                num_held + len(update.token_ids)
+            echo, num_held = "", 0
 
 
 def prompt_tokens(choices: list[Choice]) -> int:

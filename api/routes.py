@@ -1,4 +1,4 @@
-"""The FastAPI application: /v1/completions, /v1/models, /health, /version, /metrics,
+"""The FastAPI application: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /metrics,
 with OpenAI-shaped errors and an optional API key. Built per Serve replica around an
 OpenAIServing; testable with a fake engine. Runs in the Serve ingress."""
 
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
+from api.chat import ChatCompletionRequest
 from api.protocol import CompletionRequest, error_body, validation_error_body
 from api.errors import ENGINE_UNAVAILABLE, RETRY_AFTER_S, APIError
 from api.ingress import ScopeBodyMiddleware
@@ -77,10 +78,13 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
     async def completions(request: Request):
         arrival_time = time.monotonic()
         completion = await _parse_body(request, CompletionRequest, max_body_bytes)
-        result = await serving.create_completion(completion, arrival_time)
-        if completion.stream:
-            return ClosingStreamingResponse(result, media_type="text/event-stream")
-        return JSONResponse(result.model_dump())
+        return _answer(await serving.create_completion(completion, arrival_time), completion.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival_time = time.monotonic()
+        chat = await _parse_body(request, ChatCompletionRequest, max_body_bytes)
+        return _answer(await serving.create_chat_completion(chat, arrival_time), chat.stream)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request):
@@ -113,6 +117,13 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
         return PlainTextResponse(serving.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _answer(result, stream: bool):
+    """A stream of SSE lines, or the whole response as JSON."""
+    if stream:
+        return ClosingStreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
 
 
 class APIKeyMiddleware:

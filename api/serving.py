@@ -1,4 +1,4 @@
-"""The /v1/completions logic: request → validated prompts (prompt_embeds decoded safely
+"""The /v1/completions and /v1/chat/completions logic: request → validated prompts (prompt_embeds decoded safely
 and put into the object store once; a large payload off the event loop) → every choice
 started in the engine at once (from the decoding thread when its embeddings come last) →
 an OpenAI response or SSE stream, whose end (however it comes) aborts what the engine has
@@ -13,10 +13,19 @@ import time
 import uuid
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
+from api.chat import ChatCompletionRequest, ChatResponses, render_chat
 from api.embeds_codec import decode_prompt_embeds
 from api.errors import APIError
 from api.metrics import Metrics
-from api.protocol import CompletionRequest, ModelCard, ModelList, PromptInput, ProtocolError, split_prompts
+from api.protocol import (
+    CompletionRequest,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    PromptInput,
+    ProtocolError,
+    split_prompts,
+)
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
 from cluster.prompts import EnginePrompt, check_length, truncate_prompt, truncation_length, validate_cache_salt
@@ -53,6 +62,8 @@ class OpenAIServing:
         self.metrics = metrics or Metrics()
         self.responses = Responses(engine, self.metrics, self.served_model_name,
                                    prompt_tokens_details=enable_prompt_tokens_details)
+        self.chat_responses = ChatResponses(engine, self.metrics, self.served_model_name,
+                                            prompt_tokens_details=enable_prompt_tokens_details)
 
     def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)
@@ -69,29 +80,8 @@ class OpenAIServing:
         request's intake, which ends when its last choice runs in the engine."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.check_model(request.model)
-        params, inputs, truncation = self._parse(request)
-        reservation = self.admission.reserve(len(inputs) * params.n)
+        params, truncation = self._sampling(request)
         try:
-            choices = await self._start(inputs, params, truncation, request.cache_salt)
-        except BaseException:
-            reservation.release()
-            raise
-        self.metrics.observe_intake("prompt_embeds" if any(i.kind == "embeds" for i in inputs) else "prompt",
-                                    max(c.stream.start_time for c in choices) - arrival_time)
-        end = functools.partial(self._end, reservation, choices)
-        if request.stream:
-            return CompletionStream(self.responses.stream(request, choices, end), end)
-        try:
-            return await self.responses.complete(request, choices)
-        finally:
-            end()
-
-    def _parse(self, request: CompletionRequest) -> tuple[SamplingParams, list[PromptInput], int | None]:
-        """The sampling params, the prompts in choice order and the prompt truncation
-        length; a 400 naming the field that is wrong (the model's facts checked here too:
-        logit_bias ids in its vocabulary, truncate_prompt_tokens within max_model_len)."""
-        try:
-            params = request.to_sampling_params()
             inputs = split_prompts(request)
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
@@ -102,13 +92,53 @@ class OpenAIServing:
             # The echoed prompt's tokens get theirs too, as OpenAI and vLLM answer (how
             # evaluation harnesses score a text's likelihood).
             params = dataclasses.replace(params, prompt_logprobs=max(params.logprobs, params.prompt_logprobs or 0))
+        return await self._serve(request, params, inputs, truncation, self.responses, arrival_time)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, arrival_time: float | None = None):
+        """A ChatCompletionResponse, or a CompletionStream of its chunks when streaming:
+        the conversation, rendered by the model's chat template, served as one prompt of
+        token ids."""
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.check_model(request.model)
+        params, truncation = self._sampling(request)
+        inputs = [PromptInput("tokens", tuple(render_chat(self.engine.tokenizer, request)))]
+        return await self._serve(request, params, inputs, truncation, self.chat_responses, arrival_time)
+
+    async def _serve(self, request: GenerationRequest, params: SamplingParams, inputs: list[PromptInput],
+                     truncation: int | None, responses: Responses, arrival_time: float):
+        """Every choice started (within this server's admission), then the answer that
+        `responses` makes of them: whole, or a stream whose end ends the request."""
+        reservation = self.admission.reserve(len(inputs) * params.n)
+        try:
+            choices = await self._start(inputs, params, truncation, request.cache_salt)
+        except BaseException:
+            reservation.release()
+            raise
+        self.metrics.observe_intake("prompt_embeds" if any(i.kind == "embeds" for i in inputs) else "prompt",
+                                    max(c.stream.start_time for c in choices) - arrival_time)
+        end = functools.partial(self._end, reservation, choices)
+        if request.stream:
+            return CompletionStream(responses.stream(request, choices, end), end)
+        try:
+            return await responses.complete(request, choices)
+        finally:
+            end()
+
+    def _sampling(self, request: GenerationRequest) -> tuple[SamplingParams, int | None]:
+        """The sampling params and the prompt truncation length; a 400 naming the field
+        that is wrong (the model's facts checked here too: logit_bias ids in its
+        vocabulary, truncate_prompt_tokens within max_model_len)."""
+        try:
+            params = request.to_sampling_params()
+        except ProtocolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         try:
             params.check_vocab(self.engine.vocab_size)
             truncation = truncation_length(params.truncate_prompt_tokens, self.engine.max_model_len)
             validate_cache_salt(request.cache_salt)
         except ValueError as exc:  # the messages start with the field's name
             raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
-        return params, inputs, truncation
+        return params, truncation
 
     async def _start(self, inputs: list[PromptInput], params: SamplingParams,
                      truncation: int | None = None, cache_salt: str | None = None) -> list[Choice]:

@@ -1,6 +1,6 @@
 """The offline API: `LLM(model, tensor_parallel_size=N, enable_prompt_embeds=True)
 .generate(prompts, sampling_params)`, prompts being text, token ids or prompt embeddings
-in any mix. Runs on the driver; the engine's shards are Ray actors."""
+in any mix; `.chat(messages, sampling_params)` for conversations. Runs on the driver; the engine's shards are Ray actors."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
 from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, parse_engine_prompt, truncate_prompt,
                              truncation_length)
+from cluster.tokenizer import chat_token_ids
 from workers.sampling_params import SamplingParams
 
 
@@ -60,6 +61,26 @@ class LLM:
             for p, sp in zip(parsed, params)
         ]
         return self._run(parsed, params, use_tqdm)
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """As vLLM's: one conversation (a list of {"role", "content"} messages) or a list of
+        them, each rendered by the model's chat template into token ids, then generated
+        as generate() does; a result per conversation, in order."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": chat_token_ids(
+            self.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)}
+            for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _parse(self, prompt) -> EnginePrompt:
         return parse_engine_prompt(prompt, self.config, self.tokenizer)

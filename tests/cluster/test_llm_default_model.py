@@ -41,6 +41,21 @@ def test_text_prompts_match_hf(llm, hf_model):
         assert output.outputs[0].text == tokenizer.decode(reference.token_ids, skip_special_tokens=True)
 
 
+def test_chat_renders_the_template_and_matches_hf(llm, hf_model):
+    tokenizer = llm.get_tokenizer()
+    conversations = [[{"role": "user", "content": "What does Ray place on each GPU?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a GPU."}]]
+    outputs = llm.chat(conversations, GREEDY, use_tqdm=False)
+    for conversation, output in zip(conversations, outputs):
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
+        assert output.prompt_token_ids == ids
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, GREEDY.max_tokens, input_ids=ids).token_ids
+    (single,) = llm.chat(conversations[0], GREEDY, use_tqdm=False)  # one conversation, as vLLM takes it
+    assert single.outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set 'tokenize'"):
+        llm.chat(conversations[0], GREEDY, chat_template_kwargs={"tokenize": True})
+
+
 def _generate_staggered(engine, prompts, params_list):
     """Submits prompts in three waves, each after the previous wave produced tokens."""
     results = {i: [] for i in range(len(prompts))}

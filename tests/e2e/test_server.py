@@ -26,6 +26,7 @@ from api.embeds_codec import encode_prompt_embeds
 from api.settings import DEFAULT_MODEL_NAME, ServerSettings
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path, model_shape_path
+from cluster.tokenizer import load_tokenizer
 from scripts.bench_serving import metric_samples
 from tests.api.test_embeds_codec import _sparse_coo_out_of_range, b64, call_pickle, saved, with_pickle
 from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, wait_healthy
@@ -434,6 +435,58 @@ def test_stop_strings_cut_the_text_exactly(client):
     assert result.usage.completion_tokens < 16
     texts, usage = stream_texts(client, [embeds], max_tokens=16, stop=[stop, "never-seen-stop"])
     assert texts == {0: choice.text} and usage == result.usage.model_dump()
+
+
+# Chat completions ---------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "What does Ray place on each GPU?"}]
+
+
+def chat_ids(messages=CHAT) -> list[int]:
+    """The conversation as the default model's chat template renders it."""
+    tokenizer = load_tokenizer(default_model_path())
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_chat_answers_as_the_engine_continues_the_templated_conversation(client, llm):
+    ids = chat_ids()
+    result = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=8,
+                                            logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    (expected,) = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
+    (choice,) = result.choices
+    assert result.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content == expected.text and choice.finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(ids), 8)
+    assert len(choice.logprobs.content) == 8
+    for entry, token_id, entries in zip(choice.logprobs.content, expected.token_ids, expected.logprobs):
+        assert entry.token == entries[token_id].decoded_token and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(entries[token_id].logprob, abs=1e-4)
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token  # greedy
+
+
+def test_chat_streamed_equals_not_streamed_and_bad_chats_are_400(client):
+    kwargs = {"model": DEFAULT_MODEL_NAME, "messages": CHAT, "temperature": 0.8, "seed": 11, "max_tokens": 10,
+              "n": 2, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**kwargs)
+    contents, roles, usage = {}, {}, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        assert chunk.object == "chat.completion.chunk"
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.delta.role is not None:
+                roles[choice.index] = choice.delta.role
+            contents[choice.index] = contents.get(choice.index, "") + (choice.delta.content or "")
+    assert contents == {choice.index: choice.message.content for choice in whole.choices}
+    assert roles == {0: "assistant", 1: "assistant"} and usage == whole.usage
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'tools'"):
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "lookup"}}])
+    with pytest.raises(openai.BadRequestError, match="prompt_embeds to /v1/completions"):
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}])
+    assert client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=2).choices
 
 
 # Bad payloads -------------------------------------------------------------------------
