@@ -102,6 +102,10 @@ def build_fastapi_app(serving: OpenAIServing, *, api_key: str | None = None,
     async def models():
         return JSONResponse(serving.list_models().model_dump())
 
+    @app.get("/v1/models/{model:path}")  # a served name may hold "/" (org/model)
+    async def model(model: str):
+        return JSONResponse(serving.model_card(model).model_dump())
+
     @app.get("/health")
     async def health():
         serving.engine.check_health()

@@ -66,8 +66,12 @@ class OpenAIServing:
                                             prompt_tokens_details=enable_prompt_tokens_details)
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)
-                               for name in self.served_model_names])
+        return ModelList(data=[self.model_card(name) for name in self.served_model_names])
+
+    def model_card(self, name: str) -> ModelCard:
+        """A served name's card (OpenAI's GET /v1/models/{model}); 404 for another name."""
+        self.check_model(name)
+        return ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)
 
     def check_model(self, name: str | None) -> None:
         """404 for a model name other than the served ones (None: the primary one)."""

@@ -841,6 +841,9 @@ def test_model_aliases_are_listed_accepted_and_echoed(engine):
     serving = OpenAIServing(engine, served_model_name=["primary", "alias"], enable_prompt_embeds=True)
     client = TestClient(build_fastapi_app(serving), raise_server_exceptions=False)
     assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["primary", "alias"]
+    card = client.get("/v1/models/alias").json()
+    assert (card["id"], card["object"], card["root"], card["max_model_len"]) == ("alias", "model", "primary", 64)
+    assert error_of(client.get("/v1/models/other"), 404)["param"] == "model"
     assert post(client, {"model": "alias", "prompt": "hi", "max_tokens": 2}).json()["model"] == "alias"
     assert post(client, {"prompt": "hi", "max_tokens": 2}).json()["model"] == "primary"
     streamed = post(client, {"model": "alias", "prompt": "hi", "max_tokens": 2, "stream": True}).text

@@ -118,6 +118,9 @@ def test_config_file_is_a_valid_serve_config_whose_args_build_the_app(server_arg
 def test_models_health_version_metrics(client, server_url):
     (card,) = client.models.list().data
     assert card.id == DEFAULT_MODEL_NAME and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert client.models.retrieve(DEFAULT_MODEL_NAME) == card
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("another-model")
     assert httpx.get(f"{server_url}/health").status_code == 200
     assert httpx.get(f"{server_url}/version").json() == {"version": "0.1.0"}
     before = metrics(server_url)
