@@ -5,7 +5,8 @@ field of /v1/completions, sent with the official `openai` client.
     python scripts/examples/openai_client_prompt_embeds.py [--base-url http://127.0.0.1:8000/v1]
 
 The embeddings are the model's own input embeddings of a chat-templated question, computed
-with Hugging Face transformers from the model folder (default: the built-in tiny model).
+with Hugging Face transformers from the model folder (default: the built-in tiny model);
+the same question sent to /v1/chat/completions gets the same greedy answer.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def main(argv=None) -> str:
     )
     text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
     print(f"streamed, same text: {text == choice.text}")
+    # The same question as a chat message: the server applies the chat template itself.
+    # Its tokens' embeddings are the rows sent above, so greedy decoding answers the same.
+    chat = client.chat.completions.create(model=model, max_tokens=args.max_tokens, temperature=0.0,
+                                          messages=[{"role": "user", "content": args.question}])
+    print(f"as a chat message, same text: {chat.choices[0].message.content == choice.text}")
     return choice.text
 
 

@@ -595,6 +595,7 @@ def test_openai_client_example_against_the_server(client, server_url, capsys):
     text = main(["--base-url", f"{server_url}/v1", "--max-tokens", "8"])
     out = capsys.readouterr().out
     assert f"{DEFAULT_MODEL_NAME}: " in out and "streamed, same text: True" in out
+    assert "as a chat message, same text: True" in out
     assert text and repr(text) in out
 
 
