@@ -127,6 +127,7 @@ class SampleStream:
         engine.add_request(
             req_id, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
             prompt.prompt_token_ids, prompt.prompt_embeds, prompt.embeds_dtype, prompt.cache_salt,
+            prompt.embeds_spans,
         )
 
     def close(self) -> None:

@@ -148,6 +148,7 @@ class EngineClient:
         prompt_embeds: np.ndarray | PromptEmbedsRef | None = None,
         embeds_dtype: str | None = None,
         cache_salt: str | None = None,
+        embeds_spans: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         """Sends a validated request to every shard; `sink` receives its deltas (with
         req_id) on the output thread, the last one with a finish_reason. EngineDeadError
@@ -165,7 +166,7 @@ class EngineClient:
             engine_id = f"{req_id}#{next(self._serials)}"
             self._sinks[engine_id] = (req_id, sink)
             self._engine_ids[req_id] = engine_id
-        new = NewRequest(engine_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt)
+        new = NewRequest(engine_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt, embeds_spans)
         # The ref goes as a top-level argument, so Ray fetches the array before the call
         # runs, not on an actor thread beside the step loop; the request the shards get
         # holds no nested ref, so none of them becomes a borrower of it (0.17 ms a call).

@@ -139,7 +139,7 @@ class LLM:
                     index, self.tokenizer, prompt.prompt_token_ids, sample_params))
                 self.engine.add_request(
                     req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
-                    cache_salt=prompt.cache_salt,
+                    cache_salt=prompt.cache_salt, embeds_spans=prompt.embeds_spans,
                 )
 
     def _collect(self, deltas: queue.SimpleQueue, trackers: dict, outputs: list[RequestOutput], use_tqdm: bool):

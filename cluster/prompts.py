@@ -30,7 +30,9 @@ CHECK_THREADS = 8
 
 @dataclass(frozen=True)
 class EnginePrompt:
-    """One validated prompt. Exactly one of prompt_token_ids / prompt_embeds is set."""
+    """One validated prompt: token ids, or embeddings, or (a chat with prompt_embeds
+    parts, or vLLM's prompt_is_token_ids offline) token ids at every position with
+    embeddings rows for the positions of `embeds_spans`, where the ids are placeholders."""
 
     prompt: str | None  # the text, when the prompt was text
     prompt_token_ids: tuple[int, ...] | None
@@ -41,12 +43,13 @@ class EnginePrompt:
     # vLLM's cache_salt: the prompt's prefix-cache keys are salted with it, so it shares
     # cached K/V only with prompts of the same salt (one per tenant, say).
     cache_salt: str | None = None
+    embeds_spans: tuple[tuple[int, int], ...] | None = None  # [start, end) the rows fill, in order
 
     @property
     def num_tokens(self) -> int:
-        if self.prompt_embeds is not None:
-            return self.prompt_embeds.shape[0]
-        return len(self.prompt_token_ids)
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids)
+        return self.prompt_embeds.shape[0]
 
 
 def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -114,6 +117,23 @@ def embeds_prompt(tensor: torch.Tensor, hidden_size: int, dtype: torch.dtype) ->
     return EnginePrompt(None, None, array, dtype_name)
 
 
+def mixed_prompt(token_ids: tuple[int, ...], rows: torch.Tensor, embeds_spans: tuple[tuple[int, int], ...],
+                 hidden_size: int, dtype: torch.dtype) -> EnginePrompt:
+    """A prompt of token ids whose `embeds_spans` positions take `rows` (validated, as
+    embeds_prompt takes them) instead, in order; ValueError if they do not fit."""
+    previous_end = 0
+    for start, end in embeds_spans:
+        if not previous_end <= start < end <= len(token_ids):
+            raise ValueError(f"embeds_spans must be ordered, disjoint, non-empty spans within the prompt's "
+                             f"{len(token_ids)} positions; got {embeds_spans}")
+        previous_end = end
+    num_rows = sum(end - start for start, end in embeds_spans)
+    if rows.shape[0] != num_rows:
+        raise ValueError(f"the prompt's embeddings have {rows.shape[0]} rows for {num_rows} positions")
+    return dataclasses.replace(embeds_prompt(rows, hidden_size, dtype), prompt_token_ids=tuple(token_ids),
+                               embeds_spans=tuple(embeds_spans))
+
+
 def to_object_store_array(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
     """numpy for the object store (zero-copy on a node, unlike pickled tensors);
     bfloat16, which numpy lacks, travels viewed as uint16 with its name beside it."""
@@ -132,7 +152,9 @@ def parse_prompt(
     dtype: torch.dtype,
     enable_prompt_embeds: bool,
 ) -> EnginePrompt:
-    """str | {"prompt": str} | {"prompt_token_ids": [...]} | {"prompt_embeds": tensor}; a
+    """str | {"prompt": str} | {"prompt_token_ids": [...]} | {"prompt_embeds": tensor}, or,
+    as vLLM's, {"prompt_token_ids": [...], "prompt_embeds": tensor, "prompt_is_token_ids":
+    [bool, ...]}, all of one length, the embeddings' rows taken where the mask is False; a
     dict may also carry "cache_salt" (a non-empty string, as vLLM's)."""
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
@@ -141,13 +163,18 @@ def parse_prompt(
             "a prompt must be a string or a dict with one of 'prompt', 'prompt_token_ids', "
             f"'prompt_embeds'; got {type(prompt).__name__}"
         )
+    salt = validate_cache_salt(prompt.get("cache_salt"))
+    if prompt.get("prompt_is_token_ids") is not None:
+        if not enable_prompt_embeds:
+            raise ValueError("prompt_embeds given but prompt embeddings are disabled; pass enable_prompt_embeds=True")
+        parsed = _mixed_prompt(prompt, vocab_size, hidden_size, dtype)
+        return parsed if salt is None else dataclasses.replace(parsed, cache_salt=salt)
     keys = [k for k in ("prompt", "prompt_token_ids", "prompt_embeds") if prompt.get(k) is not None]
     if len(keys) != 1:
         raise ValueError(
             "a prompt dict needs exactly one of 'prompt', 'prompt_token_ids', 'prompt_embeds'; "
             f"got {sorted(prompt)}"
         )
-    salt = validate_cache_salt(prompt.get("cache_salt"))
     if keys[0] == "prompt_embeds":
         if not enable_prompt_embeds:
             raise ValueError(
@@ -161,6 +188,33 @@ def parse_prompt(
     else:
         parsed = EnginePrompt(None, validate_token_ids(prompt["prompt_token_ids"], vocab_size), None)
     return parsed if salt is None else dataclasses.replace(parsed, cache_salt=salt)
+
+
+def _mixed_prompt(prompt: dict, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> EnginePrompt:
+    """vLLM's mixed prompt: token ids, full-length embeddings and prompt_is_token_ids."""
+    if prompt.get("prompt_token_ids") is None or prompt.get("prompt_embeds") is None:
+        raise ValueError("prompt_is_token_ids needs both prompt_token_ids and prompt_embeds, of its length")
+    token_ids = validate_token_ids(prompt["prompt_token_ids"], vocab_size)
+    embeds = validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype)
+    is_token = prompt["prompt_is_token_ids"]
+    if isinstance(is_token, torch.Tensor):
+        is_token = is_token.tolist()
+    if not isinstance(is_token, (list, tuple)) or not all(isinstance(flag, bool) for flag in is_token):
+        raise ValueError("prompt_is_token_ids must be a list of booleans, one per position")
+    if not len(token_ids) == embeds.shape[0] == len(is_token):
+        raise ValueError(f"prompt_token_ids ({len(token_ids)}), prompt_embeds ({embeds.shape[0]} rows) and "
+                         f"prompt_is_token_ids ({len(is_token)}) must have the same length")
+    spans, start = [], None
+    for position, flag in enumerate([*is_token, True]):
+        if not flag and start is None:
+            start = position
+        elif flag and start is not None:
+            spans.append((start, position))
+            start = None
+    if not spans:  # every position a token id
+        return EnginePrompt(None, token_ids, None)
+    rows = torch.cat([embeds[a:b] for a, b in spans])
+    return mixed_prompt(token_ids, rows, tuple(spans), hidden_size, dtype)
 
 
 def validate_cache_salt(salt) -> str | None:
@@ -229,6 +283,8 @@ def truncate_prompt(prompt: EnginePrompt, num_tokens: int | None) -> EnginePromp
     they are put into the object store."""
     if num_tokens is None or prompt.num_tokens <= num_tokens:
         return prompt
+    if prompt.embeds_spans is not None:
+        raise ValueError("truncate_prompt_tokens cannot cut a prompt that mixes token ids and embeddings")
     if prompt.prompt_embeds is not None:
         if not isinstance(prompt.prompt_embeds, np.ndarray):
             raise ValueError("truncate a prompt's embeddings before they are put into the object store")
@@ -237,8 +293,8 @@ def truncate_prompt(prompt: EnginePrompt, num_tokens: int | None) -> EnginePromp
 
 
 def check_prompt_logprobs(prompt: EnginePrompt, params) -> None:
-    """ValueError for prompt_logprobs of an embeddings prompt: it has no tokens to score."""
-    if params.prompt_logprobs is not None and prompt.prompt_token_ids is None:
+    """ValueError for prompt_logprobs of a prompt with embeddings: they have no tokens to score."""
+    if params.prompt_logprobs is not None and prompt.prompt_embeds is not None:
         raise ValueError("prompt_logprobs needs a prompt of text or token ids; "
                          "an embeddings prompt has no tokens to score")
 

@@ -39,6 +39,33 @@ def salted_root(cache_salt: str | None) -> BlockHash | None:
     return hashlib.sha256(_ROOT + b"S" + cache_salt.encode()).digest()
 
 
+def mixed_block_digests(rows: np.ndarray, dtype: str, spans: Sequence[tuple[int, int]], block_size: int
+                        ) -> tuple[bytes | None, ...]:
+    """One entry per block of a prompt that mixes token ids and embeddings (`rows` fill the
+    positions of `spans`, in order): None for a block of token ids only (keyed by its ids
+    alone, so it is shared with the same ids of any prompt), else the digest of where the
+    block's embeddings rows sit in it and of their bytes."""
+    hidden = rows.shape[1]
+    header = f"{dtype}:{hidden}:".encode()
+    num_blocks = -(-max(end for _, end in spans) // block_size)
+    digests: list[bytes | None] = [None] * num_blocks
+    hashers = {}
+    row = 0
+    for start, end in spans:
+        position = start
+        while position < end:  # one run of rows per block the span touches
+            block = position // block_size
+            run_end = min(end, (block + 1) * block_size)
+            if block not in hashers:
+                hashers[block] = hashlib.sha256(header)
+            hashers[block].update(np.asarray([position % block_size, run_end - position], dtype=np.int64).tobytes())
+            hashers[block].update(np.ascontiguousarray(rows[row:row + run_end - position]).data)
+            row, position = row + run_end - position, run_end
+    for block, h in hashers.items():
+        digests[block] = h.digest()
+    return tuple(digests)
+
+
 def embeds_block_digests(embeds: np.ndarray, dtype: str, block_size: int) -> tuple[bytes, ...]:
     """One digest per block of an embeddings prompt's (prompt_len, hidden) rows: the bytes
     of rows [i * block_size, (i + 1) * block_size), with the dtype and width that give them

@@ -18,6 +18,9 @@ class RequestState:
     prompt_len: int
     prompt_token_ids: list[int] | None  # None for an embeddings prompt
     prompt_embeds: torch.Tensor | None  # (prompt_len, hidden) in the model dtype
+    # [prompt_len] bool on the device, True where prompt_embeds' row is the input, for a
+    # prompt that mixes token ids and embeddings; None: every prompt row is an embedding.
+    embeds_mask: torch.Tensor | None = None
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     # Top-k of the prompt's log-probabilities (SamplingParams.prompt_logprobs), or None;

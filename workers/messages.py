@@ -32,12 +32,16 @@ class NewRequest:
     prompt_embeds: PromptEmbedsRef | None
     sampling_params: SamplingParams
     cache_salt: str | None = None  # salts the leader's prefix-cache keys of this prompt
+    # A prompt of token ids and embeddings together (a chat with prompt_embeds parts): the
+    # positions [start, end) that prompt_embeds' rows fill, in order; the token ids there
+    # are placeholders. None: the embeddings are the whole prompt (or there are none).
+    embeds_spans: tuple[tuple[int, int], ...] | None = None
 
     @property
     def prompt_len(self) -> int:
-        if self.prompt_embeds is not None:
-            return self.prompt_embeds.shape[0]
-        return len(self.prompt_token_ids)
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids)
+        return self.prompt_embeds.shape[0]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ class Request:
     """One request as the scheduler sees it.
 
     An embeddings prompt has no token ids (`prompt_token_ids is None`): it still takes
-    `prompt_len` KV slots, but penalties only see the output tokens."""
+    `prompt_len` KV slots, but penalties only see the output tokens. A prompt that mixes
+    the two has ids at every position and `embeds_spans`, where they are placeholders."""
 
     def __init__(
         self,
@@ -43,8 +44,9 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
-        embeds_block_digests: tuple[bytes, ...] | None = None,
+        embeds_block_digests: tuple[bytes | None, ...] | None = None,
         cache_salt: str | None = None,
+        embeds_spans: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         if prompt_len < 1:
             raise ValueError(f"request {req_id!r}: prompt must have >= 1 token, got {prompt_len}")
@@ -56,6 +58,8 @@ class Request:
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids) if prompt_token_ids is not None else None
         self.prompt_len = prompt_len
+        self.embeds_spans = embeds_spans
+        self.has_embeds = prompt_token_ids is None or embeds_spans is not None
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_model_len = max_model_len
@@ -65,7 +69,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None  # the stop token id that finished it
         self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
-        # Prefix caching: an embeddings prompt's per-block row digests (block_hash), the
+        # Prefix caching: an embeddings prompt's per-block row digests (block_hash; None for
+        # a block of a mixed prompt with token ids only), the
         # hashes of the full blocks so far, and how many of block_ids the cache holds.
         self.embeds_block_digests = embeds_block_digests
         self._root_hash = salted_root(cache_salt)  # the first block's parent
@@ -91,9 +96,9 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
-        embeds_block_digests: tuple[bytes, ...] | None = None,
+        embeds_block_digests: tuple[bytes | None, ...] | None = None,
     ) -> "Request":
-        prompt_token_ids = None if new.prompt_embeds is not None else list(new.prompt_token_ids)
+        prompt_token_ids = list(new.prompt_token_ids) if new.prompt_token_ids is not None else None
         return cls(
             new.req_id,
             prompt_token_ids,
@@ -104,12 +109,13 @@ class Request:
             device=device,
             embeds_block_digests=embeds_block_digests,
             cache_salt=new.cache_salt,
+            embeds_spans=new.embeds_spans,
         )
 
     def full_block_hashes(self, num_blocks: int, block_size: int) -> list[BlockHash]:
         """The hashes of its first `num_blocks` full blocks, computed once each. An
         embeddings prompt without row digests has none (its blocks are never shared)."""
-        if self.prompt_token_ids is None and self.embeds_block_digests is None:
+        if self.has_embeds and self.embeds_block_digests is None:
             return []
         num_blocks = min(num_blocks, self.num_tokens // block_size)
         while len(self.block_hashes) < num_blocks:
@@ -119,15 +125,28 @@ class Request:
             self.block_hashes.append(hash_block(parent, *self._block_content(start, end)))
         return self.block_hashes[:num_blocks]
 
+    @property
+    def penalized_prompt_token_ids(self) -> list[int] | None:
+        """The prompt's token ids that penalties see: none of an embeddings prompt, and not
+        a mixed prompt's placeholders."""
+        if self.embeds_spans is None or self.prompt_token_ids is None:
+            return self.prompt_token_ids
+        ids = list(self.prompt_token_ids)
+        for start, end in reversed(self.embeds_spans):
+            del ids[start:end]
+        return ids
+
     def _block_content(self, start: int, end: int) -> tuple[list[int], bytes | None]:
         """Positions [start, end): their token ids, and the digest of the embeddings rows
         among them (an embeddings prompt's rows have no ids)."""
         outputs = self.output_token_ids[max(start - self.prompt_len, 0):max(end - self.prompt_len, 0)]
         if start >= self.prompt_len:
             return outputs, None
-        if self.prompt_token_ids is not None:
-            return self.prompt_token_ids[start:end] + outputs, None
-        return outputs, self.embeds_block_digests[start // (end - start)]
+        digests, index = self.embeds_block_digests, start // (end - start)
+        digest = digests[index] if digests is not None and index < len(digests) else None
+        if self.prompt_token_ids is not None:  # a mixed prompt's embeddings rows: their digest
+            return self.prompt_token_ids[start:end] + outputs, digest
+        return outputs, digest
 
     def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
         """Keeps the positions not held yet: a recompute after a preemption repeats some."""

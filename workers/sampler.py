@@ -197,8 +197,9 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         request = requests[i]
         output_ids = _token_tensor(request.output_token_ids, vocab_size, device)
         output_counts[j].index_add_(0, output_ids, torch.ones_like(output_ids, dtype=torch.float))
-        if request.prompt_token_ids is not None:
-            in_prompt[j, _token_tensor(request.prompt_token_ids, vocab_size, device)] = True
+        prompt_ids = request.penalized_prompt_token_ids
+        if prompt_ids:
+            in_prompt[j, _token_tensor(prompt_ids, vocab_size, device)] = True
     params = [requests[i].sampling_params for i in rows]
     repetition = to_device([p.repetition_penalty for p in params], device, torch.float32)[:, None]
     frequency = to_device([p.frequency_penalty for p in params], device, torch.float32)[:, None]

@@ -5,6 +5,7 @@ runs on its own thread and talks to the other ranks only through torch.distribut
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.block_hash import embeds_block_digests
+from workers.block_hash import embeds_block_digests, mixed_block_digests
 from workers.config import EngineConfig
 from workers.intake import Intake, RequestState
 from workers.kernels.compile_watch import CompileWatch
@@ -138,7 +139,7 @@ class ShardWorker:
         follower cannot, it takes a stand-in (below) and raises; the engine client fails
         the request at the leader (fail(): aborted, and nothing it keyed shared)."""
         try:
-            digests = self._embeds_block_digests(new.prompt_embeds, embeds_array)
+            digests = self._embeds_block_digests(new, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
             request = None
             if self.leader is not None:
@@ -166,17 +167,29 @@ class ShardWorker:
         if new.prompt_embeds is not None:
             hidden = self.config.model_config.hidden_size
             row = torch.zeros(1, hidden, dtype=self.config.torch_dtype, device=self.runner.device)
-            embeds = row.expand(new.prompt_len, hidden)
+            embeds = row.expand(new.prompt_embeds.shape[0], hidden)
         state = self._mirror(new, embeds)
         state.stand_in = True
         return state
 
     @staticmethod
     def _mirror(new: NewRequest, prompt_embeds: torch.Tensor | None) -> RequestState:
-        """This shard's mirror of the request, with its embeddings rows (if any) on the device."""
+        """This shard's mirror of the request, with its embeddings rows (if any) on the
+        device: a mixed prompt's in place among its token ids' positions, with their mask."""
         token_ids = list(new.prompt_token_ids) if new.prompt_token_ids else None
-        prompt_logprobs = new.sampling_params.prompt_logprobs if token_ids else None
-        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, prompt_logprobs=prompt_logprobs)
+        prompt_logprobs = new.sampling_params.prompt_logprobs if token_ids and prompt_embeds is None else None
+        embeds_mask = None
+        if new.embeds_spans is not None and prompt_embeds is not None:
+            rows = prompt_embeds
+            prompt_embeds = rows.new_zeros(new.prompt_len, rows.shape[1])
+            embeds_mask = torch.zeros(new.prompt_len, dtype=torch.bool, device=rows.device)
+            first = 0
+            for start, end in new.embeds_spans:
+                prompt_embeds[start:end] = rows[first:first + end - start]
+                embeds_mask[start:end] = True
+                first += end - start
+        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, embeds_mask,
+                            prompt_logprobs=prompt_logprobs)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object
@@ -197,16 +210,21 @@ class ShardWorker:
             return to_device(tensor.to(self.config.torch_dtype), self.runner.device)
         return tensor.to(self.config.torch_dtype, copy=True)
 
-    def _embeds_block_digests(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None
-                              ) -> tuple[bytes, ...] | Future | None:
-        """The leader's prefix-cache keys of an embeddings prompt's rows, one per block
+    def _embeds_block_digests(self, new: NewRequest, array: np.ndarray | None
+                              ) -> tuple[bytes | None, ...] | Future | None:
+        """The leader's prefix-cache keys of a prompt's embeddings rows, one per block
         (SHA-256: about 0.3 ms per 512 KiB). A large prompt's come from a hashing thread,
         as a Future; a small one's (as fast as handing them over) here."""
+        embeds = new.prompt_embeds
         if self.leader is None or embeds is None or array is None or not self.config.enable_prefix_caching:
             return None
+        if new.embeds_spans is not None:
+            digest = functools.partial(mixed_block_digests, array, embeds.dtype, new.embeds_spans)
+        else:
+            digest = functools.partial(embeds_block_digests, array, embeds.dtype)
         if array.nbytes < INLINE_DIGEST_BYTES:
-            return embeds_block_digests(array, embeds.dtype, self.config.block_size)
-        return self._hashing.submit(embeds_block_digests, array, embeds.dtype, self.config.block_size)
+            return digest(self.config.block_size)
+        return self._hashing.submit(digest, self.config.block_size)
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)

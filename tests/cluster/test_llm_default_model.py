@@ -56,6 +56,43 @@ def test_chat_renders_the_template_and_matches_hf(llm, hf_model):
         llm.chat(conversations[0], GREEDY, chat_template_kwargs={"tokenize": True})
 
 
+def test_a_prompt_mixing_token_ids_and_embeddings_continues_as_its_ids_do(llm, hf_model):
+    """vLLM's prompt_is_token_ids: where the mask is False the row is the input. Rows that
+    are the model's own embeddings of the ids there continue exactly as the ids do (HF's
+    greedy tokens), at TP 2, over chunked steps (a 3-row budget per step) too; other rows
+    continue otherwise."""
+    ids = random_ids(21, 14, hf_model.config.vocab_size)
+    table = hf_model.get_input_embeddings().weight.detach()
+    is_token = [True] * 3 + [False] * 4 + [True] * 3 + [False] * 2 + [True] * 2
+    mixed = {"prompt_token_ids": ids, "prompt_embeds": table[ids], "prompt_is_token_ids": is_token}
+    reference = hf_greedy(hf_model, GREEDY.max_tokens, input_ids=ids).token_ids
+    (output,) = llm.generate([mixed], GREEDY, use_tqdm=False)
+    assert output.outputs[0].token_ids == reference and output.num_prompt_tokens == len(ids)
+    noise = {**mixed, "prompt_embeds": torch.randn(len(ids), table.shape[1], generator=torch.Generator().manual_seed(0))}
+    (other,) = llm.generate([noise], GREEDY, use_tqdm=False)
+    assert other.outputs[0].token_ids != reference
+    for bad, message in [({**mixed, "prompt_is_token_ids": is_token[:-1]}, "must have the same length"),
+                         ({**mixed, "prompt_is_token_ids": [1] * len(ids)}, "a list of booleans"),
+                         ({k: v for k, v in mixed.items() if k != "prompt_token_ids"}, "needs both")]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([bad], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate([mixed], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+
+
+def test_a_mixed_prompt_in_chunks_beside_other_prompts(ray_cluster, hf_model):
+    with LLM(tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=256, max_num_batched_tokens=3,
+             kv_cache_memory_bytes=32 << 20) as chunked:
+        ids = random_ids(22, 11, hf_model.config.vocab_size)
+        table = hf_model.get_input_embeddings().weight.detach()
+        is_token = [False, False, True, True, True, False, True, False, False, False, True]
+        prompts = [{"prompt_token_ids": ids, "prompt_embeds": table[ids], "prompt_is_token_ids": is_token},
+                   {"prompt_token_ids": ids}, {"prompt_embeds": table[ids]}]
+        outputs = chunked.generate(prompts, GREEDY, use_tqdm=False)
+    reference = hf_greedy(hf_model, GREEDY.max_tokens, input_ids=ids).token_ids
+    assert [o.outputs[0].token_ids for o in outputs] == [reference] * 3
+
+
 def _generate_staggered(engine, prompts, params_list):
     """Submits prompts in three waves, each after the previous wave produced tokens."""
     results = {i: [] for i in range(len(prompts))}

@@ -27,13 +27,13 @@ def _rows(runner, n: int, seed: int) -> torch.Tensor:
 
 def test_one_requests_rows_are_the_step_as_they_are(runner):
     rows = _rows(runner, 5, 0)
-    embeds, mask = runner._gather_embeds([(0, rows)], 5)
+    embeds, mask = runner._gather_embeds([(0, rows, None)], 5)
     assert mask is None and embeds is rows
 
 
 def test_several_requests_rows_are_joined_in_row_order(runner):
     first, second = _rows(runner, 3, 1), _rows(runner, 4, 2)
-    embeds, mask = runner._gather_embeds([(0, first), (3, second)], 7)
+    embeds, mask = runner._gather_embeds([(0, first, None), (3, second, None)], 7)
     assert mask is None
     assert torch.equal(embeds, torch.cat([first, second]))
 
@@ -41,6 +41,18 @@ def test_several_requests_rows_are_joined_in_row_order(runner):
 def test_beside_token_id_rows_a_mask_marks_the_embedding_rows(runner):
     first, second = _rows(runner, 2, 3), _rows(runner, 3, 4)
     # Rows: [first x2][a token id][second x3][a decode]
-    embeds, mask = runner._gather_embeds([(0, first), (3, second)], 7)
+    embeds, mask = runner._gather_embeds([(0, first, None), (3, second, None)], 7)
     assert mask.tolist() == [True, True, False, True, True, True, False]
     assert torch.equal(embeds[:2], first) and torch.equal(embeds[3:6], second)
+
+
+def test_a_mixed_prompts_own_mask_keeps_its_token_id_rows(runner):
+    """A prompt of token ids and embeddings: its rows come whole (zeros at its token ids'
+    positions) with its mask, beside an embeddings prompt's rows."""
+    mixed, own = _rows(runner, 4, 5), torch.tensor([False, True, True, False])
+    other = _rows(runner, 2, 6)
+    embeds, mask = runner._gather_embeds([(0, mixed, own), (4, other, None)], 6)
+    assert mask.tolist() == [False, True, True, False, True, True]
+    assert torch.equal(embeds[:4], mixed) and torch.equal(embeds[4:], other)
+    embeds, mask = runner._gather_embeds([(0, mixed, own)], 4)  # alone: still masked
+    assert mask.tolist() == own.tolist()
