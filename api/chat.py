@@ -1,12 +1,15 @@
 """/v1/chat/completions: OpenAI's chat messages rendered by the served model's chat
-template into the token ids of one prompt, which the engine then serves as it serves a
-completion; the answer in OpenAI's chat shapes (a message, or `chat.completion.chunk`
-deltas), logprobs as `{"content": [...]}`. Text only: embeddings go to /v1/completions as
-`prompt_embeds` (of the templated conversation). Runs in the Serve ingress."""
+template into one prompt, which the engine then serves as it serves a completion; the
+answer in OpenAI's chat shapes (a message, or `chat.completion.chunk` deltas), logprobs as
+`{"content": [...]}`. Content parts are text, or (with --enable-prompt-embeds, as vLLM's)
+`{"type": "prompt_embeds", "data": <base64 of torch.save(tensor)>}`: the template is
+rendered around them and their rows take their place among its tokens. Runs in the Serve
+ingress."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -15,7 +18,7 @@ from api.errors import APIError
 from api.logprobs import floored_logprob, ranked_token_ids, token_name
 from api.protocol import GenerationRequest, UsageInfo, completion_id, unix_time
 from api.responses import Choice, Responses
-from cluster.tokenizer import chat_token_ids
+from cluster.tokenizer import chat_text
 
 
 class TextPart(BaseModel):
@@ -25,29 +28,34 @@ class TextPart(BaseModel):
     text: str
 
 
+class EmbedsPart(BaseModel):
+    """vLLM's: a (seq_len, hidden_size) tensor, base64 of its torch.save, decoded safely."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["prompt_embeds"]
+    data: str
+
+
 class ChatMessage(BaseModel):
-    """One message of the conversation. `content` is a string or a list of text parts
-    (joined by newlines, as vLLM renders them); only an assistant's may be null."""
+    """One message of the conversation. `content` is a string or a list of parts (joined
+    by newlines, as vLLM renders them); only an assistant's may be null."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | EmbedsPart, Field(discriminator="type")]] | None = None
     name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _only_text_parts(cls, content: Any) -> Any:
+    def _known_parts(cls, content: Any) -> Any:
         for part in content if isinstance(content, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "prompt_embeds":
-                raise PydanticCustomError(
-                    "unsupported_content", "content parts of type 'prompt_embeds' are not supported in chat; "
-                    "send the embeddings of the templated conversation as prompt_embeds to /v1/completions")
-            if kind != "text":
+            if kind not in ("text", "prompt_embeds"):
                 raise PydanticCustomError(
                     "unsupported_content", "content parts of type {kind} are not supported; this server "
-                    "takes text parts ({{\"type\": \"text\", \"text\": ...}})", {"kind": repr(kind)})
+                    "takes 'text' and 'prompt_embeds' parts", {"kind": repr(kind)})
         return content
 
     @model_validator(mode="after")
@@ -56,11 +64,15 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError("missing_content", "a {role} message needs content", {"role": self.role})
         return self
 
-    @property
-    def text(self) -> str:
+    def text(self, marker: str = "") -> str:
+        """The content as the template gets it, `marker` in each embeddings part's place."""
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
+            return "\n".join(part.text if isinstance(part, TextPart) else marker for part in self.content)
         return self.content or ""
+
+    @property
+    def embeds_parts(self) -> list[EmbedsPart]:
+        return [part for part in self.content if isinstance(part, EmbedsPart)] if isinstance(self.content, list) else []
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -93,6 +105,11 @@ class ChatCompletionRequest(GenerationRequest):
                                           {"field": "top_logprobs", "value": self.top_logprobs})
         return self
 
+    @property
+    def embeds_parts(self) -> list[EmbedsPart]:
+        """The conversation's prompt_embeds parts, in order."""
+        return [part for message in self.messages for part in message.embeds_parts]
+
     def sampling_values(self) -> dict[str, Any]:
         values = super().sampling_values()
         values.pop("logprobs", None)  # a yes or no here; the number is top_logprobs
@@ -103,20 +120,35 @@ class ChatCompletionRequest(GenerationRequest):
         return values
 
 
-def render_chat(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    """The token ids of the conversation as the model's chat template renders it; a 400
-    naming the field at fault (and /v1/completions, for a model without a template)."""
-    conversation = [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
+def render_chat(tokenizer, request: ChatCompletionRequest, rows_per_part: tuple[int, ...] = ()
+                ) -> tuple[list[int], tuple[tuple[int, int], ...]]:
+    """The token ids of the conversation as the model's chat template renders it, and the
+    positions [start, end) that its prompt_embeds parts' rows fill, in order (part i has
+    rows_per_part[i] rows; the ids there are placeholders). The template renders a marker
+    of this request's own in each part's place; the text between markers is tokenized
+    piece by piece. A 400 naming the field at fault (and /v1/completions, for a model
+    without a template)."""
+    marker = f"\x00shardserve-embeds-{uuid.uuid4().hex}\x00" if rows_per_part else ""
+    conversation = [{"role": m.role, "content": m.text(marker), **({"name": m.name} if m.name else {})}
                     for m in request.messages]
     try:
-        return chat_token_ids(tokenizer, conversation, add_generation_prompt=request.add_generation_prompt,
-                              continue_final_message=request.continue_final_message,
-                              chat_template_kwargs=request.chat_template_kwargs)
+        text = chat_text(tokenizer, conversation, add_generation_prompt=request.add_generation_prompt,
+                         continue_final_message=request.continue_final_message,
+                         chat_template_kwargs=request.chat_template_kwargs)
     except ValueError as exc:
         message, field = str(exc), str(exc).split(" ", 1)[0].rstrip(":")
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             message += "; send the templated conversation to /v1/completions (as token ids or prompt_embeds)"
         raise APIError(400, message, param=field) from None
+    pieces = text.split(marker) if marker else [text]
+    if len(pieces) != len(rows_per_part) + 1:
+        raise APIError(400, f"the chat template rendered {len(pieces) - 1} of the {len(rows_per_part)} "
+                       "prompt_embeds parts (it drops or repeats some content)", param="messages")
+    ids, spans = tokenizer.encode(pieces[0], add_special_tokens=False), []
+    for rows, piece in zip(rows_per_part, pieces[1:]):
+        spans.append((len(ids), len(ids) + rows))
+        ids += [0] * rows + tokenizer.encode(piece, add_special_tokens=False)
+    return ids, tuple(spans)
 
 
 # Responses -----------------------------------------------------------------------------

@@ -157,8 +157,8 @@ class PromptInput:
     """One prompt of a request, in choice order; embeds stay base64 until the server
     decodes them with api.embeds_codec."""
 
-    kind: Literal["text", "tokens", "embeds"]
-    value: str | tuple[int, ...]
+    kind: Literal["text", "tokens", "embeds", "chat"]
+    value: str | tuple[int, ...] | Any  # "chat": a ChatCompletionRequest with prompt_embeds parts
 
 
 def split_prompts(

@@ -12,6 +12,8 @@ import functools
 import time
 import uuid
 
+import torch
+
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
 from api.chat import ChatCompletionRequest, ChatResponses, render_chat
 from api.embeds_codec import decode_prompt_embeds
@@ -105,7 +107,10 @@ class OpenAIServing:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.check_model(request.model)
         params, truncation = self._sampling(request)
-        inputs = [PromptInput("tokens", tuple(render_chat(self.engine.tokenizer, request)))]
+        if request.embeds_parts:  # decoded (in a thread when large), then rendered around
+            inputs = [PromptInput("chat", request)]
+        else:
+            inputs = [PromptInput("tokens", tuple(render_chat(self.engine.tokenizer, request)[0]))]
         return await self._serve(request, params, inputs, truncation, self.chat_responses, arrival_time)
 
     async def _serve(self, request: GenerationRequest, params: SamplingParams, inputs: list[PromptInput],
@@ -160,12 +165,17 @@ class OpenAIServing:
     async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
         """then(the validated prompt); for embeddings past inline_decode_max_chars, in the
         worker thread that decodes them. A bad prompt is a 400 naming its field."""
-        if item.kind == "embeds":
+        if item.kind in ("embeds", "chat"):
+            param = "prompt_embeds" if item.kind == "embeds" else "messages"
             if not self.enable_prompt_embeds:
                 raise APIError(400, "prompt_embeds is disabled on this server; start it with "
-                               "--enable-prompt-embeds to accept embeddings", param="prompt_embeds")
-            decode = functools.partial(self._decode_embeds, item.value, truncation)
-            if len(item.value) <= self.inline_decode_max_chars:
+                               "--enable-prompt-embeds to accept embeddings", param=param)
+            if item.kind == "embeds":
+                decode, size = functools.partial(self._decode_embeds, item.value, truncation), len(item.value)
+            else:
+                decode = functools.partial(self._chat_embeds_prompt, item.value, truncation)
+                size = sum(len(part.data) for part in item.value.embeds_parts)
+            if size <= self.inline_decode_max_chars:
                 return then(decode())
             return await asyncio.to_thread(lambda: then(decode()))
         try:
@@ -189,6 +199,22 @@ class OpenAIServing:
         if truncation is not None:
             tensor = tensor[-truncation:]
         return self.engine.put_embeds_prompt(tensor)
+
+    def _chat_embeds_prompt(self, request: ChatCompletionRequest, truncation: int | None = None) -> EnginePrompt:
+        """A chat's prompt_embeds parts decoded safely, the conversation rendered around
+        them, then their rows put into the object store once, as one prompt with its ids."""
+        if truncation is not None:
+            raise APIError(400, "truncate_prompt_tokens cannot cut a conversation with prompt_embeds parts",
+                           param="truncate_prompt_tokens")
+        rows = []
+        for index, part in enumerate(request.embeds_parts):
+            try:
+                rows.append(decode_prompt_embeds(part.data, hidden_size=self.engine.hidden_size,
+                                                 dtype=self.engine.dtype, max_bytes=self.max_embeds_bytes))
+            except ValueError as exc:
+                raise APIError(400, f"prompt_embeds part {index}: {exc}", param="messages") from None
+        token_ids, spans = render_chat(self.engine.tokenizer, request, tuple(r.shape[0] for r in rows))
+        return self.engine.put_mixed_prompt(token_ids, torch.cat(rows), spans)
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
                        loop: asyncio.AbstractEventLoop) -> list[Choice]:

@@ -16,7 +16,7 @@ from ray.util.placement_group import PlacementGroup
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError, request_error
 from cluster.outputs import CompletionTracker, Logprob
-from cluster.prompts import EnginePrompt, check_prompt_logprobs, embeds_prompt, parse_engine_prompt
+from cluster.prompts import EnginePrompt, check_prompt_logprobs, embeds_prompt, mixed_prompt, parse_engine_prompt
 from workers.messages import EngineStats
 from workers.sampling_params import SamplingParams
 
@@ -68,6 +68,12 @@ class AsyncEngine:
         returned (api.embeds_codec.decode_prompt_embeds runs it), with its embeddings put
         into the object store once for all of its samples. Blocks: call it off the loop."""
         return self.engine.put_prompt(embeds_prompt(tensor, self.hidden_size, self.dtype))
+
+    def put_mixed_prompt(self, token_ids: list[int], rows: torch.Tensor,
+                         embeds_spans: tuple[tuple[int, int], ...]) -> EnginePrompt:
+        """put_embeds_prompt for a prompt of token ids whose embeds_spans positions take
+        `rows` (validated, in order) instead. Blocks: call it off the loop."""
+        return self.engine.put_prompt(mixed_prompt(tuple(token_ids), rows, embeds_spans, self.hidden_size, self.dtype))
 
     def start(self, req_id: str, prompt: EnginePrompt, params: SamplingParams,
               loop: asyncio.AbstractEventLoop) -> SampleStream:

@@ -33,6 +33,15 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase | None, conversation: list
     does. chat_template_kwargs are the template's own variables. ValueError for a model
     without a tokenizer or a chat template, or messages the template refuses; its message
     starts with the argument at fault."""
+    text = chat_text(tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                     continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase | None, conversation: list[dict[str, Any]], *,
+              add_generation_prompt: bool = True, continue_final_message: bool = False,
+              chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The conversation as the chat template renders it, as text (chat_token_ids)."""
     if tokenizer is None:
         raise ValueError("messages need a tokenizer, and this model has none (a model shape): it has no chat template")
     if not getattr(tokenizer, "chat_template", None):
@@ -47,7 +56,7 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase | None, conversation: list
                                              continue_final_message=continue_final_message, **variables)
     except (TemplateError, ValueError, TypeError) as exc:
         raise ValueError(f"messages: the chat template could not render them: {exc}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text
 
 
 def _named_arguments(function) -> set[str]:

@@ -11,20 +11,24 @@ import pytest
 from starlette.testclient import TestClient
 
 from api.chat import ChatCompletionRequest, render_chat
-from tests.api.test_routes import MODEL, FakeEngine, error_of, make_app, sse_events, tokenizer  # noqa: F401
+from tests.api.test_routes import MODEL, FakeEngine, embeds, error_of, make_app, sse_events, tokenizer  # noqa: F401
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does Ray place?"}]
+LOOK = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "prompt_embeds", "data": embeds(1, 3)},
+                                     {"type": "text", "text": "and"}, {"type": "prompt_embeds", "data": embeds(2, 2)}]}]
 
 
 class RecordingEngine(FakeEngine):
-    """Also keeps each started prompt's token ids."""
+    """Also keeps each started prompt's token ids and embeddings spans."""
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
         self.prompt_ids: list[tuple[int, ...]] = []
+        self.prompts = []
 
     def start(self, req_id, prompt, params, loop):
         self.prompt_ids.append(tuple(prompt.prompt_token_ids))
+        self.prompts.append(prompt)
         return super().start(req_id, prompt, params, loop)
 
 
@@ -142,7 +146,11 @@ def test_logprobs_are_chat_shaped_with_exactly_top_logprobs_alternatives(client,
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content", "content parts of type 'image_url' are not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}]},
-     "messages.0.content", "send the embeddings of the templated conversation as prompt_embeds to /v1/completions"),
+     "messages", "prompt_embeds part 0: "),
+    ({"messages": [{"role": "user", "content": [{"type": "prompt_embeds"}]}]}, "messages.0.content",
+     "messages.0.content.0.prompt_embeds.data: Field required"),
+    ({"messages": LOOK, "truncate_prompt_tokens": 4}, "truncate_prompt_tokens",
+     "cannot cut a conversation with prompt_embeds parts"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported field 'tools'"),
     ({"response_format": {"type": "json_object"}}, "response_format", "unsupported field 'response_format'"),
     ({"echo": True}, "echo", "unsupported field 'echo'"),
@@ -189,4 +197,35 @@ def test_a_model_without_a_chat_template_or_tokenizer_is_400_pointing_at_complet
 
 def test_render_chat_matches_the_tokenizers_own_template(tokenizer):
     request = ChatCompletionRequest(messages=HELLO)
-    assert render_chat(tokenizer, request) == templated(tokenizer)
+    assert render_chat(tokenizer, request) == (templated(tokenizer), ())
+
+
+def test_prompt_embeds_parts_take_their_rows_places_among_the_templates_tokens(client, engine, tokenizer):
+    response = chat(client, LOOK, max_tokens=2)
+    assert response.status_code == 200, response.text
+    (prompt,) = engine.prompts
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Look:\n@\nand\n@"}],
+                                         add_generation_prompt=True, tokenize=False)
+    first, middle, last = (tokenizer.encode(piece, add_special_tokens=False) for piece in text.split("@"))
+    assert prompt.prompt_token_ids == tuple(first + [0] * 3 + middle + [0] * 2 + last)
+    second = len(first) + 3 + len(middle)
+    assert prompt.embeds_spans == ((len(first), len(first) + 3), (second, second + 2))
+    assert prompt.prompt_embeds[:3].tolist() == [[1.0] * 16] * 3 and prompt.prompt_embeds[3:].tolist() == [[2.0] * 16] * 2
+    assert engine.num_embeds_puts == 1  # every part's rows, put once
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt.prompt_token_ids)
+
+
+def test_prompt_embeds_parts_need_the_flag(engine):
+    client = TestClient(make_app(engine, enable_prompt_embeds=False), raise_server_exceptions=False)
+    error = error_of(chat(client, LOOK), 400)
+    assert error["param"] == "messages" and "--enable-prompt-embeds" in error["message"]
+    assert engine.started == [] and engine.num_embeds_puts == 0
+
+
+def test_a_template_that_drops_a_part_is_400(engine, tokenizer):
+    engine.tokenizer = copy.deepcopy(tokenizer)
+    engine.tokenizer.chat_template = "{% for m in messages if m['role'] != 'system' %}{{ m['content'] }}{% endfor %}"
+    client = TestClient(make_app(engine), raise_server_exceptions=False)
+    dropped = [{"role": "system", "content": [{"type": "prompt_embeds", "data": embeds(1, 2)}]}, *HELLO[1:]]
+    error = error_of(chat(client, dropped), 400)
+    assert error["param"] == "messages" and "rendered 0 of the 1 prompt_embeds parts" in error["message"]

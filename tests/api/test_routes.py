@@ -21,7 +21,7 @@ from cluster.async_engine import SampleUpdate
 from cluster.default_model import default_model_path
 from cluster.engine_client import EngineDeadError, RequestFailedError
 from cluster.outputs import Logprob
-from cluster.prompts import embeds_prompt, parse_prompt
+from cluster.prompts import embeds_prompt, mixed_prompt, parse_prompt
 from cluster.tokenizer import load_tokenizer
 from workers.messages import EngineStats
 
@@ -68,6 +68,10 @@ class FakeEngine:
     def put_embeds_prompt(self, tensor):
         self.num_embeds_puts += 1
         return embeds_prompt(tensor, H, self.dtype)
+
+    def put_mixed_prompt(self, token_ids, rows, embeds_spans):
+        self.num_embeds_puts += 1
+        return mixed_prompt(tuple(token_ids), rows, embeds_spans, H, self.dtype)
 
     @staticmethod
     def tag(prompt) -> str:

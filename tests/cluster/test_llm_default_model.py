@@ -80,6 +80,23 @@ def test_a_prompt_mixing_token_ids_and_embeddings_continues_as_its_ids_do(llm, h
         llm.generate([mixed], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
 
 
+def test_a_mixed_prompts_blocks_are_cached_by_their_ids_and_rows(llm, hf_model):
+    """Block size 16, 40 positions, embeddings rows at [20, 25): block 0 holds ids only and
+    is keyed by them (shared with the same ids as a token-id prompt); block 1 by its ids
+    and where its rows sit and their bytes."""
+    ids = random_ids(23, 40, hf_model.config.vocab_size)
+    table = hf_model.get_input_embeddings().weight.detach()
+    is_token = [True] * 20 + [False] * 5 + [True] * 15
+    mixed = {"prompt_token_ids": ids, "prompt_embeds": table[ids], "prompt_is_token_ids": is_token,
+             "cache_salt": "mixed-blocks"}
+    noise = {**mixed, "prompt_embeds": torch.randn(40, table.shape[1], generator=torch.Generator().manual_seed(1))}
+    first, again, other, plain = (llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+                                  for prompt in (mixed, mixed, noise, {"prompt_token_ids": ids, "cache_salt": "mixed-blocks"}))
+    assert (first.num_cached_tokens, again.num_cached_tokens, other.num_cached_tokens, plain.num_cached_tokens) \
+        == (0, 32, 16, 16)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
 def test_a_mixed_prompt_in_chunks_beside_other_prompts(ray_cluster, hf_model):
     with LLM(tensor_parallel_size=2, enable_prompt_embeds=True, max_model_len=256, max_num_batched_tokens=3,
              kv_cache_memory_bytes=32 << 20) as chunked:

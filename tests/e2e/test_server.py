@@ -469,6 +469,33 @@ def test_chat_answers_as_the_engine_continues_the_templated_conversation(client,
         assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token  # greedy
 
 
+def test_chat_prompt_embeds_parts_of_the_models_own_embeddings_answer_as_the_text_does(client, embed_table):
+    """A message whose content is the model's input embeddings of its text, as a
+    prompt_embeds part beside a text part: the template rendered around the rows gives the
+    text chat's prompt, so greedy decoding answers the same (and usage counts the same)."""
+    tokenizer = load_tokenizer(default_model_path())
+    question = "What does Ray place on each GPU?"
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": "Answer in one line."},
+                                              {"role": "user", "content": "Q:\n@"}],
+                                             add_generation_prompt=True, tokenize=False)
+    before, after = (tokenizer.encode(piece, add_special_tokens=False) for piece in rendered.split("@"))
+    ids = tokenizer.encode(question, add_special_tokens=False)
+    text_chat = [CHAT[0], {"role": "user", "content": f"Q:\n{question}"}]
+    assert before + ids + after == chat_ids(text_chat)  # the same prompt, token for token
+    parts = [{"type": "text", "text": "Q:"}, {"type": "prompt_embeds", "data": encode_prompt_embeds(embed_table[ids])}]
+    kwargs = {"model": DEFAULT_MODEL_NAME, "temperature": 0.0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
+    expected = client.chat.completions.create(messages=text_chat, **kwargs)
+    result = client.chat.completions.create(messages=[CHAT[0], {"role": "user", "content": parts}], **kwargs)
+    assert result.choices[0].message.content == expected.choices[0].message.content
+    assert result.usage.prompt_tokens == expected.usage.prompt_tokens == len(before + ids + after)
+    streamed = client.chat.completions.create(messages=[CHAT[0], {"role": "user", "content": parts}], stream=True,
+                                              **kwargs)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == result.choices[0].message.content
+    other = [{"type": "text", "text": "Q:"}, {"type": "prompt_embeds", "data": encode_prompt_embeds(random_embeds(9))}]
+    assert client.chat.completions.create(messages=[CHAT[0], {"role": "user", "content": other}],
+                                          **kwargs).choices[0].message.content != result.choices[0].message.content
+
+
 def test_chat_streamed_equals_not_streamed_and_bad_chats_are_400(client):
     kwargs = {"model": DEFAULT_MODEL_NAME, "messages": CHAT, "temperature": 0.8, "seed": 11, "max_tokens": 10,
               "n": 2, "extra_body": {"ignore_eos": True}}
@@ -486,7 +513,7 @@ def test_chat_streamed_equals_not_streamed_and_bad_chats_are_400(client):
     with pytest.raises(openai.BadRequestError, match="unsupported field 'tools'"):
         client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=2,
                                        tools=[{"type": "function", "function": {"name": "lookup"}}])
-    with pytest.raises(openai.BadRequestError, match="prompt_embeds to /v1/completions"):
+    with pytest.raises(openai.BadRequestError, match="prompt_embeds part 0: "):
         client.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}])
     assert client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=2).choices
