@@ -8,7 +8,6 @@ ingress."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -18,7 +17,7 @@ from api.errors import APIError
 from api.logprobs import floored_logprob, ranked_token_ids, token_name
 from api.protocol import GenerationRequest, UsageInfo, completion_id, unix_time
 from api.responses import Choice, Responses
-from cluster.tokenizer import chat_text
+from cluster.tokenizer import chat_prompt
 
 
 class TextPart(BaseModel):
@@ -64,10 +63,12 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError("missing_content", "a {role} message needs content", {"role": self.role})
         return self
 
-    def text(self, marker: str = "") -> str:
-        """The content as the template gets it, `marker` in each embeddings part's place."""
+    @property
+    def parts(self) -> str | list[dict]:
+        """The content as chat_prompt takes it: the string, or each part's type (and text)."""
         if isinstance(self.content, list):
-            return "\n".join(part.text if isinstance(part, TextPart) else marker for part in self.content)
+            return [{"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "prompt_embeds"}
+                    for part in self.content]
         return self.content or ""
 
     @property
@@ -122,33 +123,20 @@ class ChatCompletionRequest(GenerationRequest):
 
 def render_chat(tokenizer, request: ChatCompletionRequest, rows_per_part: tuple[int, ...] = ()
                 ) -> tuple[list[int], tuple[tuple[int, int], ...]]:
-    """The token ids of the conversation as the model's chat template renders it, and the
-    positions [start, end) that its prompt_embeds parts' rows fill, in order (part i has
-    rows_per_part[i] rows; the ids there are placeholders). The template renders a marker
-    of this request's own in each part's place; the text between markers is tokenized
-    piece by piece. A 400 naming the field at fault (and /v1/completions, for a model
-    without a template)."""
-    marker = f"\x00shardserve-embeds-{uuid.uuid4().hex}\x00" if rows_per_part else ""
-    conversation = [{"role": m.role, "content": m.text(marker), **({"name": m.name} if m.name else {})}
-                    for m in request.messages]
+    """cluster.tokenizer.chat_prompt of the request's messages: the token ids, and the
+    positions its prompt_embeds parts' rows fill (part i has rows_per_part[i] rows). A 400
+    naming the field at fault (and /v1/completions, for a model without a template)."""
     try:
-        text = chat_text(tokenizer, conversation, add_generation_prompt=request.add_generation_prompt,
-                         continue_final_message=request.continue_final_message,
-                         chat_template_kwargs=request.chat_template_kwargs)
+        return chat_prompt(tokenizer, [m.model_dump(exclude_none=True, exclude={"content"}) | {"content": m.parts}
+                                       for m in request.messages], rows_per_part,
+                           add_generation_prompt=request.add_generation_prompt,
+                           continue_final_message=request.continue_final_message,
+                           chat_template_kwargs=request.chat_template_kwargs)
     except ValueError as exc:
         message, field = str(exc), str(exc).split(" ", 1)[0].rstrip(":")
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             message += "; send the templated conversation to /v1/completions (as token ids or prompt_embeds)"
         raise APIError(400, message, param=field) from None
-    pieces = text.split(marker) if marker else [text]
-    if len(pieces) != len(rows_per_part) + 1:
-        raise APIError(400, f"the chat template rendered {len(pieces) - 1} of the {len(rows_per_part)} "
-                       "prompt_embeds parts (it drops or repeats some content)", param="messages")
-    ids, spans = tokenizer.encode(pieces[0], add_special_tokens=False), []
-    for rows, piece in zip(rows_per_part, pieces[1:]):
-        spans.append((len(ids), len(ids) + rows))
-        ids += [0] * rows + tokenizer.encode(piece, add_special_tokens=False)
-    return ids, tuple(spans)
 
 
 # Responses -----------------------------------------------------------------------------

@@ -11,14 +11,15 @@ import time
 from collections.abc import Sequence
 
 import ray
+import torch
 from tqdm.auto import tqdm
 
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
-from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, parse_engine_prompt, truncate_prompt,
-                             truncation_length)
-from cluster.tokenizer import chat_token_ids
+from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, mixed_prompt, parse_engine_prompt,
+                             truncate_prompt, truncation_length, validate_prompt_embeds)
+from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
 
 
@@ -48,12 +49,15 @@ class LLM:
         any request is sent, so the LLM stays usable. A request that fails in the engine
         raises RequestFailedError (the engine lives) or EngineDeadError (it died)."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-        params = self._per_prompt_params(sampling_params, len(prompts))
+        return self._generate([self._parse(p) for p in prompts], sampling_params, use_tqdm)
+
+    def _generate(self, parsed: list[EnginePrompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        params = self._per_prompt_params(sampling_params, len(parsed))
         for sp in params:
             sp.check_vocab(self.config.model_config.vocab_size)
         max_model_len = self.config.max_model_len
-        parsed = [truncate_prompt(self._parse(p), truncation_length(sp.truncate_prompt_tokens, max_model_len))
-                  for p, sp in zip(prompts, params)]
+        parsed = [truncate_prompt(p, truncation_length(sp.truncate_prompt_tokens, max_model_len))
+                  for p, sp in zip(parsed, params)]
         for p, sp in zip(parsed, params):
             check_prompt_logprobs(p, sp)
         params = [
@@ -73,14 +77,27 @@ class LLM:
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """As vLLM's: one conversation (a list of {"role", "content"} messages) or a list of
-        them, each rendered by the model's chat template into token ids, then generated
-        as generate() does; a result per conversation, in order."""
+        them, each rendered by the model's chat template, then generated as generate()
+        does; a result per conversation, in order. A content may be a list of parts:
+        {"type": "text", "text": ...} and, with enable_prompt_embeds, {"type":
+        "prompt_embeds", "prompt_embeds": (seq_len, hidden_size) tensor}, whose rows take
+        the part's place among the template's tokens."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": chat_token_ids(
-            self.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)}
-            for conversation in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        template = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                    "chat_template_kwargs": chat_template_kwargs}
+        return self._generate([self._chat_prompt(c, template) for c in conversations], sampling_params, use_tqdm)
+
+    def _chat_prompt(self, conversation: list[dict], template: dict) -> EnginePrompt:
+        model = self.config.model_config
+        rows = [part.get("prompt_embeds") for message in conversation if isinstance(message.get("content"), list)
+                for part in message["content"] if isinstance(part, dict) and part.get("type") == "prompt_embeds"]
+        if rows and not self.config.enable_prompt_embeds:
+            raise ValueError("prompt_embeds parts given but prompt embeddings are disabled; pass enable_prompt_embeds=True")
+        rows = [validate_prompt_embeds(r, model.hidden_size, self.config.torch_dtype) for r in rows]
+        token_ids, spans = chat_prompt(self.tokenizer, conversation, [r.shape[0] for r in rows], **template)
+        if not rows:
+            return EnginePrompt(None, tuple(token_ids), None)
+        return mixed_prompt(tuple(token_ids), torch.cat(rows), spans, model.hidden_size, self.config.torch_dtype)
 
     def _parse(self, prompt) -> EnginePrompt:
         return parse_engine_prompt(prompt, self.config, self.tokenizer)

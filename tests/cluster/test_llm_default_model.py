@@ -54,6 +54,22 @@ def test_chat_renders_the_template_and_matches_hf(llm, hf_model):
     assert single.outputs[0].token_ids == outputs[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="chat_template_kwargs may not set 'tokenize'"):
         llm.chat(conversations[0], GREEDY, chat_template_kwargs={"tokenize": True})
+    # A prompt_embeds part of the model's own embeddings of the question, after a text part.
+    question = conversations[0][0]["content"]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Q:\n@"}], add_generation_prompt=True,
+                                             tokenize=False)
+    before, after = (tokenizer.encode(piece, add_special_tokens=False) for piece in rendered.split("@"))
+    question_ids = tokenizer.encode(question, add_special_tokens=False)
+    text_ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Q:\n{question}"}],
+                                             add_generation_prompt=True, return_dict=False)
+    assert before + question_ids + after == text_ids  # the same prompt, token for token
+    table = hf_model.get_input_embeddings().weight.detach()
+    parts = [{"type": "text", "text": "Q:"}, {"type": "prompt_embeds", "prompt_embeds": table[question_ids]}]
+    (embedded,) = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False)
+    assert embedded.outputs[0].token_ids == hf_greedy(hf_model, GREEDY.max_tokens, input_ids=text_ids).token_ids
+    assert embedded.num_prompt_tokens == len(text_ids)
+    with pytest.raises(ValueError, match="content parts of type 'image_url' are not supported"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], GREEDY)
 
 
 def test_a_prompt_mixing_token_ids_and_embeddings_continues_as_its_ids_do(llm, hf_model):
