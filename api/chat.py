@@ -121,9 +121,9 @@ class ChatCompletionRequest(GenerationRequest):
         return values
 
 
-def render_chat(tokenizer, request: ChatCompletionRequest, rows_per_part: tuple[int, ...] = ()
-                ) -> tuple[list[int], tuple[tuple[int, int], ...]]:
-    """cluster.tokenizer.chat_prompt of the request's messages: the token ids, and the
+def render_chat(tokenizer, request, rows_per_part: tuple[int, ...] = ()) -> tuple[list[int], tuple[tuple[int, int], ...]]:
+    """cluster.tokenizer.chat_prompt of the messages of `request` (a ChatCompletionRequest,
+    or a /tokenize request with the same template fields): the token ids, and the
     positions its prompt_embeds parts' rows fill (part i has rows_per_part[i] rows). A 400
     naming the field at fault (and /v1/completions, for a model without a template)."""
     try:

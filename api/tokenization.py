@@ -1,21 +1,43 @@
 """vLLM's /tokenize and /detokenize: the served model's tokenizer over HTTP, so a client
-can build prompt embeddings from the token ids the server itself would use for a text.
-Runs in the Serve replica."""
+can build prompt embeddings from the token ids the server itself would use for a text, or
+(with `messages`) for a conversation its chat template renders. Runs in the Serve replica."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, StrictInt
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
+
+from api.chat import ChatMessage, render_chat
 from api.errors import APIError
 
 
 class TokenizeRequest(BaseModel):
+    """A text `prompt`, or chat `messages` with the template fields of /v1/chat/completions."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True  # as /v1/completions tokenizes a text prompt
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # a prompt's: true by default, as /v1/completions tokenizes it
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False  # vLLM's: each token's string in the vocabulary too
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("invalid_field", "give either prompt or messages", {"field": "prompt"})
+        if self.messages is not None and self.add_special_tokens:
+            raise PydanticCustomError("invalid_field", "add_special_tokens is for a prompt: the chat template "
+                                      "adds the special tokens of messages", {"field": "add_special_tokens"})
+        if any(m.embeds_parts for m in self.messages or ()):
+            raise PydanticCustomError("invalid_field", "prompt_embeds parts have no token ids to give",
+                                      {"field": "messages"})
+        return self
 
 
 class TokenizeResponse(BaseModel):
@@ -38,7 +60,10 @@ class DetokenizeResponse(BaseModel):
 
 def tokenize(engine, request: TokenizeRequest) -> TokenizeResponse:
     tokenizer = _tokenizer(engine)
-    ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+    if request.messages is not None:
+        ids, _ = render_chat(tokenizer, request)
+    else:
+        ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
     token_strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=list(ids),
                             token_strs=token_strs)

@@ -782,6 +782,10 @@ def test_tokenize_gives_the_ids_a_completion_would_use_and_detokenize_inverts_it
     assert body["token_strs"] is None
     plain = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
     assert plain == tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": text}]
+    chat = client.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert chat["count"] == len(chat["tokens"])
     named = client.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
     assert named["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
     assert named["token_strs"][0] == tokenizer.bos_token and "".join(named["token_strs"][1:]).endswith("fox")
@@ -791,6 +795,12 @@ def test_tokenize_gives_the_ids_a_completion_would_use_and_detokenize_inverts_it
 
 @pytest.mark.parametrize("path, body, status, param", [
     ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "a"}], "add_special_tokens": True}, 400,
+     "add_special_tokens"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}]}, 400,
+     "messages"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"prompt": "a", "truncate": 3}, 400, "truncate"),
     ("/detokenize", {"tokens": [1, 1 << 40]}, 400, "tokens"),

@@ -377,6 +377,11 @@ def test_tokenize_ids_embedded_by_the_client_complete_like_the_text(client, serv
     assert complete(client, [embed_table[ids]]).choices[0].text == from_text
     detokenized = httpx.post(f"{server_url}/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
     assert TEXTS[1] in detokenized  # the text, after any special tokens the tokenizer adds
+    # A conversation: the ids its chat template gives, embedded, answer as the chat does.
+    chat = httpx.post(f"{server_url}/tokenize", json={"messages": CHAT}, timeout=30).json()["tokens"]
+    assert chat == chat_ids()
+    from_chat = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, **GREEDY)
+    assert complete(client, [embed_table[chat]]).choices[0].text == from_chat.choices[0].message.content
 
 
 def test_logit_bias_over_http_equals_the_offline_engine(client, llm):
