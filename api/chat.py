@@ -73,7 +73,9 @@ class ChatMessage(BaseModel):
 
     @property
     def embeds_parts(self) -> list[EmbedsPart]:
-        return [part for part in self.content if isinstance(part, EmbedsPart)] if isinstance(self.content, list) else []
+        if not isinstance(self.content, list):
+            return []
+        return [part for part in self.content if isinstance(part, EmbedsPart)]
 
 
 class ChatCompletionRequest(GenerationRequest):
