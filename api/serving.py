@@ -226,7 +226,8 @@ class OpenAIServing:
             try:
                 max_tokens = check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len)
             except ValueError as exc:  # embedding rows count against the context, as the issue asks
-                param = "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens"
+                param = ("messages" if prompt.embeds_spans is not None
+                         else "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens")
                 raise APIError(400, str(exc), param=param) from None
             for sample in range(params.n):
                 sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)

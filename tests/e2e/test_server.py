@@ -570,6 +570,24 @@ def test_bad_payload_is_400_on_prompt_embeds_and_the_server_keeps_answering(clie
     assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 2
 
 
+def test_every_bad_payload_as_a_chat_part_is_400_and_the_server_keeps_answering(client):
+    """The same payloads inside a chat's prompt_embeds part: the same safe decoder (and
+    the context counts the template's tokens with the rows)."""
+    cases = {**BAD_PAYLOADS, "too long": (BAD_PAYLOADS["too long"][0], "but max_model_len is 1024")}
+    for name, (make, expected) in cases.items():
+        parts = [{"type": "text", "text": "Read:"}, {"type": "prompt_embeds", "data": make()}]
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=2,
+                                           messages=[{"role": "user", "content": parts}])
+        error = info.value.body
+        assert info.value.status_code == 400 and error["param"] == "messages", name
+        assert expected in error["message"], name
+        assert not os.path.exists(_pwned_path())
+    after = client.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "prompt_embeds", "data": encode_prompt_embeds(random_embeds(3))}]}])
+    assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 2
+
+
 # Disconnect ---------------------------------------------------------------------------
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks(server_url):
