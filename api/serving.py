@@ -123,7 +123,8 @@ class OpenAIServing:
         except BaseException:
             reservation.release()
             raise
-        self.metrics.observe_intake("prompt_embeds" if any(i.kind == "embeds" for i in inputs) else "prompt",
+        has_embeds = any(i.kind in ("embeds", "chat") for i in inputs)  # "chat": one with prompt_embeds parts
+        self.metrics.observe_intake("prompt_embeds" if has_embeds else "prompt",
                                     max(c.stream.start_time for c in choices) - arrival_time)
         end = functools.partial(self._end, reservation, choices)
         if request.stream:

@@ -213,6 +213,10 @@ def test_prompt_embeds_parts_take_their_rows_places_among_the_templates_tokens(c
     assert prompt.prompt_embeds[:3].tolist() == [[1.0] * 16] * 3 and prompt.prompt_embeds[3:].tolist() == [[2.0] * 16] * 2
     assert engine.num_embeds_puts == 1  # every part's rows, put once
     assert response.json()["usage"]["prompt_tokens"] == len(prompt.prompt_token_ids)
+    chat(client, max_tokens=1)  # a text chat beside it: each counted in the intake of its input
+    metrics = client.get("/metrics").text.splitlines()
+    for kind in ("prompt_embeds", "prompt"):
+        assert f'shardserve_request_intake_seconds_count{{input="{kind}"}} 1.0' in metrics
 
 
 def test_prompt_embeds_parts_need_the_flag(engine):
