@@ -68,9 +68,9 @@ def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_serve
 
 
 def test_completions_equal_those_behind_serves_proxy(haproxy_server, server_url):
-    """Text, a list of embeddings (one of 1,024 rows: a 1.4 MB body) and a stream: each
-    the same greedy completion as the session's server (same model and settings, Serve's
-    proxy) gives."""
+    """Text, a list of embeddings (one of 1,000 rows: a 1.4 MB body), a chat with a
+    prompt_embeds part and a stream: each the same greedy answer as the session's server
+    (same model and settings, Serve's proxy) gives."""
     _, url, _ = haproxy_server
     direct = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     proxied = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -86,6 +86,11 @@ def test_completions_equal_those_behind_serves_proxy(haproxy_server, server_url)
         want = proxied.completions.create(model=None, **kwargs)
         assert [c.text for c in got.choices] == [c.text for c in want.choices]
         assert got.usage == want.usage
+    parts = [{"type": "text", "text": "Read:"}, {"type": "prompt_embeds", "data": embeds[0]}]
+    chats = [client.chat.completions.create(model=None, messages=[{"role": "user", "content": parts}], **GREEDY)
+             for client in (direct, proxied)]
+    assert chats[0].choices[0].message.content == chats[1].choices[0].message.content
+    assert chats[0].usage == chats[1].usage
     stream = direct.completions.create(model=None, prompt="Ray places one shard on each GPU", stream=True, **GREEDY)
     streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
     want = proxied.completions.create(model=None, prompt="Ray places one shard on each GPU", **GREEDY)
