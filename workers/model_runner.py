@@ -38,6 +38,7 @@ GIB = 1 << 30
 # (first row of the step, its embeddings rows, which of them are embeddings: None for all)
 EmbedsPiece = tuple[int, torch.Tensor, "torch.Tensor | None"]
 
+
 @dataclass(frozen=True)
 class StepInputs:
     input_ids: torch.Tensor  # [N]

@@ -60,6 +60,9 @@ class Request:
         self.prompt_len = prompt_len
         self.embeds_spans = embeds_spans
         self.has_embeds = prompt_token_ids is None or embeds_spans is not None
+        # The prompt's ids that penalties see (every step): none of an embeddings prompt,
+        # and not a mixed prompt's placeholders.
+        self.penalized_prompt_token_ids = self._ids_outside(embeds_spans)
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_model_len = max_model_len
@@ -125,14 +128,11 @@ class Request:
             self.block_hashes.append(hash_block(parent, *self._block_content(start, end)))
         return self.block_hashes[:num_blocks]
 
-    @property
-    def penalized_prompt_token_ids(self) -> list[int] | None:
-        """The prompt's token ids that penalties see: none of an embeddings prompt, and not
-        a mixed prompt's placeholders."""
-        if self.embeds_spans is None or self.prompt_token_ids is None:
+    def _ids_outside(self, spans: tuple[tuple[int, int], ...] | None) -> list[int] | None:
+        if spans is None or self.prompt_token_ids is None:
             return self.prompt_token_ids
         ids = list(self.prompt_token_ids)
-        for start, end in reversed(self.embeds_spans):
+        for start, end in reversed(spans):
             del ids[start:end]
         return ids
 

@@ -183,6 +183,16 @@ def test_penalty_formulas(params, prompt_token_ids, expected):
     assert logits[1].tolist() == LOGITS
 
 
+def test_penalties_skip_a_mixed_prompts_placeholder_ids():
+    """Positions 1-2 are embedding rows (their ids placeholders, 0): only ids 3 and 4 of
+    the prompt count as seen."""
+    request = Request("m", [3, 0, 0, 4], 4, SamplingParams(repetition_penalty=2.0), (EOS,), 1024,
+                      embeds_spans=((1, 3),))
+    logits = torch.full((1, 6), 2.0)
+    apply_penalties(logits, [request])
+    assert logits[0].tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 2.0]
+
+
 def test_penalty_changes_the_greedy_choice():
     logits = torch.tensor([[1.0, 5.0, 4.0]]).repeat(2, 1)  # prompt ids 5, 6: out of vocab, ignored
     plain = make_request(temperature=0.0, output_token_ids=(1, 1))
