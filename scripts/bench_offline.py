@@ -12,6 +12,9 @@
         --num-prompts 1000 --input-len 256 --output-len 256 --batch-sizes 256 \
         --max-num-batched-tokens 8192 --hf-batch-sizes 64 128 --hf-num-prompts 128 --compare-embeds
 
+    python scripts/bench_offline.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --batch-sizes 1 16 --input-len 256 --output-len 32 --compare-embeds --embeds-rows 64 --skip-hf
+
 Prints output tokens/s of each side and their ratio per batch size, and the engine's median
 time to first token, counted from the generate() call (RequestOutput.metrics): a
 throughput run's first tokens wait for the prompts before them, and generate() checks and
@@ -58,6 +61,10 @@ def parse_args() -> argparse.Namespace:
                         help="time Hugging Face on the first this many prompts of each workload (tok/s)")
     parser.add_argument("--compare-embeds", action="store_true",
                         help="also run the same workload as prompt_embeds (random rows) and compare")
+    parser.add_argument("--embeds-rows", type=int, default=None,
+                        help="with --compare-embeds: the embeddings prompts keep their token ids and take this "
+                             "many rows of embeddings in their middle instead (a prompt that mixes the two, as a "
+                             "chat with a prompt_embeds part is); default: every row")
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed runs of each kind of prompt, alternating; each kind's fastest is kept")
     return parser.parse_args()
@@ -78,11 +85,11 @@ def make_workload(args, batch: int, vocab: int, seed: int) -> list[tuple[list[in
     return [(torch.randint(10, vocab - 10, (n,), generator=gen).tolist(), m) for n, m in zip(inputs, outputs)]
 
 
-def time_engine(llm: LLM, workload, as_embeds: bool = False) -> tuple[float, float]:
+def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | None = None) -> tuple[float, float]:
     """(seconds for the whole workload, median ms from the call to a request's first token)
     of one generate() call that takes every prompt at once, as a throughput run does."""
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in workload]
-    prompts = [embeds_prompt(llm, p) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
+    prompts = [embeds_prompt(llm, p, embeds_rows) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
     called = time.time()  # the clock of RequestMetrics
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -93,28 +100,35 @@ def time_engine(llm: LLM, workload, as_embeds: bool = False) -> tuple[float, flo
     return elapsed, statistics.median(o.metrics.first_token_time - called for o in outputs) * 1e3
 
 
-def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int) -> dict[bool, tuple[float, float]]:
+def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
+               embeds_rows: int | None = None) -> dict[bool, tuple[float, float]]:
     """{as_embeds: (seconds, median TTFT ms)} of each kind's fastest of `rounds` runs, the
     kinds alternating; a warm-up of the workload's first `batch` prompts (4 tokens each) per
     kind comes first."""
     warmup = [(p, 4) for p, _ in workload[:batch]]
     for as_embeds in kinds:
-        time_engine(llm, warmup, as_embeds)
+        time_engine(llm, warmup, as_embeds, embeds_rows)
     best: dict[bool, tuple[float, float]] = {}
     for _ in range(rounds):
         for as_embeds in kinds:
-            result = time_engine(llm, workload, as_embeds)
+            result = time_engine(llm, workload, as_embeds, embeds_rows)
             if as_embeds not in best or result[0] < best[as_embeds][0]:
                 best[as_embeds] = result
     return best
 
 
-def embeds_prompt(llm: LLM, token_ids: list[int]) -> dict:
+def embeds_prompt(llm: LLM, token_ids: list[int], embeds_rows: int | None = None) -> dict:
     """Random rows of the model's hidden size, as many as the prompt's tokens (the cost of an
-    embeddings prompt does not depend on its values)."""
+    embeddings prompt does not depend on its values); with embeds_rows, the token ids with
+    that many of their middle positions taken by rows (vLLM's prompt_is_token_ids form)."""
     gen = torch.Generator().manual_seed(len(token_ids) * 7919 + token_ids[0])
     rows = torch.randn(len(token_ids), llm.config.model_config.hidden_size, generator=gen) * 0.02
-    return {"prompt_embeds": rows.to(llm.config.torch_dtype)}
+    rows = rows.to(llm.config.torch_dtype)
+    if embeds_rows is None:
+        return {"prompt_embeds": rows}
+    first = (len(token_ids) - embeds_rows) // 2
+    is_token = [not first <= position < first + embeds_rows for position in range(len(token_ids))]
+    return {"prompt_token_ids": token_ids, "prompt_embeds": rows, "prompt_is_token_ids": is_token}
 
 
 def load_hf(model_dir: str, load_format: str, dtype: torch.dtype, device: str):
@@ -154,6 +168,8 @@ def time_hf(model, workload, batch: int, device: str) -> float:
 
 def main() -> None:
     args = parse_args()
+    if args.embeds_rows is not None and not (args.compare_embeds and 0 < args.embeds_rows <= args.input_len):
+        raise SystemExit("--embeds-rows needs --compare-embeds and a count in 1..--input-len")
     init_ray()
     model = model_path(args)
     max_num_seqs = max(args.batch_sizes) if args.num_prompts else 256
@@ -168,7 +184,7 @@ def main() -> None:
     for batch in args.batch_sizes:  # the engine captured its CUDA graphs when it started
         workload = make_workload(args, batch, vocab, batch)
         tokens = sum(m for _, m in workload)
-        best = time_kinds(llm, workload, batch, kinds, args.rounds)
+        best = time_kinds(llm, workload, batch, kinds, args.rounds, args.embeds_rows)
         row = {"batch": batch, "engine": tokens / best[False][0], "ttft": best[False][1]}
         if args.compare_embeds:
             row["embeds"], row["embeds_ttft"] = tokens / best[True][0], best[True][1]
@@ -205,7 +221,8 @@ def print_table(args, config, rows) -> None:
              f"output_len={args.output_len_min or args.output_len}-{args.output_len}" if args.num_prompts
              else f"input_len={args.input_len} output_len={args.output_len}")
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} "
-          f"device={config.device} {shape} rounds={args.rounds}")
+          f"device={config.device} {shape} rounds={args.rounds}"
+          + (f" embeds: {args.embeds_rows} rows among token ids" if args.compare_embeds and args.embeds_rows else ""))
     embeds = (f" {'embeds tok/s':>13} {'embeds/ids':>10} {'embeds TTFT ms':>14} {'TTFT embeds/ids':>15}"
               if args.compare_embeds else "")
     print(f"{'batch':>6} {'shardserve tok/s':>17} {'TTFT ms':>9} {'HF generate tok/s':>18} {'HF batch':>8} "

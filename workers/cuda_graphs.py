@@ -191,13 +191,14 @@ def capture(forward, pool):
 @dataclass(frozen=True)
 class GraphSpan:
     """One request's rows in a step the prefill graphs run: token ids at positions
-    num_computed.. (embedding rows read as 0), its block table, the embeddings of its first
-    rows (on the device) or None, and whether its last row samples."""
+    num_computed.. (embedding rows read as 0), its block table, its embedding rows (on the
+    device) as (offset among its rows, rows) pieces, none for rows of token ids only, and
+    whether its last row samples."""
 
     ids: list[int]
     num_computed: int
     block_table: list[int]
-    embeds: torch.Tensor | None
+    embeds: list[tuple[int, torch.Tensor]]
     sampled: bool
 
 
@@ -310,8 +311,7 @@ class PrefillGraphs:
         for i, span in enumerate(spans):
             n = len(span.ids)
             starts.append(len(ids))
-            if span.embeds is not None:
-                embeds.append((len(ids), span.embeds))
+            embeds += [(len(ids) + offset, rows) for offset, rows in span.embeds]
             span_positions = range(span.num_computed, span.num_computed + n)
             ids += span.ids
             positions += span_positions

@@ -17,10 +17,13 @@ class RequestState:
     req_id: str
     prompt_len: int
     prompt_token_ids: list[int] | None  # None for an embeddings prompt
-    prompt_embeds: torch.Tensor | None  # (prompt_len, hidden) in the model dtype
-    # [prompt_len] bool on the device, True where prompt_embeds' row is the input, for a
-    # prompt that mixes token ids and embeddings; None: every prompt row is an embedding.
-    embeds_mask: torch.Tensor | None = None
+    # The prompt's embedding rows on the device, in the model dtype: (prompt_len, hidden),
+    # or, for a prompt that mixes token ids and embeddings, only the rows of embeds_spans,
+    # in order (a chat's few rows are not spread over its whole length).
+    prompt_embeds: torch.Tensor | None
+    # A mixed prompt's (start, end) positions that take embedding rows; None: every prompt
+    # position does (when prompt_embeds is given).
+    embeds_spans: tuple[tuple[int, int], ...] | None = None
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     # Top-k of the prompt's log-probabilities (SamplingParams.prompt_logprobs), or None;
@@ -28,6 +31,23 @@ class RequestState:
     prompt_logprobs: int | None = None
     first_sampled: bool = False
     stand_in: bool = False  # a follower's copy of a request it could not take (zeros for rows)
+
+    def embeds_rows(self, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+        """The embedding rows among positions [start, end), as (offset from start, rows):
+        one piece for an embeddings prompt, one per span met for a mixed prompt, none past
+        the prompt or for a prompt of token ids."""
+        end = min(end, self.prompt_len)
+        if self.prompt_embeds is None or start >= end:
+            return []
+        if self.embeds_spans is None:
+            return [(0, self.prompt_embeds[start:end])]
+        pieces, first = [], 0  # first: the span's first row in prompt_embeds
+        for span_start, span_end in self.embeds_spans:
+            low, high = max(span_start, start), min(span_end, end)
+            if low < high:
+                pieces.append((low - start, self.prompt_embeds[first + low - span_start : first + high - span_start]))
+            first += span_end - span_start
+        return pieces
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end); embedding positions read as 0."""

@@ -35,8 +35,8 @@ CPU_KV_CACHE_BYTES = 512 << 20  # on CPU the cache is sized in bytes, as vLLM's 
 GIB = 1 << 30
 
 
-# (first row of the step, its embeddings rows, which of them are embeddings: None for all)
-EmbedsPiece = tuple[int, torch.Tensor, "torch.Tensor | None"]
+# (first row of the step, the embeddings rows from there on)
+EmbedsPiece = tuple[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -364,12 +364,7 @@ class ModelRunner:
         ids = state.token_ids(start, end)
         if len(ids) < end - start and not (self._is_decode(sched) and not ids):
             return None
-        if state.embeds_mask is not None and start < state.prompt_len:
-            return None  # a prompt of token ids and embeddings together: its prefill runs eager
-        embeds = None  # the rows' embeddings come first; their ids read as 0
-        if state.prompt_embeds is not None and start < state.prompt_len:
-            embeds = state.prompt_embeds[start : min(end, state.prompt_len)]
-        return GraphSpan(ids, start, state.block_ids, embeds, sched.is_sampled)
+        return GraphSpan(ids, start, state.block_ids, state.embeds_rows(start, end), sched.is_sampled)
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into
@@ -396,10 +391,7 @@ class ModelRunner:
         for sched in scheduled:
             state = self.requests[sched.req_id]
             start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
-            if state.prompt_embeds is not None and start < state.prompt_len:
-                stop = min(end, state.prompt_len)
-                mask = state.embeds_mask[start:stop] if state.embeds_mask is not None else None
-                embeds_pieces.append((len(input_ids), state.prompt_embeds[start:stop], mask))
+            embeds_pieces += [(len(input_ids) + offset, rows) for offset, rows in state.embeds_rows(start, end)]
             ids = state.token_ids(start, end)
             if len(ids) < end - start:  # a decode row of a feeds_back plan: fed back below
                 fed.append((len(input_ids), sched.req_id))
@@ -431,20 +423,19 @@ class ModelRunner:
     def _gather_embeds(self, pieces: list[EmbedsPiece], num_rows: int):
         """Scatters the prompt-embedding rows of this step into an [N, hidden] tensor and
         its row mask; no mask when they are every row (a step of embeddings prefills only,
-        the first token's usual step), and no copy when one request's rows are the step.
-        A piece's own mask (a prompt mixing token ids and embeddings) says which of its
-        rows are embeddings; the others are its token ids'."""
+        the first token's usual step), and no copy when one piece is the step. The other
+        rows (token ids: a decode, a prompt of ids, a mixed prompt's ids) read the model's
+        token embeddings."""
         if not pieces:
             return None, None
-        unmasked = all(piece_mask is None for _, _, piece_mask in pieces)
-        if unmasked and sum(rows.shape[0] for _, rows, _ in pieces) == num_rows:
+        if sum(rows.shape[0] for _, rows in pieces) == num_rows:  # disjoint: every row
             if len(pieces) == 1:
                 return pieces[0][1], None
-            return torch.cat([rows for _, rows, _ in pieces]), None
+            return torch.cat([rows for _, rows in pieces]), None
         hidden = self.config.model_config.hidden_size
         embeds = torch.zeros(num_rows, hidden, dtype=self.config.torch_dtype, device=self.device)
         mask = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
-        for first_row, rows, piece_mask in pieces:
+        for first_row, rows in pieces:
             embeds[first_row : first_row + rows.shape[0]] = rows
-            mask[first_row : first_row + rows.shape[0]] = True if piece_mask is None else piece_mask
+            mask[first_row : first_row + rows.shape[0]] = True
         return embeds, mask

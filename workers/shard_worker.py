@@ -175,20 +175,10 @@ class ShardWorker:
     @staticmethod
     def _mirror(new: NewRequest, prompt_embeds: torch.Tensor | None) -> RequestState:
         """This shard's mirror of the request, with its embeddings rows (if any) on the
-        device: a mixed prompt's in place among its token ids' positions, with their mask."""
+        device; a mixed prompt's rows stay as they came, with the spans they go to."""
         token_ids = list(new.prompt_token_ids) if new.prompt_token_ids else None
         prompt_logprobs = new.sampling_params.prompt_logprobs if token_ids and prompt_embeds is None else None
-        embeds_mask = None
-        if new.embeds_spans is not None and prompt_embeds is not None:
-            rows = prompt_embeds
-            prompt_embeds = rows.new_zeros(new.prompt_len, rows.shape[1])
-            embeds_mask = torch.zeros(new.prompt_len, dtype=torch.bool, device=rows.device)
-            first = 0
-            for start, end in new.embeds_spans:
-                prompt_embeds[start:end] = rows[first:first + end - start]
-                embeds_mask[start:end] = True
-                first += end - start
-        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, embeds_mask,
+        return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, new.embeds_spans,
                             prompt_logprobs=prompt_logprobs)
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:

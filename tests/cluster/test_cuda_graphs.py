@@ -169,19 +169,24 @@ def test_eager_steps_compile_no_kernel_while_serving(ray_cluster, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_mixed_prompts_eager_prefill_beside_graphed_steps_matches_its_ids(ray_cluster, tiny_checkpoints):
+def test_a_mixed_prompts_prefill_in_graphs_matches_its_ids(ray_cluster, tiny_checkpoints):
     """A prompt of token ids and embeddings (the rows: the model's own embeddings of the
-    ids there) prefills eagerly, beside other requests' graphed steps, and continues as the
-    same ids do, in graphs or not."""
+    ids there) prefills in the prefill graphs, alone and beside other requests, and
+    continues as the same ids do."""
     path = tiny_checkpoints("llama")
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (37,), generator=gen).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, ignore_eos=True)
-    with LLM(str(path), max_model_len=128, kv_cache_memory_bytes=16 << 20, enable_prompt_embeds=True) as llm:
+    with LLM(str(path), max_model_len=128, kv_cache_memory_bytes=16 << 20, enable_prompt_embeds=True,
+             enable_prefix_caching=False) as llm:
         table = _embedding_table(llm)
         is_token = [position % 7 not in (2, 3) for position in range(len(ids))]
         mixed = {"prompt_token_ids": ids, "prompt_embeds": table[torch.tensor(ids)], "prompt_is_token_ids": is_token}
+        reference = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        before = sum(_replays(llm, "prefill_graphs").values())
+        alone = llm.generate([mixed], params, use_tqdm=False)[0].outputs[0]
+        assert sum(_replays(llm, "prefill_graphs").values()) > before, "the mixed prefill ran in a graph"
         others = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in (5, 19)]
-        outputs = llm.generate([{"prompt_token_ids": ids}, mixed, *others], params, use_tqdm=False)
+        beside = llm.generate([mixed, *others], params, use_tqdm=False)[0].outputs[0]
         assert _replays(llm, "decode_graphs"), "the decodes ran in graphs"
-    assert_same_samples([outputs[0].outputs[0]], [outputs[1].outputs[0]], atol=1e-3)
+    assert_same_samples([reference, reference], [alone, beside], atol=1e-3)

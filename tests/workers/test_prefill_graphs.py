@@ -3,7 +3,8 @@ span of padding rows whose keys live in the scratch block. On CPU the padded ste
 eagerly with the kernels in Triton's interpreter (the graph replays the same inputs on
 CUDA) and must give the unpadded step's logits and leave every real cache block as the
 unpadded steps do: chunked prompts, a chunk that fills its bucket, embedding rows beside
-token ids, padding wider than a cache block, Mistral's sliding window, decodes after. At
+token ids, padding wider than a cache block, Mistral's sliding window, decodes after, a
+prompt mixing token ids and embedding rows in two chunks. At
 tensor_parallel_size 2 (two forked ranks over gloo) both ranks' padded logits equal
 TP 1's unpadded ones."""
 
@@ -40,6 +41,8 @@ def run(path, padded, pg=None):
     recompute.output_token_ids = [5, 6, 7]
     intake.put(recompute)
     intake.put(RequestState("two", 2, [9, 4], None))
+    # Token ids with embedding rows at positions 2-3 and 7-9 (ids there are placeholders).
+    intake.put(RequestState("mixed", 12, list(range(40, 52)), embeds[:5] * 3, ((2, 4), (7, 10))))
     steps = [
         (ScheduledRequest("ids", 0, 12, (1, 2, 3), False),),  # chunk: 4 padding rows, no sample
         (ScheduledRequest("ids", 12, 8, (4, 5), True),),  # continuation: keys from the cache
@@ -47,10 +50,12 @@ def run(path, padded, pg=None):
         (ScheduledRequest("recompute", 0, 13, (10, 11, 12, 13), True),),  # embeddings, then ids
         (ScheduledRequest("two", 0, 2, (14,), True),),  # 14 padding rows, wider than a block
         (ScheduledRequest("ids", 20, 1, (6,), True), ScheduledRequest("two", 2, 1, (), True)),
+        (ScheduledRequest("mixed", 0, 8, (15, 16), False),),  # one span whole, one begun
+        (ScheduledRequest("mixed", 8, 4, (17,), True),),  # the rest of that span, then ids
     ]
     logits = []
     for i, scheduled in enumerate(steps):
-        appended = (("ids", 7), ("two", 8)) if i == len(steps) - 1 else ()
+        appended = (("ids", 7), ("two", 8)) if i == 5 else ()
         runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
         logits.append(runner.execute(scheduled))
     caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
@@ -62,8 +67,9 @@ for path in sys.argv[1:]:
     plain, plain_caches, plain_loads, num_blocks = run(path, padded=False)
     padded, padded_caches, padded_loads, _ = run(path, padded=True)
     # The last step's two decodes run as one-row spans of the prefill graphs too.
-    assert plain_loads == 0 and padded_loads == 6, (plain_loads, padded_loads)
-    assert plain[0] is None and padded[0] is None  # the first chunk samples nothing
+    assert plain_loads == 0 and padded_loads == 8, (plain_loads, padded_loads)
+    assert plain[0] is None and padded[0] is None  # the first chunks sample nothing
+    assert plain[6] is None and padded[6] is None
     for step, (a, b) in enumerate(zip(plain[1:], padded[1:]), 1):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{path} step {step}")
     for layer, (a, b) in enumerate(zip(plain_caches, padded_caches)):
