@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 INIT_TIMEOUT_S = 600.0  # loading a large checkpoint; a hung rendezvous fails, not wedges
 POLL_TIMEOUT_S = 1.0
-# A request's first tokens wait for every shard's add_request to have returned (a shard
-# that could not take it raised; its tokens came from a stand-in). A shard's add has
+# A request's first tokens wait for every shard's add_requests to have returned (a shard
+# that could not take it said so; its tokens came from a stand-in). A shard's add has
 # taken the request before any step with it runs, so this waits only for the reply.
 ADD_REPLY_TIMEOUT_S = 5.0
 # The watchdog: a step running longer than this marks the engine dead (a hung shard or a
@@ -37,6 +37,9 @@ ADD_REPLY_TIMEOUT_S = 5.0
 DEFAULT_STEP_TIMEOUT_S = 60.0
 # Actor threads: the step loop, the output long-poll, request intake and control calls.
 SHARD_MAX_CONCURRENCY = 16
+# Requests in one add_requests call (those queued together); their first tokens wait for
+# the call's reply, so not many more than a step takes at once.
+MAX_REQUESTS_PER_CALL = 32
 
 DeltaSink = Callable[[RequestDelta], None]
 
@@ -90,10 +93,11 @@ class EngineClient:
         # running to its length), or an add that one shard had not yet run (the others
         # then waiting for that shard's data).
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        # (req_id, the shards' add_request refs), sent and not yet seen to succeed: the
-        # output thread fails a request whose add raised on a shard, not leave it waiting.
+        # (req_ids, the shards' add_requests refs), sent and not yet seen to succeed: the
+        # output thread fails a request a shard could not take, not leave it waiting. Each
+        # request's unchecked entry: those refs, and its place in their replies.
         self._sent_adds: collections.deque = collections.deque()
-        self._unchecked_adds: dict[str, list] = {}
+        self._unchecked_adds: dict[str, tuple[list, int]] = {}
         self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
         self._caller.start()
         # Last: its first poll may return at once, and it then reads the state above.
@@ -139,6 +143,19 @@ class EngineClient:
         ref = cls.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
         return dataclasses.replace(prompt, prompt_embeds=ref)
 
+    @classmethod
+    def put_prompts(cls, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
+        """put_prompt of several prompts, their embeddings arrays put as one object (a list):
+        one put for them all, and, for their requests sent together, one fetch per shard,
+        where each prompt's own put and fetch cost about 1 ms apiece."""
+        arrays = [p.prompt_embeds for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
+        if len(arrays) < 2:
+            return [cls.put_prompt(p) for p in prompts]
+        ref, index = ray.put(arrays), itertools.count()
+        return [dataclasses.replace(p, prompt_embeds=PromptEmbedsRef(ref, p.embeds_dtype, tuple(p.prompt_embeds.shape),
+                                                                     next(index)))
+                if isinstance(p.prompt_embeds, np.ndarray) else p for p in prompts]
+
     def add_request(
         self,
         req_id: str,
@@ -174,10 +191,11 @@ class EngineClient:
         if embeds_ref is not None:
             array_ref = embeds_ref.ref
             new = dataclasses.replace(new, prompt_embeds=dataclasses.replace(embeds_ref, ref=None))
-        self._calls.put((self._send_request, (new, array_ref)))
+        self._calls.put((self._send_requests, ([new], array_ref)))
 
-    def _send_request(self, new: NewRequest, array_ref) -> None:
-        self._sent_adds.append((new.req_id, [shard.add_request.remote(new, array_ref) for shard in self.shards]))
+    def _send_requests(self, news: list[NewRequest], array_ref) -> None:
+        refs = [shard.add_requests.remote(news, array_ref) for shard in self.shards]
+        self._sent_adds.append((tuple(new.req_id for new in news), refs))
 
     def abort(self, req_id: str) -> None:
         """Stops a request and frees its KV blocks; its sink gets a final "abort" delta."""
@@ -187,11 +205,29 @@ class EngineClient:
             self._calls.put((self.leader.abort.remote, (engine_id,)))
 
     def _make_calls(self) -> None:
-        """The calls thread: sends queued requests and aborts in order, until shutdown."""
+        """The calls thread: sends queued requests and aborts in order, until shutdown.
+        Requests queued one after another with the same embeddings object (a group that
+        put_prompts put, or none: token ids) go in one call per shard, up to
+        MAX_REQUESTS_PER_CALL, so the shards fetch that object once."""
+        queued = None  # taken from the queue, not yet sent
         while True:
-            call, args = self._calls.get()
+            call, args = queued or self._calls.get()
+            queued = None
             if call is None:
                 return
+            if call == self._send_requests:
+                news, array_ref = args
+                news = list(news)
+                while len(news) < MAX_REQUESTS_PER_CALL:
+                    try:
+                        queued = self._calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    if queued[0] != self._send_requests or queued[1][1] is not array_ref:
+                        break
+                    news += queued[1][0]
+                    queued = None
+                args = (news, array_ref)
             try:
                 call(*args)
             except Exception:  # a dead actor: the output thread reports the engine dead
@@ -238,30 +274,35 @@ class EngineClient:
         `before_tokens_of`, a request whose tokens are about to be delivered, are waited
         for first, so no token a stand-in produced reaches its sink."""
         while self._sent_adds:
-            req_id, refs = self._sent_adds.popleft()
-            self._unchecked_adds[req_id] = refs
+            req_ids, refs = self._sent_adds.popleft()
+            for index, req_id in enumerate(req_ids):
+                self._unchecked_adds[req_id] = (refs, index)
         if before_tokens_of is not None:
-            refs = self._unchecked_adds.get(before_tokens_of)
-            if refs is None:
+            entry = self._unchecked_adds.get(before_tokens_of)
+            if entry is None:
                 return
-            ray.wait(refs, num_returns=len(refs), timeout=ADD_REPLY_TIMEOUT_S)
-            pending = {before_tokens_of: refs}
+            ray.wait(entry[0], num_returns=len(entry[0]), timeout=ADD_REPLY_TIMEOUT_S)
+            pending = {before_tokens_of: entry}
         else:
             pending = self._unchecked_adds
         if not pending:
             return
-        all_refs = [ref for refs in pending.values() for ref in refs]
+        all_refs = list(dict.fromkeys(ref for refs, _ in pending.values() for ref in refs))
         done = set(ray.wait(all_refs, num_returns=len(all_refs), timeout=0)[0])
-        for req_id, refs in list(pending.items()):
+        for req_id, (refs, index) in list(pending.items()):
             if not all(ref in done for ref in refs):
                 continue
             del self._unchecked_adds[req_id]
             try:
-                ray.get(refs)
+                errors = [replies[index] for replies in ray.get(refs)]
             except ray.exceptions.ActorDiedError:
-                pass  # a shard died, not this request: the engine's death (its run() failed) ends it
-            except Exception as exc:  # noqa: BLE001 - any other failure of the call fails its request
+                continue  # a shard died, not this request: the engine's death (its run() failed) ends it
+            except Exception as exc:  # noqa: BLE001 - any other failure of the call fails its requests
                 self._fail_request(req_id, exc)
+                continue
+            error = next((error for error in errors if error is not None), None)
+            if error is not None:
+                self._fail_request(req_id, error)
 
     def _fail_request(self, req_id: str, exc: Exception) -> None:
         logger.error("a shard could not take request %s: %s", req_id, exc)

@@ -10,6 +10,7 @@ import queue
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,12 @@ from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, 
                              truncate_prompt, truncation_length, validate_prompt_embeds)
 from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
+
+# generate() puts its prompts' embeddings into the object store in groups, one object
+# each: the first prompt's alone (its request starts at once), then 2, 4, ... up to this
+# many prompts' (or EMBEDS_GROUP_MAX_BYTES), their requests sent together.
+EMBEDS_GROUP_MAX_PROMPTS = 16
+EMBEDS_GROUP_MAX_BYTES = 64 << 20
 
 
 class LLM:
@@ -141,23 +148,29 @@ class LLM:
                       outputs: list[RequestOutput], trackers: dict) -> None:
         """Adds each prompt's samples to the engine, each tracked before it is added (an
         abort of an id the engine never took does nothing)."""
-        for prompt, sp in zip(prompts, params):
-            request_id = self.engine.next_request_id()
-            metrics = RequestMetrics(arrival_time=time.time())
-            prompt = self.engine.put_prompt(prompt)  # embeddings: once, for all samples
-            outputs.append(RequestOutput(
-                request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
-                prompt.num_tokens, metrics=metrics,
-            ))
-            for index in range(sp.n):
-                req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
-                sample_params = sp.for_sample(index)
-                trackers[req_id] = (len(outputs) - 1, CompletionTracker(
-                    index, self.tokenizer, prompt.prompt_token_ids, sample_params))
-                self.engine.add_request(
-                    req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
-                    cache_salt=prompt.cache_salt, embeds_spans=prompt.embeds_spans,
-                )
+        params_of = iter(params)
+        for group in embeds_put_groups(prompts):
+            arrival_time = time.time()
+            for prompt in self.engine.put_prompts(group):  # embeddings: once, for all samples
+                self._add_prompt(prompt, next(params_of), arrival_time, deltas, outputs, trackers)
+
+    def _add_prompt(self, prompt: EnginePrompt, sp: SamplingParams, arrival_time: float, deltas: queue.SimpleQueue,
+                    outputs: list[RequestOutput], trackers: dict) -> None:
+        request_id = self.engine.next_request_id()
+        metrics = RequestMetrics(arrival_time=arrival_time)
+        outputs.append(RequestOutput(
+            request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
+            prompt.num_tokens, metrics=metrics,
+        ))
+        for index in range(sp.n):
+            req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
+            sample_params = sp.for_sample(index)
+            trackers[req_id] = (len(outputs) - 1, CompletionTracker(
+                index, self.tokenizer, prompt.prompt_token_ids, sample_params))
+            self.engine.add_request(
+                req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
+                cache_salt=prompt.cache_salt, embeds_spans=prompt.embeds_spans,
+            )
 
     def _collect(self, deltas: queue.SimpleQueue, trackers: dict, outputs: list[RequestOutput], use_tqdm: bool):
         remaining = {}
@@ -208,3 +221,19 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def embeds_put_groups(prompts: list[EnginePrompt]):
+    """Consecutive runs of the prompts whose embeddings EngineClient.put_prompts puts as one
+    object: the first embeddings prompt alone, then 2, 4, ... up to EMBEDS_GROUP_MAX_PROMPTS
+    of them (fewer past EMBEDS_GROUP_MAX_BYTES), prompts of token ids riding along."""
+    group, size, count, nbytes = [], 1, 0, 0
+    for prompt in prompts:
+        group.append(prompt)
+        if isinstance(prompt.prompt_embeds, np.ndarray):
+            count, nbytes = count + 1, nbytes + prompt.prompt_embeds.nbytes
+            if count >= size or nbytes >= EMBEDS_GROUP_MAX_BYTES:
+                yield group
+                group, size, count, nbytes = [], min(2 * size, EMBEDS_GROUP_MAX_PROMPTS), 0, 0
+    if group:
+        yield group

@@ -69,7 +69,7 @@ def _stamp_driver(llm, stamps: list) -> None:
     """The driver's phases of a request: parsing (and checking) the prompt, putting
     embeddings into the object store, sending add_request to every shard."""
     _stamp(llm, "_parse", "parse prompt", stamps)
-    _stamp(llm.engine, "put_prompt", "ray.put embeds", stamps)
+    _stamp(llm.engine, "put_prompts", "ray.put embeds", stamps)
     _stamp(llm.engine, "add_request", "send add_request", stamps)
 
 

@@ -21,6 +21,9 @@ class PromptEmbedsRef:
     ref: object  # ray.ObjectRef of a numpy array; None on a shard (the array came as an argument)
     dtype: str  # "float32" | "bfloat16" | "float16"
     shape: tuple[int, int]
+    # The array's place in a list of several prompts' arrays put as one object
+    # (EngineClient.put_prompts); None: the object is this array alone.
+    index: int | None = None
 
 
 @dataclass(frozen=True)

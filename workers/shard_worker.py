@@ -130,6 +130,25 @@ class ShardWorker:
         else:
             run_follower(self.runner, self.runner.pg, self.intake)
 
+    def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None
+                     ) -> list[Exception | None]:
+        """add_request of each request, in order; `embeds` (resolved by Ray before the call)
+        is their one embeddings array, or the list of several prompts' arrays that each
+        request's PromptEmbedsRef.index points into. Per request: None, or the error that
+        kept this shard from taking it (the others are taken all the same)."""
+        errors: list[Exception | None] = []
+        for new in news:
+            array = embeds
+            if new.prompt_embeds is not None and new.prompt_embeds.index is not None:
+                array = embeds[new.prompt_embeds.index]
+            try:
+                self.add_request(new, array)
+            except Exception as exc:  # noqa: BLE001 - the engine client fails this request
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
     def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
         """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
         engine client passes the ref as a top-level argument, and none inside `new`).

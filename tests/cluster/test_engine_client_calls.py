@@ -29,14 +29,14 @@ class Method:
 
 class StandInShard:
     def __init__(self, log: list, rank: int):
-        self.add_request = Method(log, f"add_request@{rank}")
+        self.add_requests = Method(log, f"add_requests@{rank}")
         self.abort = Method(log, f"abort@{rank}")
         self.shutdown = Method(log, f"shutdown@{rank}")
         self.fail = Method(log, f"fail@{rank}")
         self.run = Method(log, f"run@{rank}")
 
 
-def _client(log: list) -> EngineClient:
+def _client(log: list, start: bool = True) -> EngineClient:
     client = EngineClient.__new__(EngineClient)  # no cluster: only the intake path runs
     client.shards = [StandInShard(log, 0), StandInShard(log, 1)]
     client.leader = client.shards[0]
@@ -44,8 +44,14 @@ def _client(log: list) -> EngineClient:
     client._lock, client.dead_reason = threading.Lock(), None
     client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
-    client._caller.start()
+    if start:
+        client._caller.start()
     return client
+
+
+def _sent(log: list) -> list:
+    """(call, the engine ids it carried, or the aborted id) of each call the shards got."""
+    return [(name, args[0] if name.startswith("abort") else [new.req_id for new in args[0]]) for name, args, _ in log]
 
 
 def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
@@ -58,13 +64,60 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     client.abort("never-added")  # unknown: nothing is sent
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
-    assert [(name, args[0] if name.startswith("abort") else args[0].req_id) for name, args, _ in log] == [
-        ("add_request@0", "a#0"), ("add_request@1", "a#0"), ("add_request@0", "b#1"), ("add_request@1", "b#1"),
-        ("abort@0", "a#0")]  # the shards know each request by the engine's own id for it
+    assert _sent(log) == [
+        ("add_requests@0", ["a#0"]), ("add_requests@1", ["a#0"]), ("add_requests@0", ["b#1"]),
+        ("add_requests@1", ["b#1"]), ("abort@0", "a#0")]  # the shards know each request by the engine's own id
     assert {thread for _, _, thread in log} == {"shardserve-calls"}
     # The embeddings' ref goes as the call's argument only, not nested in the request.
-    _, (new, array_ref), _ = log[2]
+    _, ([new], array_ref), _ = log[2]
     assert array_ref == "object-ref" and new.prompt_embeds.ref is None
+
+
+def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_shard():
+    """Adds waiting in the queue at once go together while they share the embeddings
+    object (a group put as one, or none: token ids), so each shard fetches it once; an
+    abort, or another object, starts the next call, and the order stays the queue's."""
+    log: list = []
+    client = _client(log, start=False)
+    group = [PromptEmbedsRef(ref="group-ref", dtype="float32", shape=(3, 8), index=i) for i in range(3)]
+    other = PromptEmbedsRef(ref="other-ref", dtype="float32", shape=(2, 8))
+    client.add_request("i1", SamplingParams(), lambda delta: None, (5, 6))
+    client.add_request("i2", SamplingParams(), lambda delta: None, (7,))
+    for i, embeds in enumerate(group):
+        client.add_request(f"g{i}", SamplingParams(), lambda delta: None, None, embeds)
+    client.abort("g0")
+    client.add_request("o", SamplingParams(), lambda delta: None, None, other)
+    client.add_request("i3", SamplingParams(), lambda delta: None, (8,))
+    client._calls.put((None, ()))
+    client._caller.start()
+    client._caller.join(timeout=10)
+    assert [(name, ids) for name, ids in _sent(log) if name.endswith("@0")] == [
+        ("add_requests@0", ["i1#0", "i2#1"]), ("add_requests@0", ["g0#2", "g1#3", "g2#4"]), ("abort@0", "g0#2"),
+        ("add_requests@0", ["o#5"]), ("add_requests@0", ["i3#6"])]
+    _, (news, array_ref), _ = log[2]
+    assert array_ref == "group-ref" and [new.prompt_embeds.index for new in news] == [0, 1, 2]
+    assert [req_ids for req_ids, _ in client._sent_adds] == [
+        ("i1#0", "i2#1"), ("g0#2", "g1#3", "g2#4"), ("o#5",), ("i3#6",)]
+
+
+def test_a_request_one_shard_could_not_take_fails_alone_among_those_sent_with_it(monkeypatch, no_ray):
+    """A shard's add_requests replies per request: the one it could not take ends with an
+    error, the others of the same call run on."""
+    client, received = _client([]), {"a": [], "b": [], "c": []}
+    for req_id in received:
+        client.add_request(req_id, SamplingParams(), received[req_id].append, (5, 6))
+    client._calls.put((None, ()))
+    client._caller.join(timeout=10)
+    client._sent_adds.clear()
+    client._sent_adds.append((("a#0", "b#1", "c#2"), ["add@0", "add@1"]))  # one call to each shard
+    replies = {"add@0": [None, None, None], "add@1": [None, ValueError("no memory for b"), None]}
+    monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: (list(refs), []))
+    monkeypatch.setattr(engine_client.ray, "get", lambda refs: [replies[ref] for ref in refs])
+    client.name, client._closed, client._unchecked_adds = "t", False, {}
+    client._run_refs, client._get_outputs = [], lambda: []
+    _poll_once(client, [])
+    assert [d.finish_reason for d in received["b"]] == ["error"] and "ValueError" in received["b"][0].error
+    assert received["a"] == received["c"] == [] and client.num_unfinished == 2
 
 
 @pytest.fixture
@@ -175,7 +228,7 @@ def test_a_request_id_already_running_is_refused_and_a_finished_ones_may_come_ag
     client._deliver(RequestDelta("same#1", (4,), None, finish_reason="stop", error=None))
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
-    assert [args[0].req_id for name, args, _ in log if name == "add_request@0"] == ["same#0", "same#1"]
+    assert [i for name, ids in _sent(log) if name == "add_requests@0" for i in ids] == ["same#0", "same#1"]
     assert [(d.req_id, d.new_token_ids) for d in again] == [("same", (4,))]
 
 
@@ -191,7 +244,7 @@ def test_an_add_lost_with_a_dead_shard_ends_as_the_engines_death(monkeypatch, no
     monkeypatch.setattr(engine_client.ray, "wait", lambda refs, **kwargs: (list(refs), []))
     monkeypatch.setattr(engine_client.ray, "get", died)
     client.add_request("x", SamplingParams(), lambda d: seen.append((d, client.dead_reason)), (5, 6))
-    client._sent_adds.append(("x#0", ["add-x@0", "add-x@1"]))  # what the calls thread records
+    client._sent_adds.append((("x#0",), ["add-x@0", "add-x@1"]))  # what the calls thread records
     client.name, client._closed, client._unchecked_adds = "t", False, {}
     client._run_refs, client._get_outputs = ["run@0", "run@1"], lambda: []
     client._poll_outputs()  # one poll: the adds' and the runs' failures seen together

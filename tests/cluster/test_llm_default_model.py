@@ -166,6 +166,27 @@ def test_continuous_batching_matches_each_alone(llm):
     assert stats.num_running == 0 and stats.num_waiting == 0
 
 
+def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm):
+    """generate() puts many embeddings prompts' rows as a few objects (1, 2, 4, ...
+    prompts each) and sends each group's requests in one call per shard: every prompt,
+    token ids among them and one with n=2, gets what it gets alone, and the groups are
+    the ones embeds_put_groups cut."""
+    from cluster.llm import embeds_put_groups
+
+    hidden, dtype = llm.config.model_config.hidden_size, llm.config.torch_dtype
+    gen = torch.Generator().manual_seed(11)
+    prompts = [{"prompt_embeds": torch.randn(n, hidden, generator=gen).to(dtype)} for n in (5, 9, 3, 12, 7, 4, 6, 8)]
+    prompts.insert(4, {"prompt_token_ids": random_ids(4, 10, llm.config.model_config.vocab_size)})
+    params = [GREEDY] * len(prompts)
+    params[6] = SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2)
+    alone = [[c.token_ids for c in llm.generate(p, sp, use_tqdm=False)[0].outputs] for p, sp in zip(prompts, params)]
+    together = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert together == alone
+    assert len({tuple(tokens[0]) for tokens in alone}) == len(prompts)  # the rows differ, so do the tokens
+    groups = [[p.num_tokens for p in group] for group in embeds_put_groups([llm._parse(p) for p in prompts])]
+    assert groups == [[5], [9, 3], [12, 10, 7, 4, 6], [8]]
+
+
 def test_request_metrics_record_arrival_first_token_and_finish(llm):
     """RequestOutput.metrics, as vLLM's: per request, arrival <= first token <= last token
     <= finished, all within the generate() call; with n = 2, the first token of either."""

@@ -23,8 +23,8 @@ class StandInClient:
     def next_request_id(self):
         return f"req-{next(self._ids)}"
 
-    def put_prompt(self, prompt):
-        return prompt
+    def put_prompts(self, prompts):
+        return prompts
 
     def add_request(self, req_id, params, sink, *prompt, **kwargs):
         if len(self.added) == self.fail_at:
