@@ -12,6 +12,7 @@ import functools
 import time
 import uuid
 
+import numpy as np
 import torch
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
@@ -153,15 +154,30 @@ class OpenAIServing:
     async def _start(self, inputs: list[PromptInput], params: SamplingParams,
                      truncation: int | None = None, cache_salt: str | None = None) -> list[Choice]:
         """Validates every prompt (each cut to its last `truncation` tokens or rows, if
-        set, and salted with `cache_salt`, if any), then starts every choice in the engine.
-        When the last prompt is embeddings decoded in a worker thread, that thread starts
-        the choices itself: the engine begins while the event loop (busy with other
-        streams) has yet to pick the request up again."""
+        set, and salted with `cache_salt`, if any), then starts every choice in the engine,
+        the prompts' embeddings put into the object store together first. When the last
+        prompt is embeddings decoded in a worker thread, that thread puts and starts them
+        itself: the engine begins while the event loop (busy with other streams) has yet to
+        pick the request up again. When only earlier prompts have embeddings, their put
+        runs in a thread too."""
         loop = asyncio.get_running_loop()
         salted = functools.partial(dataclasses.replace, cache_salt=cache_salt) if cache_salt else lambda p: p
         prompts = [salted(await self._prepare(item, truncation)) for item in inputs[:-1]]
-        return await self._prepare(inputs[-1], truncation,
-                                   lambda last: self._start_choices([*prompts, salted(last)], params, loop))
+
+        def start(last: EnginePrompt) -> list[Choice]:
+            return self._start_choices([*prompts, salted(last)], params, loop)
+        if self._decodes_inline(inputs[-1]) and any(isinstance(p.prompt_embeds, np.ndarray) for p in prompts):
+            return await asyncio.to_thread(start, await self._prepare(inputs[-1], truncation))
+        return await self._prepare(inputs[-1], truncation, start)
+
+    def _decodes_inline(self, item: PromptInput) -> bool:
+        """Whether the item is decoded on the event loop (text, token ids, embeddings up to
+        inline_decode_max_chars) rather than in a worker thread."""
+        if item.kind == "embeds":
+            return len(item.value) <= self.inline_decode_max_chars
+        if item.kind == "chat":
+            return sum(len(part.data) for part in item.value.embeds_parts) <= self.inline_decode_max_chars
+        return True
 
     async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
         """then(the validated prompt); for embeddings past inline_decode_max_chars, in the
@@ -172,11 +188,10 @@ class OpenAIServing:
                 raise APIError(400, "prompt_embeds is disabled on this server; start it with "
                                "--enable-prompt-embeds to accept embeddings", param=param)
             if item.kind == "embeds":
-                decode, size = functools.partial(self._decode_embeds, item.value, truncation), len(item.value)
+                decode = functools.partial(self._decode_embeds, item.value, truncation)
             else:
                 decode = functools.partial(self._chat_embeds_prompt, item.value, truncation)
-                size = sum(len(part.data) for part in item.value.embeds_parts)
-            if size <= self.inline_decode_max_chars:
+            if self._decodes_inline(item):
                 return then(decode())
             return await asyncio.to_thread(lambda: then(decode()))
         try:
@@ -189,9 +204,8 @@ class OpenAIServing:
         return then(truncate_prompt(prompt, truncation))
 
     def _decode_embeds(self, data: str, truncation: int | None = None) -> EnginePrompt:
-        """The safe decoder, which also validates the tensor (so the
-        engine does not read it again), then the one ray.put of the prompt's embeddings
-        (their last `truncation` rows, if set)."""
+        """The safe decoder, which also validates the tensor (so the engine does not read
+        it again): the prompt of its last `truncation` rows, if set, or of all of them."""
         try:
             tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
                                           max_bytes=self.max_embeds_bytes)
@@ -199,11 +213,11 @@ class OpenAIServing:
             raise APIError(400, str(exc), param="prompt_embeds") from None
         if truncation is not None:
             tensor = tensor[-truncation:]
-        return self.engine.put_embeds_prompt(tensor)
+        return self.engine.embeds_prompt(tensor)
 
     def _chat_embeds_prompt(self, request: ChatCompletionRequest, truncation: int | None = None) -> EnginePrompt:
-        """A chat's prompt_embeds parts decoded safely, the conversation rendered around
-        them, then their rows put into the object store once, as one prompt with its ids."""
+        """A chat's prompt_embeds parts decoded safely and the conversation rendered around
+        them: one prompt of its ids and all parts' rows."""
         if truncation is not None:
             raise APIError(400, "truncate_prompt_tokens cannot cut a conversation with prompt_embeds parts",
                            param="truncate_prompt_tokens")
@@ -215,21 +229,24 @@ class OpenAIServing:
             except ValueError as exc:
                 raise APIError(400, f"prompt_embeds part {index}: {exc}", param="messages") from None
         token_ids, spans = render_chat(self.engine.tokenizer, request, tuple(r.shape[0] for r in rows))
-        return self.engine.put_mixed_prompt(token_ids, torch.cat(rows), spans)
+        return self.engine.mixed_prompt(token_ids, torch.cat(rows), spans)
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
                        loop: asyncio.AbstractEventLoop) -> list[Choice]:
-        """Every prompt's length checked, then each (prompt, sample) started in the engine,
-        its stream read on `loop`. Any thread."""
+        """Every prompt's length checked, their embeddings put into the object store (one
+        object for them all), then each (prompt, sample) started in the engine, its stream
+        read on `loop`. Any thread; the put blocks for about a millisecond."""
         base = uuid.uuid4().hex
-        planned = []
-        for position, prompt in enumerate(prompts):
+        max_tokens_of = []
+        for prompt in prompts:
             try:
-                max_tokens = check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len)
+                max_tokens_of.append(check_length(prompt.num_tokens, params.max_tokens, self.engine.max_model_len))
             except ValueError as exc:  # embedding rows count against the context, as the issue asks
                 param = ("messages" if prompt.embeds_spans is not None
                          else "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens")
                 raise APIError(400, str(exc), param=param) from None
+        planned = []
+        for position, (prompt, max_tokens) in enumerate(zip(self.engine.put_prompts(prompts), max_tokens_of)):
             for sample in range(params.n):
                 sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)
                 planned.append((position * params.n + sample, prompt, sample_params))

@@ -63,17 +63,22 @@ class AsyncEngine:
         """Validates a text / token-id / embeddings prompt; ValueError if bad."""
         return parse_engine_prompt(prompt, self.config, self.tokenizer)
 
-    def put_embeds_prompt(self, tensor: torch.Tensor) -> EnginePrompt:
+    def embeds_prompt(self, tensor: torch.Tensor) -> EnginePrompt:
         """The prompt of a (seq_len, hidden) tensor that validate_prompt_embeds already
-        returned (api.embeds_codec.decode_prompt_embeds runs it), with its embeddings put
-        into the object store once for all of its samples. Blocks: call it off the loop."""
-        return self.engine.put_prompt(embeds_prompt(tensor, self.hidden_size, self.dtype))
+        returned (api.embeds_codec.decode_prompt_embeds runs it); put_prompts puts it."""
+        return embeds_prompt(tensor, self.hidden_size, self.dtype)
 
-    def put_mixed_prompt(self, token_ids: list[int], rows: torch.Tensor,
-                         embeds_spans: tuple[tuple[int, int], ...]) -> EnginePrompt:
-        """put_embeds_prompt for a prompt of token ids whose embeds_spans positions take
-        `rows` (validated, in order) instead. Blocks: call it off the loop."""
-        return self.engine.put_prompt(mixed_prompt(tuple(token_ids), rows, embeds_spans, self.hidden_size, self.dtype))
+    def mixed_prompt(self, token_ids: list[int], rows: torch.Tensor,
+                     embeds_spans: tuple[tuple[int, int], ...]) -> EnginePrompt:
+        """embeds_prompt for a prompt of token ids whose embeds_spans positions take `rows`
+        (validated, in order) instead."""
+        return mixed_prompt(tuple(token_ids), rows, embeds_spans, self.hidden_size, self.dtype)
+
+    def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
+        """The prompts of one request, their embeddings put into the object store as one
+        object, once for all of their samples (EngineClient.put_prompts). Blocks: call it
+        off the loop."""
+        return self.engine.put_prompts(prompts)
 
     def start(self, req_id: str, prompt: EnginePrompt, params: SamplingParams,
               loop: asyncio.AbstractEventLoop) -> SampleStream:

@@ -52,7 +52,8 @@ class FakeEngine:
         self.started_off_loop: list[bool] = []  # per start(): from a worker thread
         self.closed: set[str] = set()
         self.generated: dict[str, int] = {}
-        self.num_embeds_puts = 0
+        self.num_embeds_puts = 0  # objects put (each holds a request's embeddings prompts)
+        self.embeds_per_put: list[int] = []
         self.cached_per_start: list[int] = []  # each start's prompt tokens "found in the prefix cache"
         self.cached_of: dict[str, int] = {}
         self.logprob_of = lambda i: -0.5 * (i + 1)  # the i-th generated token's
@@ -65,13 +66,20 @@ class FakeEngine:
         return parse_prompt(prompt, tokenizer=self.tokenizer, vocab_size=len(self.tokenizer),
                             hidden_size=H, dtype=self.dtype, enable_prompt_embeds=True)
 
-    def put_embeds_prompt(self, tensor):
-        self.num_embeds_puts += 1
+    def embeds_prompt(self, tensor):
         return embeds_prompt(tensor, H, self.dtype)
 
-    def put_mixed_prompt(self, token_ids, rows, embeds_spans):
-        self.num_embeds_puts += 1
+    def mixed_prompt(self, token_ids, rows, embeds_spans):
         return mixed_prompt(tuple(token_ids), rows, embeds_spans, H, self.dtype)
+
+    def put_prompts(self, prompts):
+        """As EngineClient.put_prompts: one object for the request's embeddings (the fake
+        keeps the arrays in place); records how many prompts' rows each put held."""
+        held = sum(prompt.prompt_embeds is not None for prompt in prompts)
+        if held:
+            self.num_embeds_puts += 1
+            self.embeds_per_put.append(held)
+        return prompts
 
     @staticmethod
     def tag(prompt) -> str:
@@ -425,20 +433,27 @@ def test_choices_are_embeds_first_and_indexed_position_times_n_plus_sample(clien
     assert result["model"] == MODEL and result["object"] == "text_completion"
 
 
-@pytest.mark.parametrize("prompt, inline_max, off_loop", [
-    ("", 0, True), ("hi", 0, False), ("", 1 << 20, False),
-], ids=["large embeddings last: started by their thread", "text last: started on the loop",
-        "small embeddings: decoded on the loop"])
-def test_choices_start_in_the_embeddings_worker_thread_when_embeddings_come_last(engine, prompt, inline_max,
-                                                                                    off_loop):
+@pytest.mark.parametrize("prompt, num_embeds, inline_max, off_loop", [
+    ("", 2, 0, True), ("hi", 2, 0, True), ("", 2, 1 << 20, True), ("hi", 1, 1 << 20, True), ("", 1, 1 << 20, False),
+], ids=["large embeddings last: put and started by their thread", "text last: the embeddings put in a thread",
+        "small embeddings: decoded on the loop, put in a thread", "small embeddings, text last: put in a thread",
+        "one small prompt_embeds: all on the loop"])
+def test_choices_start_off_the_loop_where_embeddings_are_decoded_or_put(engine, prompt, num_embeds, inline_max,
+                                                                        off_loop):
+    """The request's embeddings go into the object store in one put (about 1 ms), off the
+    event loop: in the thread that decoded the last prompt, or in one of its own when the
+    last prompt was read on the loop and earlier ones hold embeddings. One prompt_embeds
+    small enough to decode on the loop is put and started there."""
     serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
                             inline_decode_max_chars=inline_max)
     client = TestClient(build_fastapi_app(serving, api_key=None, max_body_bytes=1 << 20))
-    body = {"model": MODEL, "prompt": prompt, "prompt_embeds": [embeds(1), embeds(2)], "n": 2, "max_tokens": 3}
+    payload = [embeds(1), embeds(2)][:num_embeds]
+    body = {"model": MODEL, "prompt": prompt, "prompt_embeds": payload, "n": 2, "max_tokens": 3}
     response = post(client, body)
     assert response.status_code == 200, response.text
     assert engine.started_off_loop == [off_loop] * len(response.json()["choices"])
     assert [c["text"] for c in response.json()["choices"]][:2] == ["[e1|sNone] w1 w2"] * 2
+    assert engine.embeds_per_put[-1] == num_embeds
 
 
 def test_token_id_prompts_and_echo(client):
@@ -646,12 +661,12 @@ def test_stream_framing_ends_with_done_and_matches_the_full_response(client, inc
     assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
 
 
-def test_each_prompts_embeddings_are_put_once_for_all_its_samples(client, engine):
+def test_a_requests_embeddings_are_put_once_for_all_its_prompts_and_samples(client, engine):
     body = {"model": MODEL, "prompt": "alpha", "prompt_embeds": [embeds(3), embeds(4)], "n": 3, "max_tokens": 2}
     puts_before = engine.num_embeds_puts
     result = post(client, body).json()
     assert len(result["choices"]) == 9
-    assert engine.num_embeds_puts - puts_before == 2
+    assert engine.num_embeds_puts - puts_before == 1 and engine.embeds_per_put[-1] == 2
 
 
 def test_stream_skips_held_back_updates_but_counts_their_tokens(tokenizer):
