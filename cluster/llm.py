@@ -23,9 +23,9 @@ from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, 
 from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
 
-# generate() puts its prompts' embeddings into the object store in groups, one object
-# each: the first prompt's alone (its request starts at once), then 2, 4, ... up to this
-# many prompts' (or EMBEDS_GROUP_MAX_BYTES), their requests sent together.
+# generate() puts its prompts' embeddings into the object store in groups of this many
+# prompts' (fewer past EMBEDS_GROUP_MAX_BYTES), one object each, their requests sent
+# together: the first step then holds as many requests as a batch of token ids gives it.
 EMBEDS_GROUP_MAX_PROMPTS = 16
 EMBEDS_GROUP_MAX_BYTES = 64 << 20
 
@@ -225,15 +225,15 @@ class LLM:
 
 def embeds_put_groups(prompts: list[EnginePrompt]):
     """Consecutive runs of the prompts whose embeddings EngineClient.put_prompts puts as one
-    object: the first embeddings prompt alone, then 2, 4, ... up to EMBEDS_GROUP_MAX_PROMPTS
-    of them (fewer past EMBEDS_GROUP_MAX_BYTES), prompts of token ids riding along."""
-    group, size, count, nbytes = [], 1, 0, 0
+    object: EMBEDS_GROUP_MAX_PROMPTS embeddings prompts each (fewer past
+    EMBEDS_GROUP_MAX_BYTES), prompts of token ids riding along."""
+    group, count, nbytes = [], 0, 0
     for prompt in prompts:
         group.append(prompt)
         if isinstance(prompt.prompt_embeds, np.ndarray):
             count, nbytes = count + 1, nbytes + prompt.prompt_embeds.nbytes
-            if count >= size or nbytes >= EMBEDS_GROUP_MAX_BYTES:
+            if count >= EMBEDS_GROUP_MAX_PROMPTS or nbytes >= EMBEDS_GROUP_MAX_BYTES:
                 yield group
-                group, size, count, nbytes = [], min(2 * size, EMBEDS_GROUP_MAX_PROMPTS), 0, 0
+                group, count, nbytes = [], 0, 0
     if group:
         yield group

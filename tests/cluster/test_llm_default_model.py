@@ -166,12 +166,15 @@ def test_continuous_batching_matches_each_alone(llm):
     assert stats.num_running == 0 and stats.num_waiting == 0
 
 
-def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm):
-    """generate() puts many embeddings prompts' rows as a few objects (1, 2, 4, ...
-    prompts each) and sends each group's requests in one call per shard: every prompt,
-    token ids among them and one with n=2, gets what it gets alone, and the groups are
-    the ones embeds_put_groups cut."""
+def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm, monkeypatch):
+    """generate() puts many embeddings prompts' rows as a few objects (here 3 prompts'
+    each) and sends each group's requests in one call per shard: every prompt, token ids
+    among them and one with n=2, gets what it gets alone, and the groups are the ones
+    embeds_put_groups cut."""
+    import cluster.llm
     from cluster.llm import embeds_put_groups
+
+    monkeypatch.setattr(cluster.llm, "EMBEDS_GROUP_MAX_PROMPTS", 3)
 
     hidden, dtype = llm.config.model_config.hidden_size, llm.config.torch_dtype
     gen = torch.Generator().manual_seed(11)
@@ -184,7 +187,7 @@ def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm):
     assert together == alone
     assert len({tuple(tokens[0]) for tokens in alone}) == len(prompts)  # the rows differ, so do the tokens
     groups = [[p.num_tokens for p in group] for group in embeds_put_groups([llm._parse(p) for p in prompts])]
-    assert groups == [[5], [9, 3], [12, 10, 7, 4, 6], [8]]
+    assert groups == [[5, 9, 3], [12, 10, 7, 4], [6, 8]]
 
 
 def test_request_metrics_record_arrival_first_token_and_finish(llm):
