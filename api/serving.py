@@ -252,9 +252,10 @@ class OpenAIServing:
                 planned.append((position * params.n + sample, prompt, sample_params))
         choices = []
         try:
-            for index, prompt, sample_params in planned:
-                stream = self.engine.start(f"cmpl-{base}-{index}", prompt, sample_params, loop)
-                choices.append(Choice(index, prompt, sample_params, stream))
+            with self.engine.together():  # one call per shard for the request's choices
+                for index, prompt, sample_params in planned:
+                    stream = self.engine.start(f"cmpl-{base}-{index}", prompt, sample_params, loop)
+                    choices.append(Choice(index, prompt, sample_params, stream))
         except BaseException:
             for choice in choices:
                 choice.stream.close()

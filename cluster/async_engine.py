@@ -80,6 +80,10 @@ class AsyncEngine:
         off the loop."""
         return self.engine.put_prompts(prompts)
 
+    def together(self):
+        """A block whose start() calls reach the shards together (EngineClient.together)."""
+        return self.engine.together()
+
     def start(self, req_id: str, prompt: EnginePrompt, params: SamplingParams,
               loop: asyncio.AbstractEventLoop) -> SampleStream:
         """Adds one sample (params.n must be 1) to the engine now and returns its stream,

@@ -5,6 +5,7 @@ shard), streams deltas out, aborts, shuts down. Runs on the driver or a Serve re
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -98,6 +99,7 @@ class EngineClient:
         # request's unchecked entry: those refs, and its place in their replies.
         self._sent_adds: collections.deque = collections.deque()
         self._unchecked_adds: dict[str, tuple[list, int]] = {}
+        self._together = threading.Lock()  # held while a caller adds requests together()
         self._caller = threading.Thread(target=self._make_calls, name="shardserve-calls", daemon=True)
         self._caller.start()
         # Last: its first poll may return at once, and it then reads the state above.
@@ -193,6 +195,15 @@ class EngineClient:
             new = dataclasses.replace(new, prompt_embeds=dataclasses.replace(embeds_ref, ref=None))
         self._calls.put((self._send_requests, ([new], array_ref)))
 
+    @contextlib.contextmanager
+    def together(self):
+        """Requests added inside the block (one prompt's samples, a group that
+        put_prompts put) reach the shards together, in as few calls as their embeddings
+        objects allow: the calls thread waits for the block's end before it sends them,
+        so the engine's next step does not begin with the first alone."""
+        with self._together:
+            yield
+
     def _send_requests(self, news: list[NewRequest], array_ref) -> None:
         refs = [shard.add_requests.remote(news, array_ref) for shard in self.shards]
         self._sent_adds.append((tuple(new.req_id for new in news), refs))
@@ -218,15 +229,16 @@ class EngineClient:
             if call == self._send_requests:
                 news, array_ref = args
                 news = list(news)
-                while len(news) < MAX_REQUESTS_PER_CALL:
-                    try:
-                        queued = self._calls.get_nowait()
-                    except queue.Empty:
-                        break
-                    if queued[0] != self._send_requests or queued[1][1] is not array_ref:
-                        break
-                    news += queued[1][0]
-                    queued = None
+                with self._together:  # the rest of what a caller adds together
+                    while len(news) < MAX_REQUESTS_PER_CALL:
+                        try:
+                            queued = self._calls.get_nowait()
+                        except queue.Empty:
+                            break
+                        if queued[0] != self._send_requests or queued[1][1] is not array_ref:
+                            break
+                        news += queued[1][0]
+                        queued = None
                 args = (news, array_ref)
             try:
                 call(*args)

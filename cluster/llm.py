@@ -151,8 +151,10 @@ class LLM:
         params_of = iter(params)
         for group in embeds_put_groups(prompts):
             arrival_time = time.time()
-            for prompt in self.engine.put_prompts(group):  # embeddings: once, for all samples
-                self._add_prompt(prompt, next(params_of), arrival_time, deltas, outputs, trackers)
+            group = self.engine.put_prompts(group)  # embeddings: once, for all samples
+            with self.engine.together():
+                for prompt in group:
+                    self._add_prompt(prompt, next(params_of), arrival_time, deltas, outputs, trackers)
 
     def _add_prompt(self, prompt: EnginePrompt, sp: SamplingParams, arrival_time: float, deltas: queue.SimpleQueue,
                     outputs: list[RequestOutput], trackers: dict) -> None:

@@ -49,9 +49,9 @@ def _stamp(obj, name: str, phase: str, stamps: list) -> None:
 
 
 def _install_stamps(shard) -> bool:
-    """On the shard: stamps the first-token path's phases into shard._stamps. add_request
-    itself cannot be wrapped (Ray calls the class's function), but its first act is
-    _fetch_embeds, for both kinds of prompt."""
+    """On the shard: stamps the first-token path's phases into shard._stamps. add_requests
+    itself cannot be wrapped (Ray calls the class's function), but its first act for each
+    request is _fetch_embeds, for both kinds of prompt."""
     stamps = shard._stamps = []
     _stamp(shard, "_fetch_embeds", "add_request (fetch embeds)", stamps)
     _stamp(shard.intake, "put", "intake put", stamps)
@@ -59,7 +59,7 @@ def _install_stamps(shard) -> bool:
     _stamp(shard.runner, "apply", "apply plan", stamps)
     _stamp(shard.runner, "execute", "execute", stamps)
     if shard.leader is not None:
-        _stamp(shard.leader, "add_request", "leader add", stamps)
+        _stamp(shard.leader, "add_requests", "leader add", stamps)
         _stamp(shard.leader.sampler, "launch", "sampler launch", stamps)
         _stamp(shard.leader.outbox, "put", "outbox put", stamps)
     return True

@@ -132,21 +132,24 @@ class ShardWorker:
 
     def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None
                      ) -> list[Exception | None]:
-        """add_request of each request, in order; `embeds` (resolved by Ray before the call)
-        is their one embeddings array, or the list of several prompts' arrays that each
-        request's PromptEmbedsRef.index points into. Per request: None, or the error that
-        kept this shard from taking it (the others are taken all the same)."""
-        errors: list[Exception | None] = []
+        """add_request of each request, in order, all of them handed to the step loop
+        together once taken (so its next step does not begin with the first alone);
+        `embeds` (resolved by Ray before the call) is their one embeddings array, or the
+        list of several prompts' arrays that each request's PromptEmbedsRef.index points
+        into. Per request: None, or the error that kept this shard from taking it (the
+        others are taken all the same)."""
+        taken, errors = [], []
         for new in news:
             array = embeds
             if new.prompt_embeds is not None and new.prompt_embeds.index is not None:
                 array = embeds[new.prompt_embeds.index]
             try:
-                self.add_request(new, array)
+                taken.append(self._take(new, array))
             except Exception as exc:  # noqa: BLE001 - the engine client fails this request
                 errors.append(exc)
             else:
                 errors.append(None)
+        self._admit(taken)
         return errors
 
     def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
@@ -157,6 +160,11 @@ class ShardWorker:
         the next output poll, and the error is raised to the engine client too. If a
         follower cannot, it takes a stand-in (below) and raises; the engine client fails
         the request at the leader (fail(): aborted, and nothing it keyed shared)."""
+        self._admit([self._take(new, embeds_array)])
+
+    def _take(self, new: NewRequest, embeds_array: np.ndarray | None) -> tuple[RequestState, Request | None]:
+        """The request's mirror on this shard and, on the leader, its Request; raises,
+        after the discard or stand-in add_request describes, if this shard cannot take it."""
         try:
             digests = self._embeds_block_digests(new, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
@@ -172,9 +180,14 @@ class ShardWorker:
             else:
                 self.intake.put(self._stand_in(new))
             raise
-        self.intake.put(state)
-        if request is not None:
-            self.leader.add_request(request)
+        return state, request
+
+    def _admit(self, taken: list[tuple[RequestState, Request | None]]) -> None:
+        """Mirrors into the intake, then the leader's requests to its step loop at once."""
+        for state, _ in taken:
+            self.intake.put(state)
+        if self.leader is not None and taken:
+            self.leader.add_requests([request for _, request in taken])
 
     def _stand_in(self, new: NewRequest) -> RequestState:
         """A follower's copy of a request it could not take: the leader may schedule the

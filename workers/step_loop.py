@@ -96,7 +96,12 @@ class LeaderLoop:
 
     # Called from actor threads other than the loop's.
     def add_request(self, request: Request) -> None:
-        self._commands.put(("add", request))
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Requests the next step may schedule, all together: a step never begins with
+        only the first of them."""
+        self._commands.put(("add", requests))
 
     def abort(self, req_id: str) -> None:
         self._commands.put(("abort", req_id))
@@ -189,7 +194,8 @@ class LeaderLoop:
             if kind == "stop":
                 return False
             if kind == "add":
-                self._add(arg)
+                for request in arg:
+                    self._add(request)
             elif kind == "discard":
                 self.scheduler.discard(arg)
             elif kind == "fail":

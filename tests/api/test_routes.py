@@ -5,6 +5,7 @@ that disconnects mid-stream cancelling the engine's generator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -80,6 +81,10 @@ class FakeEngine:
             self.num_embeds_puts += 1
             self.embeds_per_put.append(held)
         return prompts
+
+    @staticmethod
+    def together():
+        return contextlib.nullcontext()
 
     @staticmethod
     def tag(prompt) -> str:

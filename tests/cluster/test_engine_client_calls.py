@@ -10,6 +10,7 @@ import collections
 import itertools
 import queue
 import threading
+import time
 
 import pytest
 
@@ -43,6 +44,7 @@ def _client(log: list, start: bool = True) -> EngineClient:
     client._sinks, client._engine_ids, client._serials = {}, {}, itertools.count()
     client._lock, client.dead_reason = threading.Lock(), None
     client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
+    client._together = threading.Lock()
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
     if start:
         client._caller.start()
@@ -98,6 +100,25 @@ def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_
     assert array_ref == "group-ref" and [new.prompt_embeds.index for new in news] == [0, 1, 2]
     assert [req_ids for req_ids, _ in client._sent_adds] == [
         ("i1#0", "i2#1"), ("g0#2", "g1#3", "g2#4"), ("o#5",), ("i3#6",)]
+
+
+def test_requests_added_together_go_in_one_call_though_the_calls_thread_took_the_first():
+    """Inside together(), the calls thread, having taken the block's first request, waits
+    for the block's end before it sends: the shards get the block's requests in one call,
+    so the engine's next step does not begin with the first alone."""
+    log: list = []
+    client = _client(log)
+    with client.together():
+        client.add_request("a", SamplingParams(), lambda delta: None, (5, 6))
+        deadline = time.monotonic() + 10
+        while not client._calls.empty():  # the calls thread has taken "a" and waits for the block
+            assert time.monotonic() < deadline, "the calls thread never took the first request"
+            time.sleep(0.001)
+        client.add_request("b", SamplingParams(), lambda delta: None, (7,))
+        client.add_request("c", SamplingParams(), lambda delta: None, (8, 9))
+    client._calls.put((None, ()))
+    client._caller.join(timeout=10)
+    assert _sent(log) == [("add_requests@0", ["a#0", "b#1", "c#2"]), ("add_requests@1", ["a#0", "b#1", "c#2"])]
 
 
 def test_a_request_one_shard_could_not_take_fails_alone_among_those_sent_with_it(monkeypatch, no_ray):

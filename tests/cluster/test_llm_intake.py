@@ -4,6 +4,8 @@ embeddings, the engine dying, Ctrl-C). A stand-in EngineClient records the calls
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from cluster.llm import LLM
@@ -25,6 +27,9 @@ class StandInClient:
 
     def put_prompts(self, prompts):
         return prompts
+
+    def together(self):
+        return contextlib.nullcontext()
 
     def add_request(self, req_id, params, sink, *prompt, **kwargs):
         if len(self.added) == self.fail_at:
