@@ -166,6 +166,7 @@ class OpenAIServing:
 
         def start(last: EnginePrompt) -> list[Choice]:
             return self._start_choices([*prompts, salted(last)], params, loop)
+
         if self._decodes_inline(inputs[-1]) and any(isinstance(p.prompt_embeds, np.ndarray) for p in prompts):
             return await asyncio.to_thread(start, await self._prepare(inputs[-1], truncation))
         return await self._prepare(inputs[-1], truncation, start)
