@@ -6,6 +6,7 @@ maximum concurrency; request and output-token throughput, TTFT, TPOT and ITL.
     python scripts/bench_serving.py --num-prompts 64 --input-len 128 --output-len 64
     python scripts/bench_serving.py --compare-embeds          # token ids vs prompt_embeds
     python scripts/bench_serving.py --serving-overhead        # TTFT minus the engine's own
+    python scripts/bench_serving.py --compare-embeds --prompts-per-request 16 --output-len 1   # batch requests
 
 `--prompt-embeds` sends the same random token ids as prompt_embeds: the model's own input
 embeddings of them (rows of the checkpoint's `model.embed_tokens.weight`, what Hugging Face's
@@ -15,6 +16,9 @@ and the offline engine's own (an in-process `LLM` with the same settings, `gener
 max_tokens=1, which includes the engine client's Ray intake and output path) and reports
 the difference of the medians: what HTTP, Ray Serve and the ingress add. That LLM needs
 its own shards beside the server's (on one GPU keep --engine-kv-cache-memory-bytes small).
+`--prompts-per-request K` sends K prompts in each request, as a list (`prompt` of K token-id
+lists, or `prompt_embeds` of K payloads, OpenAI's batch form); a request's TTFT is its first
+choice's first token, and its TPOT counts the tokens of one choice.
 Talks only to loopback addresses."""
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-embeds", action="store_true", help="send the prompts as prompt_embeds")
     parser.add_argument("--compare-embeds", action="store_true", help="run token ids and prompt_embeds, print the ratio")
+    parser.add_argument("--prompts-per-request", type=int, default=1, metavar="K",
+                        help="prompts in each request's list (--num-prompts counts prompts, a multiple of K)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of the prompts per mode; with --compare-embeds in A B B A order, so that "
                              "drift (a warming server, a busy machine) weighs on both modes alike")
@@ -221,7 +227,8 @@ def round_order(modes: list[str], rounds: int) -> list[str]:
 
 
 def completion_body(model: str, prompt, output_len: int, per_token_chunks: bool = False) -> bytes:
-    """The streamed request's JSON. per_token_chunks: ask for each token's logprob, for a
+    """The streamed request's JSON; `prompt` token ids, a tensor of embeddings, or a list
+    (a batch request) of either. per_token_chunks: ask for each token's logprob, for a
     model without a tokenizer (a --model-shape): its tokens have no text, and the server
     sends no chunk for a token with neither text nor logprobs, so only the last chunk
     would come and TTFT would read as the whole request."""
@@ -231,18 +238,29 @@ def completion_body(model: str, prompt, output_len: int, per_token_chunks: bool 
         body["logprobs"] = 0
     if isinstance(prompt, torch.Tensor):
         body.update(prompt="", prompt_embeds=encode_prompt_embeds(prompt))
+    elif prompt and isinstance(prompt[0], torch.Tensor):
+        body.update(prompt="", prompt_embeds=[encode_prompt_embeds(rows) for rows in prompt])
     else:
         body["prompt"] = prompt
     return json.dumps(body).encode()
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict[str, float]:
+def batched(prompts: list, per_request: int) -> list:
+    """The prompts as requests of `per_request` each (a list each), or one a request."""
+    if per_request == 1:
+        return prompts
+    return [prompts[i:i + per_request] for i in range(0, len(prompts), per_request)]
+
+
+def summarize(results: list[RequestResult], duration: float, choices: int = 1) -> dict[str, float]:
+    """`choices`: per request, whose tokens stream side by side (TPOT counts one's)."""
     done = [r for r in results if r.ok]
     if not done:
         raise SystemExit(f"every request failed; first error: {results[0].error}")
     ms = lambda values: np.asarray(values, dtype=float) * 1000.0  # noqa: E731
     ttft = ms([r.ttft for r in done])
-    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1] or [0.0])
+    tpot = ms([(r.latency - r.ttft) / (r.output_tokens / choices - 1)
+               for r in done if r.output_tokens / choices > 1] or [0.0])
     itl = ms([gap for r in done for gap in r.itl] or [0.0])
     output_tokens = sum(r.output_tokens for r in done)
     metrics = {"successful requests": len(done), "failed requests": len(results) - len(done),
@@ -328,10 +346,14 @@ def main(argv=None) -> dict:
     else:
         model_path = Path(args.model_path) if args.model_path else default_model_path()
     vocab = ModelConfig.from_pretrained(model_path).vocab_size
+    per_request = args.prompts_per_request
+    if per_request < 1 or args.num_prompts % per_request or args.num_warmups % per_request:
+        raise SystemExit("--prompts-per-request must divide --num-prompts and --num-warmups")
     modes = ["token ids", "prompt_embeds"] if args.compare_embeds else \
         ["prompt_embeds" if args.prompt_embeds else "token ids"]
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
-          f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}")
+          f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}"
+          + (f" prompts_per_request={per_request}" if per_request > 1 else ""))
     per_token = args.model_shape is not None
 
     def bodies(mode: str, round_index: int) -> list[dict]:
@@ -340,13 +362,14 @@ def main(argv=None) -> dict:
         prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + 100 * round_index)
         if mode == "prompt_embeds":
             prompts = embed_rows(model_path, prompts)
-        return [completion_body(model, p, args.output_len, per_token) for p in prompts]
+        return [completion_body(model, p, args.output_len, per_token) for p in batched(prompts, per_request)]
 
     for mode in modes if args.num_warmups else ():  # untimed, own prompts: no timed prompt is cached
         warmup = random_prompts(args.num_warmups, args.input_len, vocab, args.seed + 2)
         if mode == "prompt_embeds":
             warmup = embed_rows(model_path, warmup)
-        asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token) for p in warmup],
+        asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token)
+                                    for p in batched(warmup, per_request)],
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
     # The timed requests' server intake (seconds, count) and the engine's kernel compiles
@@ -369,7 +392,7 @@ def main(argv=None) -> dict:
             intake[mode][0] += sum_after - sum_before
             intake[mode][1] += count_after - count_before
             compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
-    report = {m: summarize(results[m], durations[m]) for m in modes}
+    report = {m: summarize(results[m], durations[m], per_request) for m in modes}
     for mode in modes:
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3

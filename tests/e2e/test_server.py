@@ -683,6 +683,21 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
     assert "Serving Benchmark Result" in out and "serving overhead (ms)" in out and "ratio" in out
 
 
+def test_bench_serving_sends_several_prompts_a_request(server_url, capsys):
+    """--prompts-per-request: each request a list of prompts (token ids or embeddings);
+    every prompt's tokens are counted, and a request is timed once."""
+    main = runpy.run_path(str(BENCH))["main"]
+    report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "6", "--input-len", "8",
+                   "--output-len", "3", "--compare-embeds", "--prompts-per-request", "3", "--num-warmups", "3"])
+    for mode in ("token ids", "prompt_embeds"):
+        assert report[mode]["successful requests"] == 2 and report[mode]["failed requests"] == 0
+        assert report[mode]["total output tokens"] == 18
+        assert 0 < report[mode]["median TTFT (ms)"] and report[mode]["median TPOT (ms)"] > 0
+    assert "prompts_per_request=3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must divide"):
+        main(["--base-url", f"{server_url}/v1", "--num-prompts", "5", "--prompts-per-request", "3"])
+
+
 def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
     script = runpy.run_path(str(BENCH))
     text = "\n".join([
