@@ -280,7 +280,7 @@ class EngineClient:
         return ray.get(ref, timeout=POLL_TIMEOUT_S + self.step_timeout_s)
 
     def _check_adds(self, before_tokens_of: str | None = None) -> None:
-        """On the output thread: fails each request whose add_request raised on a shard
+        """On the output thread: fails each request a shard's add_requests could not take
         (it would otherwise wait forever), aborting it at the leader in case that one
         took it. Adds not finished yet are checked again after the next poll; those of
         `before_tokens_of`, a request whose tokens are about to be delivered, are waited
@@ -301,12 +301,15 @@ class EngineClient:
             return
         all_refs = list(dict.fromkeys(ref for refs, _ in pending.values() for ref in refs))
         done = set(ray.wait(all_refs, num_returns=len(all_refs), timeout=0)[0])
+        replies_of: dict[int, list] = {}  # one ray.get per call, shared by the requests it sent
         for req_id, (refs, index) in list(pending.items()):
             if not all(ref in done for ref in refs):
                 continue
             del self._unchecked_adds[req_id]
             try:
-                errors = [replies[index] for replies in ray.get(refs)]
+                if id(refs) not in replies_of:
+                    replies_of[id(refs)] = ray.get(refs)
+                errors = [replies[index] for replies in replies_of[id(refs)]]
             except ray.exceptions.ActorDiedError:
                 continue  # a shard died, not this request: the engine's death (its run() failed) ends it
             except Exception as exc:  # noqa: BLE001 - any other failure of the call fails its requests

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @ray.remote(num_cpus=0)
 class Receiver:
-    """Stands in for a shard's add_request: notes when the call starts running."""
+    """Stands in for a shard's add_requests: notes when the call starts running."""
 
     def add_request(self, request, embeds_array=None) -> float:
         started = time.time()

@@ -116,7 +116,7 @@ class RequestDelta:
 
     @classmethod
     def not_taken(cls, req_id: str, exc: BaseException) -> "RequestDelta":
-        """The final delta of a request a shard could not take (its add_request raised)."""
+        """The final delta of a request a shard could not take (its _take raised)."""
         return cls(req_id, (), None, finish_reason="error",
                    error=f"the engine could not take request {req_id}: {type(exc).__name__}")
 

@@ -132,12 +132,13 @@ class ShardWorker:
 
     def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None
                      ) -> list[Exception | None]:
-        """add_request of each request, in order, all of them handed to the step loop
-        together once taken (so its next step does not begin with the first alone);
-        `embeds` (resolved by Ray before the call) is their one embeddings array, or the
-        list of several prompts' arrays that each request's PromptEmbedsRef.index points
-        into. Per request: None, or the error that kept this shard from taking it (the
-        others are taken all the same)."""
+        """Takes each request, in order, then hands those taken to the step loop together
+        (so its next step does not begin with the first alone). `embeds`, resolved by Ray
+        before the call (the engine client passes the ref as a top-level argument, and none
+        inside a request), is their one embeddings array, or the list of several prompts'
+        arrays that each request's PromptEmbedsRef.index points into. Per request: None, or
+        the error that kept this shard from taking it (the others are taken all the same;
+        _take says what becomes of that one)."""
         taken, errors = [], []
         for new in news:
             array = embeds
@@ -149,22 +150,19 @@ class ShardWorker:
                 errors.append(exc)
             else:
                 errors.append(None)
-        self._admit(taken)
+        for state, _ in taken:
+            self.intake.put(state)
+        if self.leader is not None and taken:
+            self.leader.add_requests([request for _, request in taken])
         return errors
 
-    def add_request(self, new: NewRequest, embeds_array: np.ndarray | None = None) -> None:
-        """embeds_array: new.prompt_embeds's array, resolved by Ray before the call (the
-        engine client passes the ref as a top-level argument, and none inside `new`).
-        If the leader cannot take the request, it is discarded on every shard (the
-        followers' copies are dropped with the next plan), its error delta goes out with
-        the next output poll, and the error is raised to the engine client too. If a
-        follower cannot, it takes a stand-in (below) and raises; the engine client fails
-        the request at the leader (fail(): aborted, and nothing it keyed shared)."""
-        self._admit([self._take(new, embeds_array)])
-
     def _take(self, new: NewRequest, embeds_array: np.ndarray | None) -> tuple[RequestState, Request | None]:
-        """The request's mirror on this shard and, on the leader, its Request; raises,
-        after the discard or stand-in add_request describes, if this shard cannot take it."""
+        """The request's mirror on this shard and, on the leader, its Request. If the leader
+        cannot take the request, it is discarded on every shard (the followers' copies are
+        dropped with the next plan), its error delta goes out with the next output poll,
+        and the error is raised. If a follower cannot, it takes a stand-in (below) and
+        raises; the engine client fails the request at the leader (fail(): aborted, and
+        nothing it keyed shared)."""
         try:
             digests = self._embeds_block_digests(new, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
@@ -181,13 +179,6 @@ class ShardWorker:
                 self.intake.put(self._stand_in(new))
             raise
         return state, request
-
-    def _admit(self, taken: list[tuple[RequestState, Request | None]]) -> None:
-        """Mirrors into the intake, then the leader's requests to its step loop at once."""
-        for state, _ in taken:
-            self.intake.put(state)
-        if self.leader is not None and taken:
-            self.leader.add_requests([request for _, request in taken])
 
     def _stand_in(self, new: NewRequest) -> RequestState:
         """A follower's copy of a request it could not take: the leader may schedule the
