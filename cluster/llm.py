@@ -23,10 +23,8 @@ from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, 
 from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
 
-# generate() puts its prompts' embeddings into the object store in groups of this many
-# prompts' (fewer past EMBEDS_GROUP_MAX_BYTES), one object each, their requests sent
-# together: the first step then holds as many requests as a batch of token ids gives it.
-EMBEDS_GROUP_MAX_PROMPTS = 16
+# generate() sends its prompts in groups of about one step's tokens (step_groups), each
+# group's embeddings put into the object store as one object of at most this many bytes.
 EMBEDS_GROUP_MAX_BYTES = 64 << 20
 
 
@@ -52,26 +50,29 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Results in input order. A bad prompt or parameter raises ValueError before
-        any request is sent, so the LLM stays usable. A request that fails in the engine
-        raises RequestFailedError (the engine lives) or EngineDeadError (it died)."""
+        """Results in input order. Prompts are checked as they are sent, a step's worth
+        at a time, so the first step starts while later prompts are still read, as vLLM's
+        generate() adds each as it checks it: a bad prompt or parameter raises ValueError
+        and aborts the requests sent before it, and the LLM stays usable. A request that
+        fails in the engine raises RequestFailedError (the engine lives) or
+        EngineDeadError (it died)."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-        return self._generate([self._parse(p) for p in prompts], sampling_params, use_tqdm)
+        return self._generate(prompts, self._parse, sampling_params, use_tqdm)
 
-    def _generate(self, parsed: list[EnginePrompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
-        params = self._per_prompt_params(sampling_params, len(parsed))
+    def _generate(self, prompts: list, parse, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        """`parse` makes each of `prompts` an EnginePrompt, when its group is sent."""
+        params = self._per_prompt_params(sampling_params, len(prompts))
         for sp in params:
             sp.check_vocab(self.config.model_config.vocab_size)
+        checked = (self._checked(parse(prompt), sp) for prompt, sp in zip(prompts, params))
+        return self._run(checked, use_tqdm)
+
+    def _checked(self, prompt: EnginePrompt, sp: SamplingParams) -> tuple[EnginePrompt, SamplingParams]:
+        """The prompt truncated as `sp` asks, and `sp` with the max_tokens its length leaves."""
         max_model_len = self.config.max_model_len
-        parsed = [truncate_prompt(p, truncation_length(sp.truncate_prompt_tokens, max_model_len))
-                  for p, sp in zip(parsed, params)]
-        for p, sp in zip(parsed, params):
-            check_prompt_logprobs(p, sp)
-        params = [
-            dataclasses.replace(sp, max_tokens=check_length(p.num_tokens, sp.max_tokens, max_model_len))
-            for p, sp in zip(parsed, params)
-        ]
-        return self._run(parsed, params, use_tqdm)
+        prompt = truncate_prompt(prompt, truncation_length(sp.truncate_prompt_tokens, max_model_len))
+        check_prompt_logprobs(prompt, sp)
+        return prompt, dataclasses.replace(sp, max_tokens=check_length(prompt.num_tokens, sp.max_tokens, max_model_len))
 
     def chat(
         self,
@@ -92,7 +93,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                     "chat_template_kwargs": chat_template_kwargs}
-        return self._generate([self._chat_prompt(c, template) for c in conversations], sampling_params, use_tqdm)
+        return self._generate(conversations, lambda c: self._chat_prompt(c, template), sampling_params, use_tqdm)
 
     def _chat_prompt(self, conversation: list[dict], template: dict) -> EnginePrompt:
         model = self.config.model_config
@@ -123,11 +124,11 @@ class LLM:
             )
         return sampling_params
 
-    def _run(self, prompts: list[EnginePrompt], params: list[SamplingParams], use_tqdm: bool):
+    def _run(self, checked, use_tqdm: bool):
         deltas: queue.SimpleQueue = queue.SimpleQueue()
         outputs, trackers = [], {}
-        try:  # a failure while adding (a later prompt's put, Ctrl-C) stops those already added
-            self._add_requests(prompts, params, deltas, outputs, trackers)
+        try:  # a failure while adding (a later prompt's check or put, Ctrl-C) stops those already added
+            self._add_requests(checked, deltas, outputs, trackers)
             self._collect(deltas, trackers, outputs, use_tqdm)
         except BaseException:
             for req_id, (_, tracker) in trackers.items():
@@ -144,17 +145,16 @@ class LLM:
             output.finished = True
         return outputs
 
-    def _add_requests(self, prompts: list[EnginePrompt], params: list[SamplingParams], deltas: queue.SimpleQueue,
-                      outputs: list[RequestOutput], trackers: dict) -> None:
-        """Adds each prompt's samples to the engine, each tracked before it is added (an
-        abort of an id the engine never took does nothing)."""
-        params_of = iter(params)
-        for group in embeds_put_groups(prompts):
+    def _add_requests(self, checked, deltas: queue.SimpleQueue, outputs: list[RequestOutput], trackers: dict) -> None:
+        """Adds each (prompt, params)'s samples to the engine, a step's group at a time,
+        each tracked before it is added (an abort of an id the engine never took does
+        nothing)."""
+        for group in step_groups(checked, self.config.max_num_batched_tokens):
             arrival_time = time.time()
-            group = self.engine.put_prompts(group)  # embeddings: once, for all samples
+            prompts = self.engine.put_prompts([prompt for prompt, _ in group])  # embeddings: once, for all samples
             with self.engine.together():
-                for prompt in group:
-                    self._add_prompt(prompt, next(params_of), arrival_time, deltas, outputs, trackers)
+                for prompt, (_, sp) in zip(prompts, group):
+                    self._add_prompt(prompt, sp, arrival_time, deltas, outputs, trackers)
 
     def _add_prompt(self, prompt: EnginePrompt, sp: SamplingParams, arrival_time: float, deltas: queue.SimpleQueue,
                     outputs: list[RequestOutput], trackers: dict) -> None:
@@ -225,17 +225,21 @@ class LLM:
         self.shutdown()
 
 
-def embeds_put_groups(prompts: list[EnginePrompt]):
-    """Consecutive runs of the prompts whose embeddings EngineClient.put_prompts puts as one
-    object: EMBEDS_GROUP_MAX_PROMPTS embeddings prompts each (fewer past
-    EMBEDS_GROUP_MAX_BYTES), prompts of token ids riding along."""
-    group, count, nbytes = [], 0, 0
-    for prompt in prompts:
-        group.append(prompt)
+def step_groups(checked, step_tokens: int):
+    """Consecutive runs of (prompt, params), taken from `checked` as they are needed, each
+    about one engine step's worth: a run ends once its prompts' tokens, times their
+    samples, reach `step_tokens`, or its embeddings arrays EMBEDS_GROUP_MAX_BYTES.
+    generate() puts a run's embeddings as one object and sends its requests together, so
+    the first step starts once the first run is sent, holding as many requests as it
+    would have, and later runs are read and put while the engine works."""
+    group, tokens, nbytes = [], 0, 0
+    for prompt, sp in checked:
+        group.append((prompt, sp))
+        tokens += prompt.num_tokens * sp.n
         if isinstance(prompt.prompt_embeds, np.ndarray):
-            count, nbytes = count + 1, nbytes + prompt.prompt_embeds.nbytes
-            if count >= EMBEDS_GROUP_MAX_PROMPTS or nbytes >= EMBEDS_GROUP_MAX_BYTES:
-                yield group
-                group, count, nbytes = [], 0, 0
+            nbytes += prompt.prompt_embeds.nbytes
+        if tokens >= step_tokens or nbytes >= EMBEDS_GROUP_MAX_BYTES:
+            yield group
+            group, tokens, nbytes = [], 0, 0
     if group:
         yield group

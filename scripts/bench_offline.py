@@ -18,7 +18,7 @@
 Prints output tokens/s of each side and their ratio per batch size, and the engine's median
 time to first token, counted from the generate() call (RequestOutput.metrics): a
 throughput run's first tokens wait for the prompts before them, and generate() checks the
-embeddings prompts and puts them (16 prompts' rows an object) as it takes them up, so the
+prompts and puts their embeddings a step's worth at a time, as it takes them up, so the
 call is the one start both kinds of prompt share. Before timing, the engine runs the workload's first `batch` prompts (4
 tokens each) of every kind it is timed on, so each kind's step shapes are compiled and
 warm; with --compare-embeds, --rounds alternates the two kinds (ids, embeddings, ids, ...)

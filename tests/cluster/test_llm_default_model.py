@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
+from tests.cluster.local_cluster import wait_until
 from tests.cluster.peer_checks import random_ids
 from tests.hf_reference import hf_greedy, load_hf_model
 
@@ -167,14 +168,19 @@ def test_continuous_batching_matches_each_alone(llm):
 
 
 def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm, monkeypatch):
-    """generate() puts many embeddings prompts' rows as a few objects (here 3 prompts'
-    each) and sends each group's requests in one call per shard: every prompt, token ids
-    among them and one with n=2, gets what it gets alone, and the groups are the ones
-    embeds_put_groups cut."""
+    """generate() sends its prompts a step's worth at a time (here 20 tokens, samples
+    counted), each group's embeddings put as one object and its requests sent in one call
+    per shard: every prompt, token ids among them and one with n=2, gets what it gets
+    alone, and the groups sent are the ones step_groups cut."""
     import cluster.llm
-    from cluster.llm import embeds_put_groups
 
-    monkeypatch.setattr(cluster.llm, "EMBEDS_GROUP_MAX_PROMPTS", 3)
+    cut, step_groups = [], cluster.llm.step_groups
+
+    def small_groups(checked, step_tokens):
+        assert step_tokens == llm.config.max_num_batched_tokens
+        for group in step_groups(checked, 20):
+            cut.append([(prompt.num_tokens, sp.n) for prompt, sp in group])
+            yield group
 
     hidden, dtype = llm.config.model_config.hidden_size, llm.config.torch_dtype
     gen = torch.Generator().manual_seed(11)
@@ -183,11 +189,33 @@ def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm, monkeypat
     params = [GREEDY] * len(prompts)
     params[6] = SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2)
     alone = [[c.token_ids for c in llm.generate(p, sp, use_tqdm=False)[0].outputs] for p, sp in zip(prompts, params)]
+    monkeypatch.setattr(cluster.llm, "step_groups", small_groups)
     together = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert together == alone
     assert len({tuple(tokens[0]) for tokens in alone}) == len(prompts)  # the rows differ, so do the tokens
-    groups = [[p.num_tokens for p in group] for group in embeds_put_groups([llm._parse(p) for p in prompts])]
-    assert groups == [[5, 9, 3], [12, 10, 7, 4], [6, 8]]
+    assert cut == [[(5, 1), (9, 1), (3, 1), (12, 1)], [(10, 1), (7, 1), (4, 2)], [(6, 1), (8, 1)]]
+
+
+def test_a_bad_prompt_after_a_sent_group_aborts_that_group(llm, monkeypatch):
+    """Prompts are checked as their group is sent (vLLM's order): a bad one in a later
+    group raises ValueError, the requests sent before it are aborted and their blocks
+    freed, and the LLM keeps working."""
+    import cluster.llm
+
+    step_groups = cluster.llm.step_groups
+    monkeypatch.setattr(cluster.llm, "step_groups", lambda checked, step_tokens: step_groups(checked, 8))
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    before = llm.engine.stats()
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_embeds": torch.randn(4, 256)},
+               {"prompt_embeds": torch.full((4, 256), float("nan"))}]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        llm.generate(prompts, long, use_tqdm=False)
+    wait_until(lambda: llm.engine.stats().num_aborted == before.num_aborted + 2, 30, "the sent group's aborts")
+    after = llm.engine.stats()
+    assert after.num_running == after.num_waiting == 0 and after.num_free_blocks == before.num_free_blocks
+    assert llm.engine.num_unfinished == 0
+    good = llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in good] == [GREEDY.max_tokens] * 2
 
 
 def test_request_metrics_record_arrival_first_token_and_finish(llm):
