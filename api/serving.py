@@ -13,7 +13,6 @@ import time
 import uuid
 
 import numpy as np
-import torch
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
 from api.chat import ChatCompletionRequest, ChatResponses, render_chat
@@ -31,7 +30,8 @@ from api.protocol import (
 )
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
-from cluster.prompts import EnginePrompt, check_length, truncate_prompt, truncation_length, validate_cache_salt
+from cluster.prompts import (EnginePrompt, check_length, concat_rows, truncate_prompt, truncation_length,
+                             validate_cache_salt)
 
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
 
@@ -230,7 +230,7 @@ class OpenAIServing:
             except ValueError as exc:
                 raise APIError(400, f"prompt_embeds part {index}: {exc}", param="messages") from None
         token_ids, spans = render_chat(self.engine.tokenizer, request, tuple(r.shape[0] for r in rows))
-        return self.engine.mixed_prompt(token_ids, torch.cat(rows), spans)
+        return self.engine.mixed_prompt(token_ids, concat_rows(rows), spans)
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
                        loop: asyncio.AbstractEventLoop) -> list[Choice]:

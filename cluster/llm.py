@@ -12,13 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import ray
-import torch
 from tqdm.auto import tqdm
 
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
-from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, mixed_prompt, parse_engine_prompt,
+from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, concat_rows, mixed_prompt, parse_engine_prompt,
                              truncate_prompt, truncation_length, validate_prompt_embeds)
 from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
@@ -105,7 +104,7 @@ class LLM:
         token_ids, spans = chat_prompt(self.tokenizer, conversation, [r.shape[0] for r in rows], **template)
         if not rows:
             return EnginePrompt(None, tuple(token_ids), None)
-        return mixed_prompt(tuple(token_ids), torch.cat(rows), spans, model.hidden_size, self.config.torch_dtype)
+        return mixed_prompt(tuple(token_ids), concat_rows(rows), spans, model.hidden_size, self.config.torch_dtype)
 
     def _parse(self, prompt) -> EnginePrompt:
         return parse_engine_prompt(prompt, self.config, self.tokenizer)

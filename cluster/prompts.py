@@ -56,6 +56,21 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     """A (seq_len, hidden_size) dense floating tensor of finite values, cast to `dtype`.
 
     A leading batch dimension of 1 is squeezed. Anything else is a ValueError."""
+    tensor = check_embeds_form(tensor, hidden_size)
+    with at_most_torch_threads(check_threads(tensor.numel())):
+        tensor = tensor.detach().to("cpu", dtype)
+        # min and max are finite only if every value is (both propagate NaN): one vectorized
+        # pass, ~14x faster than isfinite(tensor).all() (scripts/bench_embeds_codec.py --parts).
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+        tensor = tensor.contiguous()
+    if not finite:
+        raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
+    return tensor
+
+
+def check_embeds_form(tensor, hidden_size: int) -> torch.Tensor:
+    """validate_prompt_embeds' checks that read no values: a dense floating tensor of shape
+    (seq_len >= 1, hidden_size), a leading batch dimension of 1 squeezed."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"prompt_embeds must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
@@ -74,17 +89,22 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     if tensor.shape[0] == 0:
         raise ValueError("prompt_embeds must have at least one row, got shape "
                          f"{tuple(tensor.shape)}")
-    threads = max(1, min(CHECK_THREADS, torch.get_num_threads() // THREADS_PER_CHECK_THREAD,
-                         tensor.numel() // ELEMENTS_PER_THREAD))
-    with at_most_torch_threads(threads):
-        tensor = tensor.detach().to("cpu", dtype)
-        # min and max are finite only if every value is (both propagate NaN): one vectorized
-        # pass, ~14x faster than isfinite(tensor).all() (scripts/bench_embeds_codec.py --parts).
-        finite = bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
-        tensor = tensor.contiguous()
-    if not finite:
-        raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
     return tensor
+
+
+def check_threads(numel: int) -> int:
+    """How many of torch's CPU threads an op over `numel` embeddings values gets (above)."""
+    return max(1, min(CHECK_THREADS, torch.get_num_threads() // THREADS_PER_CHECK_THREAD, numel // ELEMENTS_PER_THREAD))
+
+
+def concat_rows(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several (n, hidden) pieces as one contiguous tensor, on as few of torch's
+    threads as their check would use (a cat on all of a many-vCPU host's costs
+    milliseconds); one piece as it is, when contiguous."""
+    if len(pieces) == 1:
+        return pieces[0].contiguous()
+    with at_most_torch_threads(check_threads(sum(piece.numel() for piece in pieces))):
+        return torch.cat(pieces)
 
 
 @contextlib.contextmanager
@@ -195,7 +215,7 @@ def _mixed_prompt(prompt: dict, vocab_size: int, hidden_size: int, dtype: torch.
     if prompt.get("prompt_token_ids") is None or prompt.get("prompt_embeds") is None:
         raise ValueError("prompt_is_token_ids needs both prompt_token_ids and prompt_embeds, of its length")
     token_ids = validate_token_ids(prompt["prompt_token_ids"], vocab_size)
-    embeds = validate_prompt_embeds(prompt["prompt_embeds"], hidden_size, dtype)
+    embeds = check_embeds_form(prompt["prompt_embeds"], hidden_size)
     is_token = prompt["prompt_is_token_ids"]
     if isinstance(is_token, torch.Tensor):
         is_token = is_token.tolist()
@@ -213,7 +233,8 @@ def _mixed_prompt(prompt: dict, vocab_size: int, hidden_size: int, dtype: torch.
             start = None
     if not spans:  # every position a token id
         return EnginePrompt(None, token_ids, None)
-    rows = torch.cat([embeds[a:b] for a, b in spans])
+    # Only the rows the prompt takes are read: those at token ids' positions are not its input.
+    rows = validate_prompt_embeds(concat_rows([embeds[a:b] for a, b in spans]), hidden_size, dtype)
     return mixed_prompt(token_ids, rows, tuple(spans), hidden_size, dtype)
 
 

@@ -507,6 +507,21 @@ def test_a_few_core_driver_checks_on_one_thread(monkeypatch):
     assert _threads_used_by_check(monkeypatch, torch.ones(128, 4096), torch_threads=1) == []  # nothing to bound
 
 
+def test_rows_of_several_pieces_are_joined_on_the_checks_threads(monkeypatch):
+    """A chat's parts or a mixed prompt's spans are joined on as few threads as their
+    check uses (a cat on all of a GPU host's wakes them all); one piece is not copied."""
+    from cluster import prompts
+
+    calls = []
+    monkeypatch.setattr(prompts.torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(prompts.torch, "set_num_threads", calls.append)
+    pieces = [torch.randn(128, 4096), torch.randn(3, 4096)]
+    joined = prompts.concat_rows(pieces)
+    assert torch.equal(joined, torch.cat(pieces)) and calls == [prompts.CHECK_THREADS, 64]
+    calls.clear()
+    assert prompts.concat_rows(pieces[:1]) is pieces[0] and calls == []
+
+
 def test_the_thread_bound_is_lifted_when_the_check_fails(monkeypatch):
     from cluster import prompts
 

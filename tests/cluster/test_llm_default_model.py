@@ -95,6 +95,13 @@ def test_a_prompt_mixing_token_ids_and_embeddings_continues_as_its_ids_do(llm, h
             llm.generate([bad], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate([mixed], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+    # Only the rows the prompt takes are read: a NaN where a token id is the input is no error.
+    ignored, taken = table[ids].clone(), table[ids].clone()
+    ignored[0], taken[3] = float("nan"), float("nan")
+    (same,) = llm.generate([{**mixed, "prompt_embeds": ignored}], GREEDY, use_tqdm=False)
+    assert same.outputs[0].token_ids == reference
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        llm.generate([{**mixed, "prompt_embeds": taken}], GREEDY, use_tqdm=False)
 
 
 def test_a_mixed_prompts_blocks_are_cached_by_their_ids_and_rows(llm, hf_model):
