@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineClient, request_error
 from cluster.outputs import CompletionTracker, RequestMetrics, RequestOutput
-from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, concat_rows, mixed_prompt, parse_engine_prompt,
-                             truncate_prompt, truncation_length, validate_prompt_embeds)
+from cluster.prompts import (EnginePrompt, check_length, check_prompt_logprobs, concat_rows, mixed_prompt,
+                             parse_engine_prompt, truncate_prompt, truncation_length, validate_prompt_embeds)
 from cluster.tokenizer import chat_prompt
 from workers.sampling_params import SamplingParams
 
