@@ -5,6 +5,7 @@ embeddings, the engine dying, Ctrl-C). A stand-in EngineClient records the calls
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 
@@ -43,9 +44,10 @@ class StandInClient:
 def test_a_failure_while_adding_aborts_the_requests_already_added():
     llm = LLM.__new__(LLM)  # no cluster: only the intake of generate() runs
     llm.tokenizer, llm.engine = None, StandInClient(fail_at=3)
+    llm.config = types.SimpleNamespace(max_num_batched_tokens=2048)
     prompts = [EnginePrompt(None, (5, 6, 7), None)] * 3
     params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, n=2), SamplingParams(max_tokens=8)]
     with pytest.raises(KeyboardInterrupt):
-        llm._run(prompts, params, use_tqdm=False)
+        llm._run(zip(prompts, params), use_tqdm=False)
     assert llm.engine.added == ["req-0", "req-1-0", "req-1-1"]
     assert set(llm.engine.added) <= set(llm.engine.aborted)
