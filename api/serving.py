@@ -27,6 +27,7 @@ from api.protocol import (
     PromptInput,
     ProtocolError,
     split_prompts,
+    unix_time,
 )
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
@@ -60,6 +61,7 @@ class OpenAIServing:
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds
+        self.created = unix_time()  # the models' cards' `created`: when this server took them up
         self.max_embeds_bytes = max_embeds_bytes
         self.inline_decode_max_chars = inline_decode_max_chars
         self.metrics = metrics or Metrics()
@@ -74,7 +76,8 @@ class OpenAIServing:
     def model_card(self, name: str) -> ModelCard:
         """A served name's card (OpenAI's GET /v1/models/{model}); 404 for another name."""
         self.check_model(name)
-        return ModelCard(id=name, root=self.served_model_name, max_model_len=self.engine.max_model_len)
+        return ModelCard(id=name, created=self.created, root=self.served_model_name,
+                         max_model_len=self.engine.max_model_len)
 
     def check_model(self, name: str | None) -> None:
         """404 for a model name other than the served ones (None: the primary one)."""

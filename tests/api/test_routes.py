@@ -214,6 +214,19 @@ def post(client, body, **kwargs):
 
 # Errors -------------------------------------------------------------------------------
 
+def test_a_models_card_is_the_same_in_the_list_and_alone_as_the_clock_moves(engine, monkeypatch):
+    """`created` is when the server took the model up, not when it was asked: a client that
+    compares the list's card with GET /v1/models/{id} across a second's tick sees one card."""
+    import itertools
+
+    ticks, now = itertools.count(0, 2), time.time
+    monkeypatch.setattr(time, "time", lambda: now() + next(ticks))  # 2 s later at every read
+    client = TestClient(make_app(engine))
+    (listed,) = client.get("/v1/models").json()["data"]
+    assert client.get(f"/v1/models/{MODEL}").json() == listed
+    assert client.get("/v1/models").json()["data"] == [listed]
+
+
 def test_unknown_model_is_404(client):
     error = error_of(post(client, {"model": "gpt-9", "prompt": "hi"}), 404)
     assert "gpt-9" in error["message"] and error["param"] == "model"
