@@ -25,6 +25,26 @@ from workers.sampling_params import SamplingParams
 # generate() sends its prompts in groups of about one step's tokens (step_groups), each
 # group's embeddings put into the object store as one object of at most this many bytes.
 EMBEDS_GROUP_MAX_BYTES = 64 << 20
+# ... and keeps at most this many bytes of unfinished prompts' embeddings in the engine (a
+# group past it waits for prompts to finish): each shard holds a prompt's rows on its device
+# from when the prompt is added until it finishes, outside the KV cache's memory. 1,000
+# prompts of 256 rows of the 8B's width (2 MiB each) fit.
+EMBEDS_IN_FLIGHT_MAX_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One generate() call's requests as they run: outputs in input order, each sample's
+    tracker by request id, the samples still running per prompt (by position), and the
+    bytes of embeddings the unfinished prompts hold in the engine."""
+
+    deltas: queue.SimpleQueue
+    progress: tqdm
+    outputs: list[RequestOutput] = dataclasses.field(default_factory=list)
+    trackers: dict[str, tuple[int, CompletionTracker]] = dataclasses.field(default_factory=dict)
+    running: dict[int, int] = dataclasses.field(default_factory=dict)
+    embeds_of: dict[int, int] = dataclasses.field(default_factory=dict)
+    embeds_in_flight: int = 0
 
 
 class LLM:
@@ -64,7 +84,7 @@ class LLM:
         for sp in params:
             sp.check_vocab(self.config.model_config.vocab_size)
         checked = (self._checked(parse(prompt), sp) for prompt, sp in zip(prompts, params))
-        return self._run(checked, use_tqdm)
+        return self._run(checked, len(prompts), use_tqdm)
 
     def _checked(self, prompt: EnginePrompt, sp: SamplingParams) -> tuple[EnginePrompt, SamplingParams]:
         """The prompt truncated as `sp` asks, and `sp` with the max_tokens its length leaves."""
@@ -123,18 +143,26 @@ class LLM:
             )
         return sampling_params
 
-    def _run(self, checked, use_tqdm: bool):
-        deltas: queue.SimpleQueue = queue.SimpleQueue()
-        outputs, trackers = [], {}
+    def _run(self, checked, num_prompts: int, use_tqdm: bool) -> list[RequestOutput]:
+        batch = _Batch(queue.SimpleQueue(), tqdm(total=num_prompts, desc="Processed prompts", disable=not use_tqdm))
         try:  # a failure while adding (a later prompt's check or put, Ctrl-C) stops those already added
-            self._add_requests(checked, deltas, outputs, trackers)
-            self._collect(deltas, trackers, outputs, use_tqdm)
+            with batch.progress:
+                for group in step_groups(checked, self.config.max_num_batched_tokens):
+                    nbytes = sum(embeds_nbytes(prompt) for prompt, _ in group)
+                    # Each shard holds a running or waiting prompt's rows on its device: past
+                    # the bound, the next group waits for prompts to finish.
+                    while batch.embeds_in_flight and batch.embeds_in_flight + nbytes > EMBEDS_IN_FLIGHT_MAX_BYTES:
+                        self._take_delta(batch)
+                    self._add_group(group, batch)
+                while batch.running:
+                    self._take_delta(batch)
         except BaseException:
-            for req_id, (_, tracker) in trackers.items():
+            for req_id, (_, tracker) in batch.trackers.items():
                 if not tracker.is_finished:
                     self.engine.abort(req_id)
             raise
-        for position, tracker in trackers.values():
+        outputs = batch.outputs
+        for position, tracker in batch.trackers.values():
             outputs[position].outputs.append(tracker.output())
             if outputs[position].prompt_logprobs is None:  # each sample's are the same
                 outputs[position].prompt_logprobs = tracker.prompt_logprobs
@@ -144,63 +172,64 @@ class LLM:
             output.finished = True
         return outputs
 
-    def _add_requests(self, checked, deltas: queue.SimpleQueue, outputs: list[RequestOutput], trackers: dict) -> None:
-        """Adds each (prompt, params)'s samples to the engine, a step's group at a time,
-        each tracked before it is added (an abort of an id the engine never took does
-        nothing)."""
-        for group in step_groups(checked, self.config.max_num_batched_tokens):
-            arrival_time = time.time()
-            prompts = self.engine.put_prompts([prompt for prompt, _ in group])  # embeddings: once, for all samples
-            with self.engine.together():
-                for prompt, (_, sp) in zip(prompts, group):
-                    self._add_prompt(prompt, sp, arrival_time, deltas, outputs, trackers)
+    def _add_group(self, group: list[tuple[EnginePrompt, SamplingParams]], batch: _Batch) -> None:
+        """Adds each (prompt, params)'s samples to the engine, the group's embeddings put
+        as one object and its requests sent together."""
+        arrival_time = time.time()
+        prompts = self.engine.put_prompts([prompt for prompt, _ in group])  # embeddings: once, for all samples
+        with self.engine.together():
+            for prompt, (parsed, sp) in zip(prompts, group):
+                self._add_prompt(prompt, sp, arrival_time, batch, embeds_nbytes(parsed))
 
-    def _add_prompt(self, prompt: EnginePrompt, sp: SamplingParams, arrival_time: float, deltas: queue.SimpleQueue,
-                    outputs: list[RequestOutput], trackers: dict) -> None:
+    def _add_prompt(self, prompt: EnginePrompt, sp: SamplingParams, arrival_time: float, batch: _Batch,
+                    nbytes: int) -> None:
+        """Each sample is tracked before it is added (an abort of an id the engine never
+        took does nothing)."""
         request_id = self.engine.next_request_id()
-        metrics = RequestMetrics(arrival_time=arrival_time)
-        outputs.append(RequestOutput(
+        batch.outputs.append(RequestOutput(
             request_id, prompt.prompt, list(prompt.prompt_token_ids) if prompt.prompt_token_ids else None,
-            prompt.num_tokens, metrics=metrics,
+            prompt.num_tokens, metrics=RequestMetrics(arrival_time=arrival_time),
         ))
+        position = len(batch.outputs) - 1
+        batch.running[position] = sp.n
+        batch.embeds_of[position] = nbytes
+        batch.embeds_in_flight += nbytes
         for index in range(sp.n):
             req_id = f"{request_id}-{index}" if sp.n > 1 else request_id
             sample_params = sp.for_sample(index)
-            trackers[req_id] = (len(outputs) - 1, CompletionTracker(
+            batch.trackers[req_id] = (position, CompletionTracker(
                 index, self.tokenizer, prompt.prompt_token_ids, sample_params))
             self.engine.add_request(
-                req_id, sample_params, deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
+                req_id, sample_params, batch.deltas.put, prompt.prompt_token_ids, prompt.prompt_embeds,
                 cache_salt=prompt.cache_salt, embeds_spans=prompt.embeds_spans,
             )
 
-    def _collect(self, deltas: queue.SimpleQueue, trackers: dict, outputs: list[RequestOutput], use_tqdm: bool):
-        remaining = {}
-        for position, tracker in trackers.values():
-            remaining[position] = remaining.get(position, 0) + 1
-        progress = tqdm(total=len(outputs), desc="Processed prompts", disable=not use_tqdm)
-        with progress:
-            while remaining:
-                delta = deltas.get()
-                position, tracker = trackers[delta.req_id]
-                if tracker.is_finished:
-                    continue
-                if delta.new_token_ids:
-                    metrics = outputs[position].metrics
-                    metrics.last_token_time = time.time()
-                    if metrics.first_token_time is None:
-                        metrics.first_token_time = metrics.last_token_time
-                tracker.apply(delta)
-                if not tracker.is_finished:
-                    continue
-                if tracker.finish_reason == "error":
-                    raise request_error(self.engine, tracker.error)
-                if delta.finish_reason is None:  # finished by a stop string on this side
-                    self.engine.abort(delta.req_id)
-                remaining[position] -= 1
-                if remaining[position] == 0:
-                    del remaining[position]
-                    outputs[position].metrics.finished_time = time.time()
-                    progress.update(1)
+    def _take_delta(self, batch: _Batch) -> None:
+        """Waits for the engine's next delta and applies it to its sample; a prompt whose
+        samples have all finished leaves `batch.running` (and its embeddings the bytes in
+        flight). A sample that failed in the engine raises."""
+        delta = batch.deltas.get()
+        position, tracker = batch.trackers[delta.req_id]
+        if tracker.is_finished:
+            return
+        output = batch.outputs[position]
+        if delta.new_token_ids:
+            output.metrics.last_token_time = time.time()
+            if output.metrics.first_token_time is None:
+                output.metrics.first_token_time = output.metrics.last_token_time
+        tracker.apply(delta)
+        if not tracker.is_finished:
+            return
+        if tracker.finish_reason == "error":
+            raise request_error(self.engine, tracker.error)
+        if delta.finish_reason is None:  # finished by a stop string on this side
+            self.engine.abort(delta.req_id)
+        batch.running[position] -= 1
+        if batch.running[position] == 0:
+            del batch.running[position]
+            batch.embeds_in_flight -= batch.embeds_of.pop(position)
+            output.metrics.finished_time = time.time()
+            batch.progress.update(1)
 
     def start_profile(self) -> None:
         """Profiles every shard (torch.profiler: CPU ops of all its threads, and CUDA
@@ -224,6 +253,11 @@ class LLM:
         self.shutdown()
 
 
+def embeds_nbytes(prompt: EnginePrompt) -> int:
+    """Bytes of a checked prompt's embeddings array (0 for token ids)."""
+    return prompt.prompt_embeds.nbytes if isinstance(prompt.prompt_embeds, np.ndarray) else 0
+
+
 def step_groups(checked, step_tokens: int):
     """Consecutive runs of (prompt, params), taken from `checked` as they are needed, each
     about one engine step's worth: a run ends once its prompts' tokens, times their
@@ -235,8 +269,7 @@ def step_groups(checked, step_tokens: int):
     for prompt, sp in checked:
         group.append((prompt, sp))
         tokens += prompt.num_tokens * sp.n
-        if isinstance(prompt.prompt_embeds, np.ndarray):
-            nbytes += prompt.prompt_embeds.nbytes
+        nbytes += embeds_nbytes(prompt)
         if tokens >= step_tokens or nbytes >= EMBEDS_GROUP_MAX_BYTES:
             yield group
             group, tokens, nbytes = [], 0, 0

@@ -225,6 +225,31 @@ def test_a_bad_prompt_after_a_sent_group_aborts_that_group(llm, monkeypatch):
     assert [len(o.outputs[0].token_ids) for o in good] == [GREEDY.max_tokens] * 2
 
 
+def test_generate_keeps_at_most_its_bound_of_embeddings_in_the_engine(llm, monkeypatch):
+    """Each shard holds an unfinished prompt's rows on its device, so generate() sends a
+    group only while the unfinished prompts' embeddings stay within
+    EMBEDS_IN_FLIGHT_MAX_BYTES (here two prompts' worth, a group a prompt): never more than
+    one prompt is running when the next is added, and every prompt gets what it gets
+    without the bound."""
+    import cluster.llm
+
+    hidden, dtype = llm.config.model_config.hidden_size, llm.config.torch_dtype
+    gen = torch.Generator().manual_seed(12)
+    prompts = [{"prompt_embeds": torch.randn(8, hidden, generator=gen).to(dtype)} for _ in range(6)]
+    unbounded = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    step_groups, add_request, running = cluster.llm.step_groups, llm.engine.add_request, []
+
+    def add_and_count(*args, **kwargs):
+        running.append(llm.engine.num_unfinished)
+        return add_request(*args, **kwargs)
+
+    monkeypatch.setattr(cluster.llm, "EMBEDS_IN_FLIGHT_MAX_BYTES", 2 * 8 * hidden * dtype.itemsize)
+    monkeypatch.setattr(cluster.llm, "step_groups", lambda checked, step_tokens: step_groups(checked, 1))
+    monkeypatch.setattr(llm.engine, "add_request", add_and_count)
+    bounded = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert bounded == unbounded and len(running) == len(prompts) and max(running) <= 1
+
+
 def test_request_metrics_record_arrival_first_token_and_finish(llm):
     """RequestOutput.metrics, as vLLM's: per request, arrival <= first token <= last token
     <= finished, all within the generate() call; with n = 2, the first token of either."""

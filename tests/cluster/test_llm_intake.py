@@ -48,6 +48,6 @@ def test_a_failure_while_adding_aborts_the_requests_already_added():
     prompts = [EnginePrompt(None, (5, 6, 7), None)] * 3
     params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, n=2), SamplingParams(max_tokens=8)]
     with pytest.raises(KeyboardInterrupt):
-        llm._run(zip(prompts, params), use_tqdm=False)
+        llm._run(zip(prompts, params), len(prompts), use_tqdm=False)
     assert llm.engine.added == ["req-0", "req-1-0", "req-1-1"]
     assert set(llm.engine.added) <= set(llm.engine.aborted)
