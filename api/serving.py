@@ -31,6 +31,7 @@ from api.protocol import (
 )
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
+from cluster.llm import EMBEDS_IN_FLIGHT_MAX_BYTES
 from cluster.prompts import (EnginePrompt, check_length, concat_rows, truncate_prompt, truncation_length,
                              validate_cache_salt)
 
@@ -55,9 +56,10 @@ class OpenAIServing:
                  max_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES, metrics: Metrics | None = None,
                  max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS,
                  inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS,
-                 enable_prompt_tokens_details: bool = False):
+                 enable_prompt_tokens_details: bool = False,
+                 max_embeds_in_flight_bytes: int = EMBEDS_IN_FLIGHT_MAX_BYTES):
         self.engine = engine
-        self.admission = Admission(max_in_flight)
+        self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes)
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds
@@ -121,7 +123,7 @@ class OpenAIServing:
                      truncation: int | None, responses: Responses, arrival_time: float):
         """Every choice started (within this server's admission), then the answer that
         `responses` makes of them: whole, or a stream whose end ends the request."""
-        reservation = self.admission.reserve(len(inputs) * params.n)
+        reservation = self.admission.reserve(len(inputs) * params.n, self._embeds_bytes(inputs) * params.n)
         try:
             choices = await self._start(inputs, params, truncation, request.cache_salt)
         except BaseException:
@@ -137,6 +139,14 @@ class OpenAIServing:
             return await responses.complete(request, choices)
         finally:
             end()
+
+    def _embeds_bytes(self, inputs: list[PromptInput]) -> int:
+        """At most the bytes one sample of the inputs' embeddings holds on each shard, known
+        before decoding: the payloads' decoded size, as rows of the model's dtype cast from
+        the narrowest floats (2 bytes) they could hold."""
+        chars = sum(len(item.value) for item in inputs if item.kind == "embeds")
+        chars += sum(len(part.data) for item in inputs if item.kind == "chat" for part in item.value.embeds_parts)
+        return chars * 3 // 4 * max(1, self.engine.dtype.itemsize // 2)
 
     def _sampling(self, request: GenerationRequest) -> tuple[SamplingParams, int | None]:
         """The sampling params and the prompt truncation length; a 400 naming the field

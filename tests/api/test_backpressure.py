@@ -1,6 +1,6 @@
 """Backpressure and mid-stream failures in the HTTP layer, around the fake engine of
-test_routes (no Ray): past max_in_flight choices a request is a 503 with Retry-After (a
-400 if it alone is larger than that);
+test_routes (no Ray): past max_in_flight choices, or past the bytes of embeddings the
+engine may hold, a request is a 503 with Retry-After (a 400 if it alone is larger than that);
 every way a request ends gives its slots back; an engine that dies mid-stream ends the
 stream with an error event and [DONE], without internals."""
 
@@ -14,13 +14,14 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from api.chat import ChatCompletionRequest
 from api.embeds_codec import encode_prompt_embeds
 from api.protocol import CompletionRequest
 from api.routes import build_fastapi_app
 from api.errors import APIError
 from api.serving import OpenAIServing
 from cluster.engine_client import EngineDeadError
-from tests.api.test_routes import H, MODEL, FakeEngine, error_of, post, sse_events, tokenizer  # noqa: F401
+from tests.api.test_routes import H, MODEL, FakeEngine, embeds, error_of, post, sse_events, tokenizer  # noqa: F401
 
 
 class DyingEngine(FakeEngine):
@@ -72,6 +73,51 @@ def test_a_request_larger_than_the_bound_is_400_not_503(tokenizer):
         assert "asks for 4 choices (prompts x n); the server runs at most 3 at once" in info.value.message
         assert serving.admission.num_in_flight == 0 and serving.engine.started == []
         assert (await serving.create_completion(request(prompt=["a", "b"]))).choices  # 2 fit
+
+    asyncio.run(scenario())
+
+
+def test_embeddings_past_their_bytes_in_flight_are_503_and_past_the_bound_alone_400(tokenizer):
+    """Each shard holds a running choice's rows on its device: the server bounds their bytes
+    (counted before decoding, once per sample, as rows of the model's dtype) as it bounds
+    choices. A request that would pass the bound alone is a 400 naming prompt_embeds; one
+    that would pass it beside those running is a 503 with Retry-After, admitted once they end."""
+    payload = embeds(0.5, rows=8)
+    one = len(payload) * 3 // 4 * 2  # float32 rows from payloads of at least 2-byte floats
+
+    async def scenario():
+        serving = OpenAIServing(FakeEngine(tokenizer, hang_after=1), served_model_name=MODEL,
+                                enable_prompt_embeds=True, max_in_flight=64, max_embeds_in_flight_bytes=2 * one)
+        with pytest.raises(APIError) as info:
+            await serving.create_completion(request(prompt=None, prompt_embeds=[payload] * 3))
+        assert (info.value.status, info.value.param) == (400, "prompt_embeds")
+        assert f"would hold up to {3 * one} bytes" in info.value.message
+        with pytest.raises(APIError) as info:  # n counts: each sample holds its rows
+            await serving.create_completion(request(prompt=None, prompt_embeds=payload, n=3))
+        assert info.value.status == 400
+        chat = ChatCompletionRequest.model_validate({"model": MODEL, "max_tokens": 4, "messages": [
+            {"role": "user", "content": [{"type": "prompt_embeds", "data": payload}] * 3}]})
+        with pytest.raises(APIError) as info:  # a chat's parts count as a list's payloads do
+            await serving.create_chat_completion(chat)
+        assert (info.value.status, info.value.param) == (400, "prompt_embeds") and serving.engine.started == []
+        first = await serving.create_completion(request(prompt=None, prompt_embeds=payload, stream=True))
+        second = await serving.create_completion(request(prompt="text rides free", prompt_embeds=payload, stream=True))
+        for stream in (first, second):
+            await anext(stream)
+        assert serving.admission.embeds_bytes == 2 * one
+        with pytest.raises(APIError) as info:
+            await serving.create_completion(request(prompt=None, prompt_embeds=payload))
+        assert (info.value.status, info.value.retry_after_s) == (503, 1)
+        assert f"({2 * one} bytes of prompt embeddings in flight, limit {2 * one})" in info.value.message
+        ids = await serving.create_completion(request(prompt="token ids still fit", stream=True))
+        await anext(ids)
+        await ids.aclose()
+        await first.aclose()
+        third = await serving.create_completion(request(prompt=None, prompt_embeds=payload, stream=True))
+        await anext(third)
+        for stream in (second, third):
+            await stream.aclose()
+        assert serving.admission.embeds_bytes == 0 and serving.admission.num_in_flight == 0
 
     asyncio.run(scenario())
 
