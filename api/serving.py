@@ -144,8 +144,7 @@ class OpenAIServing:
         """At most the bytes one sample of the inputs' embeddings holds on each shard, known
         before decoding: the payloads' decoded size, as rows of the model's dtype cast from
         the narrowest floats (2 bytes) they could hold."""
-        chars = sum(len(item.value) for item in inputs if item.kind == "embeds")
-        chars += sum(len(part.data) for item in inputs if item.kind == "chat" for part in item.value.embeds_parts)
+        chars = sum(_payload_chars(item) for item in inputs)
         return chars * 3 // 4 * max(1, self.engine.dtype.itemsize // 2)
 
     def _sampling(self, request: GenerationRequest) -> tuple[SamplingParams, int | None]:
@@ -187,11 +186,7 @@ class OpenAIServing:
     def _decodes_inline(self, item: PromptInput) -> bool:
         """Whether the item is decoded on the event loop (text, token ids, embeddings up to
         inline_decode_max_chars) rather than in a worker thread."""
-        if item.kind == "embeds":
-            return len(item.value) <= self.inline_decode_max_chars
-        if item.kind == "chat":
-            return sum(len(part.data) for part in item.value.embeds_parts) <= self.inline_decode_max_chars
-        return True
+        return _payload_chars(item) <= self.inline_decode_max_chars
 
     async def _prepare(self, item: PromptInput, truncation: int | None = None, then=lambda prompt: prompt):
         """then(the validated prompt); for embeddings past inline_decode_max_chars, in the
@@ -285,3 +280,12 @@ class OpenAIServing:
             choice.stream.close()
             self.responses.count_finished(choice, "abort")
 
+
+def _payload_chars(item: PromptInput) -> int:
+    """Base64 characters of an input's prompt_embeds payloads (a chat's parts together; 0
+    for text or token ids)."""
+    if item.kind == "embeds":
+        return len(item.value)
+    if item.kind == "chat":
+        return sum(len(part.data) for part in item.value.embeds_parts)
+    return 0

@@ -92,8 +92,8 @@ class ProfiledLoop:
             params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
             new = NewRequest(f"{tag}{i}", tuple(prompt), None, params)
             self.intake.put(RequestState(new.req_id, len(prompt), list(prompt), None))
-            self.loop.add_request(Request.from_new_request(new, self.config.eos_token_ids,
-                                                           self.config.max_model_len, device=self.runner.device))
+            self.loop.add_requests([Request.from_new_request(new, self.config.eos_token_ids,
+                                                             self.config.max_model_len, device=self.runner.device)])
         finished = 0
         while finished < len(prompts):
             finished += sum(d.finish_reason is not None for d in self.loop.outbox.take(1.0))

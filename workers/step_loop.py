@@ -95,9 +95,6 @@ class LeaderLoop:
         self._unsent_tokens: tuple[tuple[str, int], ...] = ()  # applied, not yet in a plan
 
     # Called from actor threads other than the loop's.
-    def add_request(self, request: Request) -> None:
-        self.add_requests([request])
-
     def add_requests(self, requests: list[Request]) -> None:
         """Requests the next step may schedule, all together: a step never begins with
         only the first of them."""

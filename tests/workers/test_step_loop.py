@@ -39,7 +39,7 @@ class Engine:
     def add(self, req_id: str, prompt: list[int], params: SamplingParams) -> None:
         new = NewRequest(req_id, tuple(prompt), None, params)
         self.intake.put(RequestState(req_id, len(prompt), list(prompt), None))
-        self.loop.add_request(Request.from_new_request(new, self.config.eos_token_ids, self.config.max_model_len))
+        self.loop.add_requests([Request.from_new_request(new, self.config.eos_token_ids, self.config.max_model_len)])
 
     def collect(self, num_requests: int, on_delta=None) -> dict[str, tuple]:
         tokens: dict[str, list[int]] = {}
