@@ -5,7 +5,6 @@ request and given back when it ends."""
 from __future__ import annotations
 
 from api.errors import RETRY_AFTER_S, APIError
-from cluster.llm import EMBEDS_IN_FLIGHT_MAX_BYTES
 
 # Choices admitted beyond the engine's max_num_seqs before new requests are refused.
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -15,9 +14,10 @@ class Admission:
     """A request is admitted whole or refused with a 503 + Retry-After, so the queue never
     grows unbounded; one larger than a bound itself is a 400 (retrying could never help).
     Each shard holds a running or waiting choice's embeddings rows on its device, outside
-    the KV cache's memory: max_embeds_bytes bounds them as generate() bounds its own."""
+    the KV cache's memory: max_embeds_bytes bounds them as generate() bounds its own (the
+    engine's max_embeds_in_flight_bytes)."""
 
-    def __init__(self, max_in_flight: int, max_embeds_bytes: int = EMBEDS_IN_FLIGHT_MAX_BYTES):
+    def __init__(self, max_in_flight: int, max_embeds_bytes: int):
         self.max_in_flight = max_in_flight
         self.num_in_flight = 0
         self.max_embeds_bytes = max_embeds_bytes

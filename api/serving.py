@@ -31,7 +31,6 @@ from api.protocol import (
 )
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
-from cluster.llm import EMBEDS_IN_FLIGHT_MAX_BYTES
 from cluster.prompts import (EnginePrompt, check_length, concat_rows, truncate_prompt, truncation_length,
                              validate_cache_salt)
 
@@ -57,9 +56,10 @@ class OpenAIServing:
                  max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS,
                  inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS,
                  enable_prompt_tokens_details: bool = False,
-                 max_embeds_in_flight_bytes: int = EMBEDS_IN_FLIGHT_MAX_BYTES):
+                 max_embeds_in_flight_bytes: int | None = None):
         self.engine = engine
-        self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes)
+        # Default: the engine's own bound (cluster.engine_client.embeds_in_flight_bound).
+        self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes or engine.max_embeds_in_flight_bytes)
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds

@@ -74,6 +74,11 @@ class AsyncEngine:
         (validated, in order) instead."""
         return mixed_prompt(tuple(token_ids), rows, embeds_spans, self.hidden_size, self.dtype)
 
+    @property
+    def max_embeds_in_flight_bytes(self) -> int:
+        """What the server's admission holds in flight at most (EngineClient's)."""
+        return self.engine.max_embeds_in_flight_bytes
+
     def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
         """The prompts of one request, their embeddings put into the object store as one
         object, once for all of their samples (EngineClient.put_prompts). Blocks: call it

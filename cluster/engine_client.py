@@ -42,7 +42,27 @@ SHARD_MAX_CONCURRENCY = 16
 # the call's reply, so not many more than a step takes at once.
 MAX_REQUESTS_PER_CALL = 32
 
+# Each shard holds a running or waiting prompt's embeddings rows on its device, outside the
+# KV cache, from when the prompt is added until it finishes. generate() and the server's
+# admission keep at most this many bytes of them in flight (1,000 prompts of 256 rows of the
+# 8B's width), and on a GPU at most half of what its shards had free once started
+# (embeds_in_flight_bound).
+EMBEDS_IN_FLIGHT_MAX_BYTES = 2 << 30
+
 DeltaSink = Callable[[RequestDelta], None]
+
+
+def embeds_in_flight_bound(config: EngineConfig, free_device_bytes: list[int | None]) -> int:
+    """Bytes of prompts' embeddings rows an engine holds in flight at most: 2 GiB; on a GPU,
+    at most half of the device memory its emptiest shard had free once started (the KV
+    cache, the graphs and the warm-up steps took theirs: the rows share the rest with the
+    steps' own memory); never less than one prompt of max_model_len rows."""
+    bound = EMBEDS_IN_FLIGHT_MAX_BYTES
+    measured = [free for free in free_device_bytes if free is not None]
+    if measured:
+        bound = min(bound, min(measured) // 2)
+    one_prompt = config.max_model_len * config.model_config.hidden_size * config.torch_dtype.itemsize
+    return max(bound, one_prompt)
 
 
 class EngineDeadError(RuntimeError):
@@ -117,13 +137,14 @@ class EngineClient:
         ]
         try:
             host, port = ray.get(shards[0].rendezvous_address.remote(), timeout=INIT_TIMEOUT_S)
-            blocks = ray.get([s.init.remote(host, port) for s in shards], timeout=INIT_TIMEOUT_S)
+            started = ray.get([s.init.remote(host, port) for s in shards], timeout=INIT_TIMEOUT_S)
         except Exception:
             for shard in shards:
                 ray.kill(shard)
             self._release_group()
             raise
-        self.num_kv_blocks = blocks[0]
+        self.num_kv_blocks = started[0][0]
+        self.max_embeds_in_flight_bytes = embeds_in_flight_bound(self.config, [free for _, free in started])
         return shards
 
     def next_request_id(self) -> str:

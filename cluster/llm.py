@@ -25,11 +25,6 @@ from workers.sampling_params import SamplingParams
 # generate() sends its prompts in groups of about one step's tokens (step_groups), each
 # group's embeddings put into the object store as one object of at most this many bytes.
 EMBEDS_GROUP_MAX_BYTES = 64 << 20
-# ... and keeps at most this many bytes of unfinished prompts' embeddings in the engine (a
-# group past it waits for prompts to finish): each shard holds a prompt's rows on its device
-# from when the prompt is added until it finishes, outside the KV cache's memory. 1,000
-# prompts of 256 rows of the 8B's width (2 MiB each) fit.
-EMBEDS_IN_FLIGHT_MAX_BYTES = 2 << 30
 
 
 @dataclasses.dataclass
@@ -150,8 +145,9 @@ class LLM:
                 for group in step_groups(checked, self.config.max_num_batched_tokens):
                     nbytes = sum(embeds_nbytes(prompt) for prompt, _ in group)
                     # Each shard holds a running or waiting prompt's rows on its device: past
-                    # the bound, the next group waits for prompts to finish.
-                    while batch.embeds_in_flight and batch.embeds_in_flight + nbytes > EMBEDS_IN_FLIGHT_MAX_BYTES:
+                    # the engine's bound, the next group waits for prompts to finish.
+                    while (batch.embeds_in_flight
+                           and batch.embeds_in_flight + nbytes > self.engine.max_embeds_in_flight_bytes):
                         self._take_delta(batch)
                     self._add_group(group, batch)
                 while batch.running:

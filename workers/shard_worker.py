@@ -89,9 +89,10 @@ class ShardWorker:
         self._store = bind_store(host, self.config.tensor_parallel_size)
         return host, self._store.port
 
-    def init(self, master_addr: str, master_port: int) -> int:
-        """Joins the process group, builds the model shard and its KV cache.
-        Returns the number of KV blocks (equal on every rank)."""
+    def init(self, master_addr: str, master_port: int) -> tuple[int, int | None]:
+        """Joins the process group, builds the model shard and its KV cache. Returns the
+        number of KV blocks (equal on every rank) and the bytes of device memory still free
+        once the cache, the graphs and the warm-up steps took theirs (None on CPU)."""
         device = self._select_device()
         if device.type == "cuda":
             self._compiles.install()
@@ -111,7 +112,8 @@ class ShardWorker:
         self.runner = ModelRunner(self.config, pg, device)
         if pg.is_leader:
             self.leader = LeaderLoop(self.config, self.runner, pg, self.intake)
-        return self.runner.num_blocks
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return self.runner.num_blocks, free
 
     def _select_device(self) -> torch.device:
         if self.config.device == "cpu":

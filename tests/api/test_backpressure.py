@@ -214,3 +214,15 @@ def test_engine_speed_flags_reach_the_engine_config():
     args = build_parser().parse_args(["serve", "--no-async-scheduling", "--disable-custom-all-reduce", "--enforce-eager"])
     engine_args = settings_from_args(args).engine_args()
     assert not engine_args.async_scheduling and engine_args.disable_custom_all_reduce and engine_args.enforce_eager
+
+
+def test_the_embeddings_bound_is_the_engines_unless_given(tokenizer):
+    """The replica's admission holds the bytes its engine allows in flight (on a GPU, half
+    of what the shards had free once started), or what the caller passes."""
+    engine = FakeEngine(tokenizer)
+    engine.max_embeds_in_flight_bytes = 3 << 20
+    serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True)
+    assert serving.admission.max_embeds_bytes == 3 << 20
+    serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
+                            max_embeds_in_flight_bytes=1 << 20)
+    assert serving.admission.max_embeds_bytes == 1 << 20

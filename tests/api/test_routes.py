@@ -39,6 +39,7 @@ class FakeEngine:
     max_model_len = 64
     hidden_size = H
     dtype = torch.float32
+    max_embeds_in_flight_bytes = 2 << 30
 
     def __init__(self, tokenizer, *, fail: bool = False, hang_after: int | None = None,
                  hold_back: bool = False):

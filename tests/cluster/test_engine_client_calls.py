@@ -272,3 +272,20 @@ def test_an_add_lost_with_a_dead_shard_ends_as_the_engines_death(monkeypatch, no
     assert len(seen) == 1
     delta, dead_reason = seen[0]
     assert delta.finish_reason == "error" and dead_reason is not None
+
+
+def test_embeddings_in_flight_are_bounded_by_what_the_devices_had_free():
+    """2 GiB at most; on a GPU, half of what the emptiest shard had free once started; never
+    less than one prompt of max_model_len rows (one such prompt must always be admitted)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    config = SimpleNamespace(max_model_len=1024, model_config=SimpleNamespace(hidden_size=4096),
+                             torch_dtype=torch.bfloat16)
+    one_prompt = 1024 * 4096 * 2  # 8 MiB
+    bound = engine_client.embeds_in_flight_bound
+    assert bound(config, [None, None]) == engine_client.EMBEDS_IN_FLIGHT_MAX_BYTES == 2 << 30  # CPU
+    assert bound(config, [80 << 30, 60 << 30]) == 2 << 30  # a large GPU: the cap
+    assert bound(config, [3 << 30, 1 << 30]) == 512 << 20  # a small one: half the emptiest shard's free
+    assert bound(config, [4 << 20]) == one_prompt  # almost nothing free: one prompt still goes

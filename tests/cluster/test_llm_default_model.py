@@ -227,11 +227,14 @@ def test_a_bad_prompt_after_a_sent_group_aborts_that_group(llm, monkeypatch):
 
 def test_generate_keeps_at_most_its_bound_of_embeddings_in_the_engine(llm, monkeypatch):
     """Each shard holds an unfinished prompt's rows on its device, so generate() sends a
-    group only while the unfinished prompts' embeddings stay within
-    EMBEDS_IN_FLIGHT_MAX_BYTES (here two prompts' worth, a group a prompt): never more than
-    one prompt is running when the next is added, and every prompt gets what it gets
-    without the bound."""
+    group only while the unfinished prompts' embeddings stay within the engine's bound
+    (2 GiB on CPU; here two prompts' worth, a group a prompt): never more than one prompt
+    is running when the next is added, and every prompt gets what it gets without the
+    bound."""
     import cluster.llm
+    from cluster.engine_client import EMBEDS_IN_FLIGHT_MAX_BYTES
+
+    assert llm.engine.max_embeds_in_flight_bytes == EMBEDS_IN_FLIGHT_MAX_BYTES  # no device memory to bound it
 
     hidden, dtype = llm.config.model_config.hidden_size, llm.config.torch_dtype
     gen = torch.Generator().manual_seed(12)
@@ -243,7 +246,7 @@ def test_generate_keeps_at_most_its_bound_of_embeddings_in_the_engine(llm, monke
         running.append(llm.engine.num_unfinished)
         return add_request(*args, **kwargs)
 
-    monkeypatch.setattr(cluster.llm, "EMBEDS_IN_FLIGHT_MAX_BYTES", 2 * 8 * hidden * dtype.itemsize)
+    monkeypatch.setattr(llm.engine, "max_embeds_in_flight_bytes", 2 * 8 * hidden * dtype.itemsize)
     monkeypatch.setattr(cluster.llm, "step_groups", lambda checked, step_tokens: step_groups(checked, 1))
     monkeypatch.setattr(llm.engine, "add_request", add_and_count)
     bounded = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
