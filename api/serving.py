@@ -58,8 +58,9 @@ class OpenAIServing:
                  enable_prompt_tokens_details: bool = False,
                  max_embeds_in_flight_bytes: int | None = None):
         self.engine = engine
-        # Default: the engine's own bound (cluster.engine_client.embeds_in_flight_bound).
-        self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes or engine.max_embeds_in_flight_bytes)
+        if max_embeds_in_flight_bytes is None:  # the engine's own (cluster.engine_client.embeds_in_flight_bound)
+            max_embeds_in_flight_bytes = engine.max_embeds_in_flight_bytes
+        self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes)
         self.served_model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.served_model_name = self.served_model_names[0]  # responses to requests naming no model
         self.enable_prompt_embeds = enable_prompt_embeds
