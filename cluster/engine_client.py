@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from cluster.embeds_hasher import start_hasher
 from cluster.placement import create_placement_group, shard_actor_options
 from cluster.prompts import EnginePrompt
 from workers.config import EngineConfig
@@ -105,7 +106,19 @@ class EngineClient:
         self._ids = itertools.count()
         self._closed = False
         self.dead_reason: str | None = None
-        self.shards = self._start_shards()
+        # The prefix cache's keys of embeddings prompts, hashed out of the leader's process;
+        # up before the first request (its process starts while the shards load).
+        self._hasher = None
+        if config.enable_prefix_caching and config.enable_prompt_embeds:
+            self._hasher = start_hasher(self.name, config.block_size)
+        try:
+            self.shards = self._start_shards()
+            if self._hasher is not None:
+                ray.get(self._hasher.__ray_ready__.remote(), timeout=INIT_TIMEOUT_S)
+        except Exception:
+            if self._hasher is not None:
+                ray.kill(self._hasher, no_restart=True)
+            raise
         self.leader = self.shards[0]
         self._run_refs = [shard.run.remote() for shard in self.shards]
         # Requests and aborts go to the shards from this thread, never from the caller's:
@@ -157,27 +170,34 @@ class EngineClient:
         sample of the prompt. Blocks for the put (~1 ms): keep it off an event loop."""
         return PromptEmbedsRef(ray.put(array), dtype, tuple(array.shape))
 
-    @classmethod
-    def put_prompt(cls, prompt: EnginePrompt) -> EnginePrompt:
+    def put_prompt(self, prompt: EnginePrompt) -> EnginePrompt:
         """The prompt, its embeddings array (if any) replaced by their reference in the
         object store: put once, then every sample's add_request passes the reference."""
         if not isinstance(prompt.prompt_embeds, np.ndarray):
             return prompt
-        ref = cls.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        ref = self.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        ref = dataclasses.replace(ref, digests=self._digests_of(ref.ref, [prompt]))
         return dataclasses.replace(prompt, prompt_embeds=ref)
 
-    @classmethod
-    def put_prompts(cls, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
+    def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
         """put_prompt of several prompts, their embeddings arrays put as one object (a list):
         one put for them all, and, for their requests sent together, one fetch per shard,
         where each prompt's own put and fetch cost about 1 ms apiece."""
-        arrays = [p.prompt_embeds for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
-        if len(arrays) < 2:
-            return [cls.put_prompt(p) for p in prompts]
-        ref, index = ray.put(arrays), itertools.count()
+        with_rows = [p for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
+        if len(with_rows) < 2:
+            return [self.put_prompt(p) for p in prompts]
+        ref = ray.put([p.prompt_embeds for p in with_rows])
+        digests, index = self._digests_of(ref, with_rows), itertools.count()
         return [dataclasses.replace(p, prompt_embeds=PromptEmbedsRef(ref, p.embeds_dtype, tuple(p.prompt_embeds.shape),
-                                                                     next(index)))
+                                                                     next(index), digests))
                 if isinstance(p.prompt_embeds, np.ndarray) else p for p in prompts]
+
+    def _digests_of(self, ref, prompts: list[EnginePrompt]):
+        """With prefix caching, the reference to the hasher's answer for the put object
+        `ref` (its prompts' block digests, in order), asked for now; else None."""
+        if self._hasher is None:
+            return None
+        return self._hasher.digests.remote(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
 
     def add_request(
         self,
@@ -197,7 +217,8 @@ class EngineClient:
         An embeddings array is put into the object store here; a PromptEmbedsRef was."""
         embeds_ref = prompt_embeds
         if isinstance(prompt_embeds, np.ndarray):
-            embeds_ref = self.put_prompt_embeds(prompt_embeds, embeds_dtype)
+            rows = EnginePrompt(None, None, prompt_embeds, embeds_dtype, embeds_spans=embeds_spans)
+            embeds_ref = self.put_prompt(rows).prompt_embeds
         with self._lock:  # with _mark_dead's swap: a sink is never added after the sweep
             if self.dead_reason is not None:
                 raise EngineDeadError(self.dead_reason)
@@ -210,11 +231,12 @@ class EngineClient:
         # The ref goes as a top-level argument, so Ray fetches the array before the call
         # runs, not on an actor thread beside the step loop; the request the shards get
         # holds no nested ref, so none of them becomes a borrower of it (0.17 ms a call).
-        array_ref = None
+        # The digests' ref goes to the leader alone, nested: it need not wait for them.
+        array_ref = digests_ref = None
         if embeds_ref is not None:
-            array_ref = embeds_ref.ref
-            new = dataclasses.replace(new, prompt_embeds=dataclasses.replace(embeds_ref, ref=None))
-        self._calls.put((self._send_requests, ([new], array_ref)))
+            array_ref, digests_ref = embeds_ref.ref, embeds_ref.digests
+            new = dataclasses.replace(new, prompt_embeds=dataclasses.replace(embeds_ref, ref=None, digests=None))
+        self._calls.put((self._send_requests, ([new], array_ref, digests_ref)))
 
     @contextlib.contextmanager
     def together(self):
@@ -225,8 +247,10 @@ class EngineClient:
         with self._together:
             yield
 
-    def _send_requests(self, news: list[NewRequest], array_ref) -> None:
-        refs = [shard.add_requests.remote(news, array_ref) for shard in self.shards]
+    def _send_requests(self, news: list[NewRequest], array_ref, digests_ref=None) -> None:
+        digests = [digests_ref] if digests_ref is not None else None  # in a list: Ray passes the ref
+        refs = [self.leader.add_requests.remote(news, array_ref, digests)]
+        refs += [shard.add_requests.remote(news, array_ref) for shard in self.shards[1:]]
         self._sent_adds.append((tuple(new.req_id for new in news), refs))
 
     def abort(self, req_id: str) -> None:
@@ -248,7 +272,7 @@ class EngineClient:
             if call is None:
                 return
             if call == self._send_requests:
-                news, array_ref = args
+                news, array_ref, digests_ref = args
                 news = list(news)
                 with self._together:  # the rest of what a caller adds together
                     while len(news) < MAX_REQUESTS_PER_CALL:
@@ -260,7 +284,7 @@ class EngineClient:
                             break
                         news += queued[1][0]
                         queued = None
-                args = (news, array_ref)
+                args = (news, array_ref, digests_ref)
             try:
                 call(*args)
             except Exception:  # a dead actor: the output thread reports the engine dead
@@ -404,6 +428,8 @@ class EngineClient:
             ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=timeout_s)
         for shard in self.shards:
             ray.kill(shard)
+        if self._hasher is not None:
+            ray.kill(self._hasher, no_restart=True)
         self._release_group()
         self._calls.put((None, ()))
         self._poller.join(timeout=POLL_TIMEOUT_S * 2)

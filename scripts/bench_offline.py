@@ -15,6 +15,8 @@
     python scripts/bench_offline.py --model-shape llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --batch-sizes 1 16 --input-len 256 --output-len 32 --compare-embeds --embeds-rows 64 --skip-hf
 
+    python scripts/bench_offline.py ... --compare-embeds --enable-prefix-caching   # the cache's cost
+
 Prints output tokens/s of each side and their ratio per batch size, and the engine's median
 time to first token, counted from the generate() call (RequestOutput.metrics): a
 throughput run's first tokens wait for the prompts before them, and generate() checks the
@@ -28,11 +30,16 @@ prompts keeps its run short). With --num-prompts,
 each run is that many prompts of random lengths in [min, max] and random output lengths,
 as in offline batch inference: the engine runs them with max_num_seqs = batch size
 (continuous batching); Hugging Face runs them in batches of that size, left-padded, each
-batch generating up to its longest requested output. Only requested tokens count."""
+batch generating up to its longest requested output. Only requested tokens count.
+The engine keeps no prefix cache unless --enable-prefix-caching (the engine's default): then
+every run's prompts carry a cache_salt of their own, so each run computes its prompts as the
+first did while the engine pays what keeping the cache costs (the block hashes: an
+embeddings prompt's rows are hashed, 2 MiB in about 1 ms)."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -40,6 +47,8 @@ import torch
 
 from cluster import LLM, SamplingParams
 from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
+
+_SALTS = itertools.count()
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +74,8 @@ def parse_args() -> argparse.Namespace:
                         help="with --compare-embeds: the embeddings prompts keep their token ids and take this "
                              "many rows of embeddings in their middle instead (a prompt that mixes the two, as a "
                              "chat with a prompt_embeds part is); default: every row")
+    parser.add_argument("--enable-prefix-caching", action="store_true",
+                        help="keep the engine's prefix cache (its default), each run salted so nothing hits")
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed runs of each kind of prompt, alternating; each kind's fastest is kept")
     return parser.parse_args()
@@ -90,6 +101,9 @@ def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | 
     of one generate() call that takes every prompt at once, as a throughput run does."""
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in workload]
     prompts = [embeds_prompt(llm, p, embeds_rows) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
+    if llm.config.enable_prefix_caching:  # this run's own keys: no block of an earlier run hits
+        salt = f"run-{next(_SALTS)}"
+        prompts = [{**prompt, "cache_salt": salt} for prompt in prompts]
     called = time.time()  # the clock of RequestMetrics
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -176,7 +190,7 @@ def main() -> None:
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     llm = LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
               load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
-              enable_prompt_embeds=args.compare_embeds, **UNCACHED, **extra)
+              enable_prompt_embeds=args.compare_embeds, **({} if args.enable_prefix_caching else UNCACHED), **extra)
     config = llm.config
     vocab = config.model_config.vocab_size
     kinds = [False, True] if args.compare_embeds else [False]
@@ -222,7 +236,8 @@ def print_table(args, config, rows) -> None:
              else f"input_len={args.input_len} output_len={args.output_len}")
     print(f"\nmodel={config.model} tp={config.tensor_parallel_size} dtype={config.dtype} "
           f"device={config.device} {shape} rounds={args.rounds}"
-          + (f" embeds: {args.embeds_rows} rows among token ids" if args.compare_embeds and args.embeds_rows else ""))
+          + (f" embeds: {args.embeds_rows} rows among token ids" if args.compare_embeds and args.embeds_rows else "")
+          + (" prefix-caching=on (salted runs)" if config.enable_prefix_caching else ""))
     embeds = (f" {'embeds tok/s':>13} {'embeds/ids':>10} {'embeds TTFT ms':>14} {'TTFT embeds/ids':>15}"
               if args.compare_embeds else "")
     print(f"{'batch':>6} {'shardserve tok/s':>17} {'TTFT ms':>9} {'HF generate tok/s':>18} {'HF batch':>8} "

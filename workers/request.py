@@ -4,12 +4,22 @@ Built from a NewRequest at intake; read by the scheduler and the sampler."""
 from __future__ import annotations
 
 import enum
+import logging
+import time
+from concurrent.futures import Future
 
 import torch
 
 from workers.block_hash import BlockHash, hash_block, salted_root
 from workers.messages import NewRequest, PromptLogprobs
 from workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How long after it arrives a request's embeddings digests may keep the scheduler waiting:
+# they take milliseconds (cluster/embeds_hasher.py); longer means the hasher is restarting,
+# and the request then runs with its blocks unshared rather than stall every other one.
+DIGESTS_WAIT_S = 1.0
 
 
 class RequestStatus(enum.Enum):
@@ -44,7 +54,7 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
-        embeds_block_digests: tuple[bytes | None, ...] | None = None,
+        embeds_block_digests: tuple[bytes | None, ...] | Future | None = None,
         cache_salt: str | None = None,
         embeds_spans: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
@@ -73,9 +83,11 @@ class Request:
         self.stop_reason: int | None = None  # the stop token id that finished it
         self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
         # Prefix caching: an embeddings prompt's per-block row digests (block_hash; None for
-        # a block of a mixed prompt with token ids only), the
+        # a block of a mixed prompt with token ids only), or the Future of a hashing thread
+        # that makes them (met when the scheduler first keys the prompt); the
         # hashes of the full blocks so far, and how many of block_ids the cache holds.
-        self.embeds_block_digests = embeds_block_digests
+        self._embeds_block_digests = embeds_block_digests
+        self._digests_deadline = time.monotonic() + DIGESTS_WAIT_S
         self._root_hash = salted_root(cache_salt)  # the first block's parent
         self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
@@ -99,7 +111,7 @@ class Request:
         max_model_len: int,
         *,
         device: str | torch.device = "cpu",
-        embeds_block_digests: tuple[bytes | None, ...] | None = None,
+        embeds_block_digests: tuple[bytes | None, ...] | Future | None = None,
     ) -> "Request":
         prompt_token_ids = list(new.prompt_token_ids) if new.prompt_token_ids is not None else None
         return cls(
@@ -114,6 +126,26 @@ class Request:
             cache_salt=new.cache_salt,
             embeds_spans=new.embeds_spans,
         )
+
+    @property
+    def embeds_block_digests(self) -> tuple[bytes | None, ...] | None:
+        """The row digests, waited for (until DIGESTS_WAIT_S after the request arrived) the
+        first time. A hashing that failed or did not answer in time leaves none: the
+        prompt's blocks are never shared, and it runs all the same."""
+        digests = self._embeds_block_digests
+        if isinstance(digests, Future):
+            try:
+                digests = digests.result(timeout=max(0.0, self._digests_deadline - time.monotonic()))
+            except TimeoutError:
+                logger.warning("request %r: its embeddings rows' digests did not come within %g s; its blocks "
+                               "stay unshared", self.req_id, DIGESTS_WAIT_S)
+                digests = None
+            except Exception:  # noqa: BLE001 - a cache key lost is no reason to fail the request
+                logger.exception("request %r: hashing its embeddings rows failed; its blocks stay unshared",
+                                 self.req_id)
+                digests = None
+            self._embeds_block_digests = digests
+        return digests
 
     def full_block_hashes(self, num_blocks: int, block_size: int) -> list[BlockHash]:
         """The hashes of its first `num_blocks` full blocks, computed once each. An

@@ -5,7 +5,6 @@ runs on its own thread and talks to the other ranks only through torch.distribut
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import socket
 import warnings
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.block_hash import embeds_block_digests, mixed_block_digests
 from workers.config import EngineConfig
 from workers.intake import Intake, RequestState
 from workers.kernels.compile_watch import CompileWatch
@@ -28,9 +26,6 @@ from workers.shm_channel import SPIN_S, try_shm_channel
 from workers.step_loop import LeaderLoop, run_follower
 from workers.transfer import to_device
 
-# Below this, the leader hashes an embeddings prompt's rows on the request's own thread
-# (tens of microseconds, about what a hand-off to the hashing threads costs).
-INLINE_DIGEST_BYTES = 128 << 10
 
 
 def _all_threads_config():
@@ -73,9 +68,6 @@ class ShardWorker:
         self.leader: LeaderLoop | None = None
         self._profiler = None
         self._profiler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
-        # The leader hashes a large embeddings prompt's rows here while the request's own
-        # thread uploads them: both drop the GIL, so neither waits for the other.
-        self._hashing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embeds-digests")
         self._compiles = CompileWatch()
 
     def node_ip(self) -> str:
@@ -132,22 +124,25 @@ class ShardWorker:
         else:
             run_follower(self.runner, self.runner.pg, self.intake)
 
-    def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None
-                     ) -> list[Exception | None]:
+    def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None,
+                     digests: list | None = None) -> list[Exception | None]:
         """Takes each request, in order, then hands those taken to the step loop together
         (so its next step does not begin with the first alone). `embeds`, resolved by Ray
         before the call (the engine client passes the ref as a top-level argument, and none
         inside a request), is their one embeddings array, or the list of several prompts'
-        arrays that each request's PromptEmbedsRef.index points into. Per request: None, or
-        the error that kept this shard from taking it (the others are taken all the same;
-        _take says what becomes of that one)."""
+        arrays that each request's PromptEmbedsRef.index points into. `digests` (the leader's,
+        with prefix caching): [the ref of the EmbedsHasher's answer for that object], each
+        prompt's block digests by the same index; the scheduler waits for them when it first
+        keys the prompt, not this call. Per request: None, or the error that kept this shard
+        from taking it (the others are taken all the same; _take says what becomes of that one)."""
+        listed = digests[0].future() if digests and self.leader is not None else None
         taken, errors = [], []
         for new in news:
-            array = embeds
-            if new.prompt_embeds is not None and new.prompt_embeds.index is not None:
-                array = embeds[new.prompt_embeds.index]
+            index = new.prompt_embeds.index if new.prompt_embeds is not None else None
+            array = embeds[index] if index is not None else embeds
+            keys = _item(listed, index or 0) if listed is not None and new.prompt_embeds is not None else None
             try:
-                taken.append(self._take(new, array))
+                taken.append(self._take(new, array, keys))
             except Exception as exc:  # noqa: BLE001 - the engine client fails this request
                 errors.append(exc)
             else:
@@ -158,21 +153,22 @@ class ShardWorker:
             self.leader.add_requests([request for _, request in taken])
         return errors
 
-    def _take(self, new: NewRequest, embeds_array: np.ndarray | None) -> tuple[RequestState, Request | None]:
-        """The request's mirror on this shard and, on the leader, its Request. If the leader
+    def _take(self, new: NewRequest, embeds_array: np.ndarray | None, digests: Future | None = None
+              ) -> tuple[RequestState, Request | None]:
+        """The request's mirror on this shard and, on the leader, its Request (`digests`: its
+        rows' block digests, on their way from the hasher). If the leader
         cannot take the request, it is discarded on every shard (the followers' copies are
         dropped with the next plan), its error delta goes out with the next output poll,
         and the error is raised. If a follower cannot, it takes a stand-in (below) and
         raises; the engine client fails the request at the leader (fail(): aborted, and
         nothing it keyed shared)."""
         try:
-            digests = self._embeds_block_digests(new, embeds_array)
             state = self._mirror(new, self._fetch_embeds(new.prompt_embeds, embeds_array))
             request = None
             if self.leader is not None:
                 request = Request.from_new_request(
                     new, self.config.eos_token_ids, self.config.max_model_len, device=self.runner.device,
-                    embeds_block_digests=digests.result() if isinstance(digests, Future) else digests)
+                    embeds_block_digests=digests)
         except Exception as exc:
             if self.leader is not None:
                 self.leader.discard(new.req_id)
@@ -224,22 +220,6 @@ class ShardWorker:
         if self.runner.device.type == "cuda":
             return to_device(tensor.to(self.config.torch_dtype), self.runner.device)
         return tensor.to(self.config.torch_dtype, copy=True)
-
-    def _embeds_block_digests(self, new: NewRequest, array: np.ndarray | None
-                              ) -> tuple[bytes | None, ...] | Future | None:
-        """The leader's prefix-cache keys of a prompt's embeddings rows, one per block
-        (SHA-256: about 0.3 ms per 512 KiB). A large prompt's come from a hashing thread,
-        as a Future; a small one's (as fast as handing them over) here."""
-        embeds = new.prompt_embeds
-        if self.leader is None or embeds is None or array is None or not self.config.enable_prefix_caching:
-            return None
-        if new.embeds_spans is not None:
-            digest = functools.partial(mixed_block_digests, array, embeds.dtype, new.embeds_spans)
-        else:
-            digest = functools.partial(embeds_block_digests, array, embeds.dtype)
-        if array.nbytes < INLINE_DIGEST_BYTES:
-            return digest(self.config.block_size)
-        return self._hashing.submit(digest, self.config.block_size)
 
     def abort(self, req_id: str) -> None:
         self.leader.abort(req_id)
@@ -313,3 +293,17 @@ class ShardWorker:
 
     def hostname(self) -> str:
         return socket.gethostname()
+
+
+def _item(listed: Future, index: int) -> Future:
+    """A Future of the `index`th item of what `listed` resolves to (its error, if it fails)."""
+    item: Future = Future()
+
+    def pick(done: Future) -> None:
+        try:
+            item.set_result(done.result()[index])
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the item
+            item.set_exception(exc)
+
+    listed.add_done_callback(pick)
+    return item

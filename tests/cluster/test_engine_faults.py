@@ -209,3 +209,28 @@ def test_a_finished_requests_id_may_come_again_at_once(ray_cluster):
         assert len(outputs[0][2]) == 4 and outputs[0][2] == outputs[1][2] == outputs[2][2]
         assert llm.engine.dead_reason is None
         assert llm.generate("still serving", LONG, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_embeddings_prompts_run_and_share_again_when_the_hasher_dies(ray_cluster):
+    """The engine's hasher (the prefix cache's keys of embeddings prompts, in an actor of
+    its own) killed: the prompts sent meanwhile run and give the same tokens (their blocks
+    unshared at worst), Ray restarts it and prompts share blocks again; shutdown ends it."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with LLM(**ENGINE, enable_prompt_embeds=True) as llm:
+        name = f"shardserve-{llm.engine.name}-hasher"
+        hidden = llm.config.model_config.hidden_size
+        rng = np.random.default_rng(5)
+        first, second = (torch.from_numpy(rng.standard_normal((40, hidden), dtype=np.float32)) for _ in range(2))
+        [expected] = llm.generate([{"prompt_embeds": first}], greedy, use_tqdm=False)
+        ray.kill(ray.get_actor(name), no_restart=False)
+        [again] = llm.generate([{"prompt_embeds": first}], greedy, use_tqdm=False)
+        assert again.outputs[0].token_ids == expected.outputs[0].token_ids
+        ray.get(ray.get_actor(name).__ray_ready__.remote(), timeout=60)  # restarted
+        before = llm.engine.stats()
+        llm.generate([{"prompt_embeds": second}], greedy, use_tqdm=False)
+        [shared] = llm.generate([{"prompt_embeds": second}], greedy, use_tqdm=False)
+        assert shared.num_cached_tokens == 2 * llm.config.block_size  # keyed by the restarted hasher
+        assert llm.engine.stats().prefix_cache_hits - before.prefix_cache_hits == 2 * llm.config.block_size
+        assert llm.engine.dead_reason is None
+    with pytest.raises(ValueError):
+        ray.get_actor(name)

@@ -1,18 +1,23 @@
 """The prefix cache's keys: block hashes chained over tokens and embedding rows, and the
-leader's digests of an embeddings prompt, hashed on its own thread or on the hashing
-threads while the rows upload."""
+digests of an embeddings prompt's rows, made by the engine's hasher and met by the
+leader's Request when its scheduler first keys the prompt."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
+import torch
 
+from cluster.embeds_hasher import EmbedsHasher
 from workers.block_hash import embeds_block_digests, hash_block, mixed_block_digests, salted_root
 from workers.config import EngineConfig, ModelConfig
 from workers.messages import NewRequest, PromptEmbedsRef
+from workers import request as request_module
+from workers.request import Request
 from workers.sampling_params import SamplingParams
-from workers.shard_worker import INLINE_DIGEST_BYTES, ShardWorker
+from workers.shard_worker import ShardWorker
 
 
 def test_a_block_hash_covers_its_parent_its_tokens_and_its_rows():
@@ -50,45 +55,84 @@ def test_embeds_digests_are_per_block_and_carry_dtype_and_width():
     assert embeds_block_digests(wide, "bfloat16", 2)[0] != embeds_block_digests(rows, "bfloat16", 4)[0]
 
 
-def test_the_leader_hashes_large_prompts_on_its_hashing_threads(tiny_checkpoints):
+def test_the_hasher_gives_each_prompt_of_a_put_object_its_digests():
+    """EmbedsHasher.digests (run here in-process; the engine runs it as an actor): what the
+    engine client put, one array or a list, gives each prompt's digests in order, a mixed
+    prompt's keyed by where its rows sit."""
+    hasher = EmbedsHasher(block_size=4, threads=2)
+    rng = np.random.default_rng(1)
+    alone = rng.standard_normal((10, 8), dtype=np.float32)
+    assert hasher.digests(alone, [("float32", None)]) == [embeds_block_digests(alone, "float32", 4)]
+    rows = rng.standard_normal((3, 8), dtype=np.float32)
+    got = hasher.digests([alone, rows], [("float32", None), ("float32", ((5, 8),))])
+    assert got == [embeds_block_digests(alone, "float32", 4), mixed_block_digests(rows, "float32", ((5, 8),), 4)]
+    assert got[1][0] is None and got[1][1] is not None  # block 0: token ids only; block 1 holds the rows
+    with pytest.raises(ValueError, match="2 embeddings arrays, but specs for 1"):
+        hasher.digests([alone, rows], [("float32", None)])
+
+
+class _Leader:
+    """What add_requests hands the leader's step loop: the Requests taken, in order."""
+
+    def __init__(self):
+        self.requests = []
+
+    def add_requests(self, requests):
+        self.requests.extend(requests)
+
+
+class _AnswerRef:
+    """Stands in for the ObjectRef of the hasher's answer: its future() is ours to resolve."""
+
+    def __init__(self):
+        self.answer: Future = Future()
+
+    def future(self) -> Future:
+        return self.answer
+
+
+def test_the_leader_takes_a_calls_prompts_before_their_digests_arrive(tiny_checkpoints):
+    """The leader takes a call's embeddings prompts (rows uploaded, Requests handed to the
+    step loop) without waiting for the hasher; each Request then meets its own prompt's
+    digests, by the prompt's index in the put object, when the scheduler first keys it."""
     path = tiny_checkpoints("llama")
     config = EngineConfig(model=str(path), model_config=ModelConfig.from_pretrained(path), block_size=16)
     worker = ShardWorker(config, 0)
-    worker.leader = object()  # rank 0 once init() ran; only whether it is the leader matters here
-    ref = PromptEmbedsRef(None, "float32", (0, 0))
-    new = NewRequest("r", None, ref, SamplingParams())
-    small = np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32)
-    large = np.random.default_rng(1).standard_normal((INLINE_DIGEST_BYTES // 256 + 16, 64), dtype=np.float32)
-    assert worker._embeds_block_digests(new, small) == embeds_block_digests(small, "float32", 16)
-    future = worker._embeds_block_digests(new, large)
-    assert isinstance(future, Future)
-    assert future.result(timeout=30) == embeds_block_digests(large, "float32", 16)
-    worker.leader = None  # a follower keys nothing
-    assert worker._embeds_block_digests(new, large) is None
+    worker.leader = _Leader()
+    worker.runner = type("Runner", (), {"device": torch.device("cpu")})()
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((40, 64), dtype=np.float32) for _ in range(3)]
+    news = [NewRequest(f"r{i}", None, PromptEmbedsRef(None, "float32", (40, 64), index=i), SamplingParams())
+            for i in range(3)]
+    answer = _AnswerRef()
+    assert worker.add_requests(news, arrays, [answer]) == [None, None, None]
+    assert [r.req_id for r in worker.leader.requests] == ["r0", "r1", "r2"] and len(worker.intake) == 3
+    assert all(not r._embeds_block_digests.done() for r in worker.leader.requests)  # taken before the answer
+    digests = [embeds_block_digests(array, "float32", 16) for array in arrays]
+    answer.answer.set_result(digests)
+    assert [r.embeds_block_digests for r in worker.leader.requests] == digests
+    follower = ShardWorker(config, 1)
+    follower.runner = worker.runner
+    assert follower.add_requests(news[:1], arrays, None) == [None] and len(follower.intake) == 1
 
 
-def test_the_leader_keys_a_mixed_prompts_rows_by_where_they_sit(tiny_checkpoints):
-    path = tiny_checkpoints("llama")
-    config = EngineConfig(model=str(path), model_config=ModelConfig.from_pretrained(path), block_size=4)
-    worker = ShardWorker(config, 0)
-    worker.leader = object()
-    rows = np.random.default_rng(2).standard_normal((3, 8), dtype=np.float32)
-    new = NewRequest("r", (5,) * 10, PromptEmbedsRef(None, "float32", (3, 8)), SamplingParams(),
-                     embeds_spans=((5, 8),))
-    assert worker._embeds_block_digests(new, rows) == mixed_block_digests(rows, "float32", ((5, 8),), 4)
-
-
-def test_mixed_digests_key_blocks_with_embeddings_rows_by_their_place_and_bytes():
-    rows = np.random.default_rng(3).standard_normal((5, 8), dtype=np.float32)
-    # Block size 4, positions 0..11: rows at [2, 4) and [6, 9): blocks 0, 1 and 2 hold rows.
-    digests = mixed_block_digests(rows, "float32", ((2, 4), (6, 9)), 4)
-    assert len(digests) == 3 and all(d is not None for d in digests)
-    assert mixed_block_digests(rows[:2], "float32", ((2, 4),), 4) == (digests[0],)
-    # The same rows one position later are another block's content.
-    assert mixed_block_digests(rows[:2], "float32", ((1, 3),), 4)[0] != digests[0]
-    # A block of token ids only has no digest: it is keyed by its ids, as any prompt's.
-    assert mixed_block_digests(rows[:2], "float32", ((8, 10),), 4)[:2] == (None, None)
-    changed = rows.copy()
-    changed[4, 0] += 1  # the last row: block 2 only
-    assert mixed_block_digests(changed, "float32", ((2, 4), (6, 9)), 4)[:2] == digests[:2]
-    assert mixed_block_digests(changed, "float32", ((2, 4), (6, 9)), 4)[2] != digests[2]
+def test_a_prompt_whose_digests_failed_or_came_late_runs_with_its_blocks_unshared(caplog, monkeypatch):
+    failed: Future = Future()
+    failed.set_exception(MemoryError("hashing thread ran out of memory (injected)"))
+    ref = PromptEmbedsRef(None, "float32", (40, 8))
+    request = Request.from_new_request(NewRequest("r", None, ref, SamplingParams()), (2,), 64,
+                                       embeds_block_digests=failed)
+    assert request.full_block_hashes(2, 16) == []  # never keyed, so never shared
+    assert request.embeds_block_digests is None
+    assert "hashing its embeddings rows failed" in caplog.text
+    monkeypatch.setattr(request_module, "DIGESTS_WAIT_S", 0.05)
+    never: Future = Future()  # a hasher that does not answer (restarting) keeps nobody waiting
+    request = Request.from_new_request(NewRequest("t", None, ref, SamplingParams()), (2,), 64,
+                                       embeds_block_digests=never)
+    assert request.full_block_hashes(2, 16) == []
+    assert "did not come within 0.05 s" in caplog.text
+    hashed: Future = Future()
+    hashed.set_result((b"a" * 32, b"b" * 32))
+    request = Request.from_new_request(NewRequest("s", None, ref, SamplingParams()), (2,), 64,
+                                       embeds_block_digests=hashed)
+    assert len(request.full_block_hashes(2, 16)) == 2
