@@ -113,12 +113,17 @@ class EngineClient:
             self._hasher = start_hasher(self.name, config.block_size)
         try:
             self.shards = self._start_shards()
-            if self._hasher is not None:
-                ray.get(self._hasher.__ray_ready__.remote(), timeout=INIT_TIMEOUT_S)
         except Exception:
             if self._hasher is not None:
                 ray.kill(self._hasher, no_restart=True)
             raise
+        if self._hasher is not None:
+            try:
+                ray.get(self._hasher.__ray_ready__.remote(), timeout=INIT_TIMEOUT_S)
+            except Exception as exc:  # its calls wait for it; prompts past the leader's wait run unshared
+                logger.warning("the prefix-cache hasher of engine %s has not started (%s: %s); embeddings "
+                               "prompts run with their blocks unshared until it does", self.name,
+                               type(exc).__name__, exc)
         self.leader = self.shards[0]
         self._run_refs = [shard.run.remote() for shard in self.shards]
         # Requests and aborts go to the shards from this thread, never from the caller's:

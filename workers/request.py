@@ -83,8 +83,8 @@ class Request:
         self.stop_reason: int | None = None  # the stop token id that finished it
         self.arrival_index = -1  # set by Scheduler.add_request; orders FCFS and preemption
         # Prefix caching: an embeddings prompt's per-block row digests (block_hash; None for
-        # a block of a mixed prompt with token ids only), or the Future of a hashing thread
-        # that makes them (met when the scheduler first keys the prompt); the
+        # a block of a mixed prompt with token ids only), or the Future of the hasher's answer
+        # (met when the scheduler first keys the prompt); the
         # hashes of the full blocks so far, and how many of block_ids the cache holds.
         self._embeds_block_digests = embeds_block_digests
         self._digests_deadline = time.monotonic() + DIGESTS_WAIT_S

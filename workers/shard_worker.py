@@ -27,7 +27,6 @@ from workers.step_loop import LeaderLoop, run_follower
 from workers.transfer import to_device
 
 
-
 def _all_threads_config():
     """Kineto records the ops of every thread, not only the one that started it."""
     from torch._C._profiler import _ExperimentalConfig

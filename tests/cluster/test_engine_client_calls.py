@@ -11,6 +11,7 @@ import itertools
 import queue
 import threading
 import time
+import types
 
 import pytest
 
@@ -45,6 +46,7 @@ def _client(log: list, start: bool = True) -> EngineClient:
     client._lock, client.dead_reason = threading.Lock(), None
     client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
     client._together = threading.Lock()
+    client._hasher = None
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
     if start:
         client._caller.start()
@@ -59,7 +61,7 @@ def _sent(log: list) -> list:
 def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     log: list = []
     client = _client(log)
-    embeds = PromptEmbedsRef(ref="object-ref", dtype="float32", shape=(3, 8))
+    embeds = PromptEmbedsRef(ref="object-ref", dtype="float32", shape=(3, 8), digests="digests-ref")
     client.add_request("a", SamplingParams(), lambda delta: None, (5, 6, 7))
     client.add_request("b", SamplingParams(), lambda delta: None, None, embeds)
     client.abort("a")
@@ -70,9 +72,15 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
         ("add_requests@0", ["a#0"]), ("add_requests@1", ["a#0"]), ("add_requests@0", ["b#1"]),
         ("add_requests@1", ["b#1"]), ("abort@0", "a#0")]  # the shards know each request by the engine's own id
     assert {thread for _, _, thread in log} == {"shardserve-calls"}
-    # The embeddings' ref goes as the call's argument only, not nested in the request.
-    _, ([new], array_ref), _ = log[2]
-    assert array_ref == "object-ref" and new.prompt_embeds.ref is None
+    # The embeddings' ref goes as the call's argument only, not nested in the request; the
+    # ref of their digests (the hasher's answer) to the leader alone, in a list (Ray passes
+    # a nested ref as it is: the leader's call does not wait for the hashing).
+    _, ([new], array_ref, digests), _ = log[2]
+    assert array_ref == "object-ref" and digests == ["digests-ref"]
+    assert new.prompt_embeds.ref is None and new.prompt_embeds.digests is None
+    _, ([new], array_ref), _ = log[3]
+    assert array_ref == "object-ref" and new.prompt_embeds.digests is None
+    assert log[0][1][2] is None  # token ids: no digests
 
 
 def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_shard():
@@ -96,7 +104,7 @@ def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_
     assert [(name, ids) for name, ids in _sent(log) if name.endswith("@0")] == [
         ("add_requests@0", ["i1#0", "i2#1"]), ("add_requests@0", ["g0#2", "g1#3", "g2#4"]), ("abort@0", "g0#2"),
         ("add_requests@0", ["o#5"]), ("add_requests@0", ["i3#6"])]
-    _, (news, array_ref), _ = log[2]
+    _, (news, array_ref, _digests), _ = log[2]
     assert array_ref == "group-ref" and [new.prompt_embeds.index for new in news] == [0, 1, 2]
     assert [req_ids for req_ids, _ in client._sent_adds] == [
         ("i1#0", "i2#1"), ("g0#2", "g1#3", "g2#4"), ("o#5",), ("i3#6",)]
@@ -224,7 +232,8 @@ def test_the_output_thread_starts_after_what_it_reads(monkeypatch):
         return FirstPollFirst()
 
     monkeypatch.setattr(engine_client.threading, "Thread", thread)
-    client = EngineClient(config=None, placement_group=object(), name="t")
+    config = types.SimpleNamespace(enable_prefix_caching=False, enable_prompt_embeds=False)  # no hasher
+    client = EngineClient(config=config, placement_group=object(), name="t")
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
 

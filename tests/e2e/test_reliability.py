@@ -43,11 +43,17 @@ def faults_url(server_url):
         serve.delete(APP)
 
 
-def shard_actors() -> dict[str, object]:
-    """name -> handle of the shards of this module's application (named by EngineClient)."""
+def engine_actors(kind: str = "rank") -> dict[str, object]:
+    """name -> handle of the engine actors of this module's application (named by
+    EngineClient): its shards (`...-rank<r>`), or with kind="hasher" its hashers."""
     named = ray.util.list_named_actors(all_namespaces=True)
     return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
-            for a in named if a["name"].startswith(f"shardserve-{APP}-")}
+            for a in named if a["name"].startswith(f"shardserve-{APP}-")
+            and a["name"].rsplit("-", 1)[1].startswith(kind)}
+
+
+def shard_actors() -> dict[str, object]:
+    return engine_actors("rank")
 
 
 def stream_events(url: str) -> list[str]:
@@ -131,4 +137,6 @@ def test_shard_fault_fails_in_flight_requests_and_serve_replaces_the_replica(fau
             os.kill(pid, signal.SIGCONT)
     after = shard_actors()
     assert len(after) == 2 and not set(after) & set(before)  # a new replica, new shards
+    # The old replica's engine hasher went with it; the new engine has its own.
+    assert wait_until(lambda: len(engine_actors("hasher")) == 1, 30), engine_actors("hasher")
     assert wait_until(lambda: is_process_gone(pid), 30)
