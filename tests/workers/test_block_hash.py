@@ -67,6 +67,8 @@ def test_the_hasher_gives_each_prompt_of_a_put_object_its_digests():
     got = hasher.digests([alone, rows], [("float32", None), ("float32", ((5, 8),))])
     assert got == [embeds_block_digests(alone, "float32", 4), mixed_block_digests(rows, "float32", ((5, 8),), 4)]
     assert got[1][0] is None and got[1][1] is not None  # block 0: token ids only; block 1 holds the rows
+    long = rng.standard_normal((4 * 9 + 3, 8), dtype=np.float32)  # 10 blocks: hashed 4, 4 and 2 to a task
+    assert hasher.digests(long, [("float32", None)]) == [embeds_block_digests(long, "float32", 4)]
     with pytest.raises(ValueError, match="2 embeddings arrays, but specs for 1"):
         hasher.digests([alone, rows], [("float32", None)])
 
