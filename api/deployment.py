@@ -8,6 +8,7 @@ import logging
 from ray import serve
 from ray.util.placement_group import get_current_placement_group
 
+from api.embeds_codec import slow_base64_warning
 from api.ingress import raise_body_buffer_limit
 from api.metrics import Metrics
 from api.routes import build_fastapi_app
@@ -48,6 +49,8 @@ class ShardServeServer:
         )
         logger.info("shardserve replica ready: model %s, tp=%d",
                     settings.model_name(), settings.tensor_parallel_size)
+        if settings.enable_prompt_embeds and (warning := slow_base64_warning()):
+            logger.warning(warning)
 
     def __serve_build_asgi_app__(self):
         return build_fastapi_app(self.serving, api_key=self.settings.api_key,

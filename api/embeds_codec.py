@@ -23,6 +23,16 @@ try:  # SIMD base64 (scripts/bench_embeds_codec.py --parts: ~30x the standard li
 except ImportError:  # e.g. a machine that has only the standard library's
     from base64 import b64decode as _b64decode
 
+
+def slow_base64_warning() -> str | None:
+    """What a server with prompt_embeds on should log if payloads decode without pybase64
+    (a dependency, but an environment can lack it): each embeddings request then spends
+    milliseconds more in its replica. None where pybase64 decodes them."""
+    if _b64decode.__module__.startswith("pybase64"):
+        return None
+    return ("pybase64 is not installed: prompt_embeds payloads decode with the standard library's "
+            "base64, about 30x slower (pip install pybase64)")
+
 _EXPECTED = "prompt_embeds must be a torch.save of one dense floating-point tensor"
 _REBUILD = "torch._utils _rebuild_tensor_v2"
 _ORDERED_DICT = "collections OrderedDict"

@@ -197,8 +197,11 @@ def test_the_fast_decoder_is_used_and_agrees_with_the_standard_library(monkeypat
     assert embeds_codec._b64decode is pybase64.b64decode
     tensor = torch.randn(33, H)
     fast = decode(encode_prompt_embeds(tensor))
+    assert embeds_codec.slow_base64_warning() is None
     monkeypatch.setattr(embeds_codec, "_b64decode", base64.b64decode)
     assert torch.equal(fast, decode(encode_prompt_embeds(tensor)))
+    # Without pybase64 a server with prompt_embeds on says so in its replica's log.
+    assert "pip install pybase64" in embeds_codec.slow_base64_warning()
 
 
 @pytest.mark.parametrize("raw", [b"", os.urandom(1000), b"PK\x03\x04" + os.urandom(300)])
