@@ -1,0 +1,23 @@
+"""scripts/bench_offline.py with --enable-prefix-caching: the engine keeps its prefix cache,
+yet no timed run (nor the warm-up) finds a block of another in it, for token ids and
+embeddings alike, since each run's prompts carry a cache_salt of their own; the hashing of
+the embeddings rows is still paid."""
+
+from __future__ import annotations
+
+from cluster import LLM
+from scripts.bench_offline import time_kinds
+
+
+def test_salted_runs_pay_the_cache_but_never_hit_it(ray_cluster):
+    with LLM(enable_prompt_embeds=True, max_model_len=128) as llm:
+        assert llm.config.enable_prefix_caching
+        vocab = llm.config.model_config.vocab_size
+        workload = [([(7 * i + j) % (vocab - 20) + 10 for j in range(40)], 2) for i in range(2)]  # 2 full blocks each
+        best = time_kinds(llm, workload, batch=2, kinds=[False, True], rounds=2)
+        stats = llm.engine.stats()
+        # Six runs of each kind of the same two prompts (warm-up and rounds): unsalted, every
+        # run after the first would find both prompts' two full blocks cached.
+        assert stats.prefix_cache_queries >= 2 * 3 * 2 * 40
+        assert stats.prefix_cache_hits == 0
+        assert set(best) == {False, True} and all(seconds > 0 for seconds, _ in best.values())
