@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.block_hash import prompt_block_digests
+from workers.block_hash import embeds_block_digests, mixed_block_digests
 
 # SHA-256 hashes 1.4-1.8 GB/s on a core: 8 threads hash a step's worth of an 8B model's
 # prompts (16 MiB) in about 1.5 ms. Half of a host's cores at most: the shards and the
@@ -55,9 +55,9 @@ class EmbedsHasher:
         """One prompt's hashing, as tasks on the threads whose digests, in order, are its
         digests: a mixed prompt whole, an embeddings prompt BLOCKS_PER_TASK blocks a task."""
         if spans is not None:
-            return [self._threads.submit(prompt_block_digests, rows, dtype, spans, self.block_size)]
+            return [self._threads.submit(mixed_block_digests, rows, dtype, spans, self.block_size)]
         step = BLOCKS_PER_TASK * self.block_size
-        return [self._threads.submit(prompt_block_digests, rows[start:start + step], dtype, None, self.block_size)
+        return [self._threads.submit(embeds_block_digests, rows[start:start + step], dtype, self.block_size)
                 for start in range(0, rows.shape[0], step)]
 
 

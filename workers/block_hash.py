@@ -79,11 +79,3 @@ def embeds_block_digests(embeds: np.ndarray, dtype: str, block_size: int) -> tup
         digests.append(h.digest())
     return tuple(digests)
 
-
-def prompt_block_digests(rows: np.ndarray, dtype: str, spans: Sequence[tuple[int, int]] | None, block_size: int
-                         ) -> tuple[bytes | None, ...]:
-    """An embeddings prompt's digests (embeds_block_digests), or, with `spans`, a mixed
-    prompt's (mixed_block_digests)."""
-    if spans is not None:
-        return mixed_block_digests(rows, dtype, spans, block_size)
-    return embeds_block_digests(rows, dtype, block_size)
