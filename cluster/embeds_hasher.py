@@ -1,11 +1,11 @@
-"""EmbedsHasher: the prefix cache's keys of embeddings prompts (each block's SHA-256 digest
+"""EmbedsHasher: the prefix cache's keys of embeddings prompts (each block's BLAKE3 digest
 of its rows, workers.block_hash), made in a process of their own, one actor per engine.
 
-The leader shard used to hash them on threads beside its step loop. SHA-256 drops the GIL
+The leader shard used to hash them on threads beside its step loop. The hash drops the GIL
 for each block's 128 KiB, and each time a hashing thread wants it back it waits until the
 step loop yields it: up to Python's 5 ms switch interval. Beside a busy step loop one such
-thread hashed 14 prompts of 2 MiB a second, where alone it hashes about 650 (H200 host,
-session 26), and the scheduler waited for the digests. Here the threads have a process to
+thread hashed 14 prompts of 2 MiB a second (SHA-256 then), where alone it hashes about 650
+(H200 host, session 26), and the scheduler waited for the digests. Here the threads have a process to
 themselves. The engine client puts a group of prompts into the object store and, at once,
 asks this actor for their digests; the leader gets the reference to the answer and waits
 for it only when its scheduler first keys one of those prompts, while it uploads the rows."""
@@ -21,14 +21,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.block_hash import embeds_block_digests, mixed_block_digests
 
-# SHA-256 hashes 1.4-1.8 GB/s on a core: 8 threads hash a step's worth of an 8B model's
-# prompts (16 MiB) in about 1.5 ms. Half of a host's cores at most: the shards and the
-# driver share the node.
+# BLAKE3 hashes an 8B model's 2 MiB prompt in 0.54 ms on one of the H200 host's cores, and
+# 0.24 ms a prompt on 4-8 threads (SHA-256: 1.85 and 0.30 ms; BENCHMARKS.md, "Prefix
+# caching", session 27). Half of a host's cores at most: the shards and the driver share
+# the node.
 HASHER_THREADS = max(2, min(8, (os.cpu_count() or 4) // 2))
 # Calls hashed at once (their prompts share the threads above).
 HASHER_MAX_CONCURRENCY = 4
 # A prompt's blocks are hashed this many to a task (each block's digest is its own), so one
-# long prompt spreads over the threads: 2 MiB of an 8B model's rows take one thread 1.5 ms.
+# long prompt spreads over the threads.
 BLOCKS_PER_TASK = 4
 
 Spec = tuple[str, tuple[tuple[int, int], ...] | None]  # (dtype, embeds_spans) of one prompt

@@ -6,11 +6,13 @@ of its own (cluster/embeds_hasher.py; BENCHMARKS.md, "Prefix caching", session 2
 
 Each row: a Python-bound loop's time beside N hashing threads, and how many prompts (256 x
 4096 bfloat16 rows, 2 MiB, in 16-row blocks as workers.block_hash digests them) those
-threads hashed a second meanwhile. SHA-256 drops the GIL for each block; to get it back a
-thread waits until the running one yields it, up to Python's switch interval (5 ms).
-How long depends on how the OS places the threads: on the 2-core development machine one
-hashing thread managed 21 prompts a second in some runs and 216 in others (about 800 alone);
-on the 16-core H200 host, 14 (session 26)."""
+threads hashed a second meanwhile. The hash (BLAKE3 since session 27, SHA-256 before)
+drops the GIL for each block; to get it back a thread waits until the running one yields
+it, up to Python's switch interval (5 ms). How long depends on how the OS places the
+threads: on the 2-core development machine one SHA-256 thread managed 21 prompts a second
+in some runs and 216 in others (about 800 alone); on the 16-core H200 host, 14 (session
+26). BLAKE3, 2.5x faster alone on the development machine, hashed 21-22 a second beside
+the loop there: the wait for the GIL, not the hash, sets the pace."""
 
 from __future__ import annotations
 

@@ -1,16 +1,20 @@
 """Content hashes of full KV blocks, the keys of the prefix cache: a block's hash covers its
 tokens and every block before it, so equal hashes mean equal K/V. Runs on the leader shard.
 
-SHA-256, never Python's hash(): a prompt crafted to collide with another user's prefix
-would read that user's K/V (vLLM's CVE-2025-25183). An embeddings row is keyed by the
-digest of its bytes, kind-tagged so it never equals a token id. A prompt with a
-cache_salt (vLLM's) chains from a root of that salt: it shares blocks only with its salt."""
+Cryptographic hashes, never Python's hash(): a prompt crafted to collide with another
+user's prefix would read that user's K/V (vLLM's CVE-2025-25183). The chain is SHA-256 (a
+parent's 32 bytes and a block's ids). An embeddings block is keyed by the BLAKE3 digest of
+its rows' bytes, kind-tagged so it never equals a token id: BLAKE3 is as collision-resistant
+and hashes an 8B model's 128 KiB block 3-5x faster than SHA-256 (BENCHMARKS.md, "Prefix
+caching", session 27). A prompt with a cache_salt (vLLM's) chains from a root of that salt:
+it shares blocks only with its salt."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
 
+import blake3
 import numpy as np
 
 BlockHash = bytes
@@ -57,9 +61,9 @@ def mixed_block_digests(rows: np.ndarray, dtype: str, spans: Sequence[tuple[int,
             block = position // block_size
             run_end = min(end, (block + 1) * block_size)
             if block not in hashers:
-                hashers[block] = hashlib.sha256(header)
+                hashers[block] = blake3.blake3(header)
             hashers[block].update(np.asarray([position % block_size, run_end - position], dtype=np.int64).tobytes())
-            hashers[block].update(np.ascontiguousarray(rows[row:row + run_end - position]).data)
+            hashers[block].update(_bytes_of(rows[row:row + run_end - position]))
             row, position = row + run_end - position, run_end
     for block, h in hashers.items():
         digests[block] = h.digest()
@@ -74,8 +78,14 @@ def embeds_block_digests(embeds: np.ndarray, dtype: str, block_size: int) -> tup
     header = f"{dtype}:{hidden}:".encode()
     digests = []
     for start in range(0, rows, block_size):
-        h = hashlib.sha256(header)
-        h.update(np.ascontiguousarray(embeds[start:start + block_size]).data)  # hashlib drops the GIL
+        h = blake3.blake3(header)
+        h.update(_bytes_of(embeds[start:start + block_size]))  # drops the GIL
         digests.append(h.digest())
     return tuple(digests)
+
+
+def _bytes_of(rows: np.ndarray) -> np.ndarray:
+    """Rows as the flat bytes BLAKE3 takes (any dtype, bfloat16's included): a view, unless
+    the rows are strided."""
+    return np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
 

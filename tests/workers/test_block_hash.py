@@ -55,6 +55,18 @@ def test_embeds_digests_are_per_block_and_carry_dtype_and_width():
     assert embeds_block_digests(wide, "bfloat16", 2)[0] != embeds_block_digests(rows, "bfloat16", 4)[0]
 
 
+def test_embeds_digests_are_of_the_rows_bytes_whatever_their_layout_and_dtype():
+    """The digest is BLAKE3 of the rows' bytes after the dtype and width: a strided view (a
+    column slice), a float32 array and a bfloat16 tensor's bits all hash as their bytes."""
+    import blake3
+
+    rows = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    digest = blake3.blake3(b"float32:4:" + np.ascontiguousarray(rows[:3, :4]).tobytes()).digest()
+    assert embeds_block_digests(rows[:, :4], "float32", 3)[0] == digest  # strided: not a view
+    bits = torch.from_numpy(rows).to(torch.bfloat16).view(torch.uint16).numpy()
+    assert embeds_block_digests(bits, "bfloat16", 6) == (blake3.blake3(b"bfloat16:8:" + bits.tobytes()).digest(),)
+
+
 def test_the_hasher_gives_each_prompt_of_a_put_object_its_digests():
     """EmbedsHasher.digests (run here in-process; the engine runs it as an actor): what the
     engine client put, one array or a list, gives each prompt's digests in order, a mixed
