@@ -147,7 +147,7 @@ def serve_command(args: argparse.Namespace) -> int:
           f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}"
           f"{', HAProxy ingress' if args.ingress == 'haproxy' else ''}); Ctrl-C to stop", flush=True)
     stop.event.wait()
-    _shutdown(settings)
+    _shutdown(settings, joined=bool(args.address))
     return 0
 
 
@@ -181,7 +181,7 @@ def _check_engine_settings(settings: ServerSettings) -> None:
         settings.engine_args().resolve()
 
 
-def _shutdown(settings: ServerSettings) -> None:
+def _shutdown(settings: ServerSettings, joined: bool) -> None:
     import ray
     from ray import serve
 
@@ -190,7 +190,11 @@ def _shutdown(settings: ServerSettings) -> None:
     # Deleting the application first drains its replicas while the proxy still carries their
     # streams; serve.shutdown() alone would stop the proxy under them.
     serve.delete("shardserve")
-    serve.shutdown()
+    if joined:  # a cluster's Serve outlives this process otherwise (as `serve run` stops it)
+        serve.shutdown()
+    # A local Ray goes whole, Serve's controller and proxy with it. serve.shutdown() there
+    # would only add Ray's warning that the controller's graceful_shutdown call "failed" as
+    # the controller is killed under it.
     ray.shutdown()
 
 
