@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 
 import torch
 
@@ -16,10 +16,14 @@ from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# How long after it arrives a request's embeddings digests may keep the scheduler waiting:
-# they take milliseconds (cluster/embeds_hasher.py); longer means the hasher is restarting,
-# and the request then runs with its blocks unshared rather than stall every other one.
+# How long after it arrives a request's embeddings digests may keep it waiting: they take
+# milliseconds (cluster/embeds_hasher.py); longer means the hasher is restarting, and the
+# request then runs with its blocks unshared.
 DIGESTS_WAIT_S = 1.0
+# How long the scheduler holds its step loop for them, once per request: about a decode step
+# of an 8B model. Past that the loop steps the running requests meanwhile, and the request
+# (the head of the queue) is admitted when they come or its DIGESTS_WAIT_S is up.
+DIGESTS_BLOCK_S = 0.005
 
 
 class RequestStatus(enum.Enum):
@@ -88,6 +92,7 @@ class Request:
         # hashes of the full blocks so far, and how many of block_ids the cache holds.
         self._embeds_block_digests = embeds_block_digests
         self._digests_deadline = time.monotonic() + DIGESTS_WAIT_S
+        self._digests_held_loop = False  # digests_pending has held the step loop for them once
         self._root_hash = salted_root(cache_salt)  # the first block's parent
         self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
@@ -129,27 +134,46 @@ class Request:
 
     @property
     def embeds_block_digests(self) -> tuple[bytes | None, ...] | None:
-        """The row digests, waited for (until DIGESTS_WAIT_S after the request arrived) the
-        first time. A hashing that failed or did not answer in time leaves none: the
-        prompt's blocks are never shared, and it runs all the same."""
+        """The row digests once they came. None while they are on their way
+        (digests_pending), and for good once the hashing failed or did not answer within
+        DIGESTS_WAIT_S of the request's arrival: its blocks are then never shared, and it
+        runs all the same."""
+        return None if self.digests_pending() else self._embeds_block_digests
+
+    @property
+    def digests_future(self) -> Future | None:
+        """The hasher's answer while it is awaited (a Future), else None."""
         digests = self._embeds_block_digests
-        if isinstance(digests, Future):
-            try:
-                digests = digests.result(timeout=max(0.0, self._digests_deadline - time.monotonic()))
-            except TimeoutError:
-                logger.warning("request %r: its embeddings rows' digests did not come within %g s; its blocks "
-                               "stay unshared", self.req_id, DIGESTS_WAIT_S)
-                digests = None
-            except Exception:  # noqa: BLE001 - a cache key lost is no reason to fail the request
-                logger.exception("request %r: hashing its embeddings rows failed; its blocks stay unshared",
-                                 self.req_id)
-                digests = None
-            self._embeds_block_digests = digests
-        return digests
+        return digests if isinstance(digests, Future) else None
+
+    def digests_pending(self, hold_s: float = 0.0) -> bool:
+        """Whether its rows' digests are still on their way and may yet come in time, after
+        waiting up to `hold_s` for them (the first call that asks only: the caller's thread
+        is the step loop). Once they came, failed or are late, False for good."""
+        digests = self.digests_future
+        if digests is None:
+            return False
+        if hold_s > 0 and not self._digests_held_loop:
+            self._digests_held_loop = True
+            wait([digests], timeout=max(0.0, min(hold_s, self._digests_deadline - time.monotonic())))
+        if not digests.done() and time.monotonic() < self._digests_deadline:
+            return True
+        if not digests.done():
+            logger.warning("request %r: its embeddings rows' digests did not come within %g s; its blocks "
+                           "stay unshared", self.req_id, DIGESTS_WAIT_S)
+            self._embeds_block_digests = None
+        elif digests.exception() is not None:  # a cache key lost is no reason to fail the request
+            logger.error("request %r: hashing its embeddings rows failed; its blocks stay unshared",
+                         self.req_id, exc_info=digests.exception())
+            self._embeds_block_digests = None
+        else:
+            self._embeds_block_digests = digests.result()
+        return False
 
     def full_block_hashes(self, num_blocks: int, block_size: int) -> list[BlockHash]:
         """The hashes of its first `num_blocks` full blocks, computed once each. An
-        embeddings prompt without row digests has none (its blocks are never shared)."""
+        embeddings prompt without row digests has none: never, if they were lost; not yet,
+        while they are on their way (its blocks are keyed when they come)."""
         if self.has_embeds and self.embeds_block_digests is None:
             return []
         num_blocks = min(num_blocks, self.num_tokens // block_size)

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from workers.block_manager import BlockManager
 from workers.messages import EngineStats, PromptLogprobs, RequestDelta, ScheduledRequest
-from workers.request import Request, RequestStatus
+from workers.request import DIGESTS_BLOCK_S, Request, RequestStatus
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from workers.sampler import SampleResult
 
 MAX_FINISHED_KEYS = 4096
@@ -32,6 +34,11 @@ class SchedulerOutput:
     @property
     def num_scheduled_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run and nothing for the followers to hear."""
+        return not (self.scheduled or self.preempted_req_ids or self.finished_req_ids)
 
     @property
     def sampled_req_ids(self) -> tuple[str, ...]:
@@ -266,6 +273,8 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
                 self._pending_deltas.append(_final_delta(request))
                 continue
+            if self._looks_up(request) and request.digests_pending(hold_s=DIGESTS_BLOCK_S):
+                break  # FCFS: its cache keys are on their way (the running requests step meanwhile)
             cached = self._cached_prefix(request)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
@@ -281,6 +290,14 @@ class Scheduler:
             self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
             budget -= num_new_tokens
         return scheduled
+
+    def awaited_digests(self) -> Future | None:
+        """The hasher's answer the head of the queue waits for before it is admitted
+        (schedule() admits nobody meanwhile), or None."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or not self._looks_up(head) or not head.digests_pending():
+            return None
+        return head.digests_future
 
     def _cached_prefix(self, request: Request) -> list[int]:
         """The cached blocks of the request's longest cached prefix (it has none computed:

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent import futures
 from dataclasses import dataclass, field
 
 from workers.block_manager import BlockManager
@@ -29,6 +30,9 @@ KEEPALIVE_S = 30.0
 # How long a follower waits for a scheduled request's data to arrive through Ray.
 INTAKE_TIMEOUT_S = 120.0
 MAX_EARLY_ABORTS = 4096
+# With nothing else to run, how long the loop waits for a queue head's cache keys before it
+# looks for commands (an abort, say) again. It wakes as soon as they come.
+DIGESTS_POLL_S = 0.005
 
 
 class StepTimeoutError(RuntimeError):
@@ -132,7 +136,10 @@ class LeaderLoop:
             while self._drain_commands(busy=launched is not None):
                 self.step_started = time.monotonic()
                 if launched is None:
-                    launched = self._launch(self.scheduler.schedule())
+                    out = self.scheduler.schedule()
+                    if out.is_empty and self._await_digests():
+                        continue
+                    launched = self._launch(out)
                 ahead = self._launch_ahead(launched)
                 self._complete(launched)
                 launched = ahead
@@ -142,6 +149,17 @@ class LeaderLoop:
             self.pg.broadcast_object(StepPlan(self._step_id, (), (), (), (), shutdown=True))
         finally:
             self.outbox.close()
+
+    def _await_digests(self) -> bool:
+        """With nothing to run but a head of the queue whose cache keys are on their way:
+        waits for them (or DIGESTS_POLL_S, then looks at the commands again) instead of
+        stepping nobody. False when nothing is awaited."""
+        digests = self.scheduler.awaited_digests()
+        if digests is None:
+            return False
+        self.step_started = None
+        futures.wait([digests], timeout=DIGESTS_POLL_S)
+        return True
 
     def _launch(self, out: SchedulerOutput, feedback: SampledTokens | None = None) -> LaunchedStep:
         """Broadcasts the plan and queues its forward pass and draws on the device."""

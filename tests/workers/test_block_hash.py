@@ -4,6 +4,7 @@ leader's Request when its scheduler first keys the prompt."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -143,8 +144,14 @@ def test_a_prompt_whose_digests_failed_or_came_late_runs_with_its_blocks_unshare
     never: Future = Future()  # a hasher that does not answer (restarting) keeps nobody waiting
     request = Request.from_new_request(NewRequest("t", None, ref, SamplingParams()), (2,), 64,
                                        embeds_block_digests=never)
-    assert request.full_block_hashes(2, 16) == []
+    began = time.monotonic()
+    assert request.digests_pending(hold_s=0.01) and time.monotonic() - began < 0.04  # held once, briefly
+    assert request.full_block_hashes(2, 16) == [] and "did not come" not in caplog.text  # not yet
+    time.sleep(0.05)
+    assert not request.digests_pending() and request.full_block_hashes(2, 16) == []
     assert "did not come within 0.05 s" in caplog.text
+    never.set_result((b"a" * 32, b"b" * 32))  # too late: the prompt stays unshared
+    assert request.embeds_block_digests is None and request.full_block_hashes(2, 16) == []
     hashed: Future = Future()
     hashed.set_result((b"a" * 32, b"b" * 32))
     request = Request.from_new_request(NewRequest("s", None, ref, SamplingParams()), (2,), 64,

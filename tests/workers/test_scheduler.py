@@ -2,6 +2,7 @@
 and a randomized workload that mirrors block tables the way a follower shard would."""
 
 import random
+import time
 
 import pytest
 
@@ -588,3 +589,41 @@ def test_random_shared_prefixes_read_only_their_own_tokens(seed):
     assert manager.num_free_blocks == manager.num_total_blocks
     stats = scheduler.stats()
     assert 0 <= stats.prefix_cache_hits <= stats.prefix_cache_queries
+
+
+def test_a_prompt_whose_keys_are_on_their_way_waits_while_the_running_ones_step(monkeypatch):
+    """An embeddings prompt whose row digests (the hasher's answer) have not come yet holds
+    the step loop once, briefly (DIGESTS_BLOCK_S); then the running requests step without it
+    and nobody overtakes it (FCFS). Once they come it is admitted, and its blocks are keyed:
+    the same rows sent again share them."""
+    from concurrent.futures import Future
+
+    from workers import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "DIGESTS_BLOCK_S", 0.02)
+    scheduler = make_caching_scheduler(block_size=4)
+    scheduler.add_request(ids_request("a", range(100, 106), max_tokens=8))
+    step(scheduler)
+    rows = list(range(1, 11))
+    answer: Future = Future()
+    on_its_way = embeds_request("e", rows, 4)
+    digests = on_its_way.embeds_block_digests
+    on_its_way = Request("e", None, len(rows), on_its_way.sampling_params, (EOS,), 1024, embeds_block_digests=answer)
+    scheduler.add_request(on_its_way)
+    scheduler.add_request(ids_request("i", range(200, 205)))  # behind it
+    held = []
+    for _ in range(3):
+        began = time.monotonic()
+        out, _ = step(scheduler)
+        held.append(time.monotonic() - began)
+        assert [s.req_id for s in out.scheduled] == ["a"]  # "a" decodes; nobody is admitted
+    assert held[0] >= 0.015 and max(held[1:]) < 0.015  # held once only
+    assert scheduler.awaited_digests() is answer
+    answer.set_result(digests)
+    assert scheduler.awaited_digests() is None
+    out, _ = step(scheduler)
+    assert [s.req_id for s in out.scheduled] == ["a", "e", "i"]
+    run_to_end(scheduler)
+    scheduler.add_request(embeds_request("again", rows, 4))
+    out, _ = step(scheduler)
+    assert out.scheduled[0].num_computed_tokens == 8  # e's two full blocks

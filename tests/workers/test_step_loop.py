@@ -238,3 +238,44 @@ def test_schedule_ahead_declines_unsteady_batches():
     prefill = scheduler.schedule()
     scheduler.update(prefill, {r: SampleResult(9, None) for r in prefill.sampled_req_ids})
     assert scheduler.schedule_ahead(scheduler.schedule()) is None
+
+
+def test_decodes_go_on_while_an_embeddings_prompts_cache_keys_are_late(model_path, monkeypatch, caplog):
+    """The hasher does not answer (restarting): the loop keeps stepping the running request
+    meanwhile, then runs the embeddings prompt unshared once DIGESTS_WAIT_S is up, with no
+    empty steps while it only waits."""
+    from concurrent.futures import Future
+
+    from workers import request as request_module
+    from workers.messages import PromptEmbedsRef
+
+    monkeypatch.setattr(request_module, "DIGESTS_WAIT_S", 0.6)
+    engine = Engine(model_path, async_scheduling=True)
+    try:
+        engine.add("ids", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+        rows = torch.randn(9, engine.config.model_config.hidden_size)
+        never: Future = Future()
+        tokens_while_waiting = []
+
+        def add_embeds(delta):
+            if delta.req_id == "ids" and not hasattr(add_embeds, "at"):
+                add_embeds.at = time.monotonic()
+                new = NewRequest("embeds", None, PromptEmbedsRef(None, "float32", tuple(rows.shape)),
+                                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+                engine.intake.put(RequestState("embeds", len(rows), None, rows))
+                engine.loop.add_requests([Request.from_new_request(
+                    new, engine.config.eos_token_ids, engine.config.max_model_len, embeds_block_digests=never)])
+            elif delta.req_id == "ids" and time.monotonic() - add_embeds.at < 0.4:
+                tokens_while_waiting.extend(delta.new_token_ids)
+            if delta.req_id == "embeds" and delta.new_token_ids and not hasattr(add_embeds, "first"):
+                add_embeds.first = time.monotonic() - add_embeds.at
+
+        results = engine.collect(2, add_embeds)
+        assert results["ids"][1] == "length" and len(results["ids"][0]) == 30
+        assert results["embeds"][1] == "length" and len(results["embeds"][0]) == 4
+        assert len(tokens_while_waiting) >= 20  # the decodes did not wait for the keys
+        assert 0.5 < add_embeds.first < 5.0  # it waited for them until its time was up
+        assert "did not come within 0.6 s" in caplog.text
+        assert engine.loop._step_id < 30 + 4 + 10  # no empty steps while it only waited
+    finally:
+        engine.stop()
