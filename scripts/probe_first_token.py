@@ -1,18 +1,26 @@
-"""Time to the first token of one prompt through the offline engine (Ray included, no
-HTTP): the median of `LLM.generate(max_tokens=1)` over repeats, for the prompt as token ids
-and as `prompt_embeds` (random rows of the model's hidden size), interleaved so neither
-always follows the other. Also the driver's own share of an embeddings request: the one
-`ray.put` of its array.
+"""Time to the first token of one prompt (or --num-prompts of them, in one call) through
+the offline engine (Ray included, no HTTP): the median of `LLM.generate(max_tokens=1)` over
+repeats, for the prompts as token ids and as `prompt_embeds` (random rows of the model's
+hidden size), interleaved so neither always follows the other. Also the driver's own share
+of an embeddings request: the one `ray.put` of its array.
 
     python scripts/probe_first_token.py -tp 2 --repeats 40
     SHARDSERVE_USE_SHM_PLANS=0 python scripts/probe_first_token.py -tp 2   # plans over gloo
     python scripts/probe_first_token.py -tp 2 --timeline   # when each rank reaches each phase
+    python scripts/probe_first_token.py --model-shape llama-3.1-8b --load-format dummy \
+        --dtype bfloat16 --prompt-len 256 --num-prompts 16 --enable-prefix-caching --timeline
+
+With --num-prompts N > 1 each timeline cell is a phase's first entry -> its last exit (the
+first group of prompts in, the last out). --enable-prefix-caching keeps the engine's cache
+(its default) and salts every call's prompts apart, so nothing hits but every prompt is
+hashed, as bench_offline.py does.
 
 Without --model-shape / --model it runs the built-in default model (CPU works)."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -29,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--num-prompts", type=int, default=1, help="prompts per generate() call")
+    parser.add_argument("--enable-prefix-caching", action="store_true",
+                        help="keep the prefix cache, every call salted so nothing hits")
     parser.add_argument("--timeline", action="store_true",
                         help="also print, per rank, the median time from the driver's call to each phase")
     return parser.parse_args(argv)
@@ -62,6 +73,7 @@ def _install_stamps(shard) -> bool:
         _stamp(shard.leader, "add_requests", "leader add", stamps)
         _stamp(shard.leader.sampler, "launch", "sampler launch", stamps)
         _stamp(shard.leader.outbox, "put", "outbox put", stamps)
+        _stamp(shard.leader, "_await_digests", "await digests (idle)", stamps)
     return True
 
 
@@ -78,13 +90,18 @@ def _take_stamps(shard) -> list:
     return stamps
 
 
-def _first_after(stamps: list, start: float) -> dict:
+def _first_after(stamps: list, start: float, until_last: bool = False) -> dict:
     """phase -> (enter, exit) in ms after start, of each phase's first call that ended
-    after start (a follower's plan wait begins before the request exists)."""
+    after start (a follower's plan wait begins before the request exists); with
+    until_last, the exit is that of the phase's last call."""
     first = {}
     for phase, enter, exit_ in sorted(stamps, key=lambda stamp: stamp[2]):
-        if exit_ >= start and phase not in first:
+        if exit_ < start:
+            continue
+        if phase not in first:
             first[phase] = ((enter - start) * 1e3, (exit_ - start) * 1e3)
+        elif until_last:
+            first[phase] = (first[phase][0], (exit_ - start) * 1e3)
     return first
 
 
@@ -109,15 +126,26 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     init_ray()
     llm = LLM(model_path(args), tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-              dtype=args.dtype, max_model_len=args.max_model_len, enable_prompt_embeds=True, **UNCACHED)
+              dtype=args.dtype, max_model_len=args.max_model_len, enable_prompt_embeds=True,
+              **({} if args.enable_prefix_caching else UNCACHED))
+    calls = itertools.count()
+
+    def salted(batch: list[dict]) -> list[dict]:  # this call's own cache keys
+        if not args.enable_prefix_caching:
+            return batch
+        salt = f"call-{next(calls)}"
+        return [{**prompt, "cache_salt": salt} for prompt in batch]
+
     try:
         hidden = llm.config.model_config.hidden_size
-        prompts = {"token ids": {"prompt_token_ids": list(range(10, 10 + args.prompt_len))},
-                   "prompt_embeds": {"prompt_embeds": torch.randn(args.prompt_len, hidden,
-                                                                  generator=torch.Generator().manual_seed(0))}}
+        gen = torch.Generator().manual_seed(0)
+        prompts = {"token ids": [{"prompt_token_ids": list(range(10 + i, 10 + i + args.prompt_len))}
+                                 for i in range(args.num_prompts)],
+                   "prompt_embeds": [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen)}
+                                     for _ in range(args.num_prompts)]}
         one_token = SamplingParams(temperature=0.0, max_tokens=1)
-        for prompt in prompts.values():  # warm-up
-            llm.generate([prompt, prompt], one_token, use_tqdm=False)
+        for batch in prompts.values():  # warm-up
+            llm.generate(salted(batch + batch[:1]), one_token, use_tqdm=False)
         times = {mode: [] for mode in prompts}
         timeline = {mode: [] for mode in prompts}
         shards = llm.engine.shards
@@ -127,8 +155,9 @@ def main(argv=None) -> dict:
             _stamp_driver(llm, driver_stamps)
         for i in range(args.repeats):
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
+                batch = salted(prompts[mode])
                 wall_start, start = time.time(), time.perf_counter()
-                llm.generate([prompts[mode]], one_token, use_tqdm=False)
+                llm.generate(batch, one_token, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
@@ -136,13 +165,16 @@ def main(argv=None) -> dict:
                     driver_stamps.clear()
                     timeline[mode].append({(rank - 1 if rank else "driver", phase): span
                                            for rank, stamps in enumerate(ranks)
-                                           for phase, span in _first_after(stamps, wall_start).items()})
+                                           for phase, span in _first_after(stamps, wall_start,
+                                                                           args.num_prompts > 1).items()})
         puts = []
         for _ in range(args.repeats):
-            parsed = llm._parse(prompts["prompt_embeds"])
+            parsed = llm._parse(prompts["prompt_embeds"][0])
             start = time.perf_counter()
-            llm.engine.put_prompt(parsed)
+            put = llm.engine.put_prompt(parsed)
             puts.append((time.perf_counter() - start) * 1e3)
+            if put.prompt_embeds.digests is not None:  # the hasher's call ends before the next put
+                ray.get(put.prompt_embeds.digests)
     finally:
         llm.shutdown()
     result = {f"median {mode} (ms)": statistics.median(values) for mode, values in times.items()}
@@ -150,7 +182,10 @@ def main(argv=None) -> dict:
     result["median ray.put of the embeddings (ms)"] = statistics.median(puts)
     if args.timeline:
         _print_timeline(timeline)
-    print(f"TP={args.tensor_parallel_size}, {args.prompt_len}-row prompt, {args.repeats} repeats: "
+    batch = f"{args.num_prompts} prompts of {args.prompt_len} rows" if args.num_prompts > 1 \
+        else f"{args.prompt_len}-row prompt"
+    cache = ", prefix cache on (salted calls)" if args.enable_prefix_caching else ""
+    print(f"TP={args.tensor_parallel_size}, {batch}{cache}, {args.repeats} repeats: "
           + ", ".join(f"{key} {value:.3f}" for key, value in result.items()))
     return result
 

@@ -63,6 +63,21 @@ def test_probe_first_token_timeline_orders_each_ranks_phases(ray_cluster, capsys
         assert order == sorted(order)
 
 
+def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, capsys):
+    """Several prompts a call, with the cache kept but every call salted: each timeline cell
+    spans the batch (first entry -> last exit)."""
+    main = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["main"]
+    result = main(["-tp", "2", "--prompt-len", "8", "--repeats", "2", "--max-model-len", "128",
+                   "--num-prompts", "3", "--enable-prefix-caching", "--timeline"])
+    assert result["median token ids (ms)"] > 0 and result["median prompt_embeds (ms)"] > 0
+    out = capsys.readouterr().out
+    assert "TP=2, 3 prompts of 8 rows, prefix cache on (salted calls), 2 repeats" in out
+    table = out.split("enter -> exit\n", 1)[1].splitlines()[1:]
+    rows = {(line[:6].strip(), line[7:35].strip()): line[35:].split() for line in table if not line.startswith("TP=")}
+    enter, _, exit_ = rows[("0", "add_request (fetch embeds)")][3:6]  # the embeddings column
+    assert float(enter) <= float(exit_)
+
+
 def test_profile_step_loop_op_table(capsys):
     main = runpy.run_path(str(SCRIPTS / "profile_step_loop.py"))["main"]
     main(["--num-prompts", "2", "--input-len", "8", "--output-len", "1", "--max-num-seqs", "1",
