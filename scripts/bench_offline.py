@@ -34,7 +34,7 @@ batch generating up to its longest requested output. Only requested tokens count
 The engine keeps no prefix cache unless --enable-prefix-caching (the engine's default): then
 every run's prompts carry a cache_salt of their own, so each run computes its prompts as the
 first did while the engine pays what keeping the cache costs (the block hashes: an
-embeddings prompt's rows are hashed, 2 MiB in about 1.5 ms on one core)."""
+embeddings prompt's rows are hashed, 2 MiB in about 0.5 ms on one of the H200 host's cores)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ of an embeddings request: the one `ray.put` of its array.
 With --num-prompts N > 1 each timeline cell is a phase's first entry -> its last exit (the
 first group of prompts in, the last out). --enable-prefix-caching keeps the engine's cache
 (its default) and salts every call's prompts apart, so nothing hits but every prompt is
-hashed, as bench_offline.py does.
+hashed, as bench_offline.py does. The rows are given in the model's dtype, as
+bench_offline.py gives them (--embeds-dtype float32: as a float32 model's embeddings come,
+cast by the driver's check).
 
 Without --model-shape / --model it runs the built-in default model (CPU works)."""
 
@@ -38,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--num-prompts", type=int, default=1, help="prompts per generate() call")
+    parser.add_argument("--embeds-dtype", choices=["model", "float32"], default="model",
+                        help="the rows' dtype as given to generate(): the model's, or float32 (each prompt "
+                             "then cast in the driver's check)")
     parser.add_argument("--enable-prefix-caching", action="store_true",
                         help="keep the prefix cache, every call salted so nothing hits")
     parser.add_argument("--timeline", action="store_true",
@@ -139,9 +144,10 @@ def main(argv=None) -> dict:
     try:
         hidden = llm.config.model_config.hidden_size
         gen = torch.Generator().manual_seed(0)
+        rows_dtype = llm.config.torch_dtype if args.embeds_dtype == "model" else torch.float32
         prompts = {"token ids": [{"prompt_token_ids": list(range(10 + i, 10 + i + args.prompt_len))}
                                  for i in range(args.num_prompts)],
-                   "prompt_embeds": [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen)}
+                   "prompt_embeds": [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen).to(rows_dtype)}
                                      for _ in range(args.num_prompts)]}
         one_token = SamplingParams(temperature=0.0, max_tokens=1)
         for batch in prompts.values():  # warm-up
