@@ -1,5 +1,7 @@
 """Content hashes of full KV blocks, the keys of the prefix cache: a block's hash covers its
-tokens and every block before it, so equal hashes mean equal K/V. Runs on the leader shard.
+tokens and every block before it, so equal hashes mean equal K/V. The chain runs on the
+leader shard; an embeddings prompt's row digests in the engine's hasher actor
+(cluster/embeds_hasher.py).
 
 Cryptographic hashes, never Python's hash(): a prompt crafted to collide with another
 user's prefix would read that user's K/V (vLLM's CVE-2025-25183). The chain is SHA-256 (a
@@ -88,4 +90,3 @@ def _bytes_of(rows: np.ndarray) -> np.ndarray:
     """Rows as the flat bytes BLAKE3 takes (any dtype, bfloat16's included): a view, unless
     the rows are strided."""
     return np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-

@@ -23,7 +23,7 @@ DIGESTS_WAIT_S = 1.0
 # How long the scheduler holds its step loop for them, once per request: about a decode step
 # of an 8B model. Past that the loop steps the running requests meanwhile, and the request
 # (the head of the queue) is admitted when they come or its DIGESTS_WAIT_S is up.
-DIGESTS_BLOCK_S = 0.005
+DIGESTS_HOLD_S = 0.005
 
 
 class RequestStatus(enum.Enum):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from workers.block_manager import BlockManager
 from workers.messages import EngineStats, PromptLogprobs, RequestDelta, ScheduledRequest
-from workers.request import DIGESTS_BLOCK_S, Request, RequestStatus
+from workers.request import DIGESTS_HOLD_S, Request, RequestStatus
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -273,7 +273,7 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
                 self._pending_deltas.append(_final_delta(request))
                 continue
-            if self._looks_up(request) and request.digests_pending(hold_s=DIGESTS_BLOCK_S):
+            if self._looks_up(request) and request.digests_pending(hold_s=DIGESTS_HOLD_S):
                 break  # FCFS: its cache keys are on their way (the running requests step meanwhile)
             cached = self._cached_prefix(request)
             num_cached_tokens = len(cached) * self.block_manager.block_size

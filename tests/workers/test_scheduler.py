@@ -593,14 +593,14 @@ def test_random_shared_prefixes_read_only_their_own_tokens(seed):
 
 def test_a_prompt_whose_keys_are_on_their_way_waits_while_the_running_ones_step(monkeypatch):
     """An embeddings prompt whose row digests (the hasher's answer) have not come yet holds
-    the step loop once, briefly (DIGESTS_BLOCK_S); then the running requests step without it
+    the step loop once, briefly (DIGESTS_HOLD_S); then the running requests step without it
     and nobody overtakes it (FCFS). Once they come it is admitted, and its blocks are keyed:
     the same rows sent again share them."""
     from concurrent.futures import Future
 
     from workers import scheduler as scheduler_module
 
-    monkeypatch.setattr(scheduler_module, "DIGESTS_BLOCK_S", 0.02)
+    monkeypatch.setattr(scheduler_module, "DIGESTS_HOLD_S", 0.02)
     scheduler = make_caching_scheduler(block_size=4)
     scheduler.add_request(ids_request("a", range(100, 106), max_tokens=8))
     step(scheduler)
