@@ -2,7 +2,7 @@
 hands out pages no process has touched yet, and after: the page faults behind an embeddings
 prompt's first token.
 
-    python scripts/probe_store_pages.py [--mib 16] [--puts 300] [--store-gib 0 2] [--preallocate]
+    python scripts/probe_store_pages.py [--mib 16] [--puts 300] [--store-gib 0 2] [--preallocate] [--warmup]
 
 For each object-store size (0: Ray's default, 30% of memory), a fresh local Ray: the driver
 puts a --mib array --puts times, and an actor reads each one as a shard does (one copy out
@@ -12,6 +12,9 @@ process has not touched costs it a fault (4 KiB each, 4,096 per 16 MiB), and a p
 process has touched costs the kernel a fresh zeroed page too. --preallocate also runs each
 size but the default with RAY_preallocate_plasma_memory=1 (the store's pages populated when
 Ray starts: for a store of tens of GiB that takes longer than Ray waits for its raylet).
+--warmup also runs each size after the engine's own remedy, `warm_object_store` (what an
+engine that takes embeddings writes into the store while its shards start), once Ray has
+freed it.
 
 On the H200 host the allocator came back to freed pages after the first few hundred MiB:
 then a 2 MiB put took 0.9 ms with 6 faults, Ray's own cost. On the 2-core development
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -33,7 +37,15 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_one(mib: int, puts: int, store_gib: float) -> None:
+def plasma_bytes_used() -> float:
+    """The store's bytes in use, as `ray memory --stats-only` prints them."""
+    from ray._private.internal_api import memory_summary
+
+    match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return float(match.group(1)) * 2**20 if match else 0.0
+
+
+def run_one(mib: int, puts: int, store_gib: float, warmup: bool) -> None:
     import numpy as np
     import ray
     import torch
@@ -57,6 +69,16 @@ def run_one(mib: int, puts: int, store_gib: float) -> None:
     reader = Reader.remote(nbytes)
     ray.get(reader.__ray_ready__.remote())
     store = ray.cluster_resources().get("object_store_memory", 0.0)
+    label = f"store {store / 2**30:.1f} GiB" + (", preallocated" if os.environ.get("RAY_preallocate_plasma_memory") else "")
+    if warmup:
+        from cluster.engine_client import warm_object_store
+
+        began, before = time.perf_counter(), faults()
+        written = warm_object_store()
+        took, warm_faults = time.perf_counter() - began, faults() - before
+        while plasma_bytes_used() >= written:  # Ray frees dropped objects in batches, about once a second
+            time.sleep(0.05)
+        label += f", warmed ({written >> 20} MiB in {took * 1e3:.0f} ms, {warm_faults} faults)"
     rows = []
     for _ in range(puts):
         began, before = time.perf_counter(), faults()
@@ -66,7 +88,6 @@ def run_one(mib: int, puts: int, store_gib: float) -> None:
         del ref
         rows.append((put_s, put_faults, read_s, read_faults))
     quarter = max(1, puts // 4)
-    label = f"store {store / 2**30:.1f} GiB" + (", preallocated" if os.environ.get("RAY_preallocate_plasma_memory") else "")
     print(f"{label}: {puts} puts of {mib} MiB = {puts * nbytes / store:.2f} laps of the store")
     for q in range(0, puts, quarter):
         part = rows[q:q + quarter]
@@ -82,18 +103,26 @@ def main(argv=None) -> None:
     parser.add_argument("--puts", type=int, default=300)
     parser.add_argument("--store-gib", type=float, nargs="+", default=[0, 2])
     parser.add_argument("--preallocate", action="store_true")
+    parser.add_argument("--warmup", action="store_true")
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--warmed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
-        run_one(args.mib, args.puts, args.one)
+        run_one(args.mib, args.puts, args.one, args.warmed)
         return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for store_gib in args.store_gib:
-        for preallocate in ([False, True] if args.preallocate and store_gib else [False]):
-            env = dict(os.environ)
-            if preallocate:
-                env["RAY_preallocate_plasma_memory"] = "1"
+        variants = [{}]
+        if args.preallocate and store_gib:
+            variants.append({"RAY_preallocate_plasma_memory": "1"})
+        if args.warmup:
+            variants.append({"warmed": True})
+        for variant in variants:
+            warmed = variant.pop("warmed", False)
             subprocess.run([sys.executable, __file__, "--mib", str(args.mib), "--puts", str(args.puts),
-                            "--one", str(store_gib)], env=env, check=True)
+                            "--one", str(store_gib)] + (["--warmed"] if warmed else []),
+                           env={**env, **variant}, check=True)
 
 
 if __name__ == "__main__":

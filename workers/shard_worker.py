@@ -24,7 +24,7 @@ from workers.parallel import bind_store, init_process_group
 from workers.request import Request
 from workers.shm_channel import SPIN_S, try_shm_channel
 from workers.step_loop import LeaderLoop, run_follower
-from workers.transfer import to_device
+from workers.transfer import UPLOAD_THREADS, to_device, upload_rows
 
 
 def _all_threads_config():
@@ -67,6 +67,7 @@ class ShardWorker:
         self.leader: LeaderLoop | None = None
         self._profiler = None
         self._profiler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
+        self._upload_pool = None  # on CUDA: the threads of a call's embeddings rows' host copy
         self._compiles = CompileWatch()
 
     def node_ip(self) -> str:
@@ -135,13 +136,14 @@ class ShardWorker:
         keys the prompt, not this call. Per request: None, or the error that kept this shard
         from taking it (the others are taken all the same; _take says what becomes of that one)."""
         listed = digests[0].future() if digests and self.leader is not None else None
+        uploaded = self._upload_call(news, embeds)
         taken, errors = [], []
         for new in news:
             index = new.prompt_embeds.index if new.prompt_embeds is not None else None
             array = embeds[index] if index is not None else embeds
             keys = _item(listed, index or 0) if listed is not None and new.prompt_embeds is not None else None
             try:
-                taken.append(self._take(new, array, keys))
+                taken.append(self._take(new, uploaded.get(index, array), keys))
             except Exception as exc:  # noqa: BLE001 - the engine client fails this request
                 errors.append(exc)
             else:
@@ -201,19 +203,34 @@ class ShardWorker:
         return RequestState(new.req_id, new.prompt_len, token_ids, prompt_embeds, new.embeds_spans,
                             prompt_logprobs=prompt_logprobs)
 
-    def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | None) -> torch.Tensor | None:
+    def _upload_call(self, news: list[NewRequest], embeds) -> dict[int | None, torch.Tensor]:
+        """On CUDA, each embeddings array the call's requests use (by their index; None:
+        the call's one array), uploaded together by upload_rows: the host copy on the
+        upload threads, not one prompt after another on this one. {} on CPU; {} too if an
+        array is not what its request says, so that _take meets each request's error."""
+        if self.runner.device.type != "cuda" or embeds is None:
+            return {}
+        refs = {new.prompt_embeds.index: new.prompt_embeds for new in news if new.prompt_embeds is not None}
+        try:
+            tensors = {index: _host_rows(ref, embeds[index] if index is not None else embeds)
+                       for index, ref in refs.items()}
+        except Exception:  # noqa: BLE001 - each request's own _take raises it
+            return {}
+        if self._upload_pool is None:
+            self._upload_pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="shardserve-upload")
+        uploaded = upload_rows(list(tensors.values()), self.runner.device, self.config.torch_dtype, self._upload_pool)
+        return dict(zip(tensors, uploaded))
+
+    def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | torch.Tensor | None
+                      ) -> torch.Tensor | None:
         """The request's (seq_len, hidden) array, a zero-copy read-only view of the object
-        store, as a tensor in the model's dtype on this shard's device."""
+        store, as a tensor in the model's dtype on this shard's device (a tensor there
+        already, from _upload_call, as it is)."""
         if embeds is None:
             return None
-        if array is None:
-            raise ValueError("a request with prompt embeddings came without their array "
-                             "(EngineClient passes it as the call's argument)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only arrays
-            tensor = torch.from_numpy(array)
-        if embeds.dtype == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
+        if isinstance(array, torch.Tensor) and array.device == self.runner.device:
+            return array
+        tensor = _host_rows(embeds, array)
         # One host copy (into pinned memory on CUDA) releases the object-store view; the
         # upload waits for no step.
         if self.runner.device.type == "cuda":
@@ -306,3 +323,15 @@ def _item(listed: Future, index: int) -> Future:
 
     listed.add_done_callback(pick)
     return item
+
+
+def _host_rows(embeds: PromptEmbedsRef, array: np.ndarray | None) -> torch.Tensor:
+    """A request's embeddings array (a read-only view of the object store) as a host
+    tensor of the dtype the driver put it as, no copy made."""
+    if array is None:
+        raise ValueError("a request with prompt embeddings came without their array "
+                         "(EngineClient passes it as the call's argument)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only arrays
+        tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if embeds.dtype == "bfloat16" else tensor

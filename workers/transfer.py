@@ -6,7 +6,16 @@ Runs in each shard."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+# A shard's host copy of a call's embeddings rows (object store -> pinned memory) is a
+# memcpy: on one core, 16 prompts of 2 MiB took 6.3 ms on the H200 host, on four 2.8 ms
+# (BENCHMARKS.md, session 27). upload_rows splits it into pieces of about this size for
+# a pool of UPLOAD_THREADS threads (a torch copy gives up the GIL).
+UPLOAD_THREADS = 4
+UPLOAD_PIECE_BYTES = 1 << 20
 
 
 def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -23,3 +32,36 @@ def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None
     # request thread from opening a context on another shard's GPU.
     with torch.cuda.device(device):
         return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def upload_rows(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype,
+                pool: ThreadPoolExecutor | None = None) -> list[torch.Tensor]:
+    """Host tensors (one call's embeddings rows) as tensors of `dtype` on CUDA `device`,
+    each its own (a prompt's rows are freed when it finishes), copied in stream order as
+    to_device does: all first into one pinned buffer (gather_rows, on `pool`), then each
+    uploaded from its part of it."""
+    with torch.cuda.device(device):
+        pinned = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=True)
+    return [part.to(device, non_blocking=True) for part in gather_rows(tensors, pinned, pool)]
+
+
+def gather_rows(tensors: list[torch.Tensor], buffer: torch.Tensor, pool: ThreadPoolExecutor | None = None
+                ) -> list[torch.Tensor]:
+    """Copies each tensor into its part of the flat `buffer` (cast to its dtype), in pieces
+    of about UPLOAD_PIECE_BYTES of whole rows, the pieces on `pool`'s threads; returns the
+    parts, each viewed as its tensor's shape."""
+    parts, pieces, offset = [], [], 0
+    for tensor in tensors:
+        part = buffer[offset:offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+        parts.append(part)
+        row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 and len(tensor) else 0
+        rows = max(1, UPLOAD_PIECE_BYTES // row_bytes) if row_bytes else max(1, len(part))
+        pieces += [(part[start:start + rows], tensor[start:start + rows]) for start in range(0, len(tensor), rows)]
+    if pool is None or len(pieces) < 2:
+        for target, source in pieces:
+            target.copy_(source)
+    else:
+        for done in [pool.submit(target.copy_, source) for target, source in pieces]:
+            done.result()
+    return parts

@@ -298,3 +298,23 @@ def test_embeddings_in_flight_are_bounded_by_what_the_devices_had_free():
     assert bound(config, [80 << 30, 60 << 30]) == 2 << 30  # a large GPU: the cap
     assert bound(config, [3 << 30, 1 << 30]) == 512 << 20  # a small one: half the emptiest shard's free
     assert bound(config, [4 << 20]) == one_prompt  # almost nothing free: one prompt still goes
+
+
+def test_an_engines_store_warmup_is_512_mib_at_most_an_eighth_of_the_store():
+    """An engine that takes embeddings writes this much of its node's object store while its
+    shards start (the store's fresh pages cost its first puts a fault per 4 KiB)."""
+    assert engine_client.store_warmup_bytes(37.4 * 2**30) == engine_client.STORE_WARMUP_MAX_BYTES == 512 << 20
+    assert engine_client.store_warmup_bytes(2 << 30) == 256 << 20
+    assert engine_client.store_warmup_bytes(0) == 0
+
+
+def test_warm_object_store_puts_into_this_nodes_store_and_keeps_no_reference(ray_cluster):
+    import ray
+
+    core_worker = ray._private.worker.global_worker.core_worker
+    before = set(core_worker.get_all_reference_counts())
+    assert engine_client.warm_object_store(8 << 20) == 8 << 20
+    # The object was put (owned by this process) and its reference dropped at once, so Ray
+    # frees it with its next batch: this process holds none of it.
+    held = {ref: counts for ref, counts in core_worker.get_all_reference_counts().items() if ref not in before}
+    assert not any(counts["local"] for counts in held.values()), held
