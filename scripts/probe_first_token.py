@@ -66,9 +66,11 @@ def _stamp(obj, name: str, phase: str, stamps: list) -> None:
 
 def _install_stamps(shard) -> bool:
     """On the shard: stamps the first-token path's phases into shard._stamps. add_requests
-    itself cannot be wrapped (Ray calls the class's function), but its first act for each
-    request is _fetch_embeds, for both kinds of prompt."""
+    itself cannot be wrapped (Ray calls the class's function), but its first act is
+    _upload_call (on CUDA, the call's rows uploaded together), then _fetch_embeds for each
+    request, for both kinds of prompt."""
     stamps = shard._stamps = []
+    _stamp(shard, "_upload_call", "add_request (upload the call's rows)", stamps)
     _stamp(shard, "_fetch_embeds", "add_request (fetch embeds)", stamps)
     _stamp(shard.intake, "put", "intake put", stamps)
     _stamp(shard.runner.pg, "broadcast_object", "plan broadcast", stamps)
