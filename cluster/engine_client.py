@@ -53,10 +53,10 @@ EMBEDS_IN_FLIGHT_MAX_BYTES = 2 << 30
 # A page of the object store that no process has written costs a put a fault and the
 # kernel a zeroed page; its allocator comes back to freed pages only once Ray has freed the
 # dropped objects, which it does in batches about once a second. So a fresh engine's first
-# puts of embeddings land on fresh pages: 16 MiB took 5.3 ms there against 1.8 ms on
-# written ones (the H200 host, BENCHMARKS.md session 27), and 9.6 against 2.0 ms on 2 cores.
-# An engine that takes embeddings writes this much of the store once, while its shards
-# start, at most an eighth of its node's store (warm_object_store).
+# puts of embeddings land on fresh pages: 16 MiB took 3.8 ms there against 1.3 ms on
+# written ones (the H200 host, BENCHMARKS.md session 28). An engine that takes embeddings
+# writes this much of the store once, while its shards start, at most an eighth of its
+# node's store (warm_object_store): its first 512 MiB of puts then land on written pages.
 STORE_WARMUP_MAX_BYTES = 512 << 20
 
 DeltaSink = Callable[[RequestDelta], None]

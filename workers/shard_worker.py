@@ -207,18 +207,20 @@ class ShardWorker:
         """On CUDA, each embeddings array the call's requests use (by their index; None:
         the call's one array), uploaded together by upload_rows: the host copy on the
         upload threads, not one prompt after another on this one. {} on CPU; {} too if an
-        array is not what its request says, so that _take meets each request's error."""
+        array is not what its request says or the upload fails (pinned memory short), so
+        that each request's _take meets its own error."""
         if self.runner.device.type != "cuda" or embeds is None:
             return {}
+        if self._upload_pool is None:
+            self._upload_pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="shardserve-upload")
         refs = {new.prompt_embeds.index: new.prompt_embeds for new in news if new.prompt_embeds is not None}
         try:
             tensors = {index: _host_rows(ref, embeds[index] if index is not None else embeds)
                        for index, ref in refs.items()}
+            uploaded = upload_rows(list(tensors.values()), self.runner.device, self.config.torch_dtype,
+                                   self._upload_pool)
         except Exception:  # noqa: BLE001 - each request's own _take raises it
             return {}
-        if self._upload_pool is None:
-            self._upload_pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="shardserve-upload")
-        uploaded = upload_rows(list(tensors.values()), self.runner.device, self.config.torch_dtype, self._upload_pool)
         return dict(zip(tensors, uploaded))
 
     def _fetch_embeds(self, embeds: PromptEmbedsRef | None, array: np.ndarray | torch.Tensor | None

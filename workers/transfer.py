@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 # A shard's host copy of a call's embeddings rows (object store -> pinned memory) is a
-# memcpy: on one core, 16 prompts of 2 MiB took 6.3 ms on the H200 host, on four 2.8 ms
-# (BENCHMARKS.md, session 27). upload_rows splits it into pieces of about this size for
-# a pool of UPLOAD_THREADS threads (a torch copy gives up the GIL).
+# memcpy: one prompt after another, copying and uploading 8 prompts of 2 MiB took 4.1 ms
+# on the H200 host. upload_rows splits the copy into pieces of about this size for a pool
+# of UPLOAD_THREADS threads (a torch copy gives up the GIL): at batch 16 the first group
+# then went from the driver's send to the step loop in 4.9 ms instead of 6.6 ms
+# (BENCHMARKS.md, session 28).
 UPLOAD_THREADS = 4
 UPLOAD_PIECE_BYTES = 1 << 20
 
