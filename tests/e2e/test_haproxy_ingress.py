@@ -62,8 +62,13 @@ def _output(log) -> str:
 def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_server):
     server, url, log = haproxy_server
     port = int(url.rsplit(":", 1)[1])
-    listeners = {_name(pid) for pid in descendants(server.pid) if _listens_on(pid, port)}
-    assert listeners == {"haproxy"}, listeners
+
+    def listeners() -> set[str]:
+        return {_name(pid) for pid in descendants(server.pid) if _listens_on(pid, port)}
+
+    # Serve reloads HAProxy (a new process takes the port over) as the replicas come up,
+    # also after the app reports ready: one such handover can be under way right now.
+    assert wait_until(lambda: listeners() == {"haproxy"}, 30), listeners()
     assert "HAProxy ingress" in _output(log)
 
 
