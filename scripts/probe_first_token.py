@@ -11,7 +11,9 @@ of an embeddings request: the one `ray.put` of its array.
         --dtype bfloat16 --prompt-len 256 --num-prompts 16 --enable-prefix-caching --timeline
 
 With --num-prompts N > 1 each timeline cell is a phase's first entry -> its last exit (the
-first group of prompts in, the last out). --enable-prefix-caching keeps the engine's cache
+first group of prompts in, the last out); after the table, the driver's time in each of its
+phases summed over the call's prompts (the rows' check, within parsing, counted apart).
+--enable-prefix-caching keeps the engine's cache
 (its default) and salts every call's prompts apart, so nothing hits but every prompt is
 hashed, as bench_offline.py does. The rows are given in the model's dtype, as
 bench_offline.py gives them (--embeds-dtype float32: as a float32 model's embeddings come,
@@ -30,6 +32,7 @@ import ray
 import torch
 
 from cluster import LLM, SamplingParams
+from cluster import prompts as prompt_parsing
 from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
 
 
@@ -70,7 +73,7 @@ def _install_stamps(shard) -> bool:
     _upload_call (on CUDA, the call's rows uploaded together), then _fetch_embeds for each
     request, for both kinds of prompt."""
     stamps = shard._stamps = []
-    _stamp(shard, "_upload_call", "add_request (upload the call's rows)", stamps)
+    _stamp(shard, "_upload_call", "add_request (upload rows)", stamps)
     _stamp(shard, "_fetch_embeds", "add_request (fetch embeds)", stamps)
     _stamp(shard.intake, "put", "intake put", stamps)
     _stamp(shard.runner.pg, "broadcast_object", "plan broadcast", stamps)
@@ -85,9 +88,12 @@ def _install_stamps(shard) -> bool:
 
 
 def _stamp_driver(llm, stamps: list) -> None:
-    """The driver's phases of a request: parsing (and checking) the prompt, putting
-    embeddings into the object store, sending add_request to every shard."""
+    """The driver's phases of a request: parsing the prompt (its rows' check within), its
+    length against max_model_len, putting embeddings into the object store, sending
+    add_request to every shard."""
     _stamp(llm, "_parse", "parse prompt", stamps)
+    _stamp(prompt_parsing, "validate_prompt_embeds", "check rows", stamps)  # main() unwraps it
+    _stamp(llm, "_checked", "check length", stamps)
     _stamp(llm.engine, "put_prompts", "ray.put embeds", stamps)
     _stamp(llm.engine, "add_request", "send add_request", stamps)
 
@@ -112,12 +118,28 @@ def _first_after(stamps: list, start: float, until_last: bool = False) -> dict:
     return first
 
 
+def _busy_ms(stamps: list, start: float) -> dict:
+    """phase -> ms spent in its calls that ended after start, summed (a phase nested in
+    another, as the rows' check in parsing, counts in both)."""
+    busy: dict = {}
+    for phase, enter, exit_ in stamps:
+        if exit_ >= start:
+            busy[phase] = busy.get(phase, 0.0) + (exit_ - enter) * 1e3
+    return busy
+
+
 def _print_timeline(timeline: dict) -> None:
     """timeline: mode -> list over repeats of {(rank, phase): (enter, exit)}."""
     modes = list(timeline)
-    keys = sorted({key for runs in timeline.values() for run in runs for key in run},
-                  key=lambda key: (statistics.median(run[key][1] for run in timeline[modes[0]] if key in run)
-                                   if any(key in run for run in timeline[modes[0]]) else float("inf")))
+
+    def order(key) -> float:  # its median exit in the last mode that has it (prompt_embeds: every phase)
+        for mode in reversed(modes):
+            exits = [run[key][1] for run in timeline[mode] if key in run]
+            if exits:
+                return statistics.median(exits)
+        return float("inf")
+
+    keys = sorted({key for runs in timeline.values() for run in runs for key in run}, key=order)
     print("median ms after the driver's generate() call, enter -> exit")
     print(f"{'rank':>6} {'phase':<28}" + "".join(f"{mode:>22}" for mode in modes))
     for rank, phase in keys:
@@ -136,6 +158,7 @@ def main(argv=None) -> dict:
               dtype=args.dtype, max_model_len=args.max_model_len, enable_prompt_embeds=True,
               **({} if args.enable_prefix_caching else UNCACHED))
     calls = itertools.count()
+    check_rows = prompt_parsing.validate_prompt_embeds  # the module's own, put back at the end
 
     def salted(batch: list[dict]) -> list[dict]:  # this call's own cache keys
         if not args.enable_prefix_caching:
@@ -156,6 +179,7 @@ def main(argv=None) -> dict:
             llm.generate(salted(batch + batch[:1]), one_token, use_tqdm=False)
         times = {mode: [] for mode in prompts}
         timeline = {mode: [] for mode in prompts}
+        driver_busy = {mode: [] for mode in prompts}  # per repeat: phase -> ms summed over its calls
         shards = llm.engine.shards
         driver_stamps = []
         if args.timeline:
@@ -170,6 +194,7 @@ def main(argv=None) -> dict:
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
                     ranks.insert(0, list(driver_stamps))
+                    driver_busy[mode].append(_busy_ms(driver_stamps, wall_start))
                     driver_stamps.clear()
                     timeline[mode].append({(rank - 1 if rank else "driver", phase): span
                                            for rank, stamps in enumerate(ranks)
@@ -184,12 +209,18 @@ def main(argv=None) -> dict:
             if put.prompt_embeds.digests is not None:  # the hasher's call ends before the next put
                 ray.get(put.prompt_embeds.digests)
     finally:
+        prompt_parsing.validate_prompt_embeds = check_rows
         llm.shutdown()
     result = {f"median {mode} (ms)": statistics.median(values) for mode, values in times.items()}
     result["ratio"] = result["median prompt_embeds (ms)"] / result["median token ids (ms)"]
     result["median ray.put of the embeddings (ms)"] = statistics.median(puts)
     if args.timeline:
         _print_timeline(timeline)
+        for mode, runs in driver_busy.items():
+            phases = sorted({phase for run in runs for phase in run})
+            print(f"driver, {mode}: ms in each phase, summed over its calls (median of repeats): "
+                  + ", ".join(f"{phase} {statistics.median(run.get(phase, 0.0) for run in runs):.2f}"
+                              for phase in phases))
     batch = f"{args.num_prompts} prompts of {args.prompt_len} rows" if args.num_prompts > 1 \
         else f"{args.prompt_len}-row prompt"
     cache = ", prefix cache on (salted calls)" if args.enable_prefix_caching else ""

@@ -51,7 +51,11 @@ def test_probe_first_token_timeline_orders_each_ranks_phases(ray_cluster, capsys
         for phase in ("add_request (fetch embeds)", "intake put", "plan broadcast", "apply plan", "execute"):
             assert (rank, phase) in rows, (rank, phase)
     assert ("0", "outbox put") in rows and ("1", "outbox put") not in rows
-    assert ("driver", "ray.put embeds") in rows
+    for phase in ("parse prompt", "check rows", "check length", "ray.put embeds"):
+        assert ("driver", phase) in rows, phase
+    from cluster import prompts
+
+    assert prompts.validate_prompt_embeds.__name__ == "validate_prompt_embeds", "the probe left its stamp on the module"
 
     def exits(rank, phase):  # (token ids, prompt_embeds) median exit times
         cells = rows[(rank, phase)].split()
@@ -76,6 +80,11 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     rows = {(line[:6].strip(), line[7:35].strip()): line[35:].split() for line in table if not line.startswith("TP=")}
     enter, _, exit_ = rows[("0", "add_request (fetch embeds)")][3:6]  # the embeddings column
     assert float(enter) <= float(exit_)
+    # The driver's time in each phase, summed over the batch's calls: the rows' check is part
+    # of parsing, so it takes no longer than the parsing that holds it.
+    busy = out.split("driver, prompt_embeds: ms in each phase, summed over its calls (median of repeats): ", 1)[1]
+    spent = dict(item.rsplit(" ", 1) for item in busy.splitlines()[0].split(", "))
+    assert 0 < float(spent["check rows"]) <= float(spent["parse prompt"]), spent
 
 
 def test_profile_step_loop_op_table(capsys):
