@@ -1,7 +1,8 @@
 """A shard's upload of a call's embeddings rows (workers/transfer.py): gather_rows copies
 every prompt's rows into its own part of one buffer, piece by piece on a pool of threads,
 whatever the rows' count, width and dtype; on CUDA (gpu marker), upload_rows gives each
-prompt its own tensor on the device, equal to its rows."""
+prompt its own tensor on the device, equal to its rows. A shard uploads each array of a
+call once, and leaves each request to its own path on CPU or when the upload cannot go."""
 
 from __future__ import annotations
 
@@ -74,3 +75,59 @@ def test_upload_rows_gives_each_prompt_its_rows_on_the_device(pool):
         assert torch.equal(tensor.cpu(), source)
     storages = {t.untyped_storage().data_ptr() for t in uploaded}
     assert len(storages) == len(uploaded), "prompts share a device buffer: one's rows would outlive it"
+
+
+def _shard_on(monkeypatch, device_type: str, upload=None):
+    """A ShardWorker with only what _upload_call reads: a runner on `device_type`, the
+    config's dtype; upload_rows replaced by `upload`."""
+    import types
+
+    from workers import shard_worker
+
+    shard = object.__new__(shard_worker.ShardWorker)
+    shard.runner = types.SimpleNamespace(device=types.SimpleNamespace(type=device_type))
+    shard.config = types.SimpleNamespace(torch_dtype=torch.bfloat16)
+    shard._upload_pool = None
+    if upload is not None:
+        monkeypatch.setattr(shard_worker, "upload_rows", upload)
+    return shard
+
+
+def _news(shapes):
+    from workers.messages import NewRequest, PromptEmbedsRef
+    from workers.sampling_params import SamplingParams
+
+    return [NewRequest(f"r{i}", None, PromptEmbedsRef(None, "float32", shape, index=i), SamplingParams())
+            for i, shape in enumerate(shapes)]
+
+
+def test_a_shard_uploads_a_calls_rows_together_by_their_index(monkeypatch):
+    import numpy as np
+
+    seen = []
+
+    def upload(tensors, device, dtype, pool):
+        seen.append(([tuple(t.shape) for t in tensors], dtype, pool is not None))
+        return [f"device rows {i}" for i in range(len(tensors))]
+
+    shard = _shard_on(monkeypatch, "cuda", upload)
+    arrays = [np.zeros((3, 8), np.float32), np.ones((5, 8), np.float32)]
+    news = _news([(3, 8), (5, 8)]) + _news([(3, 8)])[:1]  # a third request on the first array
+    assert shard._upload_call(news, arrays) == {0: "device rows 0", 1: "device rows 1"}
+    assert seen == [([(3, 8), (5, 8)], torch.bfloat16, True)]  # each array once, on the pool
+    shard._upload_pool.shutdown()
+
+
+def test_a_shard_leaves_each_request_to_its_own_path_on_cpu_or_when_the_upload_cannot_go(monkeypatch):
+    import numpy as np
+
+    arrays = [np.zeros((3, 8), np.float32)]
+    assert _shard_on(monkeypatch, "cpu")._upload_call(_news([(3, 8)]), arrays) == {}
+
+    def short_of_pinned_memory(*args):
+        raise RuntimeError("CUDA error: out of memory")
+
+    shard = _shard_on(monkeypatch, "cuda", short_of_pinned_memory)
+    assert shard._upload_call(_news([(3, 8)]), arrays) == {}  # _take then meets the error per request
+    assert shard._upload_call(_news([(3, 8), (3, 8)]), arrays[:1]) == {}  # no array for index 1
+    shard._upload_pool.shutdown()
