@@ -78,7 +78,10 @@ def embeds_in_flight_bound(config: EngineConfig, free_device_bytes: list[int | N
 def warm_object_store(max_bytes: int = STORE_WARMUP_MAX_BYTES) -> int:
     """Writes store_warmup_bytes of this node's object store and drops them, so that the
     allocator hands this process's later puts pages it has already written: each such put
-    then costs a copy, not a fault per 4 KiB. Returns the bytes written."""
+    then costs a copy, not a fault per 4 KiB. Returns the bytes written: none through Ray
+    Client (`ray://`), whose puts cross the network to a store this process never maps."""
+    if ray.util.client.ray.is_connected():
+        return 0
     node_id = ray.get_runtime_context().get_node_id()
     store = next((node["Resources"].get("object_store_memory", 0) for node in ray.nodes()
                   if node["NodeID"] == node_id and node["Alive"]), 0)

@@ -318,3 +318,13 @@ def test_warm_object_store_puts_into_this_nodes_store_and_keeps_no_reference(ray
     # frees it with its next batch: this process holds none of it.
     held = {ref: counts for ref, counts in core_worker.get_all_reference_counts().items() if ref not in before}
     assert not any(counts["local"] for counts in held.values()), held
+
+
+def test_no_store_warmup_through_ray_client(monkeypatch):
+    """A driver connected by Ray Client (ray://) puts over the network into a store it
+    never maps: warming would only send 512 MiB across."""
+    import ray
+
+    monkeypatch.setattr(ray.util.client.ray, "is_connected", lambda: True)
+    monkeypatch.setattr(engine_client.ray, "put", lambda value: pytest.fail("put through Ray Client"))
+    assert engine_client.warm_object_store() == 0
