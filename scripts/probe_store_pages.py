@@ -76,7 +76,7 @@ def run_one(mib: int, puts: int, store_gib: float, warmup: bool) -> None:
         began, before = time.perf_counter(), faults()
         written = warm_object_store()
         took, warm_faults = time.perf_counter() - began, faults() - before
-        while plasma_bytes_used() >= written:  # Ray frees dropped objects in batches, about once a second
+        while written and plasma_bytes_used() >= written:  # Ray frees dropped objects in batches, about once a second
             time.sleep(0.05)
         label += f", warmed ({written >> 20} MiB in {took * 1e3:.0f} ms, {warm_faults} faults)"
     rows = []
@@ -113,16 +113,15 @@ def main(argv=None) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for store_gib in args.store_gib:
-        variants = [{}]
+        variants = [({}, False)]  # (environment added, warmed by the engine's warm-up)
         if args.preallocate and store_gib:
-            variants.append({"RAY_preallocate_plasma_memory": "1"})
+            variants.append(({"RAY_preallocate_plasma_memory": "1"}, False))
         if args.warmup:
-            variants.append({"warmed": True})
-        for variant in variants:
-            warmed = variant.pop("warmed", False)
+            variants.append(({}, True))
+        for extra_env, warmed in variants:
             subprocess.run([sys.executable, __file__, "--mib", str(args.mib), "--puts", str(args.puts),
                             "--one", str(store_gib)] + (["--warmed"] if warmed else []),
-                           env={**env, **variant}, check=True)
+                           env={**env, **extra_env}, check=True)
 
 
 if __name__ == "__main__":

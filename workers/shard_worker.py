@@ -140,7 +140,7 @@ class ShardWorker:
         taken, errors = [], []
         for new in news:
             index = new.prompt_embeds.index if new.prompt_embeds is not None else None
-            array = embeds[index] if index is not None else embeds
+            array = _array_at(embeds, index)
             keys = _item(listed, index or 0) if listed is not None and new.prompt_embeds is not None else None
             try:
                 taken.append(self._take(new, uploaded.get(index, array), keys))
@@ -215,8 +215,7 @@ class ShardWorker:
             self._upload_pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="shardserve-upload")
         refs = {new.prompt_embeds.index: new.prompt_embeds for new in news if new.prompt_embeds is not None}
         try:
-            tensors = {index: _host_rows(ref, embeds[index] if index is not None else embeds)
-                       for index, ref in refs.items()}
+            tensors = {index: _host_rows(ref, _array_at(embeds, index)) for index, ref in refs.items()}
             uploaded = upload_rows(list(tensors.values()), self.runner.device, self.config.torch_dtype,
                                    self._upload_pool)
         except Exception:  # noqa: BLE001 - each request's own _take raises it
@@ -325,6 +324,12 @@ def _item(listed: Future, index: int) -> Future:
 
     listed.add_done_callback(pick)
     return item
+
+
+def _array_at(embeds, index: int | None):
+    """A request's array in what its call brought: the `index`th of several prompts'
+    arrays, or (index None) the call's one array, or None when the call brought none."""
+    return embeds[index] if index is not None else embeds
 
 
 def _host_rows(embeds: PromptEmbedsRef, array: np.ndarray | None) -> torch.Tensor:

@@ -57,8 +57,8 @@ def gather_rows(tensors: list[torch.Tensor], buffer: torch.Tensor, pool: ThreadP
         part = buffer[offset:offset + tensor.numel()].view(tensor.shape)
         offset += tensor.numel()
         parts.append(part)
-        row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 and len(tensor) else 0
-        rows = max(1, UPLOAD_PIECE_BYTES // row_bytes) if row_bytes else max(1, len(part))
+        row_bytes = tensor.element_size() * (tensor[0].numel() if len(tensor) else 1)
+        rows = max(1, UPLOAD_PIECE_BYTES // row_bytes)
         pieces += [(part[start:start + rows], tensor[start:start + rows]) for start in range(0, len(tensor), rows)]
     if pool is None or len(pieces) < 2:
         for target, source in pieces:
