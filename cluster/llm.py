@@ -25,6 +25,9 @@ from workers.sampling_params import SamplingParams
 # generate() sends its prompts in groups of about one step's tokens (step_groups), each
 # group's embeddings put into the object store as one object of at most this many bytes.
 EMBEDS_GROUP_MAX_BYTES = 64 << 20
+# The first group is this share of a step's tokens: the engine's first step starts as soon as
+# it is checked, put and sent, and the next groups are read and put while the GPU works.
+FIRST_GROUP_SHARE = 0.25
 
 
 @dataclasses.dataclass
@@ -257,17 +260,18 @@ def embeds_nbytes(prompt: EnginePrompt) -> int:
 def step_groups(checked, step_tokens: int):
     """Consecutive runs of (prompt, params), taken from `checked` as they are needed, each
     about one engine step's worth: a run ends once its prompts' tokens, times their
-    samples, reach `step_tokens`, or its embeddings arrays EMBEDS_GROUP_MAX_BYTES.
-    generate() puts a run's embeddings as one object and sends its requests together, so
-    the first step starts once the first run is sent, holding as many requests as it
-    would have, and later runs are read and put while the engine works."""
+    samples, reach `step_tokens` (FIRST_GROUP_SHARE of it for the first run), or its
+    embeddings arrays EMBEDS_GROUP_MAX_BYTES. generate() puts a run's embeddings as one
+    object and sends its requests together, so the first step starts once the first, small
+    run is sent, and later runs are read and put while the engine works."""
     group, tokens, nbytes = [], 0, 0
+    run_tokens = max(1, int(step_tokens * FIRST_GROUP_SHARE))
     for prompt, sp in checked:
         group.append((prompt, sp))
         tokens += prompt.num_tokens * sp.n
         nbytes += embeds_nbytes(prompt)
-        if tokens >= step_tokens or nbytes >= EMBEDS_GROUP_MAX_BYTES:
+        if tokens >= run_tokens or nbytes >= EMBEDS_GROUP_MAX_BYTES:
             yield group
-            group, tokens, nbytes = [], 0, 0
+            group, tokens, nbytes, run_tokens = [], 0, 0, step_tokens
     if group:
         yield group

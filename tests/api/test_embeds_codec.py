@@ -405,11 +405,39 @@ def test_rejects_nan_and_inf(bad):
         decode(encode_prompt_embeds(tensor))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_finite_reads_every_16_bit_pattern_as_isfinite_does(dtype):
+    from cluster.prompts import all_finite
+
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = torch.isfinite(patterns.float())
+    assert 0 < int(finite.sum()) < len(patterns)
+    assert [all_finite(patterns[i:i + 1]) for i in range(len(patterns))] == finite.tolist()
+    assert all_finite(patterns[finite]) and not all_finite(patterns)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_at_the_edges_of_wide_dtypes(dtype):
+    from cluster.prompts import all_finite
+
+    info = torch.finfo(dtype)
+    edges = torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.tiny / 4, -info.tiny / 4, 0.0, -0.0],
+                         dtype=dtype)
+    assert all_finite(edges)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    sign_bit = torch.tensor([-0.0], dtype=dtype).view(bits)
+    negative_nan = (torch.tensor([float("nan")], dtype=dtype).view(bits) | sign_bit).view(dtype)
+    for bad in (torch.tensor([float("nan")], dtype=dtype), torch.tensor([float("inf")], dtype=dtype),
+                torch.tensor([-float("inf")], dtype=dtype), negative_nan):
+        assert torch.isfinite(bad).tolist() == [False]
+        assert not all_finite(torch.cat([edges, bad, edges]))
+
+
 @pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_single_bad_value_anywhere_is_found(source, model_dtype):
-    """The check is one min/max reduction, vectorized in blocks: a NaN or Inf in the first,
-    a middle or the last element (a block's tail) of a tensor is still caught."""
+    """The check is two integer max reductions, vectorized in blocks: a NaN or Inf in the
+    first, a middle or the last element (a block's tail) of a tensor is still caught."""
     rows = 129
     for position in (0, rows * H // 2 + 3, rows * H - 1):
         for bad in (float("nan"), float("inf"), -float("inf")):
@@ -467,7 +495,7 @@ def test_codec_benchmark_compares_with_the_naive_decode(capsys):
     assert all(row["safe_ms"] > 0 and row["naive_ms"] > 0 and row["ratio"] == row["safe_ms"] / row["naive_ms"]
                for row in decodes)
     assert all(row[key] > 0 for row in parts for key in ("json_stdlib_ms", "from_json_ms", "b64_stdlib_ms",
-                                                         "pybase64_ms", "isfinite_ms", "aminmax_ms"))
+                                                         "pybase64_ms", "isfinite_ms", "aminmax_ms", "bits_ms"))
     out = capsys.readouterr().out
     assert "safe / naive" in out and "pybase64 ms" in out and "from_json ms" in out
 

@@ -176,9 +176,9 @@ def test_continuous_batching_matches_each_alone(llm):
 
 def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm, monkeypatch):
     """generate() sends its prompts a step's worth at a time (here 20 tokens, samples
-    counted), each group's embeddings put as one object and its requests sent in one call
-    per shard: every prompt, token ids among them and one with n=2, gets what it gets
-    alone, and the groups sent are the ones step_groups cut."""
+    counted; the first group a quarter of that), each group's embeddings put as one object
+    and its requests sent in one call per shard: every prompt, token ids among them and one
+    with n=2, gets what it gets alone, and the groups sent are the ones step_groups cut."""
     import cluster.llm
 
     cut, step_groups = [], cluster.llm.step_groups
@@ -200,7 +200,7 @@ def test_embeddings_prompts_put_in_groups_each_get_their_own_rows(llm, monkeypat
     together = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert together == alone
     assert len({tuple(tokens[0]) for tokens in alone}) == len(prompts)  # the rows differ, so do the tokens
-    assert cut == [[(5, 1), (9, 1), (3, 1), (12, 1)], [(10, 1), (7, 1), (4, 2)], [(6, 1), (8, 1)]]
+    assert cut == [[(5, 1)], [(9, 1), (3, 1), (12, 1)], [(10, 1), (7, 1), (4, 2)], [(6, 1), (8, 1)]]
 
 
 def test_a_bad_prompt_after_a_sent_group_aborts_that_group(llm, monkeypatch):
@@ -210,7 +210,8 @@ def test_a_bad_prompt_after_a_sent_group_aborts_that_group(llm, monkeypatch):
     import cluster.llm
 
     step_groups = cluster.llm.step_groups
-    monkeypatch.setattr(cluster.llm, "step_groups", lambda checked, step_tokens: step_groups(checked, 8))
+    # groups of 4 tokens, the first of 1: the token ids, then the good embeddings, then the bad
+    monkeypatch.setattr(cluster.llm, "step_groups", lambda checked, step_tokens: step_groups(checked, 4))
     long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     before = llm.engine.stats()
     prompts = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_embeds": torch.randn(4, 256)},
