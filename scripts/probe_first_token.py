@@ -1,5 +1,6 @@
 """Time to the first token of one prompt (or --num-prompts of them, in one call) through
-the offline engine (Ray included, no HTTP): the median of `LLM.generate(max_tokens=1)` over
+the offline engine (Ray included, no HTTP): the median of `LLM.generate(max_tokens=1)` (or
+--max-tokens, with ignore_eos) over
 repeats, for the prompts as token ids and as `prompt_embeds` (random rows of the model's
 hidden size), interleaved so neither always follows the other. Also the driver's own share
 of an embeddings request: the one `ray.put` of its array.
@@ -12,7 +13,8 @@ of an embeddings request: the one `ray.put` of its array.
 
 With --num-prompts N > 1 each timeline cell is a phase's first entry -> its last exit (the
 first group of prompts in, the last out); after the table, the driver's time in each of its
-phases summed over the call's prompts (the rows' check, within parsing, counted apart).
+phases summed over the call's prompts (the rows' check, within parsing, counted apart), and
+rank 0's calls and time in each of its phases (with --max-tokens N, its decode steps too).
 --enable-prefix-caching keeps the engine's cache
 (its default) and salts every call's prompts apart, so nothing hits but every prompt is
 hashed, as bench_offline.py does. The rows are given in the model's dtype, as
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--num-prompts", type=int, default=1, help="prompts per generate() call")
+    parser.add_argument("--max-tokens", type=int, default=1,
+                        help="tokens each prompt generates (more than 1: the call's time covers its decode steps too)")
     parser.add_argument("--embeds-dtype", choices=["model", "float32"], default="model",
                         help="the rows' dtype as given to generate(): the model's, or float32 (each prompt "
                              "then cast in the driver's check)")
@@ -121,11 +125,17 @@ def _first_after(stamps: list, start: float, until_last: bool = False) -> dict:
 def _busy_ms(stamps: list, start: float) -> dict:
     """phase -> ms spent in its calls that ended after start, summed (a phase nested in
     another, as the rows' check in parsing, counts in both)."""
-    busy: dict = {}
+    return {phase: ms for phase, (_, ms) in _calls_and_ms(stamps, start).items()}
+
+
+def _calls_and_ms(stamps: list, start: float) -> dict:
+    """phase -> (its calls that ended after start, the ms they took, summed)."""
+    calls: dict = {}
     for phase, enter, exit_ in stamps:
         if exit_ >= start:
-            busy[phase] = busy.get(phase, 0.0) + (exit_ - enter) * 1e3
-    return busy
+            count, ms = calls.get(phase, (0, 0.0))
+            calls[phase] = (count + 1, ms + (exit_ - enter) * 1e3)
+    return calls
 
 
 def _print_timeline(timeline: dict) -> None:
@@ -175,11 +185,13 @@ def main(argv=None) -> dict:
                    "prompt_embeds": [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen).to(rows_dtype)}
                                      for _ in range(args.num_prompts)]}
         one_token = SamplingParams(temperature=0.0, max_tokens=1)
+        timed_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
         for batch in prompts.values():  # warm-up
             llm.generate(salted(batch + batch[:1]), one_token, use_tqdm=False)
         times = {mode: [] for mode in prompts}
         timeline = {mode: [] for mode in prompts}
         driver_busy = {mode: [] for mode in prompts}  # per repeat: phase -> ms summed over its calls
+        leader_calls = {mode: [] for mode in prompts}  # per repeat: rank 0's phase -> (calls, ms summed)
         shards = llm.engine.shards
         driver_stamps = []
         if args.timeline:
@@ -189,12 +201,13 @@ def main(argv=None) -> dict:
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
                 batch = salted(prompts[mode])
                 wall_start, start = time.time(), time.perf_counter()
-                llm.generate(batch, one_token, use_tqdm=False)
+                llm.generate(batch, timed_params, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
                     ranks.insert(0, list(driver_stamps))
                     driver_busy[mode].append(_busy_ms(driver_stamps, wall_start))
+                    leader_calls[mode].append(_calls_and_ms(ranks[1], wall_start))
                     driver_stamps.clear()
                     timeline[mode].append({(rank - 1 if rank else "driver", phase): span
                                            for rank, stamps in enumerate(ranks)
@@ -221,10 +234,17 @@ def main(argv=None) -> dict:
             print(f"driver, {mode}: ms in each phase, summed over its calls (median of repeats): "
                   + ", ".join(f"{phase} {statistics.median(run.get(phase, 0.0) for run in runs):.2f}"
                               for phase in phases))
+        for mode, runs in leader_calls.items():
+            phases = sorted({phase for run in runs for phase in run})
+            print(f"rank 0, {mode}: calls / ms in each phase, summed (median of repeats): "
+                  + ", ".join(f"{phase} {statistics.median(run.get(phase, (0, 0.0))[0] for run in runs):g} / "
+                              f"{statistics.median(run.get(phase, (0, 0.0))[1] for run in runs):.2f}"
+                              for phase in phases))
     batch = f"{args.num_prompts} prompts of {args.prompt_len} rows" if args.num_prompts > 1 \
         else f"{args.prompt_len}-row prompt"
     cache = ", prefix cache on (salted calls)" if args.enable_prefix_caching else ""
-    print(f"TP={args.tensor_parallel_size}, {batch}{cache}, {args.repeats} repeats: "
+    tokens = f", {args.max_tokens} tokens each" if args.max_tokens > 1 else ""
+    print(f"TP={args.tensor_parallel_size}, {batch}{tokens}{cache}, {args.repeats} repeats: "
           + ", ".join(f"{key} {value:.3f}" for key, value in result.items()))
     return result
 

@@ -68,14 +68,15 @@ def test_probe_first_token_timeline_orders_each_ranks_phases(ray_cluster, capsys
 
 
 def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, capsys):
-    """Several prompts a call, with the cache kept but every call salted: each timeline cell
-    spans the batch (first entry -> last exit)."""
+    """Several prompts a call, with the cache kept but every call salted, each generating 3
+    tokens: each timeline cell spans the batch (first entry -> last exit), and rank 0 counts
+    a step for each token."""
     main = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["main"]
     result = main(["-tp", "2", "--prompt-len", "8", "--repeats", "2", "--max-model-len", "128",
-                   "--num-prompts", "3", "--enable-prefix-caching", "--timeline"])
+                   "--num-prompts", "3", "--max-tokens", "3", "--enable-prefix-caching", "--timeline"])
     assert result["median token ids (ms)"] > 0 and result["median prompt_embeds (ms)"] > 0
     out = capsys.readouterr().out
-    assert "TP=2, 3 prompts of 8 rows, prefix cache on (salted calls), 2 repeats" in out
+    assert "TP=2, 3 prompts of 8 rows, 3 tokens each, prefix cache on (salted calls), 2 repeats" in out
     table = out.split("enter -> exit\n", 1)[1].splitlines()[1:]
     rows = {(line[:6].strip(), line[7:35].strip()): line[35:].split() for line in table if not line.startswith("TP=")}
     enter, _, exit_ = rows[("0", "add_request (fetch embeds)")][3:6]  # the embeddings column
@@ -85,6 +86,10 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     busy = out.split("driver, prompt_embeds: ms in each phase, summed over its calls (median of repeats): ", 1)[1]
     spent = dict(item.rsplit(" ", 1) for item in busy.splitlines()[0].split(", "))
     assert 0 < float(spent["check rows"]) <= float(spent["parse prompt"]), spent
+    leader = out.split("rank 0, prompt_embeds: calls / ms in each phase, summed (median of repeats): ", 1)[1]
+    calls = {phase: float(count) for phase, count in
+             (item.rsplit(" / ", 1)[0].rsplit(" ", 1) for item in leader.splitlines()[0].split(", "))}
+    assert calls["execute"] >= 3 and calls["sampler launch"] >= 3, calls
 
 
 def test_profile_step_loop_op_table(capsys):
