@@ -51,3 +51,24 @@ def test_a_failure_while_adding_aborts_the_requests_already_added():
         llm._run(zip(prompts, params), len(prompts), use_tqdm=False)
     assert llm.engine.added == ["req-0", "req-1-0", "req-1-1"]
     assert set(llm.engine.added) <= set(llm.engine.aborted)
+
+
+
+@pytest.mark.parametrize("share, expected", [
+    (0.25, [[4], [8, 4, 4], [4, 4, 4, 4], [4, 4]]),
+    (0.5, [[4, 8], [4, 4, 4, 4], [4, 4, 4, 4]]),
+    (1.0, [[4, 8, 4], [4, 4, 4, 4], [4, 4, 4]]),
+    (0.01, [[4], [8, 4, 4], [4, 4, 4, 4], [4, 4]]),  # at least one token: one prompt
+])
+def test_the_first_group_is_a_share_of_a_step(monkeypatch, share, expected):
+    """step_groups ends the first group once it reaches FIRST_GROUP_SHARE of a step's tokens
+    (samples counted), every later one at a whole step's; the last takes what is left."""
+    import numpy as np
+
+    import cluster.llm
+
+    monkeypatch.setattr(cluster.llm, "FIRST_GROUP_SHARE", share)
+    rows = EnginePrompt(None, None, np.zeros((4, 8), dtype=np.uint16), "bfloat16")
+    checked = [(rows, SamplingParams(n=2 if i == 1 else 1)) for i in range(10)]
+    groups = cluster.llm.step_groups(iter(checked), 16)
+    assert [[prompt.num_tokens * sp.n for prompt, sp in group] for group in groups] == expected
