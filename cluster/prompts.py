@@ -17,7 +17,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # A prompt's embeddings are cast and made contiguous on few of torch's CPU threads: one per
 # ELEMENTS_PER_THREAD values, one per THREADS_PER_CHECK_THREAD of torch's, at most
 # CHECK_THREADS. Waking all of a many-vCPU host's idle threads costs far more than the op,
-# and on a machine of few vCPUs, busy serving, even waking one more does. Cast and (aminmax) check of
+# and on a machine of few vCPUs, busy serving, even waking one more does. Cast and check (by aminmax then) of
 # a (128, 4096) float32 tensor (`scripts/bench_embeds_codec.py --threads`, BENCHMARKS.md),
 # hot / after a 20 ms pause as between requests: on a 64-vCPU GPU host, 0.06 / 10.7 ms with
 # torch's default 64 threads, 0.07 / 0.57 ms with 8 and 0.23 / 0.73 ms with 1 (and the
@@ -67,8 +67,11 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
 # A floating dtype's values read as integers of its width: each NaN or Inf, and only those,
 # has every exponent bit set. Read as signed integers the positive ones are the largest
 # patterns, from the first value below; read as unsigned, the negative ones are, from the
-# second. So two integer max reductions find them: each ~5x faster than aminmax over
-# bfloat16 values, which numpy runs without holding the GIL (bench_embeds_codec.py --parts).
+# second. So two integer max reductions find them, which numpy runs on one thread without
+# holding the GIL. For a (256, 4096) bfloat16 prompt on the H200 host, out of the caches as a
+# new request's rows are: 0.25 ms, against 0.44 ms for aminmax over its values on one of
+# torch's threads (0.22 on two). In cache, on the 2-core machine: 0.05 against 0.08 ms
+# (BENCHMARKS.md, session 29; bench_embeds_codec.py --parts).
 _NON_FINITE_FROM = {
     torch.bfloat16: (torch.int16, np.uint16, 0x7F80, 0xFF80),
     torch.float16: (torch.int16, np.uint16, 0x7C00, 0xFC00),
