@@ -6,7 +6,7 @@ the embeddings rows is still paid."""
 from __future__ import annotations
 
 from cluster import LLM
-from scripts.bench_offline import time_kinds
+from scripts.bench_offline import kept_round, time_kinds
 
 
 def test_salted_runs_pay_the_cache_but_never_hit_it(ray_cluster):
@@ -21,3 +21,11 @@ def test_salted_runs_pay_the_cache_but_never_hit_it(ray_cluster):
         assert stats.prefix_cache_queries >= 2 * 3 * 2 * 40
         assert stats.prefix_cache_hits == 0
         assert set(best) == {False, True} and all(seconds > 0 for seconds, _ in best.values())
+
+
+def test_a_kind_keeps_its_fastest_or_its_median_round():
+    runs = [(0.30, 9.0), (0.26, 7.0), (0.41, 8.0), (0.28, 6.0)]
+    assert kept_round(runs, "fastest") == (0.26, 7.0)
+    assert kept_round(runs, "median") == (0.28, 6.0)  # the lower of the middle two: a run that happened
+    assert kept_round(runs[:3], "median") == (0.30, 9.0)
+    assert kept_round(runs[:1], "median") == kept_round(runs[:1], "fastest") == (0.30, 9.0)
