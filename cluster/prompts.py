@@ -58,7 +58,7 @@ def validate_prompt_embeds(tensor, hidden_size: int, dtype: torch.dtype) -> torc
     A leading batch dimension of 1 is squeezed. Anything else is a ValueError."""
     tensor = check_embeds_form(tensor, hidden_size)
     with at_most_torch_threads(check_threads(tensor.numel())):
-        tensor = tensor.detach().to("cpu", dtype).contiguous()
+        tensor = tensor.detach().to("cpu", dtype).resolve_neg().contiguous()  # a lazy negation made real
     if not all_finite(tensor):
         raise ValueError(f"prompt_embeds contains NaN or Inf (after casting to {dtype})")
     return tensor

@@ -416,6 +416,23 @@ def test_all_finite_reads_every_16_bit_pattern_as_isfinite_does(dtype):
     assert all_finite(patterns[finite]) and not all_finite(patterns)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lazily_negated_tensor_is_checked_by_its_values(dtype):
+    """A tensor whose negation torch has not applied yet (its neg bit set) cannot be viewed
+    as integers nor as numpy: validation makes the negation real first."""
+    from cluster.prompts import embeds_prompt, validate_prompt_embeds
+
+    rows = torch.randn(3, H)
+    lazy = rows._neg_view()
+    assert lazy.is_neg()
+    checked = validate_prompt_embeds(lazy, H, dtype)
+    assert not checked.is_neg() and torch.equal(checked, (-rows).to(dtype))
+    assert embeds_prompt(checked, H, dtype).num_tokens == 3
+    lazy_nan = torch.full((2, H), float("nan"))._neg_view()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        validate_prompt_embeds(lazy_nan, H, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_all_finite_at_the_edges_of_wide_dtypes(dtype):
     from cluster.prompts import all_finite
