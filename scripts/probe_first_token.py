@@ -15,6 +15,9 @@ With --num-prompts N > 1 each timeline cell is a phase's first entry -> its last
 first group of prompts in, the last out); after the table, the driver's time in each of its
 phases summed over the call's prompts (the rows' check, within parsing, counted apart), and
 rank 0's calls and time in each of its phases (with --max-tokens N, its decode steps too).
+--steps prints rank 0's steps of a call one by one (median of repeats, per kind): the rows
+each computed, the host's time in execute(), the device's time between events recorded
+around it, and the period from its start to the next step's.
 --enable-prefix-caching keeps the engine's cache
 (its default) and salts every call's prompts apart, so nothing hits but every prompt is
 hashed, as bench_offline.py does. The rows are given in the model's dtype, as
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the prefix cache, every call salted so nothing hits")
     parser.add_argument("--timeline", action="store_true",
                         help="also print, per rank, the median time from the driver's call to each phase")
+    parser.add_argument("--steps", action="store_true",
+                        help="also print rank 0's steps of a call one by one: rows, host and device ms, period")
     return parser.parse_args(argv)
 
 
@@ -100,6 +105,70 @@ def _stamp_driver(llm, stamps: list) -> None:
     _stamp(llm, "_checked", "check length", stamps)
     _stamp(llm.engine, "put_prompts", "ray.put embeds", stamps)
     _stamp(llm.engine, "add_request", "send add_request", stamps)
+
+
+def _install_step_events(shard) -> bool:
+    """On the shard: each execute() call's rows, its host enter and exit (time.time()) and
+    device events recorded around it (host clocks off CUDA), kept in shard._steps."""
+    from scripts.step_events import new_event
+
+    cuda = shard.runner.device.type == "cuda"
+    steps = shard._steps = []
+    execute = shard.runner.execute
+
+    def timed(scheduled):
+        start, end = new_event(cuda), new_event(cuda)
+        enter = time.time()
+        start.record()
+        try:
+            return execute(scheduled)
+        finally:
+            end.record()
+            steps.append((sum(s.num_new_tokens for s in scheduled), enter, time.time(), start, end))
+    shard.runner.execute = timed
+    return True
+
+
+def _take_steps(shard) -> list:
+    """[(rows, host enter, host exit, device ms)] of the steps since the last take."""
+    if shard.runner.device.type == "cuda":
+        torch.cuda.synchronize(shard.runner.device)
+    steps, shard._steps[:] = list(shard._steps), []
+    return [(rows, enter, exit_, start.elapsed_time(end)) for rows, enter, exit_, start, end in steps]
+
+
+def _step_rows(steps: list, start: float) -> list:
+    """(rows, host ms, device ms, period ms to the next step's start; None for the last) of
+    each step that began after start."""
+    steps = [step for step in steps if step[1] >= start]
+    return [(rows, (exit_ - enter) * 1e3, device_ms,
+             (steps[i + 1][1] - enter) * 1e3 if i + 1 < len(steps) else None)
+            for i, (rows, enter, exit_, device_ms) in enumerate(steps)]
+
+
+def _print_steps(runs_by_mode: dict) -> None:
+    """runs_by_mode: mode -> list over repeats of _step_rows(); per step index, the median
+    of the repeats that have that step."""
+    print("rank 0's steps, median of repeats: rows, host ms in execute, device ms, period ms to the next step")
+    modes = list(runs_by_mode)
+    print(f"{'step':>4}" + "".join(f"{mode:>36}" for mode in modes))
+    totals = {mode: [0.0, 0.0, 0.0] for mode in modes}
+    for index in range(max(len(run) for runs in runs_by_mode.values() for run in runs)):
+        cells = []
+        for mode in modes:
+            steps = [run[index] for run in runs_by_mode[mode] if index < len(run)]
+            if not steps:
+                cells.append(f"{'-':>36}")
+                continue
+            rows, host, device = (statistics.median(step[k] for step in steps) for k in range(3))
+            periods = [step[3] for step in steps if step[3] is not None]
+            period = statistics.median(periods) if periods else None
+            for k, value in enumerate((host, device, period or 0.0)):
+                totals[mode][k] += value
+            cells.append(f"{rows:7g} {host:8.2f} {device:8.2f} " + (f"{period:9.2f}" if period else f"{'-':>9}"))
+        print(f"{index:>4}" + "".join(f"{cell:>36}" for cell in cells))
+    print(f"{'sum':>4}" + "".join(f"{'':7} {host:8.2f} {device:8.2f} {period:9.2f}".rjust(36)
+                                  for host, device, period in totals.values()))
 
 
 def _take_stamps(shard) -> list:
@@ -192,17 +261,23 @@ def main(argv=None) -> dict:
         timeline = {mode: [] for mode in prompts}
         driver_busy = {mode: [] for mode in prompts}  # per repeat: phase -> ms summed over its calls
         leader_calls = {mode: [] for mode in prompts}  # per repeat: rank 0's phase -> (calls, ms summed)
+        leader_steps = {mode: [] for mode in prompts}  # per repeat: rank 0's _step_rows()
         shards = llm.engine.shards
         driver_stamps = []
         if args.timeline:
             ray.get([shard.__ray_call__.remote(_install_stamps) for shard in shards])
             _stamp_driver(llm, driver_stamps)
+        if args.steps:
+            ray.get(shards[0].__ray_call__.remote(_install_step_events))
         for i in range(args.repeats):
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
                 batch = salted(prompts[mode])
                 wall_start, start = time.time(), time.perf_counter()
                 llm.generate(batch, timed_params, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
+                if args.steps:
+                    leader_steps[mode].append(_step_rows(ray.get(shards[0].__ray_call__.remote(_take_steps)),
+                                                         wall_start))
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
                     ranks.insert(0, list(driver_stamps))
@@ -240,6 +315,8 @@ def main(argv=None) -> dict:
                   + ", ".join(f"{phase} {statistics.median(run.get(phase, (0, 0.0))[0] for run in runs):g} / "
                               f"{statistics.median(run.get(phase, (0, 0.0))[1] for run in runs):.2f}"
                               for phase in phases))
+    if args.steps:
+        _print_steps(leader_steps)
     batch = f"{args.num_prompts} prompts of {args.prompt_len} rows" if args.num_prompts > 1 \
         else f"{args.prompt_len}-row prompt"
     cache = ", prefix cache on (salted calls)" if args.enable_prefix_caching else ""

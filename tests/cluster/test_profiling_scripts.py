@@ -73,7 +73,7 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     a step for each token."""
     main = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["main"]
     result = main(["-tp", "2", "--prompt-len", "8", "--repeats", "2", "--max-model-len", "128",
-                   "--num-prompts", "3", "--max-tokens", "3", "--enable-prefix-caching", "--timeline"])
+                   "--num-prompts", "3", "--max-tokens", "3", "--enable-prefix-caching", "--timeline", "--steps"])
     assert result["median token ids (ms)"] > 0 and result["median prompt_embeds (ms)"] > 0
     out = capsys.readouterr().out
     assert "TP=2, 3 prompts of 8 rows, 3 tokens each, prefix cache on (salted calls), 2 repeats" in out
@@ -90,6 +90,24 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     calls = {phase: float(count) for phase, count in
              (item.rsplit(" / ", 1)[0].rsplit(" ", 1) for item in leader.splitlines()[0].split(", "))}
     assert calls["execute"] >= 3 and calls["sampler launch"] >= 3, calls
+    # --steps: rank 0's steps one by one, for each kind: at least a prefill and two decodes,
+    # each with rows and times; the last has no next step to give it a period.
+    steps = out.split("period ms to the next step\n", 1)[1].splitlines()[1:]
+    steps = [line.split() for line in steps[:next(i for i, line in enumerate(steps) if line.lstrip().startswith("sum"))]]
+    assert len(steps) >= 3 and [int(line[0]) for line in steps] == list(range(len(steps)))
+    for kind in (slice(1, 5), slice(5, 9)):
+        rows, host, device, period = zip(*(line[kind] for line in steps))
+        assert all(float(r) >= 1 for r in rows) and all(float(ms) > 0 for ms in host + device)
+        assert period[-1] == "-" and all(float(ms) > 0 for ms in period[:-1])
+
+
+def test_probe_step_rows_keeps_a_calls_steps_with_their_periods():
+    step_rows = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["_step_rows"]
+    steps = [(5, 9.0, 9.1, 1.0), (24, 10.0, 10.010, 8.0), (3, 10.015, 10.020, 4.0), (3, 10.030, 10.031, 1.5)]
+    rows = step_rows(steps, start=9.5)  # the step before the call is left out
+    assert [r[0] for r in rows] == [24, 3, 3] and [r[2] for r in rows] == [8.0, 4.0, 1.5]
+    assert [round(r[1], 6) for r in rows] == [10.0, 5.0, 1.0]
+    assert [round(r[3], 6) for r in rows[:2]] == [15.0, 15.0] and rows[2][3] is None
 
 
 def test_profile_step_loop_op_table(capsys):
