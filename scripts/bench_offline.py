@@ -34,7 +34,10 @@ batch generating up to its longest requested output. Only requested tokens count
 The engine keeps no prefix cache unless --enable-prefix-caching (the engine's default): then
 every run's prompts carry a cache_salt of their own, so each run computes its prompts as the
 first did while the engine pays what keeping the cache costs (the block hashes: an
-embeddings prompt's rows are hashed, 2 MiB in about 0.5 ms on one of the H200 host's cores)."""
+embeddings prompt's rows are hashed, 2 MiB in about 0.5 ms on one of the H200 host's cores).
+--steps prints rank 0's steps one by one for each batch size and kind: the rows each
+computed, the host's and the device's time in it, the period to the next step (the median
+over the rounds), to show where one kind's run is longer than the other's."""
 
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import torch
 
 from cluster import LLM, SamplingParams
 from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
+from scripts.step_events import LeaderSteps, print_steps
 
 _SALTS = itertools.count()
 
@@ -78,6 +82,9 @@ def parse_args() -> argparse.Namespace:
                         help="keep the engine's prefix cache (its default), each run salted so nothing hits")
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed runs of each kind of prompt, alternating; each kind's fastest is kept")
+    parser.add_argument("--steps", action="store_true",
+                        help="also print rank 0's steps one by one per batch size and kind (rows, host and "
+                             "device ms, period to the next step; median over the rounds)")
     parser.add_argument("--keep", choices=["fastest", "median"], default="fastest",
                         help="which of a kind's rounds its row reports: the fastest, or the median one (by time; "
                              "the lower of the middle two for an even count), whose spread the fastest hides")
@@ -118,17 +125,26 @@ def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | 
 
 
 def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
-               embeds_rows: int | None = None, keep: str = "fastest") -> dict[bool, tuple[float, float]]:
+               embeds_rows: int | None = None, keep: str = "fastest",
+               leader: LeaderSteps | None = None) -> dict[bool, tuple[float, float]]:
     """{as_embeds: (seconds, median TTFT ms)} of each kind's fastest of `rounds` runs (with
     keep="median", its median run by time), the kinds alternating; a warm-up of the
-    workload's first `batch` prompts (4 tokens each) per kind comes first."""
+    workload's first `batch` prompts (4 tokens each) per kind comes first. With a leader,
+    prints rank 0's steps one by one, per kind (the median over its rounds)."""
     warmup = [(p, 4) for p, _ in workload[:batch]]
     for as_embeds in kinds:
         time_engine(llm, warmup, as_embeds, embeds_rows)
     runs: dict[bool, list[tuple[float, float]]] = {as_embeds: [] for as_embeds in kinds}
+    steps: dict[str, list] = {("prompt_embeds" if as_embeds else "token ids"): [] for as_embeds in kinds}
     for _ in range(rounds):
         for as_embeds in kinds:
+            started = time.time()
             runs[as_embeds].append(time_engine(llm, workload, as_embeds, embeds_rows))
+            if leader is not None:
+                steps["prompt_embeds" if as_embeds else "token ids"].append(leader.take(started))
+    if leader is not None:
+        print(f"batch {batch}:")
+        print_steps(steps)
     return {as_embeds: kept_round(results, keep) for as_embeds, results in runs.items()}
 
 
@@ -202,11 +218,12 @@ def main() -> None:
     config = llm.config
     vocab = config.model_config.vocab_size
     kinds = [False, True] if args.compare_embeds else [False]
+    leader = LeaderSteps(llm) if args.steps else None
     rows = []
     for batch in args.batch_sizes:  # the engine captured its CUDA graphs when it started
         workload = make_workload(args, batch, vocab, batch)
         tokens = sum(m for _, m in workload)
-        best = time_kinds(llm, workload, batch, kinds, args.rounds, args.embeds_rows, args.keep)
+        best = time_kinds(llm, workload, batch, kinds, args.rounds, args.embeds_rows, args.keep, leader)
         row = {"batch": batch, "engine": tokens / best[False][0], "ttft": best[False][1]}
         if args.compare_embeds:
             row["embeds"], row["embeds_ttft"] = tokens / best[True][0], best[True][1]

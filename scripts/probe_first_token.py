@@ -39,6 +39,7 @@ import torch
 from cluster import LLM, SamplingParams
 from cluster import prompts as prompt_parsing
 from scripts.bench_args import UNCACHED, add_model_args, init_ray, model_path
+from scripts.step_events import LeaderSteps, print_steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,70 +106,6 @@ def _stamp_driver(llm, stamps: list) -> None:
     _stamp(llm, "_checked", "check length", stamps)
     _stamp(llm.engine, "put_prompts", "ray.put embeds", stamps)
     _stamp(llm.engine, "add_request", "send add_request", stamps)
-
-
-def _install_step_events(shard) -> bool:
-    """On the shard: each execute() call's rows, its host enter and exit (time.time()) and
-    device events recorded around it (host clocks off CUDA), kept in shard._steps."""
-    from scripts.step_events import new_event
-
-    cuda = shard.runner.device.type == "cuda"
-    steps = shard._steps = []
-    execute = shard.runner.execute
-
-    def timed(scheduled):
-        start, end = new_event(cuda), new_event(cuda)
-        enter = time.time()
-        start.record()
-        try:
-            return execute(scheduled)
-        finally:
-            end.record()
-            steps.append((sum(s.num_new_tokens for s in scheduled), enter, time.time(), start, end))
-    shard.runner.execute = timed
-    return True
-
-
-def _take_steps(shard) -> list:
-    """[(rows, host enter, host exit, device ms)] of the steps since the last take."""
-    if shard.runner.device.type == "cuda":
-        torch.cuda.synchronize(shard.runner.device)
-    steps, shard._steps[:] = list(shard._steps), []
-    return [(rows, enter, exit_, start.elapsed_time(end)) for rows, enter, exit_, start, end in steps]
-
-
-def _step_rows(steps: list, start: float) -> list:
-    """(rows, host ms, device ms, period ms to the next step's start; None for the last) of
-    each step that began after start."""
-    steps = [step for step in steps if step[1] >= start]
-    return [(rows, (exit_ - enter) * 1e3, device_ms,
-             (steps[i + 1][1] - enter) * 1e3 if i + 1 < len(steps) else None)
-            for i, (rows, enter, exit_, device_ms) in enumerate(steps)]
-
-
-def _print_steps(runs_by_mode: dict) -> None:
-    """runs_by_mode: mode -> list over repeats of _step_rows(); per step index, the median
-    of the repeats that have that step."""
-    print("rank 0's steps, median of repeats: rows, host ms in execute, device ms, period ms to the next step")
-    modes = list(runs_by_mode)
-    print(f"{'step':>4}" + "".join(f"{mode:>36}" for mode in modes))
-    totals = {mode: [0.0, 0.0, 0.0] for mode in modes}
-    for index in range(max(len(run) for runs in runs_by_mode.values() for run in runs)):
-        cells = []
-        for mode in modes:
-            steps = [run[index] for run in runs_by_mode[mode] if index < len(run)]
-            if not steps:
-                cells.append(f"{'-':>36}")
-                continue
-            rows, host, device = (statistics.median(step[k] for step in steps) for k in range(3))
-            periods = [step[3] for step in steps if step[3] is not None]
-            period = statistics.median(periods) if periods else None
-            for k, value in enumerate((host, device, period or 0.0)):
-                totals[mode][k] += value
-            cells.append(f"{rows:7g} {host:8.2f} {device:8.2f} " + (f"{period:9.2f}" if period else f"{'-':>9}"))
-        print(f"{index:>4}" + "".join(f"{cell:>36}" for cell in cells))
-    print(f"{'sum':>4}" + "".join(f"{'':7} {host:8.2f} {device:8.2f} {period:9.2f}".rjust(36)
-                                  for host, device, period in totals.values()))
 
 
 def _take_stamps(shard) -> list:
@@ -267,17 +204,15 @@ def main(argv=None) -> dict:
         if args.timeline:
             ray.get([shard.__ray_call__.remote(_install_stamps) for shard in shards])
             _stamp_driver(llm, driver_stamps)
-        if args.steps:
-            ray.get(shards[0].__ray_call__.remote(_install_step_events))
+        leader = LeaderSteps(llm) if args.steps else None
         for i in range(args.repeats):
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
                 batch = salted(prompts[mode])
                 wall_start, start = time.time(), time.perf_counter()
                 llm.generate(batch, timed_params, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
-                if args.steps:
-                    leader_steps[mode].append(_step_rows(ray.get(shards[0].__ray_call__.remote(_take_steps)),
-                                                         wall_start))
+                if leader is not None:
+                    leader_steps[mode].append(leader.take(wall_start))
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
                     ranks.insert(0, list(driver_stamps))
@@ -316,7 +251,7 @@ def main(argv=None) -> dict:
                               f"{statistics.median(run.get(phase, (0, 0.0))[1] for run in runs):.2f}"
                               for phase in phases))
     if args.steps:
-        _print_steps(leader_steps)
+        print_steps(leader_steps)
     batch = f"{args.num_prompts} prompts of {args.prompt_len} rows" if args.num_prompts > 1 \
         else f"{args.prompt_len}-row prompt"
     cache = ", prefix cache on (salted calls)" if args.enable_prefix_caching else ""

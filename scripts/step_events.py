@@ -1,8 +1,11 @@
 """Timing events for the profiling scripts: CUDA events on a GPU, and on CPU the same
-interface on host clocks, so one script's arithmetic serves both."""
+interface on host clocks, so one script's arithmetic serves both. LeaderSteps and
+print_steps time rank 0's steps one by one (probe_first_token.py and bench_offline.py
+--steps)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -24,3 +27,83 @@ class HostEvent:
 def new_event(cuda: bool):
     """An event to record(): a timing CUDA event, or a HostEvent off CUDA."""
     return torch.cuda.Event(enable_timing=True) if cuda else HostEvent()
+
+
+def _install_step_events(shard) -> bool:
+    """On the shard: each execute() call's rows, its host enter and exit (time.time(): one
+    clock for every process of a host) and events recorded around it on its device, kept
+    in shard._steps."""
+    cuda = shard.runner.device.type == "cuda"
+    steps = shard._steps = []
+    execute = shard.runner.execute
+
+    def timed(scheduled):
+        start, end = new_event(cuda), new_event(cuda)
+        enter = time.time()
+        start.record()
+        try:
+            return execute(scheduled)
+        finally:
+            end.record()
+            steps.append((sum(s.num_new_tokens for s in scheduled), enter, time.time(), start, end))
+    shard.runner.execute = timed
+    return True
+
+
+def _take_steps(shard) -> list:
+    """[(rows, host enter, host exit, device ms)] of the shard's steps since the last take."""
+    if shard.runner.device.type == "cuda":
+        torch.cuda.synchronize(shard.runner.device)
+    steps, shard._steps[:] = list(shard._steps), []
+    return [(rows, enter, exit_, start.elapsed_time(end)) for rows, enter, exit_, start, end in steps]
+
+
+def step_rows(steps: list, start: float) -> list:
+    """(rows, host ms, device ms, period ms to the next step's start; None for the last) of
+    each step that began after start (a time.time())."""
+    steps = [step for step in steps if step[1] >= start]
+    return [(rows, (exit_ - enter) * 1e3, device_ms,
+             (steps[i + 1][1] - enter) * 1e3 if i + 1 < len(steps) else None)
+            for i, (rows, enter, exit_, device_ms) in enumerate(steps)]
+
+
+class LeaderSteps:
+    """Rank 0's steps of an engine (an LLM), one by one: the rows each computed, the host's
+    time in the runner's execute(), the device's time between events recorded around it,
+    and the period from its start to the next step's."""
+
+    def __init__(self, llm) -> None:
+        import ray
+
+        self._ray = ray
+        self._leader = llm.engine.shards[0]
+        ray.get(self._leader.__ray_call__.remote(_install_step_events))
+
+    def take(self, start: float) -> list:
+        """step_rows() of the steps that began after start (a time.time()), taken from the shard."""
+        return step_rows(self._ray.get(self._leader.__ray_call__.remote(_take_steps)), start)
+
+
+def print_steps(runs_by_mode: dict) -> None:
+    """runs_by_mode: kind -> list over runs of step_rows(); per step index, the median of the
+    runs that have that step, each kind in its columns, and the columns' sums."""
+    print("rank 0's steps, median of runs: rows, host ms in execute, device ms, period ms to the next step")
+    modes = list(runs_by_mode)
+    print(f"{'step':>4}" + "".join(f"{mode:>36}" for mode in modes))
+    totals = {mode: [0.0, 0.0, 0.0] for mode in modes}
+    for index in range(max((len(run) for runs in runs_by_mode.values() for run in runs), default=0)):
+        cells = []
+        for mode in modes:
+            steps = [run[index] for run in runs_by_mode[mode] if index < len(run)]
+            if not steps:
+                cells.append(f"{'-':>36}")
+                continue
+            rows, host, device = (statistics.median(step[k] for step in steps) for k in range(3))
+            periods = [step[3] for step in steps if step[3] is not None]
+            period = statistics.median(periods) if periods else None
+            for k, value in enumerate((host, device, period or 0.0)):
+                totals[mode][k] += value
+            cells.append(f"{rows:7g} {host:8.2f} {device:8.2f} " + (f"{period:9.2f}" if period else f"{'-':>9}"))
+        print(f"{index:>4}" + "".join(f"{cell:>36}" for cell in cells))
+    print(f"{'sum':>4}" + "".join(f"{'':7} {host:8.2f} {device:8.2f} {period:9.2f}".rjust(36)
+                                  for host, device, period in totals.values()))

@@ -102,7 +102,8 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
 
 
 def test_probe_step_rows_keeps_a_calls_steps_with_their_periods():
-    step_rows = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["_step_rows"]
+    from scripts.step_events import step_rows
+
     steps = [(5, 9.0, 9.1, 1.0), (24, 10.0, 10.010, 8.0), (3, 10.015, 10.020, 4.0), (3, 10.030, 10.031, 1.5)]
     rows = step_rows(steps, start=9.5)  # the step before the call is left out
     assert [r[0] for r in rows] == [24, 3, 3] and [r[2] for r in rows] == [8.0, 4.0, 1.5]
