@@ -23,7 +23,8 @@ from workers.kernels import paged_attention, paged_prefill
 from workers.kernels.paged_prefill import query_block_map
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # rows of a step the prefill graphs run
+# Rows of a step the prefill graphs run: every 256 rows past 512, to 2,048 (vLLM's default step).
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048)
 MAX_GRAPH_SPANS = 16  # requests in a step the prefill graphs run (decodes among them)
 
 logger = logging.getLogger(__name__)

@@ -155,7 +155,7 @@ class ModelRunner:
         config = self.config
         return PrefillGraphs(
             self.model, self.kv_caches,
-            max_tokens=min(config.max_num_batched_tokens, config.max_model_len),
+            max_tokens=config.max_num_batched_tokens,
             max_blocks_per_seq=-(-config.max_model_len // config.block_size), block_size=config.block_size,
             scratch_block=self.num_blocks, hidden_size=config.model_config.hidden_size,
             dtype=config.torch_dtype, device=self.device, max_spans=max_spans,

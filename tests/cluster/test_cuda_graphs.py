@@ -146,24 +146,40 @@ def test_graph_mixed_steps_match_eager(ray_cluster, tiny_checkpoints):
     assert_same_samples(eager, graphed, atol=1e-3)
 
 
+def _count_eager_passes(shard) -> bool:
+    """On the shard: counts the model's eager forward passes (a graph's replay makes none)."""
+    forward = shard.runner.model.forward
+    shard._eager_passes = 0
+
+    def counted(*args, **kwargs):
+        shard._eager_passes += 1
+        return forward(*args, **kwargs)
+    shard.runner.model.forward = counted
+    return True
+
+
 @pytest.mark.gpu
 def test_eager_steps_compile_no_kernel_while_serving(ray_cluster, tmp_path):
-    """The start-up's warm-up compiles what eager steps launch: steps too large for the
-    graphs (prefills past 512 rows beside decodes, contexts of many block-table widths,
-    1 to 4 sampled rows for the LM head's GEMV in bfloat16) compile no Triton kernel once
-    the engine serves (session 18 saw a one-time 1.35 s stall in a server's first burst)."""
+    """The start-up's warm-up compiles what eager steps launch: steps the graphs do not
+    take (more than 16 requests, more than four prefills beside decodes, past 2,048 rows;
+    contexts of many block-table widths; 1 to 4 sampled rows for the LM head's GEMV in
+    bfloat16) compile no Triton kernel once the engine serves (session 18 saw a one-time
+    1.35 s stall in a server's first burst)."""
     path = make_tiny_checkpoint("llama", tmp_path / "llama-1024", max_position_embeddings=1024)
     gen = torch.Generator().manual_seed(5)
-    lengths = (3, 40, 700, 17, 530, 90, 5, 610, 64, 300, 33, 8)
+    lengths = (3, 40, 700, 17, 530, 90, 5, 610, 64, 300, 33, 8, 1000, 12, 45, 260, 7, 900, 128, 20)
     prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=gen).tolist()} for n in lengths]
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (3, 7, 11, 5, 9, 2, 13, 4, 6, 8, 10, 1)]
-    with LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=6,
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+              for m in (3, 7, 11, 5, 9, 2, 13, 4, 6, 8, 10, 1, 5, 12, 3, 9, 7, 2, 6, 4)]
+    with LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=20, max_num_batched_tokens=4096,
              kv_cache_memory_bytes=64 << 20) as llm:
         watching = ray.get(llm.engine.leader.__ray_call__.remote(lambda shard: shard._compiles._serving))
+        ray.get(llm.engine.leader.__ray_call__.remote(_count_eager_passes))
         outputs = llm.generate(prompts, params, use_tqdm=False)
         compiles = llm.engine.stats().num_kernel_compiles
         compiled = ray.get(llm.engine.leader.__ray_call__.remote(lambda shard: list(shard._compiles.recent)))
-    assert watching
+        eager_passes = ray.get(llm.engine.leader.__ray_call__.remote(lambda shard: shard._eager_passes))
+    assert watching and eager_passes >= 1  # some steps did run eagerly
     assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
     assert compiles == 0, "\n".join(compiled)
 

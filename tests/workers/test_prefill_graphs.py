@@ -25,11 +25,12 @@ from workers.parallel import ProcessGroup
 def run(path, padded, pg=None):
     pg = pg or ProcessGroup()
     config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
-                          block_size=4, kv_cache_memory_bytes=1 << 20, tensor_parallel_size=pg.world_size)
+                          max_num_batched_tokens=64, block_size=4, kv_cache_memory_bytes=1 << 20,
+                          tensor_parallel_size=pg.world_size)
     runner = ModelRunner(config, pg, torch.device("cpu"))
     assert runner.prefill_graphs is None  # CPU: nothing captured
     graphs = runner.new_prefill_graphs()
-    assert graphs.buckets == [16, 32, 64]
+    assert graphs.buckets == [16, 32, 64]  # to the step's limit, max_num_batched_tokens
     if padded:
         runner.prefill_graphs = graphs
     hidden = config.model_config.hidden_size
@@ -102,7 +103,7 @@ def test_padded_prefill_steps_at_tp2_equal_tp1_in_triton_interpreter(tiny_checkp
     run_in_triton_interpreter(TP2_SCRIPT, str(tiny_checkpoints("llama")))
 
 
-def test_buckets_follow_the_step_and_context_limits():
+def test_buckets_follow_the_step_limit():
     import torch
 
     from workers.cuda_graphs import PREFILL_BUCKETS, PrefillGraphs
@@ -112,7 +113,9 @@ def test_buckets_follow_the_step_and_context_limits():
                              scratch_block=3, hidden_size=8, dtype=torch.float32,
                              device=torch.device("cpu")).buckets
 
-    assert buckets(8192) == list(PREFILL_BUCKETS)
+    assert buckets(8192) == list(PREFILL_BUCKETS) and PREFILL_BUCKETS[-1] == 2048
+    assert buckets(2048)[-4:] == [1280, 1536, 1792, 2048]  # every 256 rows past 512
+    assert buckets(1000)[-3:] == [256, 512, 768]
     assert buckets(100) == [16, 32, 64]
     assert buckets(10) == []
     graphs = PrefillGraphs(None, [], max_tokens=64, max_blocks_per_seq=4, block_size=16, scratch_block=3,
