@@ -210,8 +210,9 @@ class PrefillGraphs:
     spans' query blocks (a grid of about T / rows_per_program + max_spans programs per KV
     head, fixed per bucket): the requests' spans, empty spans up to max_spans (no
     programs), then T - n padding rows (possibly none) that
-    form a span of their own at positions 0.., whose keys live in the scratch block, so they
-    neither write nor read a real request's cache. Embedding rows, if any, are copied into a
+    form a span of their own, whose keys live in the scratch block, so they neither write
+    nor read a real request's cache (its table row reaches a whole bucket's keys, which may
+    be more than max_model_len). Embedding rows, if any, are copied into a
     static buffer and selected by a mask, so one graph serves token ids and prompt_embeds.
     Logits are those of each sampled span's last row, in span order. Every rank captures the
     same buckets in the same order."""
@@ -234,7 +235,10 @@ class PrefillGraphs:
         self.input_ids, self.positions, self.slot_mapping = self.small.unbind(0)
         self.spans = torch.zeros(3 * k + 3, dtype=torch.long, device=device)
         self.query_start_loc, self.seq_lens, self.sample_rows = self.spans.split([k + 2, k + 1, k])
-        self.block_tables = torch.zeros(k + 1, max_blocks_per_seq, dtype=torch.long, device=device)
+        # The padding span holds up to a whole bucket's rows (all of them at capture), which
+        # may be more than max_model_len: its table row must reach that many keys.
+        width = max(max_blocks_per_seq, -(-size // block_size))
+        self.block_tables = torch.zeros(k + 1, width, dtype=torch.long, device=device)
         self.embeds = torch.zeros(size, hidden_size, dtype=dtype, device=device)
         self.embeds_mask = torch.zeros(size, dtype=torch.bool, device=device)
         self.rows = torch.arange(size, dtype=torch.long, device=device)
@@ -247,8 +251,7 @@ class PrefillGraphs:
         self.block_map = torch.zeros(num_programs, 2, dtype=torch.int32, device=device)
         self.staging = Staging(lambda pinned: (torch.zeros(3, size, dtype=torch.long, pin_memory=pinned),
                                                torch.zeros(3 * k + 3, dtype=torch.long, pin_memory=pinned),
-                                               torch.zeros(k + 1, max_blocks_per_seq, dtype=torch.long,
-                                                           pin_memory=pinned),
+                                               torch.zeros(k + 1, width, dtype=torch.long, pin_memory=pinned),
                                                torch.zeros(size, dtype=torch.bool, pin_memory=pinned),
                                                torch.zeros(num_programs, 2, dtype=torch.int32, pin_memory=pinned)),
                                device)
@@ -323,7 +326,9 @@ class PrefillGraphs:
             tables[i] = torch.tensor(span.block_table + [NULL_BLOCK] * (width - len(span.block_table)))
         num_rows, pad = len(ids), bucket - len(ids)
         ids += [0] * pad
-        positions += list(range(pad))
+        # Padding rows' positions only rotate their own queries and keys (the kernel places a
+        # span's rows by its key count): kept within one block, so within any rotary table.
+        positions += [p % bs for p in range(pad)]
         slots += [self.scratch_block * bs + p % bs for p in range(pad)]
         small[:, :bucket] = torch.tensor([ids, positions, slots])
         empty = k - len(spans)

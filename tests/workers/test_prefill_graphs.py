@@ -122,3 +122,27 @@ def test_buckets_follow_the_step_limit():
                            hidden_size=8, dtype=torch.float32, device=torch.device("cpu"))
     assert [graphs.bucket_for(n) for n in (1, 2, 16, 17, 64, 65)] == [None, 16, 16, 32, 64, None]
 
+
+
+def test_the_padding_span_fits_buckets_past_max_model_len():
+    """Buckets go to the step's limit (max_num_batched_tokens), past max_model_len: the
+    padding span, a whole bucket at capture, must find its keys' blocks in its table row
+    (every entry the scratch block), and its rows' positions must stay within the rotary
+    table, which may be no longer than max_model_len."""
+    import torch
+
+    from workers.cuda_graphs import PrefillGraphs
+
+    block_size, scratch = 16, 9
+    graphs = PrefillGraphs(None, [], max_tokens=2048, max_blocks_per_seq=2, block_size=block_size,  # max_model_len 32
+                           scratch_block=scratch, hidden_size=8, dtype=torch.float32, device=torch.device("cpu"))
+    assert graphs.buckets[-1] == 2048
+    for bucket in graphs.buckets:
+        graphs._load([], bucket)  # as capture_all() loads each bucket: every row a padding row
+        tables = graphs.block_tables
+        assert tables.shape[1] * block_size >= bucket
+        assert (tables[graphs.max_spans] == scratch).all()
+        assert graphs.seq_lens[graphs.max_spans] == bucket
+        assert 0 <= int(graphs.positions[:bucket].min()) and int(graphs.positions[:bucket].max()) < block_size
+        slots = graphs.slot_mapping[:bucket]
+        assert ((slots // block_size) == scratch).all()
