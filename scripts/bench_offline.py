@@ -141,7 +141,8 @@ def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
             started = time.time()
             runs[as_embeds].append(time_engine(llm, workload, as_embeds, embeds_rows))
             if leader is not None:
-                steps["prompt_embeds" if as_embeds else "token ids"].append(leader.take(started))
+                steps["prompt_embeds" if as_embeds else "token ids"].append(
+                    leader.take(started, started + runs[as_embeds][-1][0]))
     if leader is not None:
         print(f"batch {batch}:")
         print_steps(steps)

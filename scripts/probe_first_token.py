@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
         timeline = {mode: [] for mode in prompts}
         driver_busy = {mode: [] for mode in prompts}  # per repeat: phase -> ms summed over its calls
         leader_calls = {mode: [] for mode in prompts}  # per repeat: rank 0's phase -> (calls, ms summed)
-        leader_steps = {mode: [] for mode in prompts}  # per repeat: rank 0's _step_rows()
+        leader_steps = {mode: [] for mode in prompts}  # per repeat: rank 0's CallSteps
         shards = llm.engine.shards
         driver_stamps = []
         if args.timeline:
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
                 llm.generate(batch, timed_params, use_tqdm=False)
                 times[mode].append((time.perf_counter() - start) * 1e3)
                 if leader is not None:
-                    leader_steps[mode].append(leader.take(wall_start))
+                    leader_steps[mode].append(leader.take(wall_start, wall_start + times[mode][-1] / 1e3))
                 if args.timeline:
                     ranks = ray.get([shard.__ray_call__.remote(_take_stamps) for shard in shards])
                     ranks.insert(0, list(driver_stamps))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -79,14 +80,39 @@ class LeaderSteps:
         self._leader = llm.engine.shards[0]
         ray.get(self._leader.__ray_call__.remote(_install_step_events))
 
-    def take(self, start: float) -> list:
-        """step_rows() of the steps that began after start (a time.time()), taken from the shard."""
-        return step_rows(self._ray.get(self._leader.__ray_call__.remote(_take_steps)), start)
+    def take(self, start: float, end: float | None = None) -> CallSteps:
+        """The steps that began after start (a time.time(): the call's), taken from the
+        shard; end: when the call returned."""
+        taken = self._ray.get(self._leader.__ray_call__.remote(_take_steps))
+        steps = step_rows(taken, start)
+        first = next((enter for _, enter, *_ in taken if enter >= start), None)
+        return CallSteps(steps, (first - start) * 1e3 if first is not None else None,
+                         (end - start) * 1e3 if end is not None else None)
 
 
-def print_steps(runs_by_mode: dict) -> None:
-    """runs_by_mode: kind -> list over runs of step_rows(); per step index, the median of the
-    runs that have that step, each kind in its columns, and the columns' sums."""
+@dataclass
+class CallSteps:
+    """A call's steps on rank 0 (step_rows()), when the first began after the call (ms),
+    and the call's own time (ms; None when not given)."""
+
+    steps: list
+    lead_ms: float | None
+    call_ms: float | None = None
+
+    @property
+    def after_ms(self) -> float | None:
+        """The call's time after its last step: the call's, less the lead, the periods
+        (which chain the steps' starts) and the last step's device time."""
+        if self.call_ms is None or not self.steps:
+            return None
+        return self.call_ms - self.lead_ms - sum(step[3] or 0.0 for step in self.steps) - self.steps[-1][2]
+
+
+def print_steps(calls_by_mode: dict) -> None:
+    """calls_by_mode: kind -> list over calls of CallSteps; per step index, the median of the
+    calls that have that step, each kind in its columns, and the columns' sums; then the
+    median call's time, when its first step began, and its time after the last step."""
+    runs_by_mode = {mode: [call.steps for call in calls] for mode, calls in calls_by_mode.items()}
     print("rank 0's steps, median of runs: rows, host ms in execute, device ms, period ms to the next step")
     modes = list(runs_by_mode)
     print(f"{'step':>4}" + "".join(f"{mode:>36}" for mode in modes))
@@ -107,3 +133,10 @@ def print_steps(runs_by_mode: dict) -> None:
         print(f"{index:>4}" + "".join(f"{cell:>36}" for cell in cells))
     print(f"{'sum':>4}" + "".join(f"{'':7} {host:8.2f} {device:8.2f} {period:9.2f}".rjust(36)
                                   for host, device, period in totals.values()))
+
+    def median_of(calls, name) -> str:
+        values = [getattr(call, name) for call in calls if getattr(call, name) is not None]
+        return f"{statistics.median(values):.2f}" if values else "-"
+    for mode, calls in calls_by_mode.items():
+        print(f"{mode}: call {median_of(calls, 'call_ms')} ms, first step began at {median_of(calls, 'lead_ms')} ms, "
+              f"the call returned {median_of(calls, 'after_ms')} ms after the last step (medians)")

@@ -5,9 +5,10 @@ inputs copied into static buffers. Host work per step drops from ~1,500 kernel l
 to one replay. Runs in each shard on CUDA.
 
 - DecodeGraphs: a batch of single-token rows, per batch-size bucket.
-- PrefillGraphs: one request's prefill (or prefill chunk) of up to 512 rows, per row-count
-  bucket: the step an idle engine runs for a new request, whose launches (~30 per layer)
-  otherwise cost the host about three times the GPU's time (8B shape, 128 rows)."""
+- PrefillGraphs: steps of prefills (or prefill chunks) and decodes of up to 2,048 rows
+  in up to 16 requests, per row-count bucket: the step an idle engine runs for new
+  requests, whose launches (~30 per layer) otherwise cost the host about three times the
+  GPU's time (8B shape, 128 rows), and at TP=2 still more than the GPU's at 2,048 rows."""
 
 from __future__ import annotations
 

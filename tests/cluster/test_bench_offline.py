@@ -27,14 +27,17 @@ def test_salted_runs_pay_the_cache_but_never_hit_it(ray_cluster, capsys):
         assert set(best) == {False, True} and all(seconds > 0 for seconds, _ in best.values())
         # --steps: rank 0's steps of each kind, one by one.
         out = capsys.readouterr().out
-        assert "batch 2:" in out and "token ids" in out and "prompt_embeds" in out
+        assert "batch 2:" in out and "token ids: call " in out and "prompt_embeds: call " in out
         # Every row a call computes is in one of its steps: both prompts' 40 rows, then one
         # decode row each for the second token.
         started = time.time()
         llm.generate([{"prompt_token_ids": p} for p, _ in workload], SamplingParams(max_tokens=2, ignore_eos=True))
-        steps = leader.take(started)
+        call = leader.take(started, time.time())
+        steps = call.steps
         assert sum(rows for rows, *_ in steps) == 2 * 40 + 2
         assert all(host > 0 and device > 0 for _, host, device, _ in steps) and steps[-1][3] is None
+        # The call holds its steps: they begin after it, and it returns after the last.
+        assert 0 < call.lead_ms < call.call_ms and 0 < call.after_ms < call.call_ms
 
 
 def test_a_kind_keeps_its_fastest_or_its_median_round():
