@@ -106,9 +106,11 @@ def make_workload(args, batch: int, vocab: int, seed: int) -> list[tuple[list[in
     return [(torch.randint(10, vocab - 10, (n,), generator=gen).tolist(), m) for n, m in zip(inputs, outputs)]
 
 
-def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | None = None) -> tuple[float, float]:
+def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | None = None,
+                leader: LeaderSteps | None = None) -> tuple:
     """(seconds for the whole workload, median ms from the call to a request's first token)
-    of one generate() call that takes every prompt at once, as a throughput run does."""
+    of one generate() call that takes every prompt at once, as a throughput run does; with
+    a leader, a third item: rank 0's steps of the call (CallSteps)."""
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in workload]
     prompts = [embeds_prompt(llm, p, embeds_rows) if as_embeds else {"prompt_token_ids": p} for p, _ in workload]
     if llm.config.enable_prefix_caching:  # this run's own keys: no block of an earlier run hits
@@ -121,7 +123,8 @@ def time_engine(llm: LLM, workload, as_embeds: bool = False, embeds_rows: int | 
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != sum(m for _, m in workload):
         raise RuntimeError(f"engine produced {produced} tokens, expected {sum(m for _, m in workload)}")
-    return elapsed, statistics.median(o.metrics.first_token_time - called for o in outputs) * 1e3
+    ttft = statistics.median(o.metrics.first_token_time - called for o in outputs) * 1e3
+    return (elapsed, ttft) if leader is None else (elapsed, ttft, leader.take(called, called + elapsed))
 
 
 def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
@@ -138,11 +141,10 @@ def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
     steps: dict[str, list] = {("prompt_embeds" if as_embeds else "token ids"): [] for as_embeds in kinds}
     for _ in range(rounds):
         for as_embeds in kinds:
-            started = time.time()
-            runs[as_embeds].append(time_engine(llm, workload, as_embeds, embeds_rows))
+            result = time_engine(llm, workload, as_embeds, embeds_rows, leader)
+            runs[as_embeds].append(result[:2])
             if leader is not None:
-                steps["prompt_embeds" if as_embeds else "token ids"].append(
-                    leader.take(started, started + runs[as_embeds][-1][0]))
+                steps["prompt_embeds" if as_embeds else "token ids"].append(result[2])
     if leader is not None:
         print(f"batch {batch}:")
         print_steps(steps)
