@@ -6,7 +6,7 @@ to one replay. Runs in each shard on CUDA.
 
 - DecodeGraphs: a batch of single-token rows, per batch-size bucket.
 - PrefillGraphs: steps of prefills (or prefill chunks) and decodes of up to 2,048 rows
-  in up to 16 requests, per row-count bucket: the step an idle engine runs for new
+  in up to 64 requests, per row-count bucket: the step an idle engine runs for new
   requests, whose launches (~30 per layer) otherwise cost the host about three times the
   GPU's time (8B shape, 128 rows), and at TP=2 still more than the GPU's at 2,048 rows."""
 
@@ -26,7 +26,7 @@ from workers.kernels.paged_prefill import query_block_map
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # Rows of a step the prefill graphs run: every 256 rows past 512, to 2,048 (vLLM's default step).
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048)
-MAX_GRAPH_SPANS = 16  # requests in a step the prefill graphs run (decodes among them)
+MAX_GRAPH_SPANS = 64  # requests in a step the prefill graphs run (decodes among them)
 
 logger = logging.getLogger(__name__)
 

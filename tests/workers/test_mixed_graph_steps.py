@@ -107,6 +107,68 @@ print("checked")
 """
 
 
+MANY_SCRIPT = COMMON + """
+from workers.cuda_graphs import MAX_GRAPH_SPANS
+
+
+def run_many(path, graphs, max_spans=MAX_GRAPH_SPANS):
+    \"\"\"20 prefills in one step, then 17 decodes beside a prefill of embedding rows: more
+    requests a step than the split path takes (MAX_GRAPH_PREFILLS) or than 16 spans.\"\"\"
+    config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
+                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=24)
+    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
+    if graphs:
+        runner.decode_graphs = runner.new_decode_graphs()
+        runner.prefill_graphs = runner.new_prefill_graphs(max_spans=max_spans)
+    calls = {"eager": 0}
+    model_forward = runner.model.forward
+    def counted(*args, **kwargs):
+        calls["eager"] += 1
+        return model_forward(*args, **kwargs)
+    intake = Intake()
+    lengths = [2 + i % 3 for i in range(20)]
+    for i, n in enumerate(lengths):
+        intake.put(RequestState(f"r{i}", n, [10 + i + j for j in range(n)], None))
+    embeds = torch.randn(9, config.model_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    intake.put(RequestState("c", 9, None, embeds))
+    steps = [
+        (tuple(S(f"r{i}", 0, n, (1 + 2 * i, 2 + 2 * i), True) for i, n in enumerate(lengths)), ()),
+        (tuple(S(f"r{i}", lengths[i], 1, (), True) for i in range(17)) + (S("c", 0, 9, (50, 51, 52), True),),
+         tuple((f"r{i}", 40 + i) for i in range(20))),
+    ]
+    logits, passes = [], []
+    for i, (scheduled, appended) in enumerate(steps):
+        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
+        runner.model.forward = counted
+        before = calls["eager"]
+        logits.append(runner.execute(scheduled))
+        runner.model.forward = model_forward
+        passes.append(calls["eager"] - before)
+    loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if graphs else None
+    return logits, loads, passes
+
+
+assert MAX_GRAPH_SPANS >= 21
+path = sys.argv[1]
+plain, _, plain_passes = run_many(path, graphs=False)
+assert plain_passes == [1, 1] and [x.shape[0] for x in plain] == [20, 18]
+# (span capacity, (decode graph loads, prefill graph loads), model passes a step)
+for max_spans, want_loads, want_passes in [
+    (MAX_GRAPH_SPANS, (0, 2), [1, 1]),  # each step one replay
+    (16, (1, 1), [1, 2]),  # 20 prefills: eager; 18 requests: the decodes' graph, then the prefill's
+]:
+    graphed, loads, passes = run_many(path, graphs=True, max_spans=max_spans)
+    assert loads == want_loads and passes == want_passes, (max_spans, loads, passes)
+    for step, (a, b) in enumerate(zip(plain, graphed)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"{max_spans} step {step}")
+print("checked")
+"""
+
+
+def test_steps_of_many_requests_in_one_replay_equal_eager_steps_in_triton_interpreter(tiny_checkpoints):
+    run_in_triton_interpreter(MANY_SCRIPT, str(tiny_checkpoints("llama")))
+
+
 def test_mixed_steps_in_graphs_equal_eager_steps_in_triton_interpreter(tiny_checkpoints):
     run_in_triton_interpreter(TP1_SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("qwen3")))
 
