@@ -24,21 +24,41 @@ from workers.model_runner import ModelRunner
 from workers.parallel import ProcessGroup
 
 
-def run(path, graphs, pg=None, max_spans=16):
+def new_runner(path, graphs, max_spans, max_num_seqs, pg=None):
     pg = pg or ProcessGroup()
     config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
-                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8,
+                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=max_num_seqs,
                           tensor_parallel_size=pg.world_size)
     runner = ModelRunner(config, pg, torch.device("cpu"))
     assert runner.decode_graphs is None and runner.prefill_graphs is None  # CPU: nothing captured
     if graphs:
         runner.decode_graphs = runner.new_decode_graphs()
         runner.prefill_graphs = runner.new_prefill_graphs(max_spans=max_spans)
-    calls = {"eager": 0}
+    return runner
+
+
+def run_steps(runner, intake, steps):
+    # Applies and executes each (scheduled, appended tokens) step: each step's logits, the
+    # graphs' loads, the model's passes in each step (a graph's padded step, run eagerly
+    # here, is one pass a replay).
     model_forward = runner.model.forward
-    def counted(*args, **kwargs):  # the graphs' padded steps call the model too: count the step's own
-        calls["eager"] += 1
+    passes, logits = [], []
+    def counted(*args, **kwargs):
+        passes[-1] += 1
         return model_forward(*args, **kwargs)
+    for i, (scheduled, appended) in enumerate(steps):
+        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
+        passes.append(0)
+        runner.model.forward = counted
+        logits.append(runner.execute(scheduled))
+        runner.model.forward = model_forward
+    loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if runner.decode_graphs else None
+    return logits, loads, passes
+
+
+def run(path, graphs, pg=None, max_spans=16):
+    runner = new_runner(path, graphs, max_spans, max_num_seqs=8, pg=pg)
+    config = runner.config
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(9, config.model_config.hidden_size, generator=gen)
     intake = Intake()
@@ -56,17 +76,9 @@ def run(path, graphs, pg=None, max_spans=16):
          (("a", 52), ("b", 53), ("c", 54))),  # a chunk that samples nothing, between decodes
         (tuple(S(f"e{i}", 0, 2, (18 + i,), True) for i in range(5)), ()),  # past MAX_GRAPH_PREFILLS
     ]
-    logits, eager_steps = [], []
-    for i, (scheduled, appended) in enumerate(steps):
-        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
-        runner.model.forward = counted
-        before = calls["eager"]
-        logits.append(runner.execute(scheduled))
-        runner.model.forward = model_forward
-        eager_steps.append(calls["eager"] - before)
+    logits, loads, passes = run_steps(runner, intake, steps)
     caches = [torch.stack(pair)[:, : runner.num_blocks] for pair in runner.kv_caches]
-    loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if graphs else None
-    return logits, caches, loads, eager_steps
+    return logits, caches, loads, passes
 
 """
 
@@ -114,38 +126,19 @@ from workers.cuda_graphs import MAX_GRAPH_SPANS
 def run_many(path, graphs, max_spans=MAX_GRAPH_SPANS):
     \"\"\"20 prefills in one step, then 17 decodes beside a prefill of embedding rows: more
     requests a step than the split path takes (MAX_GRAPH_PREFILLS) or than 16 spans.\"\"\"
-    config = EngineConfig(model=path, model_config=ModelConfig.from_pretrained(path), max_model_len=64,
-                          block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=24)
-    runner = ModelRunner(config, ProcessGroup(), torch.device("cpu"))
-    if graphs:
-        runner.decode_graphs = runner.new_decode_graphs()
-        runner.prefill_graphs = runner.new_prefill_graphs(max_spans=max_spans)
-    calls = {"eager": 0}
-    model_forward = runner.model.forward
-    def counted(*args, **kwargs):
-        calls["eager"] += 1
-        return model_forward(*args, **kwargs)
+    runner = new_runner(path, graphs, max_spans, max_num_seqs=24)
     intake = Intake()
     lengths = [2 + i % 3 for i in range(20)]
     for i, n in enumerate(lengths):
         intake.put(RequestState(f"r{i}", n, [10 + i + j for j in range(n)], None))
-    embeds = torch.randn(9, config.model_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(9, runner.config.model_config.hidden_size, generator=torch.Generator().manual_seed(1))
     intake.put(RequestState("c", 9, None, embeds))
     steps = [
         (tuple(S(f"r{i}", 0, n, (1 + 2 * i, 2 + 2 * i), True) for i, n in enumerate(lengths)), ()),
         (tuple(S(f"r{i}", lengths[i], 1, (), True) for i in range(17)) + (S("c", 0, 9, (50, 51, 52), True),),
          tuple((f"r{i}", 40 + i) for i in range(20))),
     ]
-    logits, passes = [], []
-    for i, (scheduled, appended) in enumerate(steps):
-        runner.apply(StepPlan(i, appended, (), (), scheduled), intake, 1.0)
-        runner.model.forward = counted
-        before = calls["eager"]
-        logits.append(runner.execute(scheduled))
-        runner.model.forward = model_forward
-        passes.append(calls["eager"] - before)
-    loads = (runner.decode_graphs.staging.loads, runner.prefill_graphs.staging.loads) if graphs else None
-    return logits, loads, passes
+    return run_steps(runner, intake, steps)
 
 
 assert MAX_GRAPH_SPANS >= 21
