@@ -17,7 +17,9 @@ phases summed over the call's prompts (the rows' check, within parsing, counted 
 rank 0's calls and time in each of its phases (with --max-tokens N, its decode steps too).
 --steps prints rank 0's steps of a call one by one (median of repeats, per kind): the rows
 each computed, the host's time in execute(), the device's time between events recorded
-around it, and the period from its start to the next step's.
+around it, and the period from its start to the next step's; then when each kind's first
+step began after the call. --fresh-rows makes new embeddings tensors for every call, as
+bench_offline.py does, instead of giving the same ones each time.
 --enable-prefix-caching keeps the engine's cache
 (its default) and salts every call's prompts apart, so nothing hits but every prompt is
 hashed, as bench_offline.py does. The rows are given in the model's dtype, as
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the prefix cache, every call salted so nothing hits")
     parser.add_argument("--timeline", action="store_true",
                         help="also print, per rank, the median time from the driver's call to each phase")
+    parser.add_argument("--fresh-rows", action="store_true",
+                        help="new embeddings tensors for each call, as bench_offline.py makes them, instead of "
+                             "the same ones every call")
     parser.add_argument("--steps", action="store_true",
                         help="also print rank 0's steps of a call one by one: rows, host and device ms, period")
     return parser.parse_args(argv)
@@ -186,10 +191,13 @@ def main(argv=None) -> dict:
         hidden = llm.config.model_config.hidden_size
         gen = torch.Generator().manual_seed(0)
         rows_dtype = llm.config.torch_dtype if args.embeds_dtype == "model" else torch.float32
+
+        def new_rows() -> list[dict]:
+            return [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen).to(rows_dtype)}
+                    for _ in range(args.num_prompts)]
         prompts = {"token ids": [{"prompt_token_ids": list(range(10 + i, 10 + i + args.prompt_len))}
                                  for i in range(args.num_prompts)],
-                   "prompt_embeds": [{"prompt_embeds": torch.randn(args.prompt_len, hidden, generator=gen).to(rows_dtype)}
-                                     for _ in range(args.num_prompts)]}
+                   "prompt_embeds": new_rows()}
         one_token = SamplingParams(temperature=0.0, max_tokens=1)
         timed_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
         for batch in prompts.values():  # warm-up
@@ -206,6 +214,8 @@ def main(argv=None) -> dict:
             _stamp_driver(llm, driver_stamps)
         leader = LeaderSteps(llm) if args.steps else None
         for i in range(args.repeats):
+            if args.fresh_rows:  # new tensors each call, as bench_offline.py makes them (not timed)
+                prompts["prompt_embeds"] = new_rows()
             for mode in (list(prompts) if i % 2 else list(reversed(prompts))):
                 batch = salted(prompts[mode])
                 wall_start, start = time.time(), time.perf_counter()

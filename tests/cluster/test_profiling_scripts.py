@@ -73,7 +73,8 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     a step for each token."""
     main = runpy.run_path(str(SCRIPTS / "probe_first_token.py"))["main"]
     result = main(["-tp", "2", "--prompt-len", "8", "--repeats", "2", "--max-model-len", "128",
-                   "--num-prompts", "3", "--max-tokens", "3", "--enable-prefix-caching", "--timeline", "--steps"])
+                   "--num-prompts", "3", "--max-tokens", "3", "--enable-prefix-caching", "--timeline", "--steps",
+                   "--fresh-rows"])
     assert result["median token ids (ms)"] > 0 and result["median prompt_embeds (ms)"] > 0
     out = capsys.readouterr().out
     assert "TP=2, 3 prompts of 8 rows, 3 tokens each, prefix cache on (salted calls), 2 repeats" in out
