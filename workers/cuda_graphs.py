@@ -135,17 +135,16 @@ class DecodeGraphs:
         and reads one key."""
         batch, bs = len(input_ids), self.block_size
         width = max(len(t) for t in block_tables)
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        pad = bucket - batch
         small, tables = self.staging.take()
-        small[:, :bucket] = torch.tensor([
-            list(input_ids) + [0] * pad,
-            list(positions) + [0] * pad,
-            slots + [self.scratch_block * bs] * pad,
-            [p + 1 for p in positions] + [1] * pad,
-        ])
-        rows = [t + [0] * (width - len(t)) for t in block_tables] + [[self.scratch_block] * width] * pad
-        tables[:bucket, :width] = torch.tensor(rows, dtype=torch.int32)
+        staged, table_rows = small.numpy(), tables.numpy()  # filled from lists in numpy (see PrefillGraphs._load)
+        for row, table in zip(table_rows, block_tables):
+            row[:len(table)] = table
+            row[len(table):width] = 0
+        table_rows[batch:bucket, :width] = self.scratch_block
+        positions = np.asarray(positions, dtype=np.int64)
+        staged[0, :batch], staged[1, :batch], staged[3, :batch] = input_ids, positions, positions + 1
+        staged[2, :batch] = table_rows[np.arange(batch), positions // bs] * bs + positions % bs
+        staged[:, batch:bucket] = np.array([[0], [0], [self.scratch_block * bs], [1]])
         self.small[:, :bucket].copy_(small[:, :bucket], non_blocking=True)
         self.block_tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=True)
         self.staging.copies_queued()
