@@ -328,8 +328,8 @@ class PrefillGraphs:
         num_rows, pad = len(ids), bucket - len(ids)
         # Each real row's position and cache slot, from its span's first position and table.
         owner = np.repeat(np.arange(len(spans)), [len(span.ids) for span in spans])
-        positions = np.arange(num_rows) - np.asarray(starts, dtype=np.int64)[owner] \
-            + np.asarray([span.num_computed for span in spans], dtype=np.int64)[owner]
+        first_positions = np.asarray([span.num_computed for span in spans], dtype=np.int64)
+        positions = np.arange(num_rows) + (first_positions - np.asarray(starts, dtype=np.int64))[owner]
         staged[0, :num_rows] = ids
         staged[1, :num_rows] = positions
         staged[2, :num_rows] = table_rows[owner, positions // bs] * bs + positions % bs
