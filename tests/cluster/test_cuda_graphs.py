@@ -161,7 +161,7 @@ def _count_eager_passes(shard) -> bool:
 @pytest.mark.gpu
 def test_eager_steps_compile_no_kernel_while_serving(ray_cluster, tmp_path):
     """The start-up's warm-up compiles what eager steps launch: steps the graphs do not
-    take (more than 16 requests, more than four prefills beside decodes, past 2,048 rows;
+    take (past 2,048 rows here; also more than 64 requests with more than four prefills;
     contexts of many block-table widths; 1 to 4 sampled rows for the LM head's GEMV in
     bfloat16) compile no Triton kernel once the engine serves (session 18 saw a one-time
     1.35 s stall in a server's first burst)."""

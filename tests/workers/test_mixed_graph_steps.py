@@ -125,7 +125,8 @@ from workers.cuda_graphs import MAX_GRAPH_SPANS
 
 def run_many(path, graphs, max_spans=MAX_GRAPH_SPANS):
     \"\"\"20 prefills in one step, then 17 decodes beside a prefill of embedding rows: more
-    requests a step than the split path takes (MAX_GRAPH_PREFILLS) or than 16 spans.\"\"\"
+    requests a step than the split path takes (MAX_GRAPH_PREFILLS) or than 16 spans (the
+    span capacity before session 30).\"\"\"
     runner = new_runner(path, graphs, max_spans, max_num_seqs=24)
     intake = Intake()
     lengths = [2 + i % 3 for i in range(20)]
