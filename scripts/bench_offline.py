@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enable-prefix-caching", action="store_true",
                         help="keep the engine's prefix cache (its default), each run salted so nothing hits")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="timed runs of each kind of prompt, alternating; each kind's fastest is kept")
+                        help="timed runs of each kind of prompt, alternating; each kind's fastest is kept (see --keep)")
     parser.add_argument("--steps", action="store_true",
                         help="also print rank 0's steps one by one per batch size and kind (rows, host and "
                              "device ms, period to the next step; median over the rounds)")
@@ -138,16 +138,15 @@ def time_kinds(llm: LLM, workload, batch: int, kinds: list[bool], rounds: int,
     for as_embeds in kinds:
         time_engine(llm, warmup, as_embeds, embeds_rows)
     runs: dict[bool, list[tuple[float, float]]] = {as_embeds: [] for as_embeds in kinds}
-    steps: dict[str, list] = {("prompt_embeds" if as_embeds else "token ids"): [] for as_embeds in kinds}
+    steps: dict[bool, list] = {as_embeds: [] for as_embeds in kinds}  # with a leader: CallSteps per round
     for _ in range(rounds):
         for as_embeds in kinds:
             result = time_engine(llm, workload, as_embeds, embeds_rows, leader)
             runs[as_embeds].append(result[:2])
-            if leader is not None:
-                steps["prompt_embeds" if as_embeds else "token ids"].append(result[2])
+            steps[as_embeds] += result[2:]
     if leader is not None:
         print(f"batch {batch}:")
-        print_steps(steps)
+        print_steps({("prompt_embeds" if as_embeds else "token ids"): calls for as_embeds, calls in steps.items()})
     return {as_embeds: kept_round(results, keep) for as_embeds, results in runs.items()}
 
 

@@ -59,10 +59,15 @@ def _take_steps(shard) -> list:
     return [(rows, enter, exit_, start.elapsed_time(end)) for rows, enter, exit_, start, end in steps]
 
 
+def began_after(steps: list, start: float) -> list:
+    """The steps (as _take_steps gives them) that began after start (a time.time())."""
+    return [step for step in steps if step[1] >= start]
+
+
 def step_rows(steps: list, start: float) -> list:
     """(rows, host ms, device ms, period ms to the next step's start; None for the last) of
     each step that began after start (a time.time())."""
-    steps = [step for step in steps if step[1] >= start]
+    steps = began_after(steps, start)
     return [(rows, (exit_ - enter) * 1e3, device_ms,
              (steps[i + 1][1] - enter) * 1e3 if i + 1 < len(steps) else None)
             for i, (rows, enter, exit_, device_ms) in enumerate(steps)]
@@ -83,10 +88,8 @@ class LeaderSteps:
     def take(self, start: float, end: float | None = None) -> CallSteps:
         """The steps that began after start (a time.time(): the call's), taken from the
         shard; end: when the call returned."""
-        taken = self._ray.get(self._leader.__ray_call__.remote(_take_steps))
-        steps = step_rows(taken, start)
-        first = next((enter for _, enter, *_ in taken if enter >= start), None)
-        return CallSteps(steps, (first - start) * 1e3 if first is not None else None,
+        taken = began_after(self._ray.get(self._leader.__ray_call__.remote(_take_steps)), start)
+        return CallSteps(step_rows(taken, start), (taken[0][1] - start) * 1e3 if taken else None,
                          (end - start) * 1e3 if end is not None else None)
 
 
