@@ -93,13 +93,38 @@ def test_probe_first_token_times_a_batch_with_the_prefix_cache_on(ray_cluster, c
     assert calls["execute"] >= 3 and calls["sampler launch"] >= 3, calls
     # --steps: rank 0's steps one by one, for each kind: at least a prefill and two decodes,
     # each with rows and times; the last has no next step to give it a period.
-    steps = out.split("period ms to the next step\n", 1)[1].splitlines()[1:]
-    steps = [line.split() for line in steps[:next(i for i, line in enumerate(steps) if line.lstrip().startswith("sum"))]]
-    assert len(steps) >= 3 and [int(line[0]) for line in steps] == list(range(len(steps)))
-    for kind in (slice(1, 5), slice(5, 9)):
-        rows, host, device, period = zip(*(line[kind] for line in steps))
+    for steps in printed_steps(out, kinds=2):
+        assert len(steps) >= 3, steps
+        rows, host, device, period = zip(*steps)
         assert all(float(r) >= 1 for r in rows) and all(float(ms) > 0 for ms in host + device)
         assert period[-1] == "-" and all(float(ms) > 0 for ms in period[:-1])
+
+
+def printed_steps(out: str, kinds: int) -> list[list[list[str]]]:
+    """print_steps' table read back: per kind, its steps' cells (rows, host, device, period).
+    Each kind's cells are 36 characters wide, "-" past its last step: the kinds' step counts
+    may differ (when each group reaches the engine decides how its steps fall)."""
+    lines = out.split("period ms to the next step\n", 1)[1].splitlines()[1:]
+    lines = lines[:next(i for i, line in enumerate(lines) if line.lstrip().startswith("sum"))]
+    assert [int(line[:4]) for line in lines] == list(range(len(lines)))
+    per_kind = []
+    for first in range(4, 4 + 36 * kinds, 36):
+        cells = [line[first:first + 36].split() for line in lines]
+        steps = cells[:next((i for i, cell in enumerate(cells) if cell == ["-"]), len(cells))]
+        assert all(cell == ["-"] for cell in cells[len(steps):]), cells
+        per_kind.append(steps)
+    return per_kind
+
+
+def test_the_steps_table_marks_the_steps_a_kind_did_not_take(capsys):
+    from scripts.step_events import CallSteps, print_steps
+
+    three = [(40, 1.0, 2.0, 3.0), (2, 0.5, 1.0, 1.5), (2, 0.5, 1.0, None)]
+    four = [(30, 1.0, 2.0, 3.0), (10, 1.0, 2.0, 3.0)] + three[1:]
+    print_steps({"token ids": [CallSteps(three, 1.0, 9.0)], "prompt_embeds": [CallSteps(four, 2.0, 12.0)]})
+    ids, embeds = printed_steps(capsys.readouterr().out, kinds=2)
+    assert [cell[0] for cell in ids] == ["40", "2", "2"] and [cell[0] for cell in embeds] == ["30", "10", "2", "2"]
+    assert ids[-1][3] == embeds[-1][3] == "-"
 
 
 def test_probe_step_rows_keeps_a_calls_steps_with_their_periods():
