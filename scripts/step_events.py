@@ -67,7 +67,11 @@ def began_after(steps: list, start: float) -> list:
 def step_rows(steps: list, start: float) -> list:
     """(rows, host ms, device ms, period ms to the next step's start; None for the last) of
     each step that began after start (a time.time())."""
-    steps = began_after(steps, start)
+    return _with_periods(began_after(steps, start))
+
+
+def _with_periods(steps: list) -> list:
+    """step_rows() of steps already taken for a call."""
     return [(rows, (exit_ - enter) * 1e3, device_ms,
              (steps[i + 1][1] - enter) * 1e3 if i + 1 < len(steps) else None)
             for i, (rows, enter, exit_, device_ms) in enumerate(steps)]
@@ -89,7 +93,7 @@ class LeaderSteps:
         """The steps that began after start (a time.time(): the call's), taken from the
         shard; end: when the call returned."""
         taken = began_after(self._ray.get(self._leader.__ray_call__.remote(_take_steps)), start)
-        return CallSteps(step_rows(taken, start), (taken[0][1] - start) * 1e3 if taken else None,
+        return CallSteps(_with_periods(taken), (taken[0][1] - start) * 1e3 if taken else None,
                          (end - start) * 1e3 if end is not None else None)
 
 

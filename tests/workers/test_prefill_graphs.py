@@ -123,7 +123,6 @@ def test_buckets_follow_the_step_limit():
     assert [graphs.bucket_for(n) for n in (1, 2, 16, 17, 64, 65)] == [None, 16, 16, 32, 64, None]
 
 
-
 def test_the_padding_span_fits_buckets_past_max_model_len():
     """Buckets go to the step's limit (max_num_batched_tokens), past max_model_len: the
     padding span, a whole bucket at capture, must find its keys' blocks in its table row
