@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import pickle
+import random
 import re
 import struct
 import warnings
@@ -204,7 +204,12 @@ def test_the_fast_decoder_is_used_and_agrees_with_the_standard_library(monkeypat
     assert "pip install pybase64" in embeds_codec.slow_base64_warning()
 
 
-@pytest.mark.parametrize("raw", [b"", os.urandom(1000), b"PK\x03\x04" + os.urandom(300)])
+# Seeded: the same bytes on every run and in every pytest-xdist worker (whose collections must agree).
+_RANDOM = random.Random(0)
+
+
+@pytest.mark.parametrize("raw", [b"", _RANDOM.randbytes(1000), b"PK\x03\x04" + _RANDOM.randbytes(300)],
+                         ids=["empty", "random", "zip magic, then random"])
 def test_rejects_bytes_that_are_not_a_zip(raw):
     with pytest.raises(PromptEmbedsError, match="not a readable torch.save zip archive"):
         decode(b64(raw))
