@@ -4,7 +4,6 @@ Runs in each shard process."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -324,12 +323,12 @@ class ModelRunner:
         spans, fed = [], []  # fed: (row, req_id) of decode rows whose token is fed back
         num_rows = 0
         for sched in scheduled:
-            span = self._graph_span(sched)
-            if span is None:
+            taken = self._graph_span(sched)
+            if taken is None:
                 return False
-            if not span.ids:  # a decode row: the previous step's sample, still on the device
+            span, fed_back = taken
+            if fed_back:
                 fed.append((num_rows, sched.req_id))
-                span = dataclasses.replace(span, ids=[0])
             spans.append(span)
             num_rows += len(span.ids)
         graphs = self.prefill_graphs
@@ -356,15 +355,19 @@ class ModelRunner:
         rows = {req_id: logits[i] for req_ids, logits in pieces for i, req_id in enumerate(req_ids)}
         return torch.stack([rows[s.req_id] for s in scheduled if s.is_sampled])
 
-    def _graph_span(self, sched: ScheduledRequest) -> GraphSpan | None:
-        """The request's rows as the prefill graphs take them; ids [] for a decode row whose
-        token is still being fed back; None for a prefill (chunk) of such rows."""
+    def _graph_span(self, sched: ScheduledRequest) -> tuple[GraphSpan, bool] | None:
+        """The request's rows as the prefill graphs take them, and whether they are a
+        decode row whose token is the previous step's sample, still on the device (its
+        span's one id a placeholder, overwritten on the device); None for a prefill (chunk)
+        of such rows."""
         state = self.requests[sched.req_id]
         start, end = sched.num_computed_tokens, sched.num_computed_tokens + sched.num_new_tokens
         ids = state.token_ids(start, end)
-        if len(ids) < end - start and not (self._is_decode(sched) and not ids):
-            return None
-        return GraphSpan(ids, start, state.block_ids, state.embeds_rows(start, end), sched.is_sampled)
+        if len(ids) < end - start:
+            if ids or not self._is_decode(sched):
+                return None
+            return GraphSpan([0], start, state.block_ids, [], sched.is_sampled), True
+        return GraphSpan(ids, start, state.block_ids, state.embeds_rows(start, end), sched.is_sampled), False
 
     def _fed_tokens(self, fed: list[tuple[int, str]]):
         """(index, tokens) for the rows whose input token is fed back: write tokens into
