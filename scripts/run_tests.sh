@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0" -e ".[dev]" || exit 1
-python3 -m pytest tests -q -n 2 --dist loadgroup "$@"
+python3 -m pytest tests -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure here, not a pass" >&2

@@ -4,7 +4,6 @@ folder, tiny random Hugging Face checkpoints of every supported family."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +13,7 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# Tests that start Ray (the session's cluster, a multi-node one, or `shardserve serve` in a
-# subprocess). Under pytest-xdist (`-n 2 --dist loadgroup`, as scripts/run_tests.sh runs the
-# suite) they all go to one worker, so one Ray cluster serves the session and those tests
-# run one at a time as without xdist; the other worker takes the CPU-bound rest (Triton's
-# interpreter above all).
-RAY_TEST_DIRS = ("cluster", "e2e")
-
-
 def pytest_collection_modifyitems(config, items):
-    tests_root = Path(__file__).parent
-    for item in items:
-        if item.path.relative_to(tests_root).parts[0] in RAY_TEST_DIRS:
-            item.add_marker(pytest.mark.xdist_group("ray"))
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (gpu marker); this machine has none")
