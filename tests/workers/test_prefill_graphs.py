@@ -95,8 +95,8 @@ print("checked")
 
 
 def test_padded_prefill_step_equals_unpadded_in_triton_interpreter(tiny_checkpoints):
-    run_in_triton_interpreter(TP1_SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("mistral")),
-                              str(tiny_checkpoints("qwen3")))
+    # Mistral for its sliding window, whose masks the padding span must not disturb.
+    run_in_triton_interpreter(TP1_SCRIPT, str(tiny_checkpoints("llama")), str(tiny_checkpoints("mistral")))
 
 
 def test_padded_prefill_steps_at_tp2_equal_tp1_in_triton_interpreter(tiny_checkpoints):
