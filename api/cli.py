@@ -114,6 +114,11 @@ def serve_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--ingress {args.ingress} sets up the local Ray that `shardserve serve` starts; a "
                          "cluster's ingress is its own: start every node's Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
                          "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment of `ray start`")
+    # A device named on the command line needs no cluster to check the engine's settings
+    # against: a bad one stops the CLI before a Ray starts or is joined (seconds, not tens).
+    checked_early = settings.device != "auto"
+    if checked_early:
+        _check_engine_settings(settings)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -126,7 +131,8 @@ def serve_command(args: argparse.Namespace) -> int:
     # "auto" resolved once, against the cluster joined: the checks, the placement and the
     # app then agree, and a warning that it fell back to CPU comes once.
     settings = with_resolved_device(settings)
-    _check_engine_settings(settings)
+    if not checked_early:
+        _check_engine_settings(settings)
     shortfall = replicas_shortfall(settings)
     if shortfall and not args.address:  # a Ray started here cannot grow
         raise ValueError(f"cannot place tensor_parallel_size={settings.tensor_parallel_size} x "

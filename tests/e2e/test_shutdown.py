@@ -58,7 +58,8 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(tmp_path):
 
 def test_a_bad_engine_setting_stops_the_cli_before_serving():
     """A context past the built-in model's 2048 positions: exit 2 with the reason, not a
-    failed Serve deployment after its replicas tried."""
+    failed Serve deployment after its replicas tried; with the device named, before a
+    local Ray starts."""
     command = [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port()), "--max-model-len", "4096",
                "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S,
@@ -67,6 +68,7 @@ def test_a_bad_engine_setting_stops_the_cli_before_serving():
     assert ("shardserve: error: max_model_len (4096) is greater than the model's max_position_embeddings (2048)"
             in done.stderr)
     assert "serving" not in done.stdout
+    assert "Started a local Ray instance" not in done.stderr
 
 
 def test_shards_a_local_ray_cannot_hold_stop_the_cli_before_serving():
