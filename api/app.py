@@ -51,14 +51,15 @@ def build_app(args: dict | None = None) -> Application:
     ).bind(settings)
 
 
-def replicas_shortfall(settings: ServerSettings) -> str | None:
-    """Why the Ray cluster this process joined, as its nodes are, could never hold the
-    app's replicas (each its shards' bundles under the placement strategy, and all of
-    them together), or None. Serve would otherwise wait for them without end."""
+def replicas_shortfall(settings: ServerSettings, nodes: list[dict[str, float]] | None = None) -> str | None:
+    """Why the Ray cluster this process joined (or one of `nodes`, not started yet), as
+    its nodes are, could never hold the app's replicas (each its shards' bundles under
+    the placement strategy, and all of them together), or None. Serve would otherwise
+    wait for them without end."""
     bundles = _replica_bundles(settings)
-    shortfall = placement_shortfall(bundles, settings.placement_strategy)
+    shortfall = placement_shortfall(bundles, settings.placement_strategy, nodes)
     if shortfall is None and settings.num_replicas > 1:
-        shortfall = placement_shortfall(bundles * settings.num_replicas, "PACK")
+        shortfall = placement_shortfall(bundles * settings.num_replicas, "PACK", nodes)
         if shortfall:
             shortfall = f"{settings.num_replicas} replicas: {shortfall}"
     return shortfall

@@ -119,6 +119,10 @@ def serve_command(args: argparse.Namespace) -> int:
     checked_early = settings.device != "auto"
     if checked_early:
         _check_engine_settings(settings)
+    if not args.address and settings.device == "cpu":  # the Ray started below: one node of these CPUs
+        shortfall = replicas_shortfall(settings, nodes=[{"CPU": float(_local_cpus(settings))}])
+        if shortfall:
+            raise _unplaceable_here(settings, shortfall)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -135,9 +139,7 @@ def serve_command(args: argparse.Namespace) -> int:
         _check_engine_settings(settings)
     shortfall = replicas_shortfall(settings)
     if shortfall and not args.address:  # a Ray started here cannot grow
-        raise ValueError(f"cannot place tensor_parallel_size={settings.tensor_parallel_size} x "
-                         f"num_replicas={settings.num_replicas} on this machine: {shortfall}; lower them, "
-                         "or join a larger cluster with --address")
+        raise _unplaceable_here(settings, shortfall)
     if shortfall:
         print(f"shardserve: warning: {shortfall}; Serve waits for the cluster to grow (an autoscaler) and "
               "logs while it waits", file=sys.stderr, flush=True)
@@ -155,6 +157,12 @@ def serve_command(args: argparse.Namespace) -> int:
     stop.event.wait()
     _shutdown(settings, joined=bool(args.address))
     return 0
+
+
+def _unplaceable_here(settings: ServerSettings, shortfall: str) -> ValueError:
+    return ValueError(f"cannot place tensor_parallel_size={settings.tensor_parallel_size} x "
+                      f"num_replicas={settings.num_replicas} on this machine: {shortfall}; lower them, "
+                      "or join a larger cluster with --address")
 
 
 class StopRequest:

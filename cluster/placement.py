@@ -51,17 +51,20 @@ def create_placement_group(
     )
 
 
-def placement_shortfall(bundles: list[dict[str, float]], strategy: str) -> str | None:
+def placement_shortfall(bundles: list[dict[str, float]], strategy: str,
+                        nodes: list[dict[str, float]] | None = None) -> str | None:
     """Why the cluster's live nodes, as they are, could never hold `bundles` under
     `strategy` (all on one node for STRICT_PACK, one a node for STRICT_SPREAD, anywhere
     for PACK and SPREAD), or None if they could. Counts each node's total resources, not
     what is free now. For STRICT_SPREAD the bundles must nest (each at least the next in
-    every resource, as shard_bundles and replica_bundles are)."""
+    every resource, as shard_bundles and replica_bundles are). `nodes`: each node's
+    resources, for a cluster not started yet (default: those of the one joined)."""
     need: dict[str, float] = {}
     for bundle in bundles:
         for key, amount in bundle.items():
             need[key] = need.get(key, 0.0) + amount
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if nodes is None:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     if strategy == "STRICT_PACK":
         if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
             return None

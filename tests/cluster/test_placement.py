@@ -29,6 +29,18 @@ def test_shortfall_names_what_no_node_or_cluster_has(ray_cluster):
             "no node of this Ray cluster has 1 GPU (the most on one node: 0)")
 
 
+def test_shortfall_on_nodes_given_as_they_will_be():
+    """As `shardserve serve` checks the local Ray it is about to start (no Ray needed)."""
+    one_node, two_nodes = [{"CPU": 4.0}], [{"CPU": 4.0}, {"CPU": 1.0}]
+    assert placement_shortfall(shard_bundles(2, "cpu"), "STRICT_SPREAD", one_node) == (
+        "1 node(s) of this Ray cluster can hold a bundle of {'CPU': 1.0}, and STRICT_SPREAD puts 2 bundles on "
+        "a node each")
+    assert placement_shortfall(shard_bundles(2, "cpu"), "STRICT_SPREAD", two_nodes) is None
+    assert placement_shortfall(shard_bundles(5, "cpu"), "PACK", two_nodes) is None
+    assert placement_shortfall(shard_bundles(5, "cpu"), "STRICT_PACK", two_nodes) == (
+        "no node of this Ray cluster has 5 CPU (the most on one node: 4)")
+
+
 def test_a_cluster_too_small_is_said_at_once_and_in_the_error(ray_cluster, caplog):
     too_many = int(ray.cluster_resources()["CPU"]) + 1
     with caplog.at_level(logging.WARNING, logger="cluster.placement"):

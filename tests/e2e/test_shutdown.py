@@ -74,7 +74,7 @@ def test_a_bad_engine_setting_stops_the_cli_before_serving():
 def test_shards_a_local_ray_cannot_hold_stop_the_cli_before_serving():
     """A local Ray cannot grow: shards it could never place (here one node, asked to put
     two shards on a node each) are exit 2 with the reason, not a Serve deployment that
-    waits for them without end."""
+    waits for them without end; on CPU, before that Ray starts."""
     command = [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port()), "--device", "cpu",
                "--tensor-parallel-size", "2", "--placement-strategy", "STRICT_SPREAD"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S,
@@ -83,3 +83,4 @@ def test_shards_a_local_ray_cannot_hold_stop_the_cli_before_serving():
     assert ("shardserve: error: cannot place tensor_parallel_size=2 x num_replicas=1 on this machine: 1 node(s) "
             "of this Ray cluster can hold a bundle of {'CPU': 1.0}, and STRICT_SPREAD puts 2 bundles" in done.stderr), done.stderr[-2000:]
     assert "serving" not in done.stdout
+    assert "Started a local Ray instance" not in done.stderr
