@@ -204,7 +204,7 @@ def test_the_fast_decoder_is_used_and_agrees_with_the_standard_library(monkeypat
     assert "pip install pybase64" in embeds_codec.slow_base64_warning()
 
 
-# Seeded: the same bytes on every run and in every pytest-xdist worker (whose collections must agree).
+# Seeded: the same bytes, and so the same test ids, on every collection of the suite.
 _RANDOM = random.Random(0)
 
 
