@@ -174,6 +174,64 @@ def _interpreter_unsupported(triton_version: str) -> str | None:
     return None
 
 
+# Prepended to each run_in_triton_interpreter script. Triton's interpreter (3.9) patches the
+# triton.language modules a kernel's globals name for each launch, and restores them after.
+# It patches again for every call of a @triton.jit function inside the kernel (ours, and
+# triton.language's own: tl.sum, tl.zeros, ...), and never restores those patches. Each
+# repatch walks the modules with inspect.getmembers, about 2 ms. That was a quarter of these
+# tests' time: 18,516 such calls in the padded-prefill test's 312 launches. Here a call
+# inside a launch patches only modules that this launch has not patched yet. A launch is
+# patched and restored as before. With another Triton, whose interpreter lacks these
+# internals, the script runs on Triton's own patching.
+# The prelude also turns off the interpreter's check of each 32-bit integer add, sub and mul
+# for overflow (it redoes each in 64 bits: another quarter of the time). The tests' indices
+# are tiny, so it could not fire, and compiled kernels wrap as numpy's int32 then does.
+INTERPRETER_PRELUDE = """
+def _interpret_faster():
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        patch_lang, Scope = interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    launches = []  # the language modules patched since the launch in progress began
+    by_globals = {}
+
+    def languages(fn):
+        key = id(fn.__globals__)  # a module's functions share its globals
+        if key not in by_globals:
+            by_globals[key] = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+        return by_globals[key]
+
+    def patch_once(fn):
+        if launches:  # a function called by the kernel being launched
+            if languages(fn) <= launches[-1]:
+                return Scope()
+            launches[-1] |= languages(fn)
+            return patch_lang(fn)
+        scope = patch_lang(fn)
+        launches.append(set(languages(fn)))
+        restore = scope.restore
+
+        def restore_after_launch():
+            launches.pop()
+            restore()
+
+        scope.restore = restore_after_launch
+        return scope
+
+    interpreter._patch_lang = patch_once
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if builder is not None and hasattr(builder.options, "sanitize_overflow"):
+        import dataclasses
+
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+_interpret_faster()
+"""
+
+
 def run_in_triton_interpreter(script: str, *argv: str, timeout_s: float = 600) -> None:
     """Runs `script` (which prints "checked" at its end) in a fresh process under
     Triton's CPU interpreter, chosen before any kernel is decorated; fails with its stderr."""
@@ -183,6 +241,6 @@ def run_in_triton_interpreter(script: str, *argv: str, timeout_s: float = 600) -
         pytest.skip(reason)
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script, *argv], env=env, cwd=root,
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_PRELUDE + script, *argv], env=env, cwd=root,
                             capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]
