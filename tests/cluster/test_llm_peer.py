@@ -1,5 +1,6 @@
 """Peer check through Ray: LLM.generate at tensor_parallel_size 1 and 2 against Hugging
-Face transformers on the same tiny random checkpoints, for every supported family —
+Face transformers on the same tiny random checkpoints, for every supported family (at
+TP 1 on GPU machines; on CPU, llama's only) —
 token-id prompts, the model's own embeddings of them, and random embeddings, mixed in
 one call. Greedy tokens equal; float32 log-probabilities close."""
 
@@ -20,6 +21,13 @@ FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
 def engine(request, ray_cluster, tiny_checkpoints):
     family, tp = request.param
     skip_unless_gpus_hold(tp)
+    if tp == 1 and family != "llama" and not torch.cuda.is_available():
+        # On CPU the engine's path at TP 1 is the family's forward pass, which
+        # tests/workers/test_models_vs_hf.py checks against HF for every family; the
+        # families' own weights and layers go through Ray at TP 2 here. On GPU each family
+        # runs at TP 1 too (its kernels and graphs), as a one-GPU machine has no TP 2.
+        pytest.skip(f"{family} at tensor_parallel_size=1 runs on GPU machines; on CPU, llama's TP 1 "
+                    "and every family's TP 2 and world-size-1 model checks cover it")
     path = tiny_checkpoints(family)
     llm = LLM(str(path), tensor_parallel_size=tp, enable_prompt_embeds=True, max_model_len=128,
               kv_cache_memory_bytes=16 << 20)
