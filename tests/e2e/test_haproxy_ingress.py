@@ -3,7 +3,8 @@ tensor_parallel_size 2): HAProxy on the port, replicas serving HTTP themselves. 
 `openai` client gets the same greedy completions as from the session's server behind
 Serve's proxy, prompt embeddings included (a 1 MB body among them, read by the replica's
 uvicorn with its larger buffer); a bad payload is a 400 and the server keeps answering;
-SIGTERM drains an in-flight stream, and HAProxy goes with every other process."""
+SIGTERM drains an in-flight stream, however many signals follow it, the CLI exits 0 without
+Ray's warnings, and HAProxy goes with every other process it started."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -116,14 +118,26 @@ def test_a_bad_payload_is_a_400_and_the_server_keeps_serving(haproxy_server):
 
 
 def test_sigterm_drains_a_stream_then_everything_stops_haproxy_too(haproxy_server):
-    """Last in this module: it stops the server."""
+    """Last in this module: it stops the server. (Serve's own proxy draining a stream while
+    its application is deleted, as this shutdown deletes it: test_reliability.py.)"""
     server, url, log = haproxy_server
     started = descendants(server.pid)
     body = {"prompt": "The quick brown fox", "max_tokens": 100, "ignore_eos": True, "stream": True}
-    events = stream_events(url, body, lambda: server.send_signal(signal.SIGTERM))
+
+    def signals():  # mid-stream: SIGTERM, then more as supervisors and wrappers send
+        for sig in [signal.SIGTERM] + [signal.SIGINT, signal.SIGTERM] * 10:
+            server.send_signal(sig)
+            time.sleep(0.001)  # spaced, so some land while an earlier one is handled
+
+    events = stream_events(url, body, signals)
     assert server.wait(STOP_TIMEOUT_S) == 0, _output(log)
     assert events[-1] == "[DONE]", _output(log)
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    output = _output(log)
+    assert "shutting down" in output
+    # The local Ray goes whole: no serve.shutdown() killing the controller under its own call.
+    assert "graceful_shutdown failed" not in output, output
+    assert len(started) >= 5  # Ray's own processes, HAProxy, the replica and two shards at least
     assert wait_until(lambda: all(is_process_gone(pid) for pid in started), 30), \
         [(pid, _name(pid)) for pid in started if not is_process_gone(pid)]
 

@@ -3,13 +3,15 @@
 refused with 503 + Retry-After; a shard that dies or hangs ends in-flight requests within
 10 s (503 in OpenAI's shape; a stream: an error event, then [DONE]), the replica fails its
 health check, Serve replaces it with new shards, and requests succeed again with no
-operator action."""
+operator action. Last, deleting the application (what `shardserve serve` does on SIGTERM)
+lets a stream in flight through Serve's proxy finish before its replica and shards go."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +24,7 @@ import ray
 
 from api.app import build_app
 from tests.cluster.test_engine_faults import DEADLINE_S, is_process_gone, wait_until
+from tests.e2e.conftest import stream_events as stream_events_until
 from tests.e2e.test_server import metrics
 
 APP = "faults"
@@ -140,3 +143,23 @@ def test_shard_fault_fails_in_flight_requests_and_serve_replaces_the_replica(fau
     # The old replica's engine hasher went with it; the new engine has its own.
     assert wait_until(lambda: len(engine_actors("hasher")) == 1, 30), engine_actors("hasher")
     assert wait_until(lambda: is_process_gone(pid), 30)
+
+
+def test_deleting_the_application_drains_a_stream_in_flight_through_serves_proxy(faults_url):
+    """Last in this module: it deletes the application, as `shardserve serve` does on
+    SIGTERM (api.cli._shutdown) before its local Ray goes. Serve's proxy still carries the
+    stream while the replica finishes it; then the replica and its shards stop. The CLI's
+    own signal handling, on the same _shutdown, runs in test_haproxy_ingress.py."""
+    from ray import serve
+
+    wait_recovered(faults_url)
+    pids = [ray.get(shard.pid.remote()) for shard in shard_actors().values()]
+    deleting = threading.Thread(target=serve.delete, args=(APP,))
+    body = {**LONG, "max_tokens": 100, "stream": True}
+    events = stream_events_until(faults_url, body, deleting.start)  # mid-stream
+    deleting.join(60)
+    assert not deleting.is_alive()
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert APP not in serve.status().applications
+    assert len(pids) == 2 and wait_until(lambda: all(is_process_gone(pid) for pid in pids), 30)
