@@ -208,7 +208,7 @@ def test_a_finished_requests_id_may_come_again_at_once(ray_cluster):
         assert [o[:2] for o in outputs] == [("same", "length")] * 3
         assert len(outputs[0][2]) == 4 and outputs[0][2] == outputs[1][2] == outputs[2][2]
         assert llm.engine.dead_reason is None
-        assert llm.generate("still serving", LONG, use_tqdm=False)[0].outputs[0].token_ids
+        assert llm.generate("still serving", SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_embeddings_prompts_run_and_share_again_when_the_hasher_dies(ray_cluster):
