@@ -72,10 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a step running longer (a hung shard) marks the engine dead; Serve replaces it")
     serve.add_argument("--graceful-shutdown-timeout-s", type=float, default=30.0,
                        help="on SIGTERM / Ctrl-C, how long in-flight requests may run before being cut")
-    serve.add_argument("--intake-workers", type=int, default=None, metavar="N",
-                       help="processes beside each replica that parse large prompt_embeds requests, decode "
-                            "them and put their rows into the object store while the replica serves others "
-                            "(default: 2 with --enable-prompt-embeds on GPUs, else 0)")
     serve.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -95,7 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         num_replicas=args.num_replicas, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
         max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s, intake_workers=args.intake_workers,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
     )
 
 

@@ -10,7 +10,6 @@ from ray.util.placement_group import get_current_placement_group
 
 from api.embeds_codec import slow_base64_warning
 from api.ingress import raise_body_buffer_limit
-from api.intake import IntakePool
 from api.metrics import Metrics
 from api.routes import build_fastapi_app
 from api.serving import OpenAIServing
@@ -39,12 +38,6 @@ class ShardServeServer:
         # shardserve-<app>-<replica>-rank<r> so an operator can find them.
         self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),
                                   name=_engine_name(), step_timeout_s=settings.step_timeout_s)
-        self.intake = None
-        if settings.enable_prompt_embeds and settings.num_intake_workers():
-            self.intake = IntakePool(
-                settings.num_intake_workers(), name=_engine_name(), hidden_size=self.engine.hidden_size,
-                dtype=self.engine.dtype, max_embeds_bytes=settings.max_prompt_embeds_bytes,
-                max_model_len=self.engine.max_model_len, hasher=self.engine.prompt_hasher)
         self.serving = OpenAIServing(
             self.engine,
             served_model_name=settings.model_names(),
@@ -53,7 +46,6 @@ class ShardServeServer:
             metrics=Metrics(stats_source=self.engine.stats),
             max_in_flight=settings.max_in_flight,
             enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
-            intake=self.intake,
         )
         logger.info("shardserve replica ready: model %s, tp=%d",
                     settings.model_name(), settings.tensor_parallel_size)
@@ -69,9 +61,6 @@ class ShardServeServer:
         self.engine.check_health()
 
     def __del__(self):
-        intake = getattr(self, "intake", None)
-        if intake is not None:
-            intake.shutdown()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -30,9 +30,6 @@ METRICS = {
         "histogram", "From a request's arrival at the replica to all its choices running in the engine "
         "(body, checks, and for prompt_embeds their decode and ray.put), by input: prompt_embeds "
         "when the request has any, else prompt", ("input",), INTAKE_BUCKETS),
-    "shardserve_intake_worker_requests": (
-        "counter", "Completions requests whose body an intake worker parsed, and whose prompt_embeds it decoded "
-        "and put into the object store, while the replica served others (--intake-workers)", (), None),
     "shardserve_num_requests_running": ("gauge", "Requests running in the engine", (), None),
     "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", (), None),
     "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", (), None),
@@ -99,10 +96,6 @@ class Metrics:
             self._observe("shardserve_time_to_first_token_seconds", first_token - start)
             if num_tokens > 1:
                 self._observe("shardserve_time_per_output_token_seconds", (end - first_token) / (num_tokens - 1))
-
-    def count_intake_worker_request(self) -> None:
-        self.prometheus["shardserve_intake_worker_requests"].inc()
-        self.ray["shardserve_intake_worker_requests"].inc(1)
 
     def observe_intake(self, input_kind: str, seconds: float) -> None:
         """input_kind: "prompt_embeds" (the request has any) or "prompt"."""

@@ -10,11 +10,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
-
-from api.errors import APIError
 
 from cluster import SamplingParams  # re-exported: api imports cluster, never workers
 
@@ -344,24 +341,3 @@ def validation_error_body(errors: list[dict]) -> dict:
 def _is_union_tag(part) -> bool:
     """A loc part naming the member of a union pydantic tried (str, list[int], ...)."""
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
-
-
-def parse_body(body: bytes | bytearray, model: type[BaseModel]):
-    """A request body as a `model` (CompletionRequest, TokenizeRequest, ...); APIError 400
-    for bad JSON or fields. In the replica, or in an intake worker (api.intake)."""
-    try:
-        # One pass in Rust over the bytes (json.loads decodes them to str first): 1.0 ms
-        # against 2.0 on the event loop for a 2.8 MB body holding (128, 4096) float32
-        # embeddings (bench_embeds_codec.py --parts, BENCHMARKS.md). Invalid UTF-8, lone
-        # UTF-16 surrogates (text the tokenizer and detokenizer cannot take) and nesting
-        # past its recursion limit are errors here too.
-        data = pydantic_core.from_json(body, cache_strings="keys")
-    except ValueError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        body = validation_error_body(exc.errors())["error"]
-        raise APIError(400, body["message"], param=body["param"]) from None

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import math
 import time
 import uuid
 
 import numpy as np
-import torch
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
 from api.chat import ChatCompletionRequest, ChatResponses, render_chat
@@ -28,14 +26,13 @@ from api.protocol import (
     ModelList,
     PromptInput,
     ProtocolError,
-    parse_body,
     split_prompts,
     unix_time,
 )
 from api.responses import Choice, CompletionStream, Responses
 from cluster import SamplingParams
-from cluster.prompts import (EnginePrompt, check_length, concat_rows, embeds_prompt, truncate_prompt,
-                             truncation_length, validate_cache_salt)
+from cluster.prompts import (EnginePrompt, check_length, concat_rows, truncate_prompt, truncation_length,
+                             validate_cache_salt)
 
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
 
@@ -59,9 +56,8 @@ class OpenAIServing:
                  max_in_flight: int = 256 + DEFAULT_MAX_WAITING_REQUESTS,
                  inline_decode_max_chars: int = INLINE_DECODE_MAX_CHARS,
                  enable_prompt_tokens_details: bool = False,
-                 max_embeds_in_flight_bytes: int | None = None, intake=None):
+                 max_embeds_in_flight_bytes: int | None = None):
         self.engine = engine
-        self.intake = intake  # an api.intake.IntakePool, or None: every body parsed here
         if max_embeds_in_flight_bytes is None:  # the engine's own (cluster.engine_client.embeds_in_flight_bound)
             max_embeds_in_flight_bytes = engine.max_embeds_in_flight_bytes
         self.admission = Admission(max_in_flight, max_embeds_in_flight_bytes)
@@ -90,19 +86,6 @@ class OpenAIServing:
         """404 for a model name other than the served ones (None: the primary one)."""
         if name is not None and name not in self.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist.", type="NotFoundError", param="model")
-
-    async def parse_completion(self, body: bytes | bytearray) -> CompletionRequest:
-        """The body as a CompletionRequest. While other requests are in flight, an intake
-        worker that is free takes a large body (prompt_embeds): it parses it and decodes
-        and puts the embeddings, and this loop meanwhile serves the other streams.
-        Otherwise, or if the worker is lost, the body is parsed here and its payloads
-        decoded later, in create_completion."""
-        if self.intake is not None and self.admission.num_in_flight > 0:
-            taken = await self.intake.take_completion(body)
-            if taken is not None:
-                self.metrics.count_intake_worker_request()
-                return taken
-        return parse_body(body, CompletionRequest)
 
     async def create_completion(self, request: CompletionRequest, arrival_time: float | None = None):
         """A CompletionResponse, or a CompletionStream of SSE lines when streaming.
@@ -161,13 +144,9 @@ class OpenAIServing:
     def _embeds_bytes(self, inputs: list[PromptInput]) -> int:
         """At most the bytes one sample of the inputs' embeddings holds on each shard, known
         before decoding: the payloads' decoded size, as rows of the model's dtype cast from
-        the narrowest floats (2 bytes) they could hold; the rows an intake worker decoded,
-        exactly."""
+        the narrowest floats (2 bytes) they could hold."""
         chars = sum(_payload_chars(item) for item in inputs)
-        taken = sum(math.prod(item.value.prompt_embeds.shape) for item in inputs
-                    if isinstance(item.value, EnginePrompt))
-        return (chars * 3 // 4 * max(1, self.engine.dtype.itemsize // 2)
-                + taken * self.engine.dtype.itemsize)
+        return chars * 3 // 4 * max(1, self.engine.dtype.itemsize // 2)
 
     def _sampling(self, request: GenerationRequest) -> tuple[SamplingParams, int | None]:
         """The sampling params and the prompt truncation length; a 400 naming the field
@@ -218,10 +197,6 @@ class OpenAIServing:
             if not self.enable_prompt_embeds:
                 raise APIError(400, "prompt_embeds is disabled on this server; start it with "
                                "--enable-prompt-embeds to accept embeddings", param=param)
-            if isinstance(item.value, EnginePrompt):  # decoded and put by an intake worker (api.intake)
-                return then(item.value)
-            if isinstance(item.value, APIError):  # what the worker found wrong with the payload
-                raise item.value
             if item.kind == "embeds":
                 decode = functools.partial(self._decode_embeds, item.value, truncation)
             else:
@@ -239,9 +214,16 @@ class OpenAIServing:
         return then(truncate_prompt(prompt, truncation))
 
     def _decode_embeds(self, data: str, truncation: int | None = None) -> EnginePrompt:
-        """decode_embeds_prompt with this engine's facts."""
-        return decode_embeds_prompt(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
-                                    max_bytes=self.max_embeds_bytes, truncation=truncation)
+        """The safe decoder, which also validates the tensor (so the engine does not read
+        it again): the prompt of its last `truncation` rows, if set, or of all of them."""
+        try:
+            tensor = decode_prompt_embeds(data, hidden_size=self.engine.hidden_size, dtype=self.engine.dtype,
+                                          max_bytes=self.max_embeds_bytes)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt_embeds") from None
+        if truncation is not None:
+            tensor = tensor[-truncation:]
+        return self.engine.embeds_prompt(tensor)
 
     def _chat_embeds_prompt(self, request: ChatCompletionRequest, truncation: int | None = None) -> EnginePrompt:
         """A chat's prompt_embeds parts decoded safely and the conversation rendered around
@@ -300,26 +282,11 @@ class OpenAIServing:
             self.responses.count_finished(choice, "abort")
 
 
-def decode_embeds_prompt(data: str, *, hidden_size: int, dtype: torch.dtype, max_bytes: int,
-                         truncation: int | None = None) -> EnginePrompt:
-    """A prompt_embeds payload through the safe decoder, which also validates the tensor
-    (so the engine does not read it again): the prompt of its last `truncation` rows, if
-    set, or of all of them. A bad payload is a 400 naming prompt_embeds. In the replica,
-    or in an intake worker beside it (api.intake)."""
-    try:
-        tensor = decode_prompt_embeds(data, hidden_size=hidden_size, dtype=dtype, max_bytes=max_bytes)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="prompt_embeds") from None
-    if truncation is not None:
-        tensor = tensor[-truncation:]
-    return embeds_prompt(tensor, hidden_size, dtype)
-
-
 def _payload_chars(item: PromptInput) -> int:
     """Base64 characters of an input's prompt_embeds payloads (a chat's parts together; 0
     for text or token ids)."""
     if item.kind == "embeds":
-        return len(item.value) if isinstance(item.value, str) else 0  # else decoded by an intake worker
+        return len(item.value)
     if item.kind == "chat":
         return sum(len(part.data) for part in item.value.embeds_parts)
     return 0

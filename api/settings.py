@@ -14,7 +14,6 @@ from cluster.engine_args import EngineArgs
 from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S
 
 DEFAULT_MODEL_NAME = "shardserve-tiny-llama"
-DEFAULT_INTAKE_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,6 @@ class ServerSettings:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS  # past max_num_seqs; then 503
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the watchdog: a longer step kills the engine
     graceful_shutdown_timeout_s: float = 30.0  # in-flight requests' time to finish at shutdown
-    # Processes beside each replica that parse and decode large prompt_embeds bodies while
-    # it is busy (api.intake); None: DEFAULT_INTAKE_WORKERS with prompt embeds on a GPU, else 0.
-    intake_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -57,8 +53,6 @@ class ServerSettings:
         for name in ("step_timeout_s", "graceful_shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.intake_workers is not None and self.intake_workers < 0:
-            raise ValueError(f"intake_workers must be >= 0, got {self.intake_workers}")
         for name in ("max_prompt_embeds_bytes", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -78,13 +72,6 @@ class ServerSettings:
     def engine_args(self) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         return EngineArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-    def num_intake_workers(self) -> int:
-        """intake_workers, or its default: on a CPU the engine's steps dwarf a request's
-        intake, and the workers' processes would take cores from the shards."""
-        if self.intake_workers is not None:
-            return self.intake_workers
-        return DEFAULT_INTAKE_WORKERS if self.enable_prompt_embeds and self.device == "cuda" else 0
 
     @property
     def max_in_flight(self) -> int:

@@ -75,11 +75,6 @@ class AsyncEngine:
         return mixed_prompt(tuple(token_ids), rows, embeds_spans, self.hidden_size, self.dtype)
 
     @property
-    def prompt_hasher(self):
-        """The prefix cache's hasher of embeddings prompts (EngineClient.prompt_hasher)."""
-        return self.engine.prompt_hasher
-
-    @property
     def max_embeds_in_flight_bytes(self) -> int:
         """What the server's admission holds in flight at most (EngineClient's)."""
         return self.engine.max_embeds_in_flight_bytes

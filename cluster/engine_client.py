@@ -97,38 +97,6 @@ def store_warmup_bytes(store_bytes: float, max_bytes: int = STORE_WARMUP_MAX_BYT
     return max(0, int(min(max_bytes, store_bytes // 8)))
 
 
-def put_prompts(prompts: list[EnginePrompt], hasher=None) -> list[EnginePrompt]:
-    """The prompts, each embeddings array (if any) replaced by its reference in the object
-    store: put once, then every sample's add_request passes the reference. Several arrays
-    go in as one object (a list): one put for them all and, for their requests sent
-    together, one fetch per shard, where each prompt's own put and fetch cost about 1 ms
-    apiece. With `hasher` (the engine's prompt_hasher), each reference carries the
-    reference to the hasher's digests of its object, asked for now. Any process of the
-    engine's node: the replica, or an intake worker beside it (api.intake)."""
-    with_rows = [p for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
-    if not with_rows:
-        return prompts
-    if len(with_rows) == 1:
-        (prompt,) = with_rows
-        ref = ray.put(prompt.prompt_embeds)
-        refs = {id(prompt): PromptEmbedsRef(ref, prompt.embeds_dtype, tuple(prompt.prompt_embeds.shape),
-                                            digests=_digests_of(hasher, ref, with_rows))}
-    else:
-        ref = ray.put([p.prompt_embeds for p in with_rows])
-        digests = _digests_of(hasher, ref, with_rows)
-        refs = {id(p): PromptEmbedsRef(ref, p.embeds_dtype, tuple(p.prompt_embeds.shape), index, digests)
-                for index, p in enumerate(with_rows)}
-    return [dataclasses.replace(p, prompt_embeds=refs[id(p)]) if id(p) in refs else p for p in prompts]
-
-
-def _digests_of(hasher, ref, prompts: list[EnginePrompt]):
-    """With prefix caching (a hasher), the reference to the hasher's answer for the put
-    object `ref` (its prompts' block digests, in order), asked for now; else None."""
-    if hasher is None:
-        return None
-    return hasher.digests.remote(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
-
-
 class EngineDeadError(RuntimeError):
     """The engine's shards stopped; in-flight requests end with finish_reason "error"."""
 
@@ -252,20 +220,34 @@ class EngineClient:
         sample of the prompt. Blocks for the put (~1 ms): keep it off an event loop."""
         return PromptEmbedsRef(ray.put(array), dtype, tuple(array.shape))
 
-    @property
-    def prompt_hasher(self):
-        """The prefix cache's hasher actor of embeddings prompts (None without prefix
-        caching or prompt embeds): whoever puts this engine's prompts asks it for their
-        digests (put_prompts)."""
-        return self._hasher
-
     def put_prompt(self, prompt: EnginePrompt) -> EnginePrompt:
-        """put_prompts of one prompt."""
-        return put_prompts([prompt], self._hasher)[0]
+        """The prompt, its embeddings array (if any) replaced by their reference in the
+        object store: put once, then every sample's add_request passes the reference."""
+        if not isinstance(prompt.prompt_embeds, np.ndarray):
+            return prompt
+        ref = self.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        ref = dataclasses.replace(ref, digests=self._digests_of(ref.ref, [prompt]))
+        return dataclasses.replace(prompt, prompt_embeds=ref)
 
     def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
-        """put_prompts(prompts) with this engine's hasher."""
-        return put_prompts(prompts, self._hasher)
+        """put_prompt of several prompts, their embeddings arrays put as one object (a list):
+        one put for them all, and, for their requests sent together, one fetch per shard,
+        where each prompt's own put and fetch cost about 1 ms apiece."""
+        with_rows = [p for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
+        if len(with_rows) < 2:
+            return [self.put_prompt(p) for p in prompts]
+        ref = ray.put([p.prompt_embeds for p in with_rows])
+        digests, index = self._digests_of(ref, with_rows), itertools.count()
+        return [dataclasses.replace(p, prompt_embeds=PromptEmbedsRef(ref, p.embeds_dtype, tuple(p.prompt_embeds.shape),
+                                                                     next(index), digests))
+                if isinstance(p.prompt_embeds, np.ndarray) else p for p in prompts]
+
+    def _digests_of(self, ref, prompts: list[EnginePrompt]):
+        """With prefix caching, the reference to the hasher's answer for the put object
+        `ref` (its prompts' block digests, in order), asked for now; else None."""
+        if self._hasher is None:
+            return None
+        return self._hasher.digests.remote(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
 
     def add_request(
         self,

@@ -14,11 +14,9 @@ import yaml
 from api.ingress import free_port  # noqa: F401 - the e2e modules' port picker
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-# The session's changes to the config's args: a KV cache of 64 MiB per shard instead of
-# the 1 GiB CPU default (the machine is shared; 2,048 blocks are plenty here), and one
-# intake worker beside the replica (none by default on a CPU; test_intake_workers.py).
+# The session's only change to the config's args: a KV cache of 64 MiB per shard instead
+# of the 1 GiB CPU default (the machine is shared; 2,048 blocks are plenty here).
 KV_CACHE_BYTES = 64 << 20
-SESSION_ARGS = {"kv_cache_memory_bytes": KV_CACHE_BYTES, "intake_workers": 1}
 HEALTH_TIMEOUT_S = 120.0
 
 
@@ -57,7 +55,7 @@ def stream_events(url: str, body: dict, on_first_event=lambda: None) -> list[str
 
 @pytest.fixture(scope="session")
 def server_args() -> dict:
-    return {**config_application()["args"], **SESSION_ARGS}
+    return {**config_application()["args"], "kv_cache_memory_bytes": KV_CACHE_BYTES}
 
 
 @pytest.fixture(scope="session")

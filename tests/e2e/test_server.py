@@ -29,7 +29,7 @@ from cluster.default_model import default_model_path, model_shape_path
 from cluster.tokenizer import load_tokenizer
 from scripts.bench_serving import metric_samples
 from tests.api.test_embeds_codec import _sparse_coo_out_of_range, b64, call_pickle, saved, with_pickle
-from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, SESSION_ARGS, config_application, wait_healthy
+from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, wait_healthy
 
 H = 256  # the default model's hidden size
 MAX_MODEL_LEN = 1024
@@ -107,8 +107,8 @@ def test_config_file_is_a_valid_serve_config_whose_args_build_the_app(server_arg
     settings = ServerSettings.from_dict(args)
     assert (settings.tensor_parallel_size, settings.enable_prompt_embeds, settings.max_model_len) == (2, True, 1024)
     assert isinstance(build_app(args), Application)
-    # The session's server runs these very args (plus a smaller KV cache and an intake worker).
-    assert server_args == {**args, **SESSION_ARGS}
+    # The session's server runs these very args (plus a smaller KV cache).
+    assert server_args == {**args, "kv_cache_memory_bytes": KV_CACHE_BYTES}
     with pytest.raises(ValueError, match="unknown setting"):
         build_app({**args, "tensor_parallel": 2})
 
