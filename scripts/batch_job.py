@@ -51,26 +51,25 @@ def sampling_fields() -> set[str]:
 
 
 def load_embeds(path: Path, hidden_size: int, dtype, max_bytes: int):
-    """A (seq_len, hidden_size) tensor from a file, never unpickled blindly: safetensors
-    holds no code, and a `.pt` goes through the server's checked torch.save decoder."""
+    """A (seq_len, hidden_size) tensor from a file that check_record passed (its suffix
+    and size), never unpickled blindly: safetensors holds no code, and a `.pt` goes
+    through the server's checked torch.save decoder."""
     from safetensors.torch import load_file
 
     from api.embeds_codec import load_prompt_embeds_bytes
 
-    if path.stat().st_size > max_bytes:
-        raise ValueError(f"{path} is {path.stat().st_size} bytes; the limit is {max_bytes} (--max-embeds-bytes)")
     if path.suffix == ".safetensors":
         tensors = load_file(str(path))
         if len(tensors) != 1 and "prompt_embeds" not in tensors:
             raise ValueError(f"{path} holds tensors {sorted(tensors)}; expected one, or one named prompt_embeds")
         return tensors.get("prompt_embeds", next(iter(tensors.values())))
-    if path.suffix == ".pt":
-        return load_prompt_embeds_bytes(path.read_bytes(), hidden_size=hidden_size, dtype=dtype, max_bytes=max_bytes)
-    raise ValueError(f"{path}: prompt_embeds_path must end in .safetensors or .pt")
+    return load_prompt_embeds_bytes(path.read_bytes(), hidden_size=hidden_size, dtype=dtype, max_bytes=max_bytes)
 
 
-def parse_line(record, base_dir: Path, llm, args, fields: set[str]):
-    """(prompt for LLM.generate, SamplingParams) of one input line; ValueError if bad."""
+def check_record(record, base_dir: Path, args, fields: set[str]):
+    """An input line's SamplingParams, its structure checked (one prompt key, known fields,
+    sampling values, an embeddings file that exists within the size limit) without the
+    engine: every line is checked so before the engine starts. ValueError if bad."""
     from cluster import SamplingParams
 
     if not isinstance(record, dict):
@@ -83,6 +82,21 @@ def parse_line(record, base_dir: Path, llm, args, fields: set[str]):
         raise ValueError(f"unknown field(s) {unknown}; sampling fields are {sorted(fields)}")
     params = SamplingParams(**{"max_tokens": args.max_tokens, "temperature": args.temperature,
                                **{key: record[key] for key in fields & set(record)}})
+    if "prompt_embeds_path" in record:
+        path = base_dir / str(record["prompt_embeds_path"])
+        if path.suffix not in (".safetensors", ".pt"):
+            raise ValueError(f"{path}: prompt_embeds_path must end in .safetensors or .pt")
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file (prompt_embeds_path is relative to the input file's folder)")
+        if path.stat().st_size > args.max_embeds_bytes:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes; the limit is {args.max_embeds_bytes} "
+                             "(--max-embeds-bytes)")
+    return params
+
+
+def parse_line(record, base_dir: Path, llm, args, fields: set[str]):
+    """(prompt for LLM.generate, SamplingParams) of one input line; ValueError if bad."""
+    params = check_record(record, base_dir, args, fields)
     if "prompt" in record:
         return record["prompt"], params
     if "prompt_token_ids" in record:
@@ -91,6 +105,17 @@ def parse_line(record, base_dir: Path, llm, args, fields: set[str]):
     embeds = load_embeds(base_dir / record["prompt_embeds_path"], config.model_config.hidden_size,
                          config.torch_dtype, args.max_embeds_bytes)
     return {"prompt_embeds": embeds}, params
+
+
+def check_lines(args, fields: set[str]) -> None:
+    """Every line of the input checked (check_record) before the engine starts, so that a
+    bad line fails the job at once, naming it, with nothing written."""
+    for batch in read_batches(args.input, args.batch_size):
+        for number, _, record in batch:
+            try:
+                check_record(record, args.input.parent, args, fields)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{args.input}:{number}: {exc}") from None
 
 
 def read_batches(path: Path, batch_size: int):
@@ -146,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields, num_lines = sampling_fields(), 0
     try:
+        check_lines(args, fields)
         with make_llm(args) as llm, args.output.open("w") as out:
             for batch in read_batches(args.input, args.batch_size):
                 run_batch(llm, batch, args, fields, out)
