@@ -197,7 +197,9 @@ def client(args, max_connections: int) -> httpx.AsyncClient:
 
 async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | None, rate: float):
     """Sends `bodies` on a Poisson schedule (or all at once), at most max_concurrency in
-    flight, after NUM_WARMUP untimed requests."""
+    flight, after NUM_WARMUP untimed requests. Returns the results, the wall time and
+    this process's CPU time over the timed requests (a client near one core's worth
+    would be what limits the run, not the server)."""
     in_flight = max_concurrency or len(bodies)
     semaphore = asyncio.Semaphore(in_flight)
     arrivals = random.Random(args.seed)
@@ -209,13 +211,13 @@ async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | Non
     async with client(args, in_flight) as http:
         for body in bodies[:NUM_WARMUP]:
             await send(http, url, body)
-        start, tasks = time.perf_counter(), []
+        start, cpu_start, tasks = time.perf_counter(), time.process_time(), []
         for body in bodies:
             tasks.append(asyncio.create_task(limited(body)))
             if rate != float("inf"):
                 await asyncio.sleep(arrivals.expovariate(rate))
         results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start
+        return results, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def round_order(modes: list[str], rounds: int) -> list[str]:
@@ -371,7 +373,7 @@ def main(argv=None) -> dict:
         asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token)
                                     for p in batched(warmup, per_request)],
                         max_concurrency=args.max_concurrency, rate=float("inf")))
-    results, durations = {m: [] for m in modes}, {m: 0.0 for m in modes}
+    results, durations, client_cpu = {m: [] for m in modes}, {m: 0.0 for m in modes}, {m: 0.0 for m in modes}
     # The timed requests' server intake (seconds, count) and the engine's kernel compiles
     # meanwhile, per mode, from the server's /metrics before and after each round.
     intake = {m: [0.0, 0.0] for m in modes}
@@ -381,8 +383,9 @@ def main(argv=None) -> dict:
         mode_bodies = bodies(mode, rounds_run[mode])
         rounds_run[mode] += 1
         before = server_metrics(args.base_url)
-        mode_results, duration = asyncio.run(run(args, url, mode_bodies, max_concurrency=args.max_concurrency,
-                                                 rate=args.request_rate))
+        mode_results, duration, cpu = asyncio.run(run(args, url, mode_bodies, max_concurrency=args.max_concurrency,
+                                                      rate=args.request_rate))
+        client_cpu[mode] += cpu
         after = server_metrics(args.base_url)
         results[mode] += mode_results
         durations[mode] += duration
@@ -394,6 +397,7 @@ def main(argv=None) -> dict:
             compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
     report = {m: summarize(results[m], durations[m], per_request) for m in modes}
     for mode in modes:
+        report[mode]["client CPU (% of a core)"] = 100.0 * client_cpu[mode] / durations[mode]
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
             report[mode]["kernel compiles while serving"] = int(compiles[mode])

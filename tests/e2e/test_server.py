@@ -675,6 +675,8 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
         # The server's intake of each timed request (arrival to running) is part of its TTFT.
         assert 0 < report[mode]["mean server intake (ms)"] < report[mode]["mean TTFT (ms)"]
         assert report[mode]["kernel compiles while serving"] == 0  # on CPU nothing compiles
+        # The bench's own CPU over its timed requests: some, and at most its one thread's.
+        assert 0 < report[mode]["client CPU (% of a core)"] <= 105
         overhead = report["overhead"][mode]
         assert overhead["samples"] == 3 and overhead["median engine TTFT (ms)"] > 0
         assert overhead["serving overhead (ms)"] == pytest.approx(
