@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--num-replicas", type=int, default=1)
-    serve.add_argument("--ingress", default="proxy", choices=INGRESSES,
-                       help="how HTTP reaches the replicas: Serve's proxy actor (default), or HAProxy in front "
-                            "of replicas that serve HTTP themselves (Ray Serve's high-throughput mode; Linux). "
-                            "Applies to the local Ray started here; on a cluster (--address), set "
-                            "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for `ray start` instead")
+    serve.add_argument("--ingress", default="auto", choices=("auto", *INGRESSES),
+                       help="how HTTP reaches the replicas: HAProxy in front of replicas that serve HTTP "
+                            "themselves (Ray Serve's high-throughput mode), or Serve's proxy actor. auto "
+                            "(default): HAProxy where Ray Serve has it (Linux, Ray 2.56 or later), else the "
+                            "proxy. Applies to the local Ray started here; a cluster (--address) keeps its own: "
+                            "set RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for `ray start`")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the name(s) requests use for the model; the first is the one responses carry "
                             "when a request names none (default: the model's path)")
@@ -107,10 +108,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from api.app import PROXY_ENV_VARS, build_app, replicas_shortfall, with_resolved_device
-    from api.ingress import local_haproxy_env
 
     settings = settings_from_args(args)
-    if args.address and args.ingress != "proxy":
+    if args.address and args.ingress == "haproxy":
         raise ValueError(f"--ingress {args.ingress} sets up the local Ray that `shardserve serve` starts; a "
                          "cluster's ingress is its own: start every node's Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
                          "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment of `ray start`")
@@ -129,8 +129,7 @@ def serve_command(args: argparse.Namespace) -> int:
         # The local Ray's processes (Serve's proxy or HAProxy among them) inherit this environment.
         for name, value in PROXY_ENV_VARS.items():
             os.environ.setdefault(name, value)
-        if args.ingress == "haproxy":
-            os.environ.update(local_haproxy_env())
+        ingress = _local_ingress(args.ingress)
         ray.init(num_cpus=_local_cpus(settings), log_to_driver=False)
     # "auto" resolved once, against the cluster joined: the checks, the placement and the
     # app then agree, and a warning that it fell back to CPU comes once.
@@ -153,10 +152,31 @@ def serve_command(args: argparse.Namespace) -> int:
     print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
           f"(tensor_parallel_size={settings.tensor_parallel_size}, "
           f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}"
-          f"{', HAProxy ingress' if args.ingress == 'haproxy' else ''}); Ctrl-C to stop", flush=True)
+          f"{'' if args.address else f', {ingress}'}); Ctrl-C to stop", flush=True)
     stop.event.wait()
     _shutdown(settings, joined=bool(args.address))
     return 0
+
+
+def _local_ingress(choice: str) -> str:
+    """Sets up the ingress of the local Ray about to start (its processes inherit this
+    environment); returns how the startup line names it. "auto" takes HAProxy where Ray
+    Serve has it: every request's body and tokens then skip the proxy actor's Ray calls
+    (on the 8B shape, 3.5 ms of serving overhead against 10.1: BENCHMARKS.md, "Online
+    serving", session 34)."""
+    from api.ingress import local_haproxy_env
+
+    if choice == "proxy":
+        return "Serve's proxy"
+    try:
+        os.environ.update(local_haproxy_env())
+    except ValueError as exc:
+        if choice == "haproxy":
+            raise
+        print(f"shardserve: HAProxy ingress not available ({exc}); HTTP goes through Serve's proxy",
+              file=sys.stderr, flush=True)
+        return "Serve's proxy"
+    return "HAProxy ingress"
 
 
 def _unplaceable_here(settings: ServerSettings, shortfall: str) -> ValueError:

@@ -1,11 +1,13 @@
 """The ingresses' set-up (no Ray cluster): the environment `shardserve serve --ingress
-haproxy` gives its local Ray, the refusal on a cluster, the replica's larger uvicorn body
+haproxy` gives its local Ray (HAProxy by default where Serve has it, else Serve's proxy),
+the refusal on a cluster, the replica's larger uvicorn body
 buffer, the middleware that reads a body whole in Serve's proxy and sends it in the
 request's scope, and the replica's that reads it there."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 
 import pytest
@@ -37,6 +39,34 @@ def test_no_haproxy_binary_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(serve_haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
     with pytest.raises(ValueError, match="--ingress haproxy needs HAProxy: .*/nonexistent/haproxy"):
         local_haproxy_env()
+
+
+@pytest.fixture
+def clean_environ(monkeypatch):
+    """os.environ as it is now, given back after the test (the CLI writes the local Ray's)."""
+    for name in list(os.environ):
+        monkeypatch.setenv(name, os.environ[name])
+    for name in (*HAPROXY_ENV_VARS, "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_default_ingress_is_haproxy_where_serve_has_it(clean_environ, capsys):
+    assert cli.build_parser().parse_args(["serve"]).ingress == "auto"
+    assert cli._local_ingress("auto") == "HAProxy ingress"
+    assert {name: os.environ[name] for name in HAPROXY_ENV_VARS} == HAPROXY_ENV_VARS
+    assert capsys.readouterr().err == ""
+
+
+def test_without_haproxy_auto_falls_back_to_serves_proxy_and_says_so(clean_environ, monkeypatch, capsys):
+    import ray.serve._private.haproxy as serve_haproxy
+
+    monkeypatch.setattr(serve_haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
+    assert cli._local_ingress("auto") == "Serve's proxy"
+    assert not any(name in os.environ for name in HAPROXY_ENV_VARS)
+    assert "HAProxy ingress not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--ingress haproxy needs HAProxy"):
+        cli._local_ingress("haproxy")  # asked for by name: an error, not a fallback
+    assert cli._local_ingress("proxy") == "Serve's proxy"
 
 
 def test_haproxy_ingress_on_a_cluster_is_refused_before_joining_it(capsys):
