@@ -41,10 +41,11 @@ def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
 
 
 def stream_events(url: str, body: dict, on_first_event=lambda: None) -> list[str]:
-    """The `data:` payloads of a streamed POST to url/v1/completions, "[DONE]" last;
-    on_first_event() runs once the first has arrived (mid-stream)."""
+    """The `data:` payloads of a streamed POST to url/v1/completions (answered 200), "[DONE]"
+    last; on_first_event() runs once the first has arrived (mid-stream)."""
     events = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()[:200]
         for line in response.iter_lines():
             if line.startswith("data: "):
                 events.append(line.removeprefix("data: "))

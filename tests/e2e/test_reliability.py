@@ -24,7 +24,7 @@ import ray
 
 from api.app import build_app
 from tests.cluster.test_engine_faults import DEADLINE_S, is_process_gone, wait_until
-from tests.e2e.conftest import stream_events as stream_events_until
+from tests.e2e.conftest import stream_events
 from tests.e2e.test_server import metrics
 
 APP = "faults"
@@ -59,13 +59,6 @@ def shard_actors() -> dict[str, object]:
     return engine_actors("rank")
 
 
-def stream_events(url: str) -> list[str]:
-    """The data of every SSE event of a long streamed completion, until the server ends it."""
-    with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as response:
-        assert response.status_code == 200
-        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-
-
 def wait_recovered(url: str, timeout_s: float = RECOVERY_TIMEOUT_S) -> None:
     """Bounded polling until a short completion succeeds again (a new replica serves)."""
     body = {"prompt": "hello", "max_tokens": 2}
@@ -83,7 +76,7 @@ def fail_in_flight_requests(url: str, inject) -> tuple[float, list[str], httpx.R
     """Starts a stream and a plain request, injects the fault once both run, and returns
     (seconds until both ended, the stream's events, the plain response)."""
     with ThreadPoolExecutor(2) as pool:
-        stream = pool.submit(stream_events, url)
+        stream = pool.submit(stream_events, url, {**LONG, "stream": True})
         plain = pool.submit(httpx.post, f"{url}/v1/completions", json=LONG, timeout=60)
         assert wait_until(lambda: metrics(url)["shardserve_num_requests_running"] == 2, 60, 0.1)
         injected_at = time.monotonic()
@@ -156,7 +149,7 @@ def test_deleting_the_application_drains_a_stream_in_flight_through_serves_proxy
     pids = [ray.get(shard.pid.remote()) for shard in shard_actors().values()]
     deleting = threading.Thread(target=serve.delete, args=(APP,))
     body = {**LONG, "max_tokens": 100, "stream": True}
-    events = stream_events_until(faults_url, body, deleting.start)  # mid-stream
+    events = stream_events(faults_url, body, deleting.start)  # mid-stream
     deleting.join(60)
     assert not deleting.is_alive()
     assert events[-1] == "[DONE]"
