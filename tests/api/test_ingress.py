@@ -43,15 +43,16 @@ def test_no_haproxy_binary_is_a_clear_error(monkeypatch):
 
 @pytest.fixture
 def clean_environ(monkeypatch):
-    """os.environ as it is now, given back after the test (the CLI writes the local Ray's)."""
-    for name in list(os.environ):
-        monkeypatch.setenv(name, os.environ[name])
+    """No HAProxy settings in os.environ during the test, and none left after it: the CLI
+    writes the local Ray's there, and a later test's Ray would inherit them."""
     for name in (*HAPROXY_ENV_VARS, "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the undo removes what the test sets
+        monkeypatch.delenv(name)
 
 
 def test_the_default_ingress_is_haproxy_where_serve_has_it(clean_environ, capsys):
     assert cli.build_parser().parse_args(["serve"]).ingress == "auto"
+    assert not any(name in os.environ for name in HAPROXY_ENV_VARS)
     assert cli._local_ingress("auto") == "HAProxy ingress"
     assert {name: os.environ[name] for name in HAPROXY_ENV_VARS} == HAPROXY_ENV_VARS
     assert capsys.readouterr().err == ""
