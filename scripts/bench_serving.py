@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -70,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of the prompts per mode; with --compare-embeds in A B B A order, so that "
                              "drift (a warming server, a busy machine) weighs on both modes alike")
+    parser.add_argument("--client-processes", type=int, default=1, metavar="N",
+                        help="send the timed requests from N client processes, each with its share of the "
+                             "prompts, of --max-concurrency and of --request-rate, started together each "
+                             "round: one process's event loop also reads every chunk of every stream")
     parser.add_argument("--num-warmups", type=int, default=16,
                         help="untimed requests of each mode first, at the same concurrency (the "
                              "server's first-use costs fall on no timed mode)")
@@ -195,11 +200,13 @@ def client(args, max_connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers)
 
 
-async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | None, rate: float):
+async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | None, rate: float,
+              ready=lambda: None):
     """Sends `bodies` on a Poisson schedule (or all at once), at most max_concurrency in
-    flight, after NUM_WARMUP untimed requests. Returns the results, the wall time and
-    this process's CPU time over the timed requests (a client near one core's worth
-    would be what limits the run, not the server)."""
+    flight, after NUM_WARMUP untimed requests and then ready() (other client processes'
+    barrier). Returns the results, the wall time and this process's CPU time over the
+    timed requests (a client near one core's worth would be what limits the run, not the
+    server)."""
     in_flight = max_concurrency or len(bodies)
     semaphore = asyncio.Semaphore(in_flight)
     arrivals = random.Random(args.seed)
@@ -211,6 +218,7 @@ async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | Non
     async with client(args, in_flight) as http:
         for body in bodies[:NUM_WARMUP]:
             await send(http, url, body)
+        ready()
         start, cpu_start, tasks = time.perf_counter(), time.process_time(), []
         for body in bodies:
             tasks.append(asyncio.create_task(limited(body)))
@@ -218,6 +226,58 @@ async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | Non
                 await asyncio.sleep(arrivals.expovariate(rate))
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+class Clients:
+    """Where the timed requests go from: this process, or --client-processes worker
+    processes (started once; a barrier starts each round's timed requests in all of them
+    together, so the round lasts as long as the slowest)."""
+
+    def __init__(self, args, url: str):
+        self.args, self.url, self.num = args, url, args.client_processes
+        self.pool = None
+        if self.num > 1:
+            # The workers import this module by its package name (this file may run as a
+            # script or through runpy, whose functions do not pickle), and are spawned: this
+            # process's torch threads stay here.
+            from scripts import bench_serving
+
+            context = multiprocessing.get_context("spawn")
+            self.run_share = bench_serving.run_share
+            self.pool = context.Pool(self.num, initializer=bench_serving.set_barrier,
+                                     initargs=(context.Barrier(self.num),))
+
+    def run(self, bodies: list[bytes], *, max_concurrency: int | None, rate: float):
+        """As run(), the results of every process together, the round's wall time and
+        the processes' CPU time summed."""
+        if self.pool is None:
+            return asyncio.run(run(self.args, self.url, bodies, max_concurrency=max_concurrency, rate=rate))
+        num = self.num
+        concurrency = [None if max_concurrency is None else max(1, max_concurrency // num + (i < max_concurrency % num))
+                       for i in range(num)]
+        shares = [(self.args, self.url, bodies[i::num], concurrency[i], rate / num) for i in range(num)]
+        parts = self.pool.starmap(self.run_share, shares)
+        return ([result for part in parts for result in part[0]], max(part[1] for part in parts),
+                sum(part[2] for part in parts))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+_BARRIER = None
+
+
+def set_barrier(barrier) -> None:
+    """A client process's barrier (Clients' pool initializer)."""
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def run_share(args, url: str, bodies: list[bytes], max_concurrency: int | None, rate: float):
+    """One client process's share of a round (Clients.run)."""
+    return asyncio.run(run(args, url, bodies, max_concurrency=max_concurrency, rate=rate, ready=_BARRIER.wait))
 
 
 def round_order(modes: list[str], rounds: int) -> list[str]:
@@ -351,11 +411,14 @@ def main(argv=None) -> dict:
     per_request = args.prompts_per_request
     if per_request < 1 or args.num_prompts % per_request or args.num_warmups % per_request:
         raise SystemExit("--prompts-per-request must divide --num-prompts and --num-warmups")
+    if not 1 <= args.client_processes <= args.num_prompts // per_request:
+        raise SystemExit("--client-processes must be between 1 and the number of requests")
     modes = ["token ids", "prompt_embeds"] if args.compare_embeds else \
         ["prompt_embeds" if args.prompt_embeds else "token ids"]
     print(f"model={model} prompts={args.num_prompts} input_len={args.input_len} output_len={args.output_len} "
           f"request_rate={args.request_rate} max_concurrency={args.max_concurrency} base_url={args.base_url}"
-          + (f" prompts_per_request={per_request}" if per_request > 1 else ""))
+          + (f" prompts_per_request={per_request}" if per_request > 1 else "")
+          + (f" client_processes={args.client_processes}" if args.client_processes > 1 else ""))
     per_token = args.model_shape is not None
 
     def bodies(mode: str, round_index: int) -> list[dict]:
@@ -379,12 +442,13 @@ def main(argv=None) -> dict:
     intake = {m: [0.0, 0.0] for m in modes}
     compiles = dict.fromkeys(modes, 0.0)
     rounds_run = dict.fromkeys(modes, 0)
+    clients = Clients(args, url)
     for mode in round_order(modes, args.rounds):
         mode_bodies = bodies(mode, rounds_run[mode])
         rounds_run[mode] += 1
         before = server_metrics(args.base_url)
-        mode_results, duration, cpu = asyncio.run(run(args, url, mode_bodies, max_concurrency=args.max_concurrency,
-                                                      rate=args.request_rate))
+        mode_results, duration, cpu = clients.run(mode_bodies, max_concurrency=args.max_concurrency,
+                                                  rate=args.request_rate)
         client_cpu[mode] += cpu
         after = server_metrics(args.base_url)
         results[mode] += mode_results
@@ -395,8 +459,9 @@ def main(argv=None) -> dict:
             intake[mode][0] += sum_after - sum_before
             intake[mode][1] += count_after - count_before
             compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
+    clients.close()
     report = {m: summarize(results[m], durations[m], per_request) for m in modes}
-    for mode in modes:
+    for mode in modes:  # of all client processes together
         report[mode]["client CPU (% of a core)"] = 100.0 * client_cpu[mode] / durations[mode]
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3

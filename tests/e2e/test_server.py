@@ -700,6 +700,22 @@ def test_bench_serving_sends_several_prompts_a_request(server_url, capsys):
         main(["--base-url", f"{server_url}/v1", "--num-prompts", "5", "--prompts-per-request", "3"])
 
 
+def test_bench_serving_sends_from_several_client_processes(server_url, capsys):
+    """--client-processes: the requests of each round split over processes started
+    together; every request is counted once, each mode's rounds alternate as before."""
+    main = runpy.run_path(str(BENCH))["main"]
+    report = main(["--base-url", f"{server_url}/v1", "--num-prompts", "5", "--input-len", "8",
+                   "--output-len", "3", "--compare-embeds", "--client-processes", "2", "--max-concurrency", "3",
+                   "--rounds", "2", "--num-warmups", "2"])
+    for mode in ("token ids", "prompt_embeds"):
+        assert report[mode]["successful requests"] == 10 and report[mode]["failed requests"] == 0
+        assert report[mode]["total output tokens"] == 30
+        assert report[mode]["client CPU (% of a core)"] > 0
+    assert "client_processes=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--client-processes must be between 1 and"):
+        main(["--base-url", f"{server_url}/v1", "--num-prompts", "2", "--client-processes", "3"])
+
+
 def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
     script = runpy.run_path(str(BENCH))
     text = "\n".join([
