@@ -1,7 +1,6 @@
-"""The /v1/completions and /v1/chat/completions logic: request → validated prompts
-(prompt_embeds decoded safely, a large payload off the event loop, and put into the object
-store once, by the engine's calls thread) → every choice started in the engine at once
-(from the decoding thread when its embeddings come last) →
+"""The /v1/completions and /v1/chat/completions logic: request → validated prompts (prompt_embeds decoded safely
+and put into the object store once; a large payload off the event loop) → every choice
+started in the engine at once (from the decoding thread when its embeddings come last) →
 an OpenAI response or SSE stream, whose end (however it comes) aborts what the engine has
 not finished. Runs in the Serve ingress; the engine sits behind the AsyncEngine protocol."""
 
@@ -12,6 +11,8 @@ import dataclasses
 import functools
 import time
 import uuid
+
+import numpy as np
 
 from api.admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, Reservation
 from api.chat import ChatCompletionRequest, ChatResponses, render_chat
@@ -35,18 +36,17 @@ from cluster.prompts import (EnginePrompt, check_length, concat_rows, truncate_p
 
 DEFAULT_MAX_EMBEDS_BYTES = 64 << 20
 
-# A prompt_embeds payload of up to this many base64 characters is decoded on the event loop
-# (≈ 1 ms for 0.7 MB, a (64, 4096) bf16 tensor); a larger one in a worker thread, so that no
-# stream waits long for its next chunk. Under load the hop to a thread costs more than the
-# work it moves: the thread and the loop take turns holding the GIL, each turn up to
-# Python's 5 ms switch interval. On nvidia-h200 (Llama-3.1-8B shape, 16 concurrent streams
-# of such payloads) the thread took 9.6 ms to decode and 4.6 to pass the request there and
-# back; on the loop, 1.4 and 0.5 (BENCHMARKS.md, "Online serving", session 10). The put
-# into the object store is the engine's calls thread's (AsyncEngine.put_prompts): mostly a
-# wait on Ray's store, with the GIL released. Admission bounds what this replica holds
-# there: its max_in_flight choices (1,280 by default), each prompt's rows (≤ 0.75 MB from
-# such a payload) held until its choices end: under 1 GB, against a store of 30% of the
-# node's RAM.
+# A prompt_embeds payload of up to this many base64 characters is decoded and put into the
+# object store on the event loop (≈ 2 ms for 0.7 MB, a (64, 4096) bf16 tensor); a larger one
+# in a worker thread, so that no stream waits long for its next chunk. Under load the hop to
+# a thread costs more than the work it moves: the thread and the loop take turns holding
+# the GIL, each turn up to Python's 5 ms switch interval. On nvidia-h200 (Llama-3.1-8B
+# shape, 16 concurrent streams of such payloads) the thread took 9.6 ms to decode, 3.0 to
+# put and 4.6 to pass the request there and back; on the loop, 1.4, 0.7 and 0.5
+# (BENCHMARKS.md, "Online serving", session 10). The loop does wait out a put into a full
+# object store (Ray spills to make room). Admission bounds what this replica holds there:
+# its max_in_flight choices (1,280 by default), each prompt's rows (≤ 0.75 MB from such a
+# payload) held until its choices end: under 1 GB, against a store of 30% of the node's RAM.
 INLINE_DECODE_MAX_CHARS = 1 << 20
 
 
@@ -168,10 +168,11 @@ class OpenAIServing:
                      truncation: int | None = None, cache_salt: str | None = None) -> list[Choice]:
         """Validates every prompt (each cut to its last `truncation` tokens or rows, if
         set, and salted with `cache_salt`, if any), then starts every choice in the engine,
-        the prompts' embeddings to be put into the object store together (by the engine's
-        calls thread, as it sends them). When the last prompt is embeddings decoded in a
-        worker thread, that thread starts them itself: the engine begins while the event
-        loop (busy with other streams) has yet to pick the request up again."""
+        the prompts' embeddings put into the object store together first. When the last
+        prompt is embeddings decoded in a worker thread, that thread puts and starts them
+        itself: the engine begins while the event loop (busy with other streams) has yet to
+        pick the request up again. When only earlier prompts have embeddings, their put
+        runs in a thread too."""
         loop = asyncio.get_running_loop()
         salted = functools.partial(dataclasses.replace, cache_salt=cache_salt) if cache_salt else lambda p: p
         prompts = [salted(await self._prepare(item, truncation)) for item in inputs[:-1]]
@@ -179,6 +180,8 @@ class OpenAIServing:
         def start(last: EnginePrompt) -> list[Choice]:
             return self._start_choices([*prompts, salted(last)], params, loop)
 
+        if self._decodes_inline(inputs[-1]) and any(isinstance(p.prompt_embeds, np.ndarray) for p in prompts):
+            return await asyncio.to_thread(start, await self._prepare(inputs[-1], truncation))
         return await self._prepare(inputs[-1], truncation, start)
 
     def _decodes_inline(self, item: PromptInput) -> bool:
@@ -240,10 +243,9 @@ class OpenAIServing:
 
     def _start_choices(self, prompts: list[EnginePrompt], params: SamplingParams,
                        loop: asyncio.AbstractEventLoop) -> list[Choice]:
-        """Every prompt's length checked, then each (prompt, sample) started in the engine,
-        its stream read on `loop`; the engine's calls thread puts their embeddings into
-        the object store (one object for them all) as it sends the first. Any thread;
-        nothing here waits for Ray."""
+        """Every prompt's length checked, their embeddings put into the object store (one
+        object for them all), then each (prompt, sample) started in the engine, its stream
+        read on `loop`. Any thread; the put blocks for about a millisecond."""
         base = uuid.uuid4().hex
         max_tokens_of = []
         for prompt in prompts:

@@ -80,11 +80,10 @@ class AsyncEngine:
         return self.engine.max_embeds_in_flight_bytes
 
     def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
-        """The prompts of one request, their embeddings to be put into the object store as
-        one object, once for all of their samples (EngineClient.put_prompts). The engine
-        client's calls thread makes the put, when it sends their first sample: an event
-        loop that calls this spends no time in it, and a put that fails fails the samples."""
-        return self.engine.put_prompts(prompts, on_calls_thread=True)
+        """The prompts of one request, their embeddings put into the object store as one
+        object, once for all of their samples (EngineClient.put_prompts). Blocks: call it
+        off the loop."""
+        return self.engine.put_prompts(prompts)
 
     def together(self):
         """A block whose start() calls reach the shards together (EngineClient.together)."""

@@ -223,25 +223,21 @@ class EngineClient:
     def put_prompt(self, prompt: EnginePrompt) -> EnginePrompt:
         """The prompt, its embeddings array (if any) replaced by their reference in the
         object store: put once, then every sample's add_request passes the reference."""
-        return self.put_prompts([prompt])[0]
+        if not isinstance(prompt.prompt_embeds, np.ndarray):
+            return prompt
+        ref = self.put_prompt_embeds(prompt.prompt_embeds, prompt.embeds_dtype)
+        ref = dataclasses.replace(ref, digests=self._digests_of(ref.ref, [prompt]))
+        return dataclasses.replace(prompt, prompt_embeds=ref)
 
-    def put_prompts(self, prompts: list[EnginePrompt], *, on_calls_thread: bool = False) -> list[EnginePrompt]:
+    def put_prompts(self, prompts: list[EnginePrompt]) -> list[EnginePrompt]:
         """put_prompt of several prompts, their embeddings arrays put as one object (a list):
         one put for them all, and, for their requests sent together, one fetch per shard,
-        where each prompt's own put and fetch cost about 1 ms apiece. With
-        on_calls_thread, nothing blocks here: the calls thread puts the arrays (and asks
-        for their digests) when it sends their first request, and fails the requests
-        whose put fails (a Serve replica's event loop then spends no time in the put)."""
+        where each prompt's own put and fetch cost about 1 ms apiece."""
         with_rows = [p for p in prompts if isinstance(p.prompt_embeds, np.ndarray)]
-        if not with_rows:
-            return prompts
-        arrays = with_rows[0].prompt_embeds if len(with_rows) == 1 else [p.prompt_embeds for p in with_rows]
-        if on_calls_thread:
-            ref, digests = DeferredPut(arrays, [(p.embeds_dtype, p.embeds_spans) for p in with_rows]), None
-        else:
-            ref = ray.put(arrays)
-            digests = self._digests_of(ref, with_rows)
-        index = itertools.count() if len(with_rows) > 1 else itertools.repeat(None)
+        if len(with_rows) < 2:
+            return [self.put_prompt(p) for p in prompts]
+        ref = ray.put([p.prompt_embeds for p in with_rows])
+        digests, index = self._digests_of(ref, with_rows), itertools.count()
         return [dataclasses.replace(p, prompt_embeds=PromptEmbedsRef(ref, p.embeds_dtype, tuple(p.prompt_embeds.shape),
                                                                      next(index), digests))
                 if isinstance(p.prompt_embeds, np.ndarray) else p for p in prompts]
@@ -249,12 +245,9 @@ class EngineClient:
     def _digests_of(self, ref, prompts: list[EnginePrompt]):
         """With prefix caching, the reference to the hasher's answer for the put object
         `ref` (its prompts' block digests, in order), asked for now; else None."""
-        return self._ask_digests(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
-
-    def _ask_digests(self, ref, layouts: list[tuple[str, tuple | None]]):
         if self._hasher is None:
             return None
-        return self._hasher.digests.remote(ref, layouts)
+        return self._hasher.digests.remote(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
 
     def add_request(
         self,
@@ -305,13 +298,6 @@ class EngineClient:
             yield
 
     def _send_requests(self, news: list[NewRequest], array_ref, digests_ref=None) -> None:
-        if isinstance(array_ref, DeferredPut):
-            try:
-                array_ref, digests_ref = array_ref.put(self._ask_digests)
-            except Exception as exc:  # noqa: BLE001 - e.g. a full object store: these requests fail, not wait
-                for new in news:
-                    self._fail_request(new.req_id, exc)
-                return
         digests = [digests_ref] if digests_ref is not None else None  # in a list: Ray passes the ref
         refs = [self.leader.add_requests.remote(news, array_ref, digests)]
         refs += [shard.add_requests.remote(news, array_ref) for shard in self.shards[1:]]
@@ -505,26 +491,6 @@ class EngineClient:
     def _release_group(self) -> None:
         if self._owns_group:
             remove_placement_group(self.placement_group)
-
-
-class DeferredPut:
-    """Embeddings arrays (one prompt's, or a group's as a list) that the calls thread puts
-    into the object store when it sends their first request; that group's later sends
-    (other samples, other prompts of the request) reuse the same object and digests. The
-    requests' prompts hold it, so the object lives as long as they do."""
-
-    def __init__(self, arrays, layouts: list[tuple[str, tuple | None]]):
-        self._arrays, self._layouts = arrays, layouts
-        self._refs = None
-        self._lock = threading.Lock()
-
-    def put(self, ask_digests) -> tuple:
-        """(the object's ref, the hasher's ref or None); puts on the first call only."""
-        with self._lock:
-            if self._refs is None:
-                ref = ray.put(self._arrays)
-                self._refs, self._arrays = (ref, ask_digests(ref, self._layouts)), None
-            return self._refs
 
 
 def _call_sink(sink: DeltaSink, delta: RequestDelta) -> None:

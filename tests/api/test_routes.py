@@ -453,16 +453,16 @@ def test_choices_are_embeds_first_and_indexed_position_times_n_plus_sample(clien
 
 
 @pytest.mark.parametrize("prompt, num_embeds, inline_max, off_loop", [
-    ("", 2, 0, True), ("hi", 2, 0, False), ("", 2, 1 << 20, False), ("hi", 1, 1 << 20, False), ("", 1, 1 << 20, False),
-], ids=["large embeddings last: started by their thread", "text last: started on the loop",
-        "small embeddings: decoded and started on the loop", "small embeddings, text last: on the loop",
+    ("", 2, 0, True), ("hi", 2, 0, True), ("", 2, 1 << 20, True), ("hi", 1, 1 << 20, True), ("", 1, 1 << 20, False),
+], ids=["large embeddings last: put and started by their thread", "text last: the embeddings put in a thread",
+        "small embeddings: decoded on the loop, put in a thread", "small embeddings, text last: put in a thread",
         "one small prompt_embeds: all on the loop"])
-def test_choices_start_off_the_loop_only_where_the_last_embeddings_are_decoded(engine, prompt, num_embeds,
-                                                                              inline_max, off_loop):
-    """A request's choices start in the thread that decoded its last prompt's large
-    embeddings (the engine begins while the loop has yet to pick the request up again);
-    otherwise on the loop, where starting them waits for nothing: the engine's calls
-    thread makes the one put of all the request's embeddings."""
+def test_choices_start_off_the_loop_where_embeddings_are_decoded_or_put(engine, prompt, num_embeds, inline_max,
+                                                                        off_loop):
+    """The request's embeddings go into the object store in one put (about 1 ms), off the
+    event loop: in the thread that decoded the last prompt, or in one of its own when the
+    last prompt was read on the loop and earlier ones hold embeddings. One prompt_embeds
+    small enough to decode on the loop is put and started there."""
     serving = OpenAIServing(engine, served_model_name=MODEL, enable_prompt_embeds=True,
                             inline_decode_max_chars=inline_max)
     client = TestClient(build_fastapi_app(serving, api_key=None, max_body_bytes=1 << 20))

@@ -13,12 +13,10 @@ import threading
 import time
 import types
 
-import numpy as np
 import pytest
 
 import cluster.engine_client as engine_client
 from cluster.engine_client import EngineClient, EngineDeadError
-from cluster.prompts import EnginePrompt
 from workers.messages import PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
 
@@ -129,71 +127,6 @@ def test_requests_added_together_go_in_one_call_though_the_calls_thread_took_the
     client._calls.put((None, ()))
     client._caller.join(timeout=10)
     assert _sent(log) == [("add_requests@0", ["a#0", "b#1", "c#2"]), ("add_requests@1", ["a#0", "b#1", "c#2"])]
-
-
-def test_a_deferred_put_is_made_once_by_the_calls_thread_for_the_whole_group(monkeypatch):
-    """put_prompts(on_calls_thread=True), as the server's AsyncEngine calls it: the caller
-    (a Serve replica's event loop) makes no put; the calls thread puts the group's arrays
-    as one object when it sends their first request, asks the hasher for their digests
-    once, and every request of the group goes with that object."""
-    log, puts, asked = [], [], []
-    client = _client(log, start=False)
-    client._hasher = types.SimpleNamespace(digests=types.SimpleNamespace(
-        remote=lambda ref, layouts: asked.append((ref, layouts)) or "digests-ref"))
-
-    def put(value):
-        puts.append((value, threading.current_thread().name))
-        return "group-ref"
-
-    monkeypatch.setattr(engine_client.ray, "put", put)
-    rows = [np.full((3, 8), 1.0, np.float32), np.full((2, 8), 2.0, np.float32)]
-    prompts = [EnginePrompt(None, None, rows[0], "float32"), EnginePrompt(None, (5, 6), None),
-               EnginePrompt(None, None, rows[1], "float32")]
-    put_prompts = client.put_prompts(prompts, on_calls_thread=True)
-    assert puts == [] and asked == []  # nothing blocked the caller
-    assert put_prompts[1] is prompts[1]
-    refs = [put_prompts[0].prompt_embeds, put_prompts[2].prompt_embeds]
-    assert refs[0].ref is refs[1].ref and [r.index for r in refs] == [0, 1] and refs[1].shape == (2, 8)
-    with client.together():
-        for sample in range(2):  # n=2: each prompt's samples reuse its put
-            for name, ref in zip(("a", "b"), refs):
-                client.add_request(f"{name}{sample}", SamplingParams(), lambda delta: None, None, ref)
-    client._calls.put((None, ()))
-    client._caller.start()
-    client._caller.join(timeout=10)
-    assert len(puts) == 1 and puts[0][1] == "shardserve-calls"
-    assert [a is b for a, b in zip(puts[0][0], rows)] == [True, True]
-    assert asked == [("group-ref", [("float32", None), ("float32", None)])]
-    assert _sent(log) == [("add_requests@0", ["a0#0", "b0#1", "a1#2", "b1#3"]),
-                          ("add_requests@1", ["a0#0", "b0#1", "a1#2", "b1#3"])]
-    _, (news, array_ref, digests), _ = log[0]
-    assert array_ref == "group-ref" and digests == ["digests-ref"]
-    assert [new.prompt_embeds.index for new in news] == [0, 1, 0, 1]
-    assert all(new.prompt_embeds.ref is None and new.prompt_embeds.digests is None for new in news)
-
-
-def test_a_deferred_put_that_fails_fails_its_requests_and_the_next_request_is_sent(monkeypatch):
-    """A put the calls thread cannot make (a full object store, say) ends each of its
-    requests with an error, and the leader is told to drop them; the calls thread goes on."""
-    log, received = [], {"a": [], "b": []}
-    client = _client(log, start=False)
-
-    def put(value):
-        raise RuntimeError("object store full")
-
-    monkeypatch.setattr(engine_client.ray, "put", put)
-    [prompt] = client.put_prompts([EnginePrompt(None, None, np.ones((3, 8), np.float32), "float32")],
-                                  on_calls_thread=True)
-    client.add_request("a", SamplingParams(), received["a"].append, None, prompt.prompt_embeds)
-    client.add_request("b", SamplingParams(), received["b"].append, (5, 6))
-    client._calls.put((None, ()))
-    client._caller.start()
-    client._caller.join(timeout=10)
-    [delta] = received["a"]
-    assert delta.req_id == "a" and delta.finish_reason == "error" and "RuntimeError" in delta.error
-    assert received["b"] == [] and client.num_unfinished == 1
-    assert _sent(log) == [("add_requests@0", ["b#1"]), ("add_requests@1", ["b#1"])]
-    assert client._calls.get_nowait() == (client.leader.fail.remote, ("a#0",))  # queued after the stop
 
 
 def test_a_request_one_shard_could_not_take_fails_alone_among_those_sent_with_it(monkeypatch, no_ray):
