@@ -16,7 +16,6 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 INTAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # name -> (kind, help, tag names, buckets of a histogram): the one list both exporters are
 # built from.
 METRICS = {
@@ -31,9 +30,6 @@ METRICS = {
         "histogram", "From a request's arrival at the replica to all its choices running in the engine "
         "(body, checks, and for prompt_embeds their decode and ray.put), by input: prompt_embeds "
         "when the request has any, else prompt", ("input",), INTAKE_BUCKETS),
-    "shardserve_prompt_embeds_put_requests": (
-        "histogram", "Requests whose prompt_embeds one object-store put held (those the replica took in "
-        "one turn of its event loop)", (), COUNT_BUCKETS),
     "shardserve_num_requests_running": ("gauge", "Requests running in the engine", (), None),
     "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", (), None),
     "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", (), None),
@@ -105,9 +101,6 @@ class Metrics:
         """input_kind: "prompt_embeds" (the request has any) or "prompt"."""
         self.prometheus["shardserve_request_intake_seconds"].labels(input=input_kind).observe(seconds)
         self.ray["shardserve_request_intake_seconds"].observe(seconds, tags={"input": input_kind})
-
-    def observe_embeds_put(self, num_requests: int) -> None:
-        self._observe("shardserve_prompt_embeds_put_requests", num_requests)
 
     def _observe(self, name: str, value: float) -> None:
         self.prometheus[name].observe(value)

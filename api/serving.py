@@ -19,7 +19,6 @@ from api.chat import ChatCompletionRequest, ChatResponses, render_chat
 from api.embeds_codec import decode_prompt_embeds
 from api.errors import APIError
 from api.metrics import Metrics
-from api.put_batching import PutBatcher
 from api.protocol import (
     CompletionRequest,
     GenerationRequest,
@@ -69,7 +68,6 @@ class OpenAIServing:
         self.max_embeds_bytes = max_embeds_bytes
         self.inline_decode_max_chars = inline_decode_max_chars
         self.metrics = metrics or Metrics()
-        self.puts = PutBatcher(engine, self.metrics)
         self.responses = Responses(engine, self.metrics, self.served_model_name,
                                    prompt_tokens_details=enable_prompt_tokens_details)
         self.chat_responses = ChatResponses(engine, self.metrics, self.served_model_name,
@@ -170,12 +168,11 @@ class OpenAIServing:
                      truncation: int | None = None, cache_salt: str | None = None) -> list[Choice]:
         """Validates every prompt (each cut to its last `truncation` tokens or rows, if
         set, and salted with `cache_salt`, if any), then starts every choice in the engine,
-        the prompts' embeddings put into the object store together first: on the event
-        loop, in one object with those of the other requests taken in the same turn
-        (PutBatcher). When the last prompt is embeddings decoded in a worker thread, that
-        thread puts and starts them itself: the engine begins while the event loop (busy
-        with other streams) has yet to pick the request up again. When only earlier
-        prompts have embeddings, their put runs in a thread too."""
+        the prompts' embeddings put into the object store together first. When the last
+        prompt is embeddings decoded in a worker thread, that thread puts and starts them
+        itself: the engine begins while the event loop (busy with other streams) has yet to
+        pick the request up again. When only earlier prompts have embeddings, their put
+        runs in a thread too."""
         loop = asyncio.get_running_loop()
         salted = functools.partial(dataclasses.replace, cache_salt=cache_salt) if cache_salt else lambda p: p
         prompts = [salted(await self._prepare(item, truncation)) for item in inputs[:-1]]
@@ -183,17 +180,9 @@ class OpenAIServing:
         def start(last: EnginePrompt) -> list[Choice]:
             return self._start_choices([*prompts, salted(last)], params, loop)
 
-        if not self._decodes_inline(inputs[-1]):
-            return await self._prepare(inputs[-1], truncation, start)
-        last = await self._prepare(inputs[-1], truncation)
-        if any(isinstance(p.prompt_embeds, np.ndarray) for p in prompts):
-            return await asyncio.to_thread(start, last)
-        if not isinstance(last.prompt_embeds, np.ndarray):  # nothing to put
-            return start(last)
-        request_prompts = [*prompts, salted(last)]
-        max_tokens_of = self._max_tokens_of(request_prompts, params)
-        return await self.puts.start(request_prompts, functools.partial(
-            self._start_put, max_tokens_of=max_tokens_of, params=params, loop=loop))
+        if self._decodes_inline(inputs[-1]) and any(isinstance(p.prompt_embeds, np.ndarray) for p in prompts):
+            return await asyncio.to_thread(start, await self._prepare(inputs[-1], truncation))
+        return await self._prepare(inputs[-1], truncation, start)
 
     def _decodes_inline(self, item: PromptInput) -> bool:
         """Whether the item is decoded on the event loop (text, token ids, embeddings up to
@@ -257,14 +246,7 @@ class OpenAIServing:
         """Every prompt's length checked, their embeddings put into the object store (one
         object for them all), then each (prompt, sample) started in the engine, its stream
         read on `loop`. Any thread; the put blocks for about a millisecond."""
-        max_tokens_of = self._max_tokens_of(prompts, params)
-        put = self.engine.put_prompts(prompts)
-        with self.engine.together():  # one call per shard for the request's choices
-            return self._start_put(put, max_tokens_of, params, loop)
-
-    def _max_tokens_of(self, prompts: list[EnginePrompt], params: SamplingParams) -> list[int]:
-        """Each prompt's max_tokens (params', or what its context leaves); a 400 for a
-        prompt too long for the model's context."""
+        base = uuid.uuid4().hex
         max_tokens_of = []
         for prompt in prompts:
             try:
@@ -273,19 +255,15 @@ class OpenAIServing:
                 param = ("messages" if prompt.embeds_spans is not None
                          else "prompt_embeds" if prompt.prompt_embeds is not None else "max_tokens")
                 raise APIError(400, str(exc), param=param) from None
-        return max_tokens_of
-
-    def _start_put(self, prompts: list[EnginePrompt], max_tokens_of: list[int], params: SamplingParams,
-                   loop: asyncio.AbstractEventLoop) -> list[Choice]:
-        """Each (prompt, sample) of prompts already put started in the engine, in response
-        order; inside the caller's engine.together() block."""
-        base = uuid.uuid4().hex
+        planned = []
+        for position, (prompt, max_tokens) in enumerate(zip(self.engine.put_prompts(prompts), max_tokens_of)):
+            for sample in range(params.n):
+                sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)
+                planned.append((position * params.n + sample, prompt, sample_params))
         choices = []
         try:
-            for position, (prompt, max_tokens) in enumerate(zip(prompts, max_tokens_of)):
-                for sample in range(params.n):
-                    sample_params = dataclasses.replace(params.for_sample(sample), max_tokens=max_tokens)
-                    index = position * params.n + sample
+            with self.engine.together():  # one call per shard for the request's choices
+                for index, prompt, sample_params in planned:
                     stream = self.engine.start(f"cmpl-{base}-{index}", prompt, sample_params, loop)
                     choices.append(Choice(index, prompt, sample_params, stream))
         except BaseException:

@@ -105,7 +105,6 @@ def check_loopback(base_url: str) -> None:
 INTAKE = "shardserve_request_intake_seconds"
 INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
 COMPILES = "shardserve_engine_kernel_compiles_total"
-EMBEDS_PUTS = "shardserve_prompt_embeds_put_requests"
 
 
 def metric_samples(text: str) -> dict[str, float]:
@@ -125,12 +124,6 @@ def server_intake(samples: dict[str, float], mode: str) -> tuple[float, float]:
     from a request's arrival at the replica to its choices running in the engine."""
     label = f'{{input="{INTAKE_INPUT[mode]}"}}'
     return samples.get(f"{INTAKE}_sum{label}", 0.0), samples.get(f"{INTAKE}_count{label}", 0.0)
-
-
-def embeds_puts(samples: dict[str, float]) -> tuple[float, float]:
-    """(requests, puts) so far: the requests whose prompt_embeds the server's puts held, and
-    those puts (one holds all those the replica took in one turn of its event loop)."""
-    return samples.get(f"{EMBEDS_PUTS}_sum", 0.0), samples.get(f"{EMBEDS_PUTS}_count", 0.0)
 
 
 def kernel_compiles(samples: dict[str, float]) -> float:
@@ -347,10 +340,10 @@ def print_table(title: str, columns: dict[str, dict[str, float]], ratio: bool = 
     names = list(columns)
     header = f"{'':<34}" + "".join(f"{n:>16}" for n in names) + (f"{'ratio':>10}" if ratio else "")
     print(f"\n{'=' * 20} {title} {'=' * 20}\n{header}")
-    for key in dict.fromkeys(key for n in names for key in columns[n]):  # a mode's own rows too
-        values = [columns[n].get(key, "-") for n in names]
+    for key in columns[names[0]]:
+        values = [columns[n][key] for n in names]
         row = f"{key:<34}" + "".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}" for v in values)
-        if ratio and all(isinstance(v, (int, float)) for v in values) and values[0]:
+        if ratio and values[0]:
             row += f"{values[-1] / values[0]:>9.3f}x"
         print(row)
 
@@ -447,7 +440,6 @@ def main(argv=None) -> dict:
     # The timed requests' server intake (seconds, count) and the engine's kernel compiles
     # meanwhile, per mode, from the server's /metrics before and after each round.
     intake = {m: [0.0, 0.0] for m in modes}
-    puts = {m: [0.0, 0.0] for m in modes}  # (requests, puts), as intake
     compiles = dict.fromkeys(modes, 0.0)
     rounds_run = dict.fromkeys(modes, 0)
     clients = Clients(args, url)
@@ -466,8 +458,6 @@ def main(argv=None) -> dict:
             (sum_after, count_after) = server_intake(after, mode)
             intake[mode][0] += sum_after - sum_before
             intake[mode][1] += count_after - count_before
-            for i, (total_before, total_after) in enumerate(zip(embeds_puts(before), embeds_puts(after))):
-                puts[mode][i] += total_after - total_before
             compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
     clients.close()
     report = {m: summarize(results[m], durations[m], per_request) for m in modes}
@@ -476,8 +466,6 @@ def main(argv=None) -> dict:
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
             report[mode]["kernel compiles while serving"] = int(compiles[mode])
-        if puts[mode][1]:
-            report[mode]["requests per embeddings put (mean)"] = puts[mode][0] / puts[mode][1]
     print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
     if args.serving_overhead:
         overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)

@@ -10,7 +10,6 @@ import gc
 import json
 import time
 
-import httpx
 import pytest
 import torch
 from starlette.testclient import TestClient
@@ -918,28 +917,3 @@ def test_usage_reports_cached_prompt_tokens_once_per_prompt_when_asked(engine):
     with TestClient(make_app(engine)) as client:
         usage = client.post("/v1/completions", json=body).json()["usage"]
     assert "prompt_tokens_details" not in usage and usage["prompt_tokens"] > 0
-
-
-def test_concurrent_embeddings_requests_share_one_put_and_keep_their_own_choices(engine):
-    """Requests the loop takes in the same turn go into one object-store put (PutBatcher);
-    each still answers with its own prompt's choices, and one too long for the context is
-    its own 400, not its neighbours'."""
-    app = make_app(engine)
-    bodies = [{"model": MODEL, "prompt_embeds": embeds(1), "max_tokens": 2},
-              {"model": MODEL, "prompt_embeds": embeds(2), "max_tokens": 2, "n": 2},
-              {"model": MODEL, "prompt_embeds": embeds(9, rows=40), "max_tokens": 30},  # 70 > 64
-              {"model": MODEL, "prompt_embeds": embeds(3), "max_tokens": 2, "stream": True}]
-
-    async def send_all():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
-
-    first, second, too_long, streamed = asyncio.run(send_all())
-    assert [c["text"] for c in first.json()["choices"]] == ["[e1|sNone] w1"]
-    assert [c["text"] for c in second.json()["choices"]] == ["[e2|sNone] w1"] * 2
-    assert error_of(too_long, 400)["param"] == "prompt_embeds"
-    assert streamed.status_code == 200 and "[e3|sNone]" in streamed.text
-    assert engine.embeds_per_put == [3]  # three requests' prompts, one put
-    metrics = TestClient(app).get("/metrics").text
-    assert "shardserve_prompt_embeds_put_requests_sum 3.0" in metrics
-    assert "shardserve_prompt_embeds_put_requests_count 1.0" in metrics

@@ -5,7 +5,6 @@ keeps answering; a client that goes away mid-stream frees its KV blocks."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -35,7 +34,6 @@ from tests.e2e.conftest import CONFIG_PATH, KV_CACHE_BYTES, config_application, 
 H = 256  # the default model's hidden size
 MAX_MODEL_LEN = 1024
 TEXTS = ["The quick brown fox", "Ray places one shard on each GPU, and"]
-PUT_REQUESTS = "shardserve_prompt_embeds_put_requests"
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
 
 
@@ -241,37 +239,6 @@ def test_a_small_body_also_rides_in_the_scope_streamed_or_not(client):
     stream = complete(client, prompt=ids, max_tokens=3, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == result.choices[0].text
     assert _bodies_in_serves_proxy()[1] == in_scope + 2
-
-
-def test_concurrent_embeddings_requests_answer_as_alone_and_share_puts(server_url, client):
-    """Requests the replica takes in one turn of its loop share one object-store put (one
-    object, each prompt by its index) and one call per shard; each still gets its own
-    rows' continuation, streamed or not."""
-    prompts = [random_embeds(40 + i, rows=3 + i) for i in range(8)]
-    alone = [complete(client, [e]).choices[0].text for e in prompts]
-
-    async def one(async_client, index: int, embeds: torch.Tensor) -> str:
-        kwargs = {"model": DEFAULT_MODEL_NAME, "prompt": "", "temperature": 0.0, "max_tokens": 8,
-                  "extra_body": {"ignore_eos": True, "prompt_embeds": encode_prompt_embeds(embeds)}}
-        if index % 2:  # half of them streamed
-            stream = await async_client.completions.create(stream=True, **kwargs)
-            return "".join([chunk.choices[0].text async for chunk in stream])
-        return (await async_client.completions.create(**kwargs)).choices[0].text
-
-    async def all_at_once() -> list[str]:
-        async with openai.AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0,
-                                      timeout=60) as async_client:
-            return await asyncio.gather(*(one(async_client, i, e) for i, e in enumerate(prompts)))
-
-    before = metrics(server_url)
-    for _ in range(3):  # a round whose requests all came in turns of their own shares no put
-        assert asyncio.run(all_at_once()) == alone
-        after = metrics(server_url)
-        requests, puts = (after[f"{PUT_REQUESTS}_{part}"] - before.get(f"{PUT_REQUESTS}_{part}", 0.0)
-                          for part in ("sum", "count"))
-        if requests > puts:
-            break
-    assert requests > puts, f"{requests:g} requests came in {puts:g} puts: none shared one"
 
 
 def test_http_results_equal_llm_generate(client, llm, embed_table):
@@ -759,15 +726,11 @@ def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
         'shardserve_request_intake_seconds_count{input="prompt_embeds"} 4.0',
         "# TYPE shardserve_engine_kernel_compiles_total counter",
         "shardserve_engine_kernel_compiles_total 3.0",
-        "# TYPE shardserve_prompt_embeds_put_requests histogram",
-        "shardserve_prompt_embeds_put_requests_sum 12.0",
-        "shardserve_prompt_embeds_put_requests_count 5.0",
     ])
     samples = script["metric_samples"](text)
     assert script["server_intake"](samples, "token ids") == (0.25, 10.0)
     assert script["server_intake"](samples, "prompt_embeds") == (0.5, 4.0)
     assert script["kernel_compiles"](samples) == 3.0
-    assert script["embeds_puts"](samples) == (12.0, 5.0)
     assert script["kernel_compiles"](script["metric_samples"]("# an older server\n")) == 0.0
 
 
