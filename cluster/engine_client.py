@@ -21,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from cluster.embeds_hasher import start_hasher
 from cluster.placement import create_placement_group, shard_actor_options
 from cluster.prompts import EnginePrompt
+from workers.block_hash import prompt_block_digests
 from workers.config import EngineConfig
 from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
@@ -37,6 +38,16 @@ ADD_REPLY_TIMEOUT_S = 5.0
 # The watchdog: a step running longer than this marks the engine dead (a hung shard or a
 # collective waiting on a dead peer). Generous: a long prefill on CPU takes seconds.
 DEFAULT_STEP_TIMEOUT_S = 60.0
+# With prefix caching, a put of up to this many bytes of rows is hashed right here and its
+# digests travel with the requests, so the leader never waits for them. A server's request
+# of (64, 4096) bf16 rows (0.5 MiB) takes 0.15 ms. That is as long as the call to the
+# hasher actor it replaces took on the caller's thread, and that call's answer took 3.3 ms to
+# come back (CPU development machine, BENCHMARKS.md "Online serving", session 36). Meanwhile
+# the leader's scheduler held its step loop for them, stalling every running request's
+# next step. Hashing here delays the request's send, by 0.27 ms a MiB on one of the H200
+# host's cores (BENCHMARKS.md, "Prefix caching", session 27); so a larger put (an offline
+# group, a long prompt) goes to the hasher, whose threads hash it beside the engine.
+INLINE_DIGESTS_MAX_BYTES = 1 << 20
 # Actor threads: the step loop, the output long-poll, request intake and control calls.
 SHARD_MAX_CONCURRENCY = 16
 # Requests in one add_requests call (those queued together); their first tokens wait for
@@ -243,10 +254,14 @@ class EngineClient:
                 if isinstance(p.prompt_embeds, np.ndarray) else p for p in prompts]
 
     def _digests_of(self, ref, prompts: list[EnginePrompt]):
-        """With prefix caching, the reference to the hasher's answer for the put object
-        `ref` (its prompts' block digests, in order), asked for now; else None."""
+        """With prefix caching, the block digests of the put object `ref`'s prompts, in
+        order: made here, up to INLINE_DIGESTS_MAX_BYTES of rows (a list), else the
+        reference to the hasher's answer, asked for now. None without prefix caching."""
         if self._hasher is None:
             return None
+        if sum(p.prompt_embeds.nbytes for p in prompts) <= INLINE_DIGESTS_MAX_BYTES:
+            return [prompt_block_digests(p.prompt_embeds, p.embeds_dtype, p.embeds_spans, self.config.block_size)
+                    for p in prompts]
         return self._hasher.digests.remote(ref, [(p.embeds_dtype, p.embeds_spans) for p in prompts])
 
     def add_request(
@@ -281,7 +296,8 @@ class EngineClient:
         # The ref goes as a top-level argument, so Ray fetches the array before the call
         # runs, not on an actor thread beside the step loop; the request the shards get
         # holds no nested ref, so none of them becomes a borrower of it (0.17 ms a call).
-        # The digests' ref goes to the leader alone, nested: it need not wait for them.
+        # The digests go to the leader alone; a ref to the hasher's answer nested, so that
+        # the call need not wait for it.
         array_ref = digests_ref = None
         if embeds_ref is not None:
             array_ref, digests_ref = embeds_ref.ref, embeds_ref.digests
@@ -298,7 +314,7 @@ class EngineClient:
             yield
 
     def _send_requests(self, news: list[NewRequest], array_ref, digests_ref=None) -> None:
-        digests = [digests_ref] if digests_ref is not None else None  # in a list: Ray passes the ref
+        digests = [digests_ref] if digests_ref is not None else None  # in a list: Ray passes a ref as it is
         refs = [self.leader.add_requests.remote(news, array_ref, digests)]
         refs += [shard.add_requests.remote(news, array_ref) for shard in self.shards[1:]]
         self._sent_adds.append((tuple(new.req_id for new in news), refs))

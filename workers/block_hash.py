@@ -1,7 +1,7 @@
 """Content hashes of full KV blocks, the keys of the prefix cache: a block's hash covers its
 tokens and every block before it, so equal hashes mean equal K/V. The chain runs on the
-leader shard; an embeddings prompt's row digests in the engine's hasher actor
-(cluster/embeds_hasher.py).
+leader shard; an embeddings prompt's row digests where its rows are put (cluster.
+engine_client), or for a large put in the engine's hasher actor (cluster/embeds_hasher.py).
 
 Cryptographic hashes, never Python's hash(): a prompt crafted to collide with another
 user's prefix would read that user's K/V (vLLM's CVE-2025-25183). The chain is SHA-256 (a
@@ -43,6 +43,15 @@ def salted_root(cache_salt: str | None) -> BlockHash | None:
     if cache_salt is None:
         return None
     return hashlib.sha256(_ROOT + b"S" + cache_salt.encode()).digest()
+
+
+def prompt_block_digests(rows: np.ndarray, dtype: str, spans: Sequence[tuple[int, int]] | None,
+                         block_size: int) -> tuple[bytes | None, ...]:
+    """A prompt's block digests: of its rows alone (spans None), or of a prompt that mixes
+    token ids and rows (they fill `spans`)."""
+    if spans is None:
+        return embeds_block_digests(rows, dtype, block_size)
+    return mixed_block_digests(rows, dtype, spans, block_size)
 
 
 def mixed_block_digests(rows: np.ndarray, dtype: str, spans: Sequence[tuple[int, int]], block_size: int

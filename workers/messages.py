@@ -24,8 +24,9 @@ class PromptEmbedsRef:
     # The array's place in a list of several prompts' arrays put as one object
     # (EngineClient.put_prompts); None: the object is this array alone.
     index: int | None = None
-    # With prefix caching: the ray.ObjectRef of the EmbedsHasher's answer for the object
-    # (each of its prompts' block digests, by index); the leader gets it, the request not.
+    # With prefix caching: each of the object's prompts' block digests, by index (a list,
+    # made where the rows were put), or the ray.ObjectRef of the EmbedsHasher's answer for
+    # a large object; the leader gets them, the request not.
     digests: object = None
 
 

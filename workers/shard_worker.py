@@ -131,11 +131,11 @@ class ShardWorker:
         before the call (the engine client passes the ref as a top-level argument, and none
         inside a request), is their one embeddings array, or the list of several prompts'
         arrays that each request's PromptEmbedsRef.index points into. `digests` (the leader's,
-        with prefix caching): [the ref of the EmbedsHasher's answer for that object], each
-        prompt's block digests by the same index; the scheduler waits for them when it first
-        keys the prompt, not this call. Per request: None, or the error that kept this shard
+        with prefix caching): [each prompt's block digests by the same index], or [the ref of
+        the EmbedsHasher's answer for that object, such a list]; the scheduler waits for an
+        answer when it first keys the prompt, not this call. Per request: None, or the error that kept this shard
         from taking it (the others are taken all the same; _take says what becomes of that one)."""
-        listed = digests[0].future() if digests and self.leader is not None else None
+        listed = _answer(digests[0]) if digests and self.leader is not None else None
         uploaded = self._upload_call(news, embeds)
         taken, errors = [], []
         for new in news:
@@ -154,10 +154,10 @@ class ShardWorker:
             self.leader.add_requests([request for _, request in taken])
         return errors
 
-    def _take(self, new: NewRequest, embeds_array: np.ndarray | None, digests: Future | None = None
+    def _take(self, new: NewRequest, embeds_array: np.ndarray | None, digests: tuple | Future | None = None
               ) -> tuple[RequestState, Request | None]:
         """The request's mirror on this shard and, on the leader, its Request (`digests`: its
-        rows' block digests, on their way from the hasher). If the leader
+        rows' block digests, or their Future on their way from the hasher). If the leader
         cannot take the request, it is discarded on every shard (the followers' copies are
         dropped with the next plan), its error delta goes out with the next output poll,
         and the error is raised. If a follower cannot, it takes a stand-in (below) and
@@ -312,8 +312,17 @@ class ShardWorker:
         return socket.gethostname()
 
 
-def _item(listed: Future, index: int) -> Future:
-    """A Future of the `index`th item of what `listed` resolves to (its error, if it fails)."""
+def _answer(digests) -> list | Future:
+    """The prompts' digests as they came: made where the rows were put (a list), or a
+    Future of the hasher's answer (from its reference)."""
+    return digests if isinstance(digests, list) else digests.future()
+
+
+def _item(listed: list | Future, index: int) -> tuple | Future:
+    """The `index`th prompt's digests: of a list, the item; of a Future, a Future of the
+    item of what it resolves to (its error, if it fails)."""
+    if isinstance(listed, list):
+        return listed[index]
     item: Future = Future()
 
     def pick(done: Future) -> None:

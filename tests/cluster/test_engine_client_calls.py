@@ -13,10 +13,13 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 import cluster.engine_client as engine_client
 from cluster.engine_client import EngineClient, EngineDeadError
+from cluster.prompts import EnginePrompt
+from workers.block_hash import prompt_block_digests
 from workers.messages import PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
 
@@ -81,6 +84,27 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     _, ([new], array_ref), _ = log[3]
     assert array_ref == "object-ref" and new.prompt_embeds.digests is None
     assert log[0][1][2] is None  # token ids: no digests
+
+
+def test_a_small_puts_digests_are_made_at_the_put_and_a_large_ones_asked_of_the_hasher(monkeypatch):
+    """With prefix caching, the rows of a put up to INLINE_DIGESTS_MAX_BYTES are hashed
+    where they are put, so they travel with the requests and the leader never waits for
+    them; a larger put's digests are the hasher's answer, asked for at once."""
+    log: list = []
+    client = _client(log, start=False)
+    client.config = types.SimpleNamespace(block_size=16)
+    client._hasher = types.SimpleNamespace(digests=Method(log, "digests"))
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((n, 8), dtype=np.float32) for n in (40, 3)]
+    prompts = [EnginePrompt(None, None, rows[0], "float32"),
+               EnginePrompt((1, 2, 3, 4, 5), None, rows[1], "float32", embeds_spans=((1, 4),))]
+    digests = client._digests_of("object-ref", prompts)
+    assert digests == [prompt_block_digests(rows[0], "float32", None, 16),
+                       prompt_block_digests(rows[1], "float32", ((1, 4),), 16)]
+    assert len(digests[0]) == 3 and digests[1][0] is not None and log == []
+    monkeypatch.setattr(engine_client, "INLINE_DIGESTS_MAX_BYTES", rows[0].nbytes + rows[1].nbytes - 1)
+    client._digests_of("object-ref", prompts)
+    assert log == [("digests", ("object-ref", [("float32", None), ("float32", ((1, 4),))]), "MainThread")]
 
 
 def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_shard():

@@ -16,6 +16,7 @@ import pytest
 import ray
 import torch
 
+import cluster.engine_client as engine_client
 from cluster import LLM, SamplingParams
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import (
@@ -211,10 +212,12 @@ def test_a_finished_requests_id_may_come_again_at_once(ray_cluster):
         assert llm.generate("still serving", SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_embeddings_prompts_run_and_share_again_when_the_hasher_dies(ray_cluster):
-    """The engine's hasher (the prefix cache's keys of embeddings prompts, in an actor of
-    its own) killed: the prompts sent meanwhile run and give the same tokens (their blocks
-    unshared at worst), Ray restarts it and prompts share blocks again; shutdown ends it."""
+def test_embeddings_prompts_run_and_share_again_when_the_hasher_dies(ray_cluster, monkeypatch):
+    """The engine's hasher (the prefix cache's keys of large puts' embeddings prompts, in an
+    actor of its own; here of every put) killed: the prompts sent meanwhile run and give the
+    same tokens (their blocks unshared at worst), Ray restarts it and prompts share blocks
+    again; shutdown ends it."""
+    monkeypatch.setattr(engine_client, "INLINE_DIGESTS_MAX_BYTES", 0)
     greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     with LLM(**ENGINE, enable_prompt_embeds=True) as llm:
         name = f"shardserve-{llm.engine.name}-hasher"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import cluster.engine_client as engine_client
 from cluster import LLM, SamplingParams
 from tests.cluster.peer_checks import LOGPROBS, MAX_TOKENS, assert_matches_hf, random_ids, skip_unless_gpus_hold
 from tests.hf_reference import embed_tokens, hf_greedy, load_hf_model
@@ -13,9 +14,14 @@ from tests.hf_reference import embed_tokens, hf_greedy, load_hf_model
 BLOCK_SIZE = 16
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=lambda tp: f"tp{tp}")
-def test_prompts_after_a_cached_prefix_match_hf(ray_cluster, tiny_checkpoints, tp):
+@pytest.mark.parametrize("tp, digests", [(1, "at-put"), (2, "at-put"), (1, "hasher")],
+                         ids=["tp1", "tp2", "tp1-hasher"])
+def test_prompts_after_a_cached_prefix_match_hf(ray_cluster, tiny_checkpoints, tp, digests, monkeypatch):
+    """Embeddings rows' digests made where they are put (a small put), or by the hasher actor
+    (INLINE_DIGESTS_MAX_BYTES 0: every put), key the same blocks."""
     skip_unless_gpus_hold(tp)
+    if digests == "hasher":
+        monkeypatch.setattr(engine_client, "INLINE_DIGESTS_MAX_BYTES", 0)
     path = tiny_checkpoints("llama")
     hf_model = load_hf_model(path)
     vocab = hf_model.config.vocab_size
