@@ -6,9 +6,11 @@ for each block's 128 KiB, and each time a hashing thread wants it back it waits 
 step loop yields it: up to Python's 5 ms switch interval. Beside a busy step loop one such
 thread hashed 14 prompts of 2 MiB a second (SHA-256 then), where alone it hashes about 650
 (H200 host, session 26), and the scheduler waited for the digests. Here the threads have a process to
-themselves. The engine client puts a group of prompts into the object store and, at once,
-asks this actor for their digests; the leader gets the reference to the answer and waits
-for it only when its scheduler first keys one of those prompts, while it uploads the rows."""
+themselves. The engine client hashes a put of up to INLINE_DIGESTS_MAX_BYTES (1 MiB) of rows
+itself, and sends the digests with the requests. For a larger put (an offline group, a long
+prompt) it asks this actor for their digests right after the put. The leader gets the
+reference to the answer and waits for it only when its scheduler first keys one of those
+prompts, while it uploads the rows."""
 
 from __future__ import annotations
 
