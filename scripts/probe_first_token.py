@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             put = llm.engine.put_prompt(parsed)
             puts.append((time.perf_counter() - start) * 1e3)
-            if put.prompt_embeds.digests is not None:  # the hasher's call ends before the next put
+            if isinstance(put.prompt_embeds.digests, ray.ObjectRef):  # the hasher's call ends before the next put
                 ray.get(put.prompt_embeds.digests)
     finally:
         prompt_parsing.validate_prompt_embeds = check_rows
