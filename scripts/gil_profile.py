@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, metavar="REGEX",
                         help="inclusive rows only for frames matching it, e.g. 'serving|engine_client|worker.py'")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="the recordings' duration: also print each row as ms of GIL per second")
+                        help="the recordings' duration in seconds: also print the samples holding the GIL a second")
     return parser.parse_args(argv)
 
 

@@ -133,8 +133,9 @@ class ShardWorker:
         arrays that each request's PromptEmbedsRef.index points into. `digests` (the leader's,
         with prefix caching): [each prompt's block digests by the same index], or [the ref of
         the EmbedsHasher's answer for that object, such a list]; the scheduler waits for an
-        answer when it first keys the prompt, not this call. Per request: None, or the error that kept this shard
-        from taking it (the others are taken all the same; _take says what becomes of that one)."""
+        answer when it first keys the prompt, not this call. Per request: None, or the error
+        that kept this shard from taking it (the others are taken all the same; _take says
+        what becomes of that one)."""
         listed = _answer(digests[0]) if digests and self.leader is not None else None
         uploaded = self._upload_call(news, embeds)
         taken, errors = [], []
