@@ -105,6 +105,7 @@ def check_loopback(base_url: str) -> None:
 INTAKE = "shardserve_request_intake_seconds"
 INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
 COMPILES = "shardserve_engine_kernel_compiles_total"
+CACHE_QUERIES, CACHE_HITS = "shardserve_prefix_cache_queries_total", "shardserve_prefix_cache_hits_total"
 
 
 def metric_samples(text: str) -> dict[str, float]:
@@ -129,6 +130,12 @@ def server_intake(samples: dict[str, float], mode: str) -> tuple[float, float]:
 def kernel_compiles(samples: dict[str, float]) -> float:
     """Triton kernels the engine compiled while serving (each stalled a step)."""
     return samples.get(COMPILES, 0.0)
+
+
+def prefix_cache_tokens(samples: dict[str, float]) -> np.ndarray:
+    """(prompt tokens looked up in the engine's prefix cache, those found there), totals.
+    A /metrics scrape reads the engine's stats then, so a round's difference is exact."""
+    return np.array([samples.get(CACHE_QUERIES, 0.0), samples.get(CACHE_HITS, 0.0)])
 
 
 def random_prompts(num_prompts: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -201,12 +208,12 @@ def client(args, max_connections: int) -> httpx.AsyncClient:
 
 
 async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | None, rate: float,
-              ready=lambda: None):
+              untimed: list[bytes] = (), ready=lambda: None):
     """Sends `bodies` on a Poisson schedule (or all at once), at most max_concurrency in
-    flight, after NUM_WARMUP untimed requests and then ready() (other client processes'
-    barrier). Returns the results, the wall time and this process's CPU time over the
-    timed requests (a client near one core's worth would be what limits the run, not the
-    server)."""
+    flight, after the `untimed` requests (on the same client: they open its connection)
+    and then ready() (other client processes' barrier). Returns the results, the wall time
+    and this process's CPU time over the timed requests (a client near one core's worth
+    would be what limits the run, not the server)."""
     in_flight = max_concurrency or len(bodies)
     semaphore = asyncio.Semaphore(in_flight)
     arrivals = random.Random(args.seed)
@@ -216,7 +223,7 @@ async def run(args, url: str, bodies: list[bytes], *, max_concurrency: int | Non
             return await send(http, url, body)
 
     async with client(args, in_flight) as http:
-        for body in bodies[:NUM_WARMUP]:
+        for body in untimed:  # other prompts than the timed ones, which would be cached
             await send(http, url, body)
         ready()
         start, cpu_start, tasks = time.perf_counter(), time.process_time(), []
@@ -247,15 +254,17 @@ class Clients:
             self.pool = context.Pool(self.num, initializer=bench_serving.set_barrier,
                                      initargs=(context.Barrier(self.num),))
 
-    def run(self, bodies: list[bytes], *, max_concurrency: int | None, rate: float):
+    def run(self, bodies: list[bytes], untimed: list[bytes], *, max_concurrency: int | None, rate: float):
         """As run(), the results of every process together, the round's wall time and
-        the processes' CPU time summed."""
+        the processes' CPU time summed (each process sends its share of `untimed` first)."""
         if self.pool is None:
-            return asyncio.run(run(self.args, self.url, bodies, max_concurrency=max_concurrency, rate=rate))
+            return asyncio.run(run(self.args, self.url, bodies, max_concurrency=max_concurrency, rate=rate,
+                                   untimed=untimed))
         num = self.num
         concurrency = [None if max_concurrency is None else max(1, max_concurrency // num + (i < max_concurrency % num))
                        for i in range(num)]
-        shares = [(self.args, self.url, bodies[i::num], concurrency[i], rate / num) for i in range(num)]
+        shares = [(self.args, self.url, bodies[i::num], untimed[i::num], concurrency[i], rate / num)
+                  for i in range(num)]
         parts = self.pool.starmap(self.run_share, shares)
         return ([result for part in parts for result in part[0]], max(part[1] for part in parts),
                 sum(part[2] for part in parts))
@@ -275,9 +284,10 @@ def set_barrier(barrier) -> None:
     _BARRIER = barrier
 
 
-def run_share(args, url: str, bodies: list[bytes], max_concurrency: int | None, rate: float):
+def run_share(args, url: str, bodies: list[bytes], untimed: list[bytes], max_concurrency: int | None, rate: float):
     """One client process's share of a round (Clients.run)."""
-    return asyncio.run(run(args, url, bodies, max_concurrency=max_concurrency, rate=rate, ready=_BARRIER.wait))
+    return asyncio.run(run(args, url, bodies, max_concurrency=max_concurrency, rate=rate, untimed=untimed,
+                           ready=_BARRIER.wait))
 
 
 def round_order(modes: list[str], rounds: int) -> list[str]:
@@ -421,33 +431,38 @@ def main(argv=None) -> dict:
           + (f" client_processes={args.client_processes}" if args.client_processes > 1 else ""))
     per_token = args.model_shape is not None
 
-    def bodies(mode: str, round_index: int) -> list[dict]:
-        """Each round its own prompts (a server's prefix cache would serve a repeat), the
-        same ones for both modes (embeddings rows are never a cache hit for token ids)."""
-        prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + 100 * round_index)
+    def bodies(mode: str, num_prompts: int, seed: int) -> list[bytes]:
+        """The requests of num_prompts random prompts drawn from `seed`, as `mode` sends them."""
+        prompts = random_prompts(num_prompts, args.input_len, vocab, seed)
         if mode == "prompt_embeds":
             prompts = embed_rows(model_path, prompts)
         return [completion_body(model, p, args.output_len, per_token) for p in batched(prompts, per_request)]
 
     for mode in modes if args.num_warmups else ():  # untimed, own prompts: no timed prompt is cached
-        warmup = random_prompts(args.num_warmups, args.input_len, vocab, args.seed + 2)
-        if mode == "prompt_embeds":
-            warmup = embed_rows(model_path, warmup)
-        asyncio.run(run(args, url, [completion_body(model, p, args.output_len, per_token)
-                                    for p in batched(warmup, per_request)],
+        asyncio.run(run(args, url, bodies(mode, args.num_warmups, args.seed + 2),
                         max_concurrency=args.max_concurrency, rate=float("inf")))
     results, durations, client_cpu = {m: [] for m in modes}, {m: 0.0 for m in modes}, {m: 0.0 for m in modes}
-    # The timed requests' server intake (seconds, count) and the engine's kernel compiles
-    # meanwhile, per mode, from the server's /metrics before and after each round.
+    # The timed requests' server intake (seconds, count), the engine's kernel compiles and
+    # prefix-cache lookups (tokens queried, found) meanwhile, per mode, from the server's
+    # /metrics before and after each round (its untimed requests included). Each round's
+    # prompts are new to this run, but an earlier run's may still be cached (the same
+    # --seed draws the same prompts, and a smaller --num-prompts the first of them): the
+    # hit rate shows it.
     intake = {m: [0.0, 0.0] for m in modes}
     compiles = dict.fromkeys(modes, 0.0)
+    cache_tokens = {m: np.zeros(2) for m in modes}
     rounds_run = dict.fromkeys(modes, 0)
     clients = Clients(args, url)
     for mode in round_order(modes, args.rounds):
-        mode_bodies = bodies(mode, rounds_run[mode])
+        # Each round its own prompts (a server's prefix cache would serve a repeat), the
+        # same ones for both modes (embeddings rows are never a cache hit for token ids),
+        # and others again for the untimed requests that open its connections.
+        seed = args.seed + 100 * rounds_run[mode]
+        timed = bodies(mode, args.num_prompts, seed)
+        untimed = bodies(mode, NUM_WARMUP * per_request * args.client_processes, seed + 50)
         rounds_run[mode] += 1
         before = server_metrics(args.base_url)
-        mode_results, duration, cpu = clients.run(mode_bodies, max_concurrency=args.max_concurrency,
+        mode_results, duration, cpu = clients.run(timed, untimed, max_concurrency=args.max_concurrency,
                                                   rate=args.request_rate)
         client_cpu[mode] += cpu
         after = server_metrics(args.base_url)
@@ -459,6 +474,7 @@ def main(argv=None) -> dict:
             intake[mode][0] += sum_after - sum_before
             intake[mode][1] += count_after - count_before
             compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
+            cache_tokens[mode] += prefix_cache_tokens(after) - prefix_cache_tokens(before)
     clients.close()
     report = {m: summarize(results[m], durations[m], per_request) for m in modes}
     for mode in modes:  # of all client processes together
@@ -466,6 +482,8 @@ def main(argv=None) -> dict:
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
             report[mode]["kernel compiles while serving"] = int(compiles[mode])
+        if cache_tokens[mode][0]:
+            report[mode]["prefix cache hit rate (%)"] = 100.0 * cache_tokens[mode][1] / cache_tokens[mode][0]
     print_table("Serving Benchmark Result", report, ratio=len(modes) == 2)
     if args.serving_overhead:
         overhead_prompts = random_prompts(args.overhead_prompts + NUM_WARMUP, args.input_len, vocab, args.seed + 1)

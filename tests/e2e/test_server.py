@@ -685,6 +685,19 @@ def test_bench_serving_reports_both_modes_and_the_serving_overhead(server_url, c
     assert "Serving Benchmark Result" in out and "serving overhead (ms)" in out and "ratio" in out
 
 
+def test_bench_serving_reports_the_prefix_cache_hits_of_a_repeated_run(server_url):
+    """A run's prompts are new to it (0% hits); the same run again finds each prompt's two
+    full blocks cached (32 of 40 tokens), token ids and embeddings alike: the hit rate
+    shows when an earlier run on the server skews a comparison."""
+    main = runpy.run_path(str(BENCH))["main"]
+    argv = ["--base-url", f"{server_url}/v1", "--num-prompts", "4", "--input-len", "40", "--output-len", "2",
+            "--compare-embeds", "--rounds", "2", "--num-warmups", "2", "--seed", "4242"]
+    first, again = main(argv), main(argv)
+    for mode in ("token ids", "prompt_embeds"):
+        assert first[mode]["prefix cache hit rate (%)"] == 0.0
+        assert again[mode]["prefix cache hit rate (%)"] == pytest.approx(80.0)
+
+
 def test_bench_serving_sends_several_prompts_a_request(server_url, capsys):
     """--prompts-per-request: each request a list of prompts (token ids or embeddings);
     every prompt's tokens are counted, and a request is timed once."""
@@ -716,7 +729,7 @@ def test_bench_serving_sends_from_several_client_processes(server_url, capsys):
         main(["--base-url", f"{server_url}/v1", "--num-prompts", "2", "--client-processes", "3"])
 
 
-def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
+def test_bench_serving_reads_intake_compiles_and_cache_hits_from_the_metrics_text():
     script = runpy.run_path(str(BENCH))
     text = "\n".join([
         "# TYPE shardserve_request_intake_seconds histogram",
@@ -726,12 +739,18 @@ def test_bench_serving_reads_intake_and_kernel_compiles_from_the_metrics_text():
         'shardserve_request_intake_seconds_count{input="prompt_embeds"} 4.0',
         "# TYPE shardserve_engine_kernel_compiles_total counter",
         "shardserve_engine_kernel_compiles_total 3.0",
+        "# TYPE shardserve_prefix_cache_queries_total counter",
+        "shardserve_prefix_cache_queries_total 480.0",
+        "# TYPE shardserve_prefix_cache_hits_total counter",
+        "shardserve_prefix_cache_hits_total 128.0",
     ])
     samples = script["metric_samples"](text)
     assert script["server_intake"](samples, "token ids") == (0.25, 10.0)
     assert script["server_intake"](samples, "prompt_embeds") == (0.5, 4.0)
     assert script["kernel_compiles"](samples) == 3.0
-    assert script["kernel_compiles"](script["metric_samples"]("# an older server\n")) == 0.0
+    assert list(script["prefix_cache_tokens"](samples)) == [480.0, 128.0]
+    older = script["metric_samples"]("# an older server\n")
+    assert script["kernel_compiles"](older) == 0.0 and list(script["prefix_cache_tokens"](older)) == [0.0, 0.0]
 
 
 def test_bench_serving_alternates_modes_across_rounds():
