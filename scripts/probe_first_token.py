@@ -3,7 +3,8 @@ the offline engine (Ray included, no HTTP): the median of `LLM.generate(max_toke
 --max-tokens, with ignore_eos) over
 repeats, for the prompts as token ids and as `prompt_embeds` (random rows of the model's
 hidden size), interleaved so neither always follows the other. Also the driver's own share
-of an embeddings request: the one `ray.put` of its array.
+of an embeddings request: the one put of its array (`ray.put` and, with prefix caching, the
+rows' block digests, made there for a put of up to 1 MiB).
 
     python scripts/probe_first_token.py -tp 2 --repeats 40
     SHARDSERVE_USE_SHM_PLANS=0 python scripts/probe_first_token.py -tp 2   # plans over gloo
@@ -104,12 +105,13 @@ def _install_stamps(shard) -> bool:
 
 def _stamp_driver(llm, stamps: list) -> None:
     """The driver's phases of a request: parsing the prompt (its rows' check within), its
-    length against max_model_len, putting embeddings into the object store, sending
-    add_request to every shard."""
+    length against max_model_len, putting embeddings into the object store (their digests
+    made there too, for a put of up to 1 MiB with prefix caching), sending add_request to
+    every shard."""
     _stamp(llm, "_parse", "parse prompt", stamps)
     _stamp(prompt_parsing, "validate_prompt_embeds", "check rows", stamps)  # main() unwraps it
     _stamp(llm, "_checked", "check length", stamps)
-    _stamp(llm.engine, "put_prompts", "ray.put embeds", stamps)
+    _stamp(llm.engine, "put_prompts", "put embeds", stamps)
     _stamp(llm.engine, "add_request", "send add_request", stamps)
 
 
@@ -246,7 +248,7 @@ def main(argv=None) -> dict:
         llm.shutdown()
     result = {f"median {mode} (ms)": statistics.median(values) for mode, values in times.items()}
     result["ratio"] = result["median prompt_embeds (ms)"] / result["median token ids (ms)"]
-    result["median ray.put of the embeddings (ms)"] = statistics.median(puts)
+    result["median put of the embeddings (ms)"] = statistics.median(puts)
     if args.timeline:
         _print_timeline(timeline)
         for mode, runs in driver_busy.items():
