@@ -64,6 +64,10 @@ class EmbedsHasher:
                 for start in range(0, rows.shape[0], step)]
 
 
+def hasher_name(engine_name: str) -> str:
+    return f"shardserve-{engine_name}-hasher"
+
+
 def start_hasher(engine_name: str, block_size: int):
     """The engine's hasher actor, `shardserve-<name>-hasher`, on this node (where the engine
     client puts the rows), taking no CPU from what Ray schedules. Ray restarts it if its
@@ -73,6 +77,6 @@ def start_hasher(engine_name: str, block_size: int):
     actor_cls = ray.remote(EmbedsHasher)
     here = ray.get_runtime_context().get_node_id()
     return actor_cls.options(
-        name=f"shardserve-{engine_name}-hasher", num_cpus=0, max_concurrency=HASHER_MAX_CONCURRENCY,
+        name=hasher_name(engine_name), num_cpus=0, max_concurrency=HASHER_MAX_CONCURRENCY,
         max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
     ).remote(block_size)

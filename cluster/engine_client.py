@@ -18,7 +18,7 @@ import numpy as np
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from cluster.embeds_hasher import start_hasher
+from cluster.embeds_hasher import hasher_name, start_hasher
 from cluster.placement import create_placement_group, shard_actor_options
 from cluster.prompts import EnginePrompt
 from workers.block_hash import prompt_block_digests
@@ -26,6 +26,7 @@ from workers.config import EngineConfig
 from workers.messages import EngineStats, NewRequest, PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
 from workers.shard_worker import ShardWorker
+from workers.step_loop import CLIENT_TIMEOUT_S, OWNER_CLIENT
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,12 @@ def embeds_in_flight_bound(config: EngineConfig, free_device_bytes: list[int | N
     measured = [free for free in free_device_bytes if free is not None]
     if measured:
         bound = min(bound, min(measured) // 2)
-    one_prompt = config.max_model_len * config.model_config.hidden_size * config.torch_dtype.itemsize
-    return max(bound, one_prompt)
+    return max(bound, one_prompt_embeds_bytes(config))
+
+
+def one_prompt_embeds_bytes(config: EngineConfig) -> int:
+    """The bytes of a prompt of max_model_len embeddings rows in the model's dtype."""
+    return config.max_model_len * config.model_config.hidden_size * config.torch_dtype.itemsize
 
 
 def warm_object_store(max_bytes: int = STORE_WARMUP_MAX_BYTES) -> int:
@@ -123,31 +128,36 @@ def request_error(engine: EngineClient, message: str) -> RuntimeError:
     return EngineDeadError(message) if engine.dead_reason is not None else RequestFailedError(message)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineAttachment:
+    """What an engine client in another process needs to attach to a running engine
+    (EngineClient.attach); its owner's EngineClient.open_client makes one."""
+
+    name: str  # the engine's name: its shards are shardserve-<name>-rank<r>
+    namespace: str  # the Ray namespace the shards' names live in
+    client: int  # the attached client's id at the leader
+    num_kv_blocks: int
+    # The attached client's share of the engine's bound on embeddings rows in flight.
+    max_embeds_in_flight_bytes: int
+
+
 class EngineClient:
     """`name` names the shard actors `shardserve-<name>-rank<r>` (what operators see in
-    `ray list actors`); a random one by default."""
+    `ray list actors`); a random one by default.
+
+    The EngineClient constructed owns its engine: it starts the shards and stops them. Other
+    processes may attach to that running engine (EngineClient.attach, with an attachment
+    from open_client), each with an outbox of its own at the leader: API servers beside the
+    one that owns the engine (`--api-server-count`), each taking requests in on a process
+    and an event loop of its own."""
 
     def __init__(self, config: EngineConfig, placement_group: PlacementGroup | None = None, *,
                  name: str | None = None, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
-        if step_timeout_s <= 0:
-            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
-        self.config = config
-        self.name = name or uuid.uuid4().hex[:8]
-        self.step_timeout_s = step_timeout_s
+        self._init_state(config, name or uuid.uuid4().hex[:8], step_timeout_s)
         self._owns_group = placement_group is None
         self.placement_group = placement_group or create_placement_group(
             config.tensor_parallel_size, config.device, config.placement_strategy
         )
-        # Running requests by their id in the engine (the caller's id and a serial number: the
-        # shards may still know a finished request's id, so a caller's id can come again):
-        # the caller's id and its sink; and each caller's id's engine id, for its abort.
-        self._sinks: dict[str, tuple[str, DeltaSink]] = {}
-        self._engine_ids: dict[str, str] = {}
-        self._serials = itertools.count()
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self._closed = False
-        self.dead_reason: str | None = None
         # The prefix cache's keys of embeddings prompts, hashed out of the leader's process;
         # up before the first request (its process starts while the shards load).
         self._hasher = None
@@ -175,6 +185,69 @@ class EngineClient:
                                type(exc).__name__, exc)
         self.leader = self.shards[0]
         self._run_refs = [shard.run.remote() for shard in self.shards]
+        self._start_io()
+
+    @classmethod
+    def attach(cls, config: EngineConfig, attachment: EngineAttachment, *,
+               step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> EngineClient:
+        """A client of a running engine that another EngineClient owns (`config` is that
+        engine's): it sends requests and reads their outputs as the owner does, through an
+        outbox of its own at the leader. It never stops the engine: shutdown() detaches it
+        (its requests still running are aborted). If the engine dies, its requests end with
+        an error, as the owner's do."""
+        self = cls.__new__(cls)
+        self._init_state(config, attachment.name, step_timeout_s)
+        self._client = attachment.client
+        self._owns_engine = self._owns_group = False
+        self.placement_group = None
+        self.shards = [ray.get_actor(shard_actor_name(attachment.name, rank), namespace=attachment.namespace)
+                       for rank in range(config.tensor_parallel_size)]
+        self._hasher = None
+        if config.enable_prefix_caching and config.enable_prompt_embeds:
+            self._hasher = ray.get_actor(hasher_name(attachment.name), namespace=attachment.namespace)
+        if config.enable_prompt_embeds:
+            self._warm_object_store()
+        self.num_kv_blocks = attachment.num_kv_blocks
+        self.max_embeds_in_flight_bytes = attachment.max_embeds_in_flight_bytes
+        self.leader = self.shards[0]
+        self._run_refs = []  # the owner's: a follower's death reaches this client as the leader's
+        self._start_io()
+        return self
+
+    def _init_state(self, config: EngineConfig, name: str, step_timeout_s: float) -> None:
+        if step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
+        self.config = config
+        self.name = name
+        self.step_timeout_s = step_timeout_s
+        self._client = OWNER_CLIENT
+        self._owns_engine = True
+        # Running requests by their id in the engine (the caller's id and a serial number: the
+        # shards may still know a finished request's id, so a caller's id can come again):
+        # the caller's id and its sink; and each caller's id's engine id, for its abort. An
+        # attached client's engine ids carry its client id too: they are unique in the engine.
+        self._sinks: dict[str, tuple[str, DeltaSink]] = {}
+        self._engine_ids: dict[str, str] = {}
+        self._serials = itertools.count()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+        self.dead_reason: str | None = None
+
+    def open_client(self, share: int = 1, timeout_s: float = CLIENT_TIMEOUT_S) -> EngineAttachment:
+        """Opens an outbox at the leader for a client in another process (EngineClient.attach
+        there, promptly: the client's timeout runs from now). `share`: how many clients split
+        the engine's bound on embeddings rows in flight. A client that stops polling for
+        outputs for `timeout_s` is dropped, and its requests aborted."""
+        client = ray.get(self.leader.attach_client.remote(timeout_s), timeout=INIT_TIMEOUT_S)
+        return EngineAttachment(self.name, ray.get_runtime_context().namespace, client, self.num_kv_blocks,
+                                max(self.max_embeds_in_flight_bytes // share, one_prompt_embeds_bytes(self.config)))
+
+    def num_clients(self) -> int:
+        """The engine's clients still polling: its owner's and those attached."""
+        return len(ray.get(self.leader.clients.remote(), timeout=INIT_TIMEOUT_S))
+
+    def _start_io(self) -> None:
         # Requests and aborts go to the shards from this thread, never from the caller's:
         # Ray cancels, recursively, the calls a cancelled task made, and a Serve request
         # whose client went away is such a task. Its abort would be lost (the request
@@ -290,6 +363,8 @@ class EngineClient:
             if req_id in self._engine_ids:  # its abort could not tell the two apart
                 raise ValueError(f"request id {req_id!r} is already running")
             engine_id = f"{req_id}#{next(self._serials)}"
+            if self._client != OWNER_CLIENT:
+                engine_id = f"{engine_id}@{self._client}"
             self._sinks[engine_id] = (req_id, sink)
             self._engine_ids[req_id] = engine_id
         new = NewRequest(engine_id, prompt_token_ids, embeds_ref, sampling_params, cache_salt, embeds_spans)
@@ -315,7 +390,7 @@ class EngineClient:
 
     def _send_requests(self, news: list[NewRequest], array_ref, digests_ref=None) -> None:
         digests = [digests_ref] if digests_ref is not None else None  # in a list: Ray passes a ref as it is
-        refs = [self.leader.add_requests.remote(news, array_ref, digests)]
+        refs = [self.leader.add_requests.remote(news, array_ref, digests, self._client)]
         refs += [shard.add_requests.remote(news, array_ref) for shard in self.shards[1:]]
         self._sent_adds.append((tuple(new.req_id for new in news), refs))
 
@@ -378,7 +453,9 @@ class EngineClient:
                 self._deliver(delta)
             self._check_adds()
             # A follower that died leaves the leader waiting in a collective: its run()
-            # call is what fails first.
+            # call is what fails first (the owner's; the owner then kills the leader).
+            if not self._run_refs:
+                continue
             done, _ = ray.wait(self._run_refs, num_returns=1, timeout=0)
             if done and not self._closed:
                 self._mark_dead(self._run_failure(done[0]))
@@ -387,7 +464,7 @@ class EngineClient:
     def _get_outputs(self) -> list[RequestDelta]:
         """One long-poll; a leader process that stops answering (frozen, not dead) is
         caught by the timeout on the call itself."""
-        ref = self.leader.get_outputs.remote(POLL_TIMEOUT_S, self.step_timeout_s)
+        ref = self.leader.get_outputs.remote(POLL_TIMEOUT_S, self.step_timeout_s, self._client)
         return ray.get(ref, timeout=POLL_TIMEOUT_S + self.step_timeout_s)
 
     def _check_adds(self, before_tokens_of: str | None = None) -> None:
@@ -463,8 +540,9 @@ class EngineClient:
         lost peer and would hold their threads (and the devices) forever."""
         logger.error("shardserve engine %s is dead: %s", self.name, reason)
         self._end_requests(reason)
-        for shard in self.shards:
-            ray.kill(shard)
+        if self._owns_engine:  # an attached client's view may be its own fault: the owner decides
+            for shard in self.shards:
+                ray.kill(shard)
 
     def _end_requests(self, reason: str) -> None:
         """Ends every request in flight with an error; from now on add_request raises."""
@@ -485,10 +563,14 @@ class EngineClient:
         return [path for shard_paths in paths for path in shard_paths]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stops the step loops, then the actors, then frees the placement group."""
+        """Stops the step loops, then the actors, then frees the placement group. An
+        attached client detaches instead, its requests still running aborted."""
         if self._closed:
             return
         self._closed = True
+        if not self._owns_engine:
+            self._detach(timeout_s)
+            return
         if self.dead_reason is None:
             self.leader.shutdown.remote()
             ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=timeout_s)
@@ -503,6 +585,19 @@ class EngineClient:
         # The stopped leader sends nothing more: a request still running would wait forever.
         if self.dead_reason is None:
             self._end_requests(f"shardserve engine {self.name} was shut down")
+
+    def _detach(self, timeout_s: float) -> None:
+        if self.dead_reason is None:
+            try:
+                ray.get(self.leader.detach_client.remote(self._client), timeout=timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a dead engine: nothing to detach from
+                logger.warning("engine client %d could not detach from engine %s (%s: %s)", self._client,
+                               self.name, type(exc).__name__, exc)
+        self._calls.put((None, ()))
+        self._poller.join(timeout=POLL_TIMEOUT_S * 2)
+        self._caller.join(timeout=POLL_TIMEOUT_S * 2)
+        if self.dead_reason is None:
+            self._end_requests(f"the client of shardserve engine {self.name} was shut down")
 
     def _release_group(self) -> None:
         if self._owns_group:

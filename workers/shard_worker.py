@@ -23,7 +23,7 @@ from workers.one_shot_all_reduce import try_one_shot_all_reduce
 from workers.parallel import bind_store, init_process_group
 from workers.request import Request
 from workers.shm_channel import SPIN_S, try_shm_channel
-from workers.step_loop import LeaderLoop, run_follower
+from workers.step_loop import CLIENT_TIMEOUT_S, OWNER_CLIENT, LeaderLoop, UnknownClientError, run_follower
 from workers.transfer import UPLOAD_THREADS, to_device, upload_rows
 
 
@@ -125,7 +125,7 @@ class ShardWorker:
             run_follower(self.runner, self.runner.pg, self.intake)
 
     def add_requests(self, news: list[NewRequest], embeds: np.ndarray | list[np.ndarray] | None = None,
-                     digests: list | None = None) -> list[Exception | None]:
+                     digests: list | None = None, client: int = OWNER_CLIENT) -> list[Exception | None]:
         """Takes each request, in order, then hands those taken to the step loop together
         (so its next step does not begin with the first alone). `embeds`, resolved by Ray
         before the call (the engine client passes the ref as a top-level argument, and none
@@ -135,7 +135,16 @@ class ShardWorker:
         the EmbedsHasher's answer for that object, such a list]; the scheduler waits for an
         answer when it first keys the prompt, not this call. Per request: None, or the error
         that kept this shard from taking it (the others are taken all the same; _take says
-        what becomes of that one)."""
+        what becomes of that one). `client`: the engine client whose outbox (on the leader)
+        gets their deltas; one that is gone (UnknownClientError) has the leader take none
+        of them, and the followers' copies are dropped with the next plan."""
+        if self.leader is not None:
+            try:
+                self.leader.outbox.route([new.req_id for new in news], client)
+            except UnknownClientError as exc:
+                for new in news:
+                    self.leader.discard(new.req_id)
+                return [exc] * len(news)
         listed = _answer(digests[0]) if digests and self.leader is not None else None
         uploaded = self._upload_call(news, embeds)
         taken, errors = [], []
@@ -246,13 +255,38 @@ class ShardWorker:
         """A request another shard could not take: aborted here, its cached K/V unshared."""
         self.leader.fail(req_id)
 
-    def get_outputs(self, timeout_s: float = 1.0, step_timeout_s: float | None = None) -> list[RequestDelta]:
-        """Long-poll: the deltas produced since the last call, waiting up to timeout_s.
-        Raises StepTimeoutError once a step has run past step_timeout_s (the watchdog)."""
-        deltas = self.leader.outbox.take(timeout_s)
+    def get_outputs(self, timeout_s: float = 1.0, step_timeout_s: float | None = None,
+                    client: int = OWNER_CLIENT) -> list[RequestDelta]:
+        """Long-poll: `client`'s deltas produced since its last call, waiting up to timeout_s.
+        Raises StepTimeoutError once a step has run past step_timeout_s (the watchdog), and
+        UnknownClientError for a client that is gone. Aborts the requests of attached clients
+        that stopped polling (Outboxes.expire)."""
+        self._abort_all(self.leader.outbox.expire())
+        deltas = self.leader.outbox.take(timeout_s, client)
         if step_timeout_s is not None and not deltas:
             self.leader.check_progress(step_timeout_s)
         return deltas
+
+    def attach_client(self, timeout_s: float = CLIENT_TIMEOUT_S) -> int:
+        """Opens an outbox for an engine client that attaches to this running engine (an API
+        server of its own); returns its id for add_requests and get_outputs. A client that
+        does not poll for `timeout_s` is dropped and its requests aborted."""
+        self._abort_all(self.leader.outbox.expire())
+        return self.leader.outbox.attach(timeout_s)
+
+    def detach_client(self, client: int) -> None:
+        """Closes an attached client's outbox and aborts its requests still running."""
+        self._abort_all(self.leader.outbox.detach(client))
+
+    def clients(self) -> dict[int, int]:
+        """The engine clients this leader serves (the owner's id first, then those attached
+        and still polling), each with the number of requests it has sent."""
+        self._abort_all(self.leader.outbox.expire())
+        return self.leader.outbox.clients()
+
+    def _abort_all(self, req_ids: list[str]) -> None:
+        for req_id in req_ids:
+            self.leader.abort(req_id)
 
     def stats(self) -> EngineStats:
         return dataclasses.replace(self.leader.stats(), num_kernel_compiles=self._compiles.num_compiles)

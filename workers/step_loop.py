@@ -7,6 +7,7 @@ receive the plan, execute. Runs on one thread of each shard actor."""
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -33,6 +34,11 @@ MAX_EARLY_ABORTS = 4096
 # With nothing else to run, how long the loop waits for a queue head's cache keys before it
 # looks for commands (an abort, say) again. It wakes as soon as they come.
 DIGESTS_POLL_S = 0.005
+# The engine client that started the shards; clients that attach later get ids after it.
+OWNER_CLIENT = 0
+# An attached engine client polls for outputs at least once a second while it lives; one
+# that has not for this long is gone, and its requests are aborted.
+CLIENT_TIMEOUT_S = 30.0
 
 
 class StepTimeoutError(RuntimeError):
@@ -40,7 +46,7 @@ class StepTimeoutError(RuntimeError):
 
 
 class Outbox:
-    """Deltas waiting for the driver's long-poll; batched when the driver lags."""
+    """Deltas waiting for one engine client's long-poll; batched when the client lags."""
 
     def __init__(self) -> None:
         self._deltas: list[RequestDelta] = []
@@ -64,6 +70,127 @@ class Outbox:
             self._cond.notify_all()
 
 
+class UnknownClientError(KeyError):
+    """An engine client's id the leader does not know: it detached, or stopped polling for
+    longer than its timeout and was dropped (its requests aborted)."""
+
+
+class Outboxes:
+    """The leader's outboxes, one per engine client: the owner's (OWNER_CLIENT, the engine
+    client that started the shards) and one for each client that attached to the running
+    engine (an API server process of its own, `--api-server-count`). Each request's deltas
+    go to the client that sent it; a request no client claimed is the owner's.
+
+    An attached client that stops polling (its process died or hangs) is dropped once it
+    has not polled for its timeout: expire() hands back its requests still running, for the
+    leader to abort, so that a dead API server does not keep their KV blocks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._boxes: dict[int, Outbox] = {OWNER_CLIENT: Outbox()}
+        self._client_of: dict[str, int] = {}  # running requests of attached clients
+        # Attached clients: their timeout, when their last poll ended (None while one runs),
+        # and how many requests each has sent.
+        self._timeouts: dict[int, float] = {}
+        self._idle_since: dict[int, float | None] = {}
+        self._num_sent: dict[int, int] = {OWNER_CLIENT: 0}
+        self._ids = itertools.count(OWNER_CLIENT + 1)
+        self._closed = False
+
+    def attach(self, timeout_s: float = CLIENT_TIMEOUT_S) -> int:
+        """A new client's id; its outbox exists from now on."""
+        if timeout_s <= 0:
+            raise ValueError(f"a client's timeout must be > 0 s, got {timeout_s}")
+        with self._lock:
+            client = next(self._ids)
+            box = Outbox()
+            if self._closed:
+                box.close()
+            self._boxes[client] = box
+            self._timeouts[client] = timeout_s
+            self._idle_since[client] = time.monotonic()
+            self._num_sent[client] = 0
+            return client
+
+    def detach(self, client: int) -> list[str]:
+        """Drops an attached client's outbox; returns its requests still running (the
+        caller aborts them: their deltas have nowhere to go)."""
+        if client == OWNER_CLIENT:
+            raise ValueError("the engine's owner cannot detach: it stops the engine")
+        with self._lock:
+            return self._drop(client)
+
+    def _drop(self, client: int) -> list[str]:
+        box = self._boxes.pop(client, None)
+        if box is None:
+            return []
+        box.close()
+        del self._timeouts[client], self._idle_since[client], self._num_sent[client]
+        # Still the gone client's until their final deltas (their aborts): dropped, not the owner's.
+        return [req_id for req_id, owner in self._client_of.items() if owner == client]
+
+    def route(self, req_ids: list[str], client: int) -> None:
+        """The requests are `client`'s: called before the leader takes them, so that even
+        the delta of one it cannot take reaches that client. UnknownClientError for a
+        client that is gone (the requests must not run)."""
+        with self._lock:
+            if client not in self._boxes:
+                raise UnknownClientError(client)
+            self._num_sent[client] += len(req_ids)
+            if client != OWNER_CLIENT:
+                self._client_of.update(dict.fromkeys(req_ids, client))
+
+    def put(self, deltas: list[RequestDelta]) -> None:
+        """Each delta to its request's client's outbox; a gone client's are dropped."""
+        by_client: dict[int, list[RequestDelta]] = {}
+        with self._lock:
+            for delta in deltas:
+                client = self._client_of.get(delta.req_id, OWNER_CLIENT)
+                if delta.finish_reason is not None:
+                    self._client_of.pop(delta.req_id, None)
+                by_client.setdefault(client, []).append(delta)
+            boxes = [(self._boxes.get(client), of_client) for client, of_client in by_client.items()]
+        for box, of_client in boxes:
+            if box is not None:
+                box.put(of_client)
+
+    def take(self, timeout_s: float, client: int = OWNER_CLIENT) -> list[RequestDelta]:
+        """A client's long-poll. UnknownClientError for a client that is gone."""
+        with self._lock:
+            box = self._boxes.get(client)
+            if box is None:
+                raise UnknownClientError(client)
+            if client != OWNER_CLIENT:
+                self._idle_since[client] = None
+        try:
+            return box.take(timeout_s)
+        finally:
+            with self._lock:
+                if client in self._idle_since:
+                    self._idle_since[client] = time.monotonic()
+
+    def expire(self) -> list[str]:
+        """Drops each attached client that has not polled for its timeout; returns their
+        requests still running, for the leader to abort."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [client for client, since in self._idle_since.items()
+                    if since is not None and now - since > self._timeouts[client]]
+            return [req_id for client in gone for req_id in self._drop(client)]
+
+    def clients(self) -> dict[int, int]:
+        """Each client's id (the owner's first) and the requests it has sent."""
+        with self._lock:
+            return dict(self._num_sent)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            boxes = list(self._boxes.values())
+        for box in boxes:
+            box.close()
+
+
 @dataclass(frozen=True)
 class LaunchedStep:
     """A step queued on the device whose samples the host has not read yet."""
@@ -79,7 +206,7 @@ class LeaderLoop:
         self.runner = runner
         self.pg = pg
         self.intake = intake
-        self.outbox = Outbox()
+        self.outbox = Outboxes()
         self.scheduler = Scheduler(
             BlockManager(runner.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,

@@ -22,6 +22,7 @@ from cluster.prompts import EnginePrompt
 from workers.block_hash import prompt_block_digests
 from workers.messages import PromptEmbedsRef, RequestDelta
 from workers.sampling_params import SamplingParams
+from workers.step_loop import OWNER_CLIENT
 
 
 class Method:
@@ -50,6 +51,7 @@ def _client(log: list, start: bool = True) -> EngineClient:
     client._calls, client._sent_adds = queue.SimpleQueue(), collections.deque()
     client._together = threading.Lock()
     client._hasher = None
+    client._client, client._owns_engine = OWNER_CLIENT, True
     client._caller = threading.Thread(target=client._make_calls, name="shardserve-calls", daemon=True)
     if start:
         client._caller.start()
@@ -78,8 +80,9 @@ def test_adds_and_aborts_leave_from_the_clients_own_thread_in_order():
     # The embeddings' ref goes as the call's argument only, not nested in the request; the
     # ref of their digests (the hasher's answer) to the leader alone, in a list (Ray passes
     # a nested ref as it is: the leader's call does not wait for the hashing).
-    _, ([new], array_ref, digests), _ = log[2]
+    _, ([new], array_ref, digests, client), _ = log[2]
     assert array_ref == "object-ref" and digests == ["digests-ref"]
+    assert client == OWNER_CLIENT  # the leader's outbox these requests' deltas go to
     assert new.prompt_embeds.ref is None and new.prompt_embeds.digests is None
     _, ([new], array_ref), _ = log[3]
     assert array_ref == "object-ref" and new.prompt_embeds.digests is None
@@ -128,7 +131,7 @@ def test_requests_queued_together_with_one_embeddings_object_go_in_one_call_per_
     assert [(name, ids) for name, ids in _sent(log) if name.endswith("@0")] == [
         ("add_requests@0", ["i1#0", "i2#1"]), ("add_requests@0", ["g0#2", "g1#3", "g2#4"]), ("abort@0", "g0#2"),
         ("add_requests@0", ["o#5"]), ("add_requests@0", ["i3#6"])]
-    _, (news, array_ref, _digests), _ = log[2]
+    _, (news, array_ref, _digests, _owner), _ = log[2]
     assert array_ref == "group-ref" and [new.prompt_embeds.index for new in news] == [0, 1, 2]
     assert [req_ids for req_ids, _ in client._sent_adds] == [
         ("i1#0", "i2#1"), ("g0#2", "g1#3", "g2#4"), ("o#5",), ("i3#6",)]
