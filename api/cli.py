@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--num-replicas", type=int, default=1)
+    serve.add_argument("--num-replicas", type=int, default=1, help="engines, each tensor-parallel (default: 1)")
+    serve.add_argument("--api-server-count", "-asc", type=int, default=1,
+                       help="API servers per engine: processes (Serve replicas) that each take requests in, "
+                            "decode prompt_embeds and stream tokens on an event loop of their own (default: 1). "
+                            "Above 1 the engines run in a deployment of their own, ShardServeEngine, and the "
+                            "API servers attach to them")
     serve.add_argument("--ingress", default="auto", choices=("auto", *INGRESSES),
                        help="how HTTP reaches the replicas: HAProxy in front of replicas that serve HTTP "
                             "themselves (Ray Serve's high-throughput mode), or Serve's proxy actor. auto "
@@ -89,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         async_scheduling=args.async_scheduling, disable_custom_all_reduce=args.disable_custom_all_reduce,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        num_replicas=args.num_replicas, api_key=args.api_key,
+        num_replicas=args.num_replicas, api_server_count=args.api_server_count, api_key=args.api_key,
         max_prompt_embeds_bytes=args.max_prompt_embeds_bytes,
         max_waiting_requests=args.max_waiting_requests, step_timeout_s=args.step_timeout_s,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
@@ -97,9 +102,12 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def _local_cpus(settings: ServerSettings) -> int:
-    """Logical CPUs for a local Ray: at least what the replicas' bundles reserve (a shard
-    and a replica each take one), so a TP=2 server starts on a 2-core machine too."""
-    needed = settings.num_replicas * (settings.tensor_parallel_size + 1) + 1
+    """Logical CPUs for a local Ray: at least what the app's replicas reserve (a shard, an
+    engine's replica and an API server each take one), so a TP=2 server starts on a 2-core
+    machine too."""
+    from api.app import app_cpus
+
+    needed = int(app_cpus(settings)) + 1
     return max(os.cpu_count() or 1, needed)
 
 

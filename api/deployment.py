@@ -1,9 +1,13 @@
-"""The Ray Serve deployment: one replica owns one tensor-parallel engine whose shards sit
-in the replica's placement group, and serves the FastAPI app around it."""
+"""The Ray Serve deployments. ShardServe, the ingress: with one API server per engine, each
+replica owns one tensor-parallel engine whose shards sit in the replica's placement group,
+and serves the FastAPI app around it. With api_server_count > 1, ShardServeEngine's replicas
+own the engines (and serve no HTTP), and each ShardServe replica attaches to one of them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from ray import serve
 from ray.util.placement_group import get_current_placement_group
@@ -15,8 +19,15 @@ from api.routes import build_fastapi_app
 from api.serving import OpenAIServing
 from api.settings import ServerSettings
 from cluster.async_engine import AsyncEngine
+from cluster.engine_client import EngineAttachment, EngineClient, EngineDeadError
 
 logger = logging.getLogger(__name__)
+
+# An API server that found every engine with its count of API servers asks again after this
+# long, doubling to the most: an engine is still starting, or the client of an API server
+# that died has not yet been dropped (workers.step_loop.CLIENT_TIMEOUT_S).
+ATTACH_RETRY_S = 0.1
+ATTACH_RETRY_MAX_S = 2.0
 
 
 @serve.deployment(
@@ -31,13 +42,20 @@ logger = logging.getLogger(__name__)
 )
 @serve.ingress()
 class ShardServeServer:
-    def __init__(self, settings: ServerSettings):
+    async def __init__(self, settings: ServerSettings, engines=None):
+        """`engines`: ShardServeEngine's handle, with api_server_count > 1 (this replica
+        attaches to one of its engines); None: this replica owns an engine."""
         self.settings = settings
         raise_body_buffer_limit()  # with the haproxy ingress, this replica's uvicorn reads the bodies
-        # Shards go into this replica's own placement group (bundle i for rank i), named
-        # shardserve-<app>-<replica>-rank<r> so an operator can find them.
-        self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),
-                                  name=_engine_name(), step_timeout_s=settings.step_timeout_s)
+        if engines is None:
+            # Shards go into this replica's own placement group (bundle i for rank i), named
+            # shardserve-<app>-<replica>-rank<r> so an operator can find them.
+            self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),
+                                      name=_engine_name(), step_timeout_s=settings.step_timeout_s)
+        else:
+            attachment = await _attachment(engines)
+            self.engine = AsyncEngine.attach(settings.engine_args(), attachment, step_timeout_s=settings.step_timeout_s)
+            logger.info("API server attached to engine %s as its client %d", attachment.name, attachment.client)
         self.serving = OpenAIServing(
             self.engine,
             served_model_name=settings.model_names(),
@@ -64,6 +82,69 @@ class ShardServeServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+@serve.deployment(
+    name="ShardServeEngine",
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+)
+class ShardServeEngine:
+    """One tensor-parallel engine's owner, with api_server_count > 1: its shards sit in this
+    replica's placement group, as ShardServe's do with one API server; it serves no HTTP.
+    api_server_count ShardServe replicas attach to it (open_client), and each sends requests
+    to the shards and reads its outputs directly, never through this replica."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        config, _ = settings.engine_args().resolve()
+        self.engine = EngineClient(config, get_current_placement_group(), name=_engine_name(),
+                                   step_timeout_s=settings.step_timeout_s)
+        self._opening = asyncio.Lock()
+        logger.info("shardserve engine %s ready: model %s, tp=%d, for %d API servers", self.engine.name,
+                    settings.model_name(), settings.tensor_parallel_size, settings.api_server_count)
+
+    async def open_client(self) -> EngineAttachment | None:
+        """An outbox at the leader for one more API server, or None when this engine has its
+        api_server_count of them already (the API server then asks again: Serve's router may
+        send the call to another engine)."""
+        async with self._opening:  # one count and open at a time: never one too many
+            attached = await asyncio.to_thread(self.engine.num_clients) - 1  # the owner is one
+            if attached >= self.settings.api_server_count:
+                return None
+            return await asyncio.to_thread(self.engine.open_client, self.settings.api_server_count)
+
+    def check_health(self) -> None:
+        """Raises once the engine died, so Serve replaces this replica and its shards (and its
+        API servers, whose own checks fail, attach to the new one)."""
+        if self.engine.dead_reason is not None:
+            raise EngineDeadError(self.engine.dead_reason)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        # Serve stops the API servers too, each after its requests in flight finished (or its
+        # graceful shutdown timed out), then it detaches: wait for that, not cut them.
+        deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s
+        while engine.dead_reason is None and time.monotonic() < deadline:
+            try:
+                if engine.num_clients() <= 1:
+                    break
+            except Exception:  # noqa: BLE001 - the leader is gone: nothing to wait for
+                break
+            time.sleep(0.2)
+        engine.shutdown()
+
+
+async def _attachment(engines) -> EngineAttachment:
+    """An engine's attachment for this API server: asks ShardServeEngine (its router picks
+    the replica) until one has room."""
+    delay = ATTACH_RETRY_S
+    while (attachment := await engines.open_client.remote()) is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, ATTACH_RETRY_MAX_S)
+    return attachment
 
 
 def _engine_name() -> str:

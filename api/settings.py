@@ -38,6 +38,9 @@ class ServerSettings:
     disable_custom_all_reduce: bool = False  # NCCL only, no one-shot all-reduce
     seed: int = 0
     num_replicas: int = 1
+    # API servers (Serve replicas of the ingress) per engine, each its own process and event
+    # loop; above 1 the engines run in a deployment of their own that the API servers attach to.
+    api_server_count: int = 1
     api_key: str | None = None
     max_prompt_embeds_bytes: int = DEFAULT_MAX_EMBEDS_BYTES
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -46,8 +49,9 @@ class ServerSettings:
     graceful_shutdown_timeout_s: float = 30.0  # in-flight requests' time to finish at shutdown
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        for name in ("num_replicas", "api_server_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         for name in ("step_timeout_s", "graceful_shutdown_timeout_s"):
@@ -75,8 +79,9 @@ class ServerSettings:
 
     @property
     def max_in_flight(self) -> int:
-        """Choices a replica admits at once: a full batch plus the waiting queue."""
-        return self.max_num_seqs + self.max_waiting_requests
+        """Choices an API server admits at once: its share of a full batch plus the waiting
+        queue (the whole of them with one API server per engine)."""
+        return -(-(self.max_num_seqs + self.max_waiting_requests) // self.api_server_count)
 
     def model_name(self) -> str:
         """The primary name: in responses to requests that name no model, and in logs."""

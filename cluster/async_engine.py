@@ -14,7 +14,13 @@ import torch
 from ray.util.placement_group import PlacementGroup
 
 from cluster.engine_args import EngineArgs
-from cluster.engine_client import DEFAULT_STEP_TIMEOUT_S, EngineClient, EngineDeadError, request_error
+from cluster.engine_client import (
+    DEFAULT_STEP_TIMEOUT_S,
+    EngineAttachment,
+    EngineClient,
+    EngineDeadError,
+    request_error,
+)
 from cluster.outputs import CompletionTracker, Logprob
 from cluster.prompts import EnginePrompt, check_prompt_logprobs, embeds_prompt, mixed_prompt, parse_engine_prompt
 from workers.messages import EngineStats
@@ -42,6 +48,16 @@ class AsyncEngine:
                  name: str | None = None, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.config, self.tokenizer = engine_args.resolve()
         self.engine = EngineClient(self.config, placement_group, name=name, step_timeout_s=step_timeout_s)
+
+    @classmethod
+    def attach(cls, engine_args: EngineArgs, attachment: EngineAttachment, *,
+               step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> AsyncEngine:
+        """An AsyncEngine on a running engine that another process owns (`engine_args`:
+        that engine's): EngineClient.attach. Its shutdown() detaches, never stops the engine."""
+        self = cls.__new__(cls)
+        self.config, self.tokenizer = engine_args.resolve()
+        self.engine = EngineClient.attach(self.config, attachment, step_timeout_s=step_timeout_s)
+        return self
 
     @property
     def max_model_len(self) -> int:

@@ -1,0 +1,109 @@
+"""Through Ray Serve and HTTP with the real `openai` client, on an application of its own
+(route /asc) beside the session's server: two API servers on one tensor-parallel engine
+(api_server_count 2: ShardServeEngine owns the engine, two ShardServe replicas attach to
+it). Both answer, each with the same results as the session's one-server app; a stream
+dropped on either frees its KV blocks; deleting the application lets a stream in flight
+finish before the engine's shards stop."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import ray
+
+from api.app import build_app
+from api.embeds_codec import encode_prompt_embeds
+from api.settings import DEFAULT_MODEL_NAME
+from tests.cluster.test_engine_faults import is_process_gone, wait_until
+from tests.e2e.conftest import KV_CACHE_BYTES, stream_events
+from tests.e2e.test_server import GREEDY, random_embeds
+
+APP = "asc"
+ARGS = {"tensor_parallel_size": 2, "max_model_len": 1024, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+        "enable_prompt_embeds": True, "api_server_count": 2}
+LONG = {"prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True, "temperature": 0.0}
+NUM_REQUESTS = 16
+
+
+@pytest.fixture(scope="module")
+def asc_url(server_url):
+    from ray import serve
+
+    serve.run(build_app(ARGS), name=APP, route_prefix=f"/{APP}")
+    try:
+        yield f"{server_url}/{APP}"
+    finally:
+        if APP in serve.status().applications:
+            serve.delete(APP)
+
+
+def leader():
+    """The leader shard of this module's engine (ShardServeEngine names it)."""
+    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"shardserve-{APP}-") and a["name"].endswith("-rank0")]
+    return ray.get_actor(actor["name"], namespace=actor["namespace"])
+
+
+def is_idle() -> bool:
+    stats = ray.get(leader().stats.remote())
+    return stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def completion(base_url: str, index: int) -> tuple[str, int]:
+    """Request `index` of the burst, greedy: text or embeddings by parity. Its text and
+    prompt_tokens."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    extra_body, prompt = dict(GREEDY["extra_body"]), f"Request {index}: the quick brown fox"
+    if index % 2:
+        extra_body["prompt_embeds"], prompt = encode_prompt_embeds(random_embeds(index, rows=3 + index)), ""
+    response = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, temperature=GREEDY["temperature"],
+                                         max_tokens=GREEDY["max_tokens"], extra_body=extra_body)
+    return response.choices[0].text, response.usage.prompt_tokens
+
+
+def test_both_api_servers_answer_what_one_server_answers(asc_url, server_url):
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        got = list(pool.map(lambda i: completion(asc_url, i), range(NUM_REQUESTS)))
+    expected = [completion(server_url, i) for i in range(NUM_REQUESTS)]
+    assert got == expected
+    clients = ray.get(leader().clients.remote())
+    owner, *api_servers = clients.values()
+    # The engine's owner sent nothing; each API server sent some of the burst (Serve's router
+    # spreads concurrent requests over both), and together all of it.
+    assert owner == 0 and len(api_servers) == 2, clients
+    assert all(sent > 0 for sent in api_servers) and sum(api_servers) == NUM_REQUESTS, clients
+
+
+def test_a_stream_dropped_on_an_api_server_frees_its_kv_blocks(asc_url):
+    for _ in range(2):  # Serve's router may pick either API server for each
+        closed = threading.Event()
+
+        def drop_after_first_token():
+            closed.set()
+            raise ConnectionAbortedError("the client goes away")
+
+        with pytest.raises(ConnectionAbortedError):
+            stream_events(asc_url, {**LONG, "stream": True}, drop_after_first_token)
+        assert closed.is_set()
+        assert wait_until(is_idle, 15), ray.get(leader().stats.remote())
+
+
+def test_deleting_the_application_lets_a_stream_finish_then_stops_the_engine(asc_url):
+    """Last in this module: it deletes the application. Serve stops the API servers after
+    their requests in flight; ShardServeEngine waits for them to detach before it stops
+    the shards, so the stream ends with its own finish reason, not an error."""
+    from ray import serve
+
+    pids = [ray.get(leader().pid.remote())]
+    deleting = threading.Thread(target=serve.delete, args=(APP,))
+    events = stream_events(asc_url, {**LONG, "max_tokens": 100, "stream": True}, deleting.start)
+    deleting.join(60)
+    assert not deleting.is_alive()
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert APP not in serve.status().applications
+    assert wait_until(lambda: all(is_process_gone(pid) for pid in pids), 30)
