@@ -52,16 +52,20 @@ class ShardServeServer:
             # shardserve-<app>-<replica>-rank<r> so an operator can find them.
             self.engine = AsyncEngine(settings.engine_args(), placement_group=get_current_placement_group(),
                                       name=_engine_name(), step_timeout_s=settings.step_timeout_s)
+            metrics = Metrics(stats_source=self.engine.stats)
         else:
-            attachment = await _attachment(engines)
+            attachment, reports_engine = await _attachment(engines)
             self.engine = AsyncEngine.attach(settings.engine_args(), attachment, step_timeout_s=settings.step_timeout_s)
-            logger.info("API server attached to engine %s as its client %d", attachment.name, attachment.client)
+            metrics = Metrics(stats_source=self.engine.stats, api_servers=settings.api_server_count,
+                              export_engine_stats=reports_engine)
+            logger.info("API server attached to engine %s as its client %d%s", attachment.name, attachment.client,
+                        " (reports the engine's figures to Ray's metrics)" if reports_engine else "")
         self.serving = OpenAIServing(
             self.engine,
             served_model_name=settings.model_names(),
             enable_prompt_embeds=settings.enable_prompt_embeds,
             max_embeds_bytes=settings.max_prompt_embeds_bytes,
-            metrics=Metrics(stats_source=self.engine.stats),
+            metrics=metrics,
             max_in_flight=settings.max_in_flight,
             enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
         )
@@ -101,18 +105,24 @@ class ShardServeEngine:
         self.engine = EngineClient(config, get_current_placement_group(), name=_engine_name(),
                                    step_timeout_s=settings.step_timeout_s)
         self._opening = asyncio.Lock()
+        self._reporter: int | None = None  # the API server that hands the engine's figures to Ray
         logger.info("shardserve engine %s ready: model %s, tp=%d, for %d API servers", self.engine.name,
                     settings.model_name(), settings.tensor_parallel_size, settings.api_server_count)
 
-    async def open_client(self) -> EngineAttachment | None:
-        """An outbox at the leader for one more API server, or None when this engine has its
-        api_server_count of them already (the API server then asks again: Serve's router may
-        send the call to another engine)."""
+    async def open_client(self) -> tuple[EngineAttachment, bool] | None:
+        """An outbox at the leader for one more API server, and whether that one reports the
+        engine's figures to Ray's metrics (one API server does: the first, or the next once
+        that one is gone); None when this engine has its api_server_count of them already
+        (the API server then asks again: Serve's router may send the call to another engine)."""
         async with self._opening:  # one count and open at a time: never one too many
-            attached = await asyncio.to_thread(self.engine.num_clients) - 1  # the owner is one
-            if attached >= self.settings.api_server_count:
+            clients = await asyncio.to_thread(self.engine.clients)
+            if len(clients) - 1 >= self.settings.api_server_count:  # the owner is one of them
                 return None
-            return await asyncio.to_thread(self.engine.open_client, self.settings.api_server_count)
+            attachment = await asyncio.to_thread(self.engine.open_client, self.settings.api_server_count)
+            reports = self._reporter not in clients
+            if reports:
+                self._reporter = attachment.client
+            return attachment, reports
 
     def check_health(self) -> None:
         """Raises once the engine died, so Serve replaces this replica and its shards (and its
@@ -129,7 +139,7 @@ class ShardServeEngine:
         deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s
         while engine.dead_reason is None and time.monotonic() < deadline:
             try:
-                if engine.num_clients() <= 1:
+                if len(engine.clients()) <= 1:
                     break
             except Exception:  # noqa: BLE001 - the leader is gone: nothing to wait for
                 break
@@ -137,7 +147,7 @@ class ShardServeEngine:
         engine.shutdown()
 
 
-async def _attachment(engines) -> EngineAttachment:
+async def _attachment(engines) -> tuple[EngineAttachment, bool]:
     """An engine's attachment for this API server: asks ShardServeEngine (its router picks
     the replica) until one has room."""
     delay = ATTACH_RETRY_S

@@ -30,6 +30,9 @@ METRICS = {
         "histogram", "From a request's arrival at the replica to all its choices running in the engine "
         "(body, checks, and for prompt_embeds their decode and ray.put), by input: prompt_embeds "
         "when the request has any, else prompt", ("input",), INTAKE_BUCKETS),
+    "shardserve_api_servers": (
+        "gauge", "API servers (ShardServe replicas) that share this one's engine (--api-server-count); with "
+        "more than one, this /metrics has one API server's requests, Ray's metrics export every one's", (), None),
     "shardserve_num_requests_running": ("gauge", "Requests running in the engine", (), None),
     "shardserve_num_requests_waiting": ("gauge", "Requests waiting for KV blocks", (), None),
     "shardserve_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use", (), None),
@@ -72,12 +75,20 @@ def _ray_metric(name: str):
 class Metrics:
     """One Prometheus registry per replica (no process-global state). With `stats_source`
     (the engine's async stats), the engine gauges are refreshed every ENGINE_REFRESH_S
-    once requests flow, so Ray's exporter sees them without anyone scraping /metrics."""
+    once requests flow, so Ray's exporter sees them without anyone scraping /metrics.
 
-    def __init__(self, stats_source: StatsSource | None = None) -> None:
+    `api_servers`: how many API servers share the engine. Each renders the engine's figures
+    on its /metrics, but only the one with `export_engine_stats` hands them to Ray's
+    metrics, where the API servers' series would otherwise add up to a multiple of them."""
+
+    def __init__(self, stats_source: StatsSource | None = None, *, api_servers: int = 1,
+                 export_engine_stats: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.prometheus = {name: _prometheus_metric(name, self.registry) for name in METRICS}
         self.ray = {name: _ray_metric(name) for name in METRICS}
+        self.prometheus["shardserve_api_servers"].set(api_servers)
+        self.ray["shardserve_api_servers"].set(api_servers)
+        self._export_engine_stats = export_engine_stats
         self._stats_source = stats_source
         self._refresher: asyncio.Task | None = None
         self._engine_totals = dict.fromkeys(ENGINE_COUNTERS, 0)  # as last seen (counters only go up)
@@ -119,12 +130,14 @@ class Metrics:
                             ("shardserve_num_requests_waiting", stats.num_waiting),
                             ("shardserve_kv_cache_usage_perc", stats.kv_cache_usage)):
             self.prometheus[name].set(value)
-            self.ray[name].set(value)
+            if self._export_engine_stats:
+                self.ray[name].set(value)
         for name, field in ENGINE_COUNTERS.items():
             total = getattr(stats, field)
             if total > self._engine_totals[name]:
                 self.prometheus[name].inc(total - self._engine_totals[name])
-                self.ray[name].inc(total - self._engine_totals[name])
+                if self._export_engine_stats:
+                    self.ray[name].inc(total - self._engine_totals[name])
                 self._engine_totals[name] = total
 
     def _ensure_refresher(self) -> None:

@@ -243,9 +243,10 @@ class EngineClient:
         return EngineAttachment(self.name, ray.get_runtime_context().namespace, client, self.num_kv_blocks,
                                 max(self.max_embeds_in_flight_bytes // share, one_prompt_embeds_bytes(self.config)))
 
-    def num_clients(self) -> int:
-        """The engine's clients still polling: its owner's and those attached."""
-        return len(ray.get(self.leader.clients.remote(), timeout=INIT_TIMEOUT_S))
+    def clients(self) -> dict[int, int]:
+        """The engine's clients still polling, its owner's and those attached: each one's id
+        and the requests it has sent."""
+        return ray.get(self.leader.clients.remote(), timeout=INIT_TIMEOUT_S)
 
     def _start_io(self) -> None:
         # Requests and aborts go to the shards from this thread, never from the caller's:

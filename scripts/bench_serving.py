@@ -106,6 +106,7 @@ INTAKE = "shardserve_request_intake_seconds"
 INTAKE_INPUT = {"token ids": "prompt", "prompt_embeds": "prompt_embeds"}
 COMPILES = "shardserve_engine_kernel_compiles_total"
 CACHE_QUERIES, CACHE_HITS = "shardserve_prefix_cache_queries_total", "shardserve_prefix_cache_hits_total"
+API_SERVERS = "shardserve_api_servers"
 
 
 def metric_samples(text: str) -> dict[str, float]:
@@ -449,7 +450,7 @@ def main(argv=None) -> dict:
     # --seed draws the same prompts, and a smaller --num-prompts the first of them): the
     # hit rate shows it.
     intake = {m: [0.0, 0.0] for m in modes}
-    compiles = dict.fromkeys(modes, 0.0)
+    compiles = dict.fromkeys(modes)  # None: no shardserve /metrics read
     cache_tokens = {m: np.zeros(2) for m in modes}
     rounds_run = dict.fromkeys(modes, 0)
     clients = Clients(args, url)
@@ -469,18 +470,23 @@ def main(argv=None) -> dict:
         results[mode] += mode_results
         durations[mode] += duration
         if before is not None and after is not None:
+            compiles[mode] = compiles[mode] or 0.0
+            compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
+            cache_tokens[mode] += prefix_cache_tokens(after) - prefix_cache_tokens(before)
+        # With several API servers per engine each scrape is one API server's (Serve's router
+        # picks it): the engine's figures above are every one's, its intake only that one's.
+        if before is not None and after is not None and max(before.get(API_SERVERS, 1), after.get(API_SERVERS, 1)) == 1:
             (sum_before, count_before) = server_intake(before, mode)
             (sum_after, count_after) = server_intake(after, mode)
             intake[mode][0] += sum_after - sum_before
             intake[mode][1] += count_after - count_before
-            compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
-            cache_tokens[mode] += prefix_cache_tokens(after) - prefix_cache_tokens(before)
     clients.close()
     report = {m: summarize(results[m], durations[m], per_request) for m in modes}
     for mode in modes:  # of all client processes together
         report[mode]["client CPU (% of a core)"] = 100.0 * client_cpu[mode] / durations[mode]
         if intake[mode][1]:
             report[mode]["mean server intake (ms)"] = intake[mode][0] / intake[mode][1] * 1e3
+        if compiles[mode] is not None:
             report[mode]["kernel compiles while serving"] = int(compiles[mode])
         if cache_tokens[mode][0]:
             report[mode]["prefix cache hit rate (%)"] = 100.0 * cache_tokens[mode][1] / cache_tokens[mode][0]

@@ -114,7 +114,7 @@ def test_attached_clients_get_their_own_outputs_equal_to_the_owners(owner):
     assert len(clients) == 3 and all(sent >= 3 for sent in clients.values()), clients
     for frontend in frontends:
         ray.get(frontend.shutdown.remote())
-    assert owner.num_clients() == 1
+    assert len(owner.clients()) == 1
 
 
 def test_detaching_aborts_the_clients_running_requests(owner):
@@ -126,7 +126,7 @@ def test_detaching_aborts_the_clients_running_requests(owner):
     reason, error = ray.get(finished, timeout=30)
     assert reason == "error" and "was shut down" in error
     assert wait_until(lambda: is_idle(owner), 10), owner.stats()
-    assert owner.num_clients() == 1
+    assert len(owner.clients()) == 1
 
 
 def test_a_client_process_that_dies_is_dropped_and_its_requests_aborted(owner):
@@ -139,7 +139,7 @@ def test_a_client_process_that_dies_is_dropped_and_its_requests_aborted(owner):
     died_at = time.monotonic()
     assert wait_until(lambda: is_idle(owner), 20), owner.stats()
     print(f"the dead client's request was aborted {time.monotonic() - died_at:.1f} s after its process died")
-    assert owner.num_clients() == 1
+    assert len(owner.clients()) == 1
     assert owner.stats().num_aborted >= 1
 
 

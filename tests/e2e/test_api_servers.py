@@ -3,14 +3,16 @@
 (api_server_count 2: ShardServeEngine owns the engine, two ShardServe replicas attach to
 it). Both answer, each with the same results as the session's one-server app; a stream
 dropped on either frees its KV blocks; deleting the application lets a stream in flight
-finish before the engine's shards stop."""
+finish before the engine's shards stop. The bench and /metrics know there are two."""
 
 from __future__ import annotations
 
 import json
+import runpy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import ray
@@ -20,7 +22,8 @@ from api.embeds_codec import encode_prompt_embeds
 from api.settings import DEFAULT_MODEL_NAME
 from tests.cluster.test_engine_faults import is_process_gone, wait_until
 from tests.e2e.conftest import KV_CACHE_BYTES, stream_events
-from tests.e2e.test_server import GREEDY, random_embeds
+from scripts.bench_serving import metric_samples
+from tests.e2e.test_server import BENCH, GREEDY, random_embeds
 
 APP = "asc"
 ARGS = {"tensor_parallel_size": 2, "max_model_len": 1024, "kv_cache_memory_bytes": KV_CACHE_BYTES,
@@ -90,6 +93,22 @@ def test_a_stream_dropped_on_an_api_server_frees_its_kv_blocks(asc_url):
             stream_events(asc_url, {**LONG, "stream": True}, drop_after_first_token)
         assert closed.is_set()
         assert wait_until(is_idle, 15), ray.get(leader().stats.remote())
+
+
+def test_metrics_and_the_bench_with_two_api_servers(asc_url):
+    """Each API server's /metrics says the engine has two; the bench then leaves out the
+    server's intake (one API server's, picked by the router for each scrape), and keeps the
+    engine's own figures, the same from either."""
+    samples = metric_samples(httpx.get(f"{asc_url}/metrics").text)
+    assert samples["shardserve_api_servers"] == 2
+    main = runpy.run_path(str(BENCH))["main"]
+    report = main(["--base-url", f"{asc_url}/v1", "--num-prompts", "4", "--input-len", "40", "--output-len", "2",
+                   "--compare-embeds", "--rounds", "2", "--num-warmups", "2", "--seed", "4343"])
+    for mode in ("token ids", "prompt_embeds"):
+        assert report[mode]["successful requests"] == 8 and report[mode]["failed requests"] == 0
+        assert "mean server intake (ms)" not in report[mode]
+        assert report[mode]["kernel compiles while serving"] == 0
+        assert report[mode]["prefix cache hit rate (%)"] == 0.0
 
 
 def test_deleting_the_application_lets_a_stream_finish_then_stops_the_engine(asc_url):
