@@ -159,6 +159,7 @@ def serve_command(args: argparse.Namespace) -> int:
     serve.run(build_app(settings), name="shardserve", route_prefix="/", blocking=False)
     print(f"shardserve: serving {settings.model_name()} at http://{args.host}:{args.port}/v1 "
           f"(tensor_parallel_size={settings.tensor_parallel_size}, "
+          f"{f'{settings.api_server_count} API servers per engine, ' if settings.api_server_count > 1 else ''}"
           f"prompt_embeds {'on' if settings.enable_prompt_embeds else 'off'}"
           f"{'' if args.address else f', {ingress}'}); Ctrl-C to stop", flush=True)
     stop.event.wait()
@@ -188,8 +189,9 @@ def _local_ingress(choice: str) -> str:
 
 
 def _unplaceable_here(settings: ServerSettings, shortfall: str) -> ValueError:
+    api_servers = f" with api_server_count={settings.api_server_count}" if settings.api_server_count > 1 else ""
     return ValueError(f"cannot place tensor_parallel_size={settings.tensor_parallel_size} x "
-                      f"num_replicas={settings.num_replicas} on this machine: {shortfall}; lower them, "
+                      f"num_replicas={settings.num_replicas}{api_servers} on this machine: {shortfall}; lower them, "
                       "or join a larger cluster with --address")
 
 

@@ -2,8 +2,9 @@
 (route /asc) beside the session's server: two API servers on one tensor-parallel engine
 (api_server_count 2: ShardServeEngine owns the engine, two ShardServe replicas attach to
 it). Both answer, each with the same results as the session's one-server app; a stream
-dropped on either frees its KV blocks; deleting the application lets a stream in flight
-finish before the engine's shards stop. The bench and /metrics know there are two."""
+dropped on either frees its KV blocks; a dead shard fails both API servers' requests
+cleanly and Serve brings the engine and the API servers back; deleting the application
+lets a stream in flight finish before the engine's shards stop. The bench and /metrics know there are two."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import ray
 from api.app import build_app
 from api.embeds_codec import encode_prompt_embeds
 from api.settings import DEFAULT_MODEL_NAME
-from tests.cluster.test_engine_faults import is_process_gone, wait_until
+from tests.cluster.test_engine_faults import DEADLINE_S, is_process_gone, wait_until
 from tests.e2e.conftest import KV_CACHE_BYTES, stream_events
 from scripts.bench_serving import metric_samples
+from tests.e2e.test_reliability import assert_failed_cleanly, fail_in_flight_requests, wait_recovered
 from tests.e2e.test_server import BENCH, GREEDY, random_embeds
 
 APP = "asc"
@@ -44,11 +46,16 @@ def asc_url(server_url):
             serve.delete(APP)
 
 
+def engine_actors() -> dict[str, object]:
+    """name -> handle of the actors of this module's engine (its shards and hasher)."""
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"shardserve-{APP}-")}
+
+
 def leader():
     """The leader shard of this module's engine (ShardServeEngine names it)."""
-    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith(f"shardserve-{APP}-") and a["name"].endswith("-rank0")]
-    return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    (handle,) = [handle for name, handle in engine_actors().items() if name.endswith("-rank0")]
+    return handle
 
 
 def is_idle() -> bool:
@@ -109,6 +116,22 @@ def test_metrics_and_the_bench_with_two_api_servers(asc_url):
         assert "mean server intake (ms)" not in report[mode]
         assert report[mode]["kernel compiles while serving"] == 0
         assert report[mode]["prefix cache hit rate (%)"] == 0.0
+
+
+def test_a_dead_follower_fails_both_api_servers_requests_and_serve_recovers_them(asc_url):
+    """A follower killed: the engine's owner sees its run() fail and kills the leader, and
+    each API server then finds its polls failing. The in-flight requests end in OpenAI's
+    503 shape within 10 s, Serve replaces the engine and the API servers (their health checks
+    fail), and the new API servers attach to the new engine."""
+    before = engine_actors()
+    (victim,) = [handle for name, handle in before.items() if name.endswith("-rank1")]
+    failed_after, events, response = fail_in_flight_requests(asc_url, lambda: ray.kill(victim))
+    assert failed_after < DEADLINE_S
+    assert_failed_cleanly(events, response)
+    wait_recovered(asc_url)
+    assert wait_until(lambda: len(ray.get(leader().clients.remote())) == 3, 60)  # the owner and two API servers
+    # A new engine (two shards and a hasher); the old one's actors gone.
+    assert wait_until(lambda: len(after := engine_actors()) == 3 and not set(after) & set(before), 30), engine_actors()
 
 
 def test_deleting_the_application_lets_a_stream_finish_then_stops_the_engine(asc_url):
