@@ -15,6 +15,7 @@ import ray
 
 from cluster.engine_args import EngineArgs
 from cluster.engine_client import EngineAttachment, EngineClient, EngineDeadError
+from tests.cluster.test_engine_faults import wait_until
 from workers.messages import RequestDelta
 from workers.sampling_params import SamplingParams
 
@@ -72,16 +73,6 @@ class Frontend:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
-    """Bounded polling, for state that lives in another process."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval_s)
-    return True
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import runpy
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,6 +77,8 @@ def completion(base_url: str, index: int) -> tuple[str, int]:
 
 
 def test_both_api_servers_answer_what_one_server_answers(asc_url, server_url):
+    from ray import serve
+
     with ThreadPoolExecutor(NUM_REQUESTS) as pool:
         got = list(pool.map(lambda i: completion(asc_url, i), range(NUM_REQUESTS)))
     expected = [completion(server_url, i) for i in range(NUM_REQUESTS)]
@@ -86,6 +89,10 @@ def test_both_api_servers_answer_what_one_server_answers(asc_url, server_url):
     # spreads concurrent requests over both), and together all of it.
     assert owner == 0 and len(api_servers) == 2, clients
     assert all(sent > 0 for sent in api_servers) and sum(api_servers) == NUM_REQUESTS, clients
+    # The engine has its two API servers: a third that asks is told to ask again.
+    engines = serve.get_deployment_handle("ShardServeEngine", APP)
+    assert engines.open_client.remote().result(timeout_s=30) is None
+    assert len(ray.get(leader().clients.remote())) == 3
 
 
 def test_a_stream_dropped_on_an_api_server_frees_its_kv_blocks(asc_url):
@@ -128,7 +135,10 @@ def test_a_dead_follower_fails_both_api_servers_requests_and_serve_recovers_them
     failed_after, events, response = fail_in_flight_requests(asc_url, lambda: ray.kill(victim))
     assert failed_after < DEADLINE_S
     assert_failed_cleanly(events, response)
+    started = time.monotonic()
     wait_recovered(asc_url)
+    print(f"two API servers, follower killed: in-flight requests failed after {failed_after:.1f} s; "
+          f"recovered {time.monotonic() - started + failed_after:.1f} s after the kill")
     assert wait_until(lambda: len(ray.get(leader().clients.remote())) == 3, 60)  # the owner and two API servers
     # A new engine (two shards and a hasher); the old one's actors gone.
     assert wait_until(lambda: len(after := engine_actors()) == 3 and not set(after) & set(before), 30), engine_actors()

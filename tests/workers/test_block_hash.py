@@ -18,6 +18,7 @@ from workers.messages import NewRequest, PromptEmbedsRef
 from workers import request as request_module
 from workers.request import Request
 from workers.sampling_params import SamplingParams
+from workers.step_loop import Outboxes
 from workers.shard_worker import ShardWorker
 
 
@@ -91,6 +92,7 @@ class _Leader:
 
     def __init__(self):
         self.requests = []
+        self.outbox = Outboxes()
 
     def add_requests(self, requests):
         self.requests.extend(requests)
