@@ -139,7 +139,7 @@ class ShardServeEngine:
         deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s
         while engine.dead_reason is None and time.monotonic() < deadline:
             try:
-                if len(engine.clients()) <= 1:
+                if len(engine.clients(timeout_s=5.0)) <= 1:
                     break
             except Exception:  # noqa: BLE001 - the leader is gone: nothing to wait for
                 break

@@ -243,10 +243,10 @@ class EngineClient:
         return EngineAttachment(self.name, ray.get_runtime_context().namespace, client, self.num_kv_blocks,
                                 max(self.max_embeds_in_flight_bytes // share, one_prompt_embeds_bytes(self.config)))
 
-    def clients(self) -> dict[int, int]:
+    def clients(self, timeout_s: float = INIT_TIMEOUT_S) -> dict[int, int]:
         """The engine's clients still polling, its owner's and those attached: each one's id
         and the requests it has sent."""
-        return ray.get(self.leader.clients.remote(), timeout=INIT_TIMEOUT_S)
+        return ray.get(self.leader.clients.remote(), timeout=timeout_s)
 
     def _start_io(self) -> None:
         # Requests and aborts go to the shards from this thread, never from the caller's:
