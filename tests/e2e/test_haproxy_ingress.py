@@ -4,7 +4,9 @@ tensor_parallel_size 2): HAProxy on the port, replicas serving HTTP themselves. 
 Serve's proxy, prompt embeddings included (a 1 MB body among them, read by the replica's
 uvicorn with its larger buffer); a bad payload is a 400 and the server keeps answering;
 SIGTERM drains an in-flight stream, however many signals follow it, the CLI exits 0 without
-Ray's warnings, and HAProxy goes with every other process it started."""
+Ray's warnings, and HAProxy goes with every other process it started. All of it with one
+API server per engine, and again with two (`--api-server-count 2`: HAProxy in front of the
+two API servers, the engine in ShardServeEngine)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from api.embeds_codec import encode_prompt_embeds
+from scripts.bench_serving import metric_samples
 from scripts.load_test import descendants
 from tests.cluster.test_engine_faults import is_process_gone, wait_until
 from tests.e2e.conftest import free_port, stream_events, wait_healthy
@@ -32,13 +35,14 @@ H = 256  # the default model's hidden size
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def haproxy_server(tmp_path_factory):
-    """(process, base URL, its log file) of `shardserve serve --ingress haproxy`."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["one API server", "two API servers"])
+def haproxy_server(request, tmp_path_factory):
+    """(process, base URL, its log file) of `shardserve serve --ingress haproxy`, with
+    `--api-server-count` the param."""
     port = free_port()
     command = [sys.executable, "-m", "api.cli", "serve", "--ingress", "haproxy", "--port", str(port),
                "--tensor-parallel-size", "2", "--enable-prompt-embeds", "--max-model-len", "1024",
-               "--kv-cache-memory-bytes", str(16 << 20), "--device", "cpu"]
+               "--kv-cache-memory-bytes", str(16 << 20), "--device", "cpu", "--api-server-count", str(request.param)]
     log = open(tmp_path_factory.mktemp("haproxy") / "serve.log", "w+")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +65,7 @@ def _output(log) -> str:
     return log.read()[-3000:]
 
 
-def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_server):
+def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_server, request):
     server, url, log = haproxy_server
     port = int(url.rsplit(":", 1)[1])
 
@@ -72,6 +76,10 @@ def test_haproxy_holds_the_port_and_the_replica_serves_http_itself(haproxy_serve
     # also after the app reports ready: one such handover can be under way right now.
     assert wait_until(lambda: listeners() == {"haproxy"}, 30), listeners()
     assert "HAProxy ingress" in _output(log)
+    api_servers = request.node.callspec.params["haproxy_server"]
+    assert ("2 API servers per engine" in _output(log)) == (api_servers == 2)
+    samples = metric_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+    assert samples["shardserve_api_servers"] == api_servers
 
 
 def test_completions_equal_those_behind_serves_proxy(haproxy_server, server_url):
