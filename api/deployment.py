@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 
+import ray
 from ray import serve
 from ray.util.placement_group import get_current_placement_group
 
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 # that died has not yet been dropped (workers.step_loop.CLIENT_TIMEOUT_S).
 ATTACH_RETRY_S = 0.1
 ATTACH_RETRY_MAX_S = 2.0
+# An API server first asks for an engine on its own node, for this long (every
+# ATTACH_RETRY_S): there its puts of embeddings rows are where the shards read them. Then any
+# engine with room takes it, and that engine's shards read its rows across the network.
+LOCAL_ATTACH_WAIT_S = 10.0
 
 
 @serve.deployment(
@@ -106,14 +111,19 @@ class ShardServeEngine:
                                    step_timeout_s=settings.step_timeout_s)
         self._opening = asyncio.Lock()
         self._reporter: int | None = None  # the API server that hands the engine's figures to Ray
+        self.node_id = _this_node()  # bundle 0's: the leader's node
         logger.info("shardserve engine %s ready: model %s, tp=%d, for %d API servers", self.engine.name,
                     settings.model_name(), settings.tensor_parallel_size, settings.api_server_count)
 
-    async def open_client(self) -> tuple[EngineAttachment, bool] | None:
-        """An outbox at the leader for one more API server, and whether that one reports the
+    async def open_client(self, node_id: str | None = None) -> tuple[EngineAttachment, bool, str] | None:
+        """An outbox at the leader for one more API server, whether that one reports the
         engine's figures to Ray's metrics (one API server does: the first, or the next once
-        that one is gone); None when this engine has its api_server_count of them already
-        (the API server then asks again: Serve's router may send the call to another engine)."""
+        that one is gone), and this engine's node. None when this engine has its
+        api_server_count of them already, or when `node_id` (the API server's node, while it
+        looks for an engine on it) is another node: the API server then asks again, and
+        Serve's router may send the call to another engine."""
+        if node_id is not None and node_id != self.node_id:
+            return None
         async with self._opening:  # one count and open at a time: never one too many
             clients = await asyncio.to_thread(self.engine.clients)
             if len(clients) - 1 >= self.settings.api_server_count:  # the owner is one of them
@@ -122,7 +132,7 @@ class ShardServeEngine:
             reports = self._reporter not in clients
             if reports:
                 self._reporter = attachment.client
-            return attachment, reports
+            return attachment, reports, self.node_id
 
     def check_health(self) -> None:
         """Raises once the engine died, so Serve replaces this replica and its shards (and its
@@ -148,13 +158,30 @@ class ShardServeEngine:
 
 
 async def _attachment(engines) -> tuple[EngineAttachment, bool]:
-    """An engine's attachment for this API server: asks ShardServeEngine (its router picks
-    the replica) until one has room."""
+    """An engine's attachment for this API server, and whether it reports the engine's
+    figures: asks ShardServeEngine (its router picks the replica) until one has room, for
+    LOCAL_ATTACH_WAIT_S an engine on this node only."""
+    here = _this_node()
+    local_until = time.monotonic() + LOCAL_ATTACH_WAIT_S
     delay = ATTACH_RETRY_S
-    while (attachment := await engines.open_client.remote()) is None:
+    while True:
+        local = time.monotonic() < local_until
+        answer = await engines.open_client.remote(here if local else None)
+        if answer is not None:
+            break
         await asyncio.sleep(delay)
-        delay = min(delay * 2, ATTACH_RETRY_MAX_S)
-    return attachment
+        if not local:
+            delay = min(delay * 2, ATTACH_RETRY_MAX_S)
+    attachment, reports, engine_node = answer
+    if engine_node != here:
+        logger.warning("API server on node %s attached to engine %s on node %s (no engine on its own node had "
+                       "room within %g s): that engine's shards read its embeddings rows across the network",
+                       here, attachment.name, engine_node, LOCAL_ATTACH_WAIT_S)
+    return attachment, reports
+
+
+def _this_node() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 def _engine_name() -> str:
