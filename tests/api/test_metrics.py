@@ -69,3 +69,32 @@ def test_engine_gauges_refresh_without_a_scrape_once_requests_flow():
     values = asyncio.run(scenario())
     assert (values["shardserve_num_requests_running"], values["shardserve_num_requests_waiting"],
             values["shardserve_kv_cache_usage_perc"]) == (2, 5, 0.5)
+
+
+class RecordingRayMetric:
+    """Stands in for one of Ray's metrics: what was handed to it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set(self, value, tags=None):
+        self.calls.append(("set", value))
+
+    def inc(self, value=1, tags=None):
+        self.calls.append(("inc", value))
+
+
+def test_with_several_api_servers_only_the_reporting_one_hands_engine_figures_to_ray():
+    """Each API server renders the engine's figures on its /metrics; Ray's metrics get them
+    from one, or Ray's sums over the API servers would count them once per API server."""
+    stats = engine_stats(running=3, waiting=1, free_blocks=3, aborted=2, cache_queries=10, cache_hits=4)
+    engine_metrics = ["shardserve_num_requests_running", "shardserve_prefix_cache_queries"]
+    for reports in (True, False):
+        metrics = Metrics(api_servers=2, export_engine_stats=reports)
+        recorded = {name: RecordingRayMetric() for name in engine_metrics}
+        metrics.ray.update(recorded)
+        values = samples(metrics, stats)
+        assert values["shardserve_api_servers"] == 2
+        assert values["shardserve_num_requests_running"] == 3 and values["shardserve_prefix_cache_queries_total"] == 10
+        assert [metric.calls for metric in recorded.values()] == ([[("set", 3)], [("inc", 10)]] if reports else [[], []])
+    assert samples(Metrics())["shardserve_api_servers"] == 1
