@@ -33,6 +33,9 @@ ATTACH_RETRY_MAX_S = 2.0
 # ATTACH_RETRY_S): there its puts of embeddings rows are where the shards read them. Then any
 # engine with room takes it, and that engine's shards read its rows across the network.
 LOCAL_ATTACH_WAIT_S = 10.0
+# An engine being stopped waits for its API servers to detach, or for this long with no
+# request running or waiting in it.
+IDLE_BEFORE_STOP_S = 2.0
 
 
 @serve.deployment(
@@ -145,13 +148,23 @@ class ShardServeEngine:
         if engine is None:
             return
         # Serve stops the API servers too, each after its requests in flight finished (or its
-        # graceful shutdown timed out), then it detaches: wait for that, not cut them.
+        # graceful shutdown timed out), then it detaches: wait for that, not cut them. An API
+        # server that Serve killed never detaches (its client expires only after 30 s), so
+        # the wait also ends once the engine has run nothing for IDLE_BEFORE_STOP_S.
         deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s
+        idle_since = None
         while engine.dead_reason is None and time.monotonic() < deadline:
             try:
                 if len(engine.clients(timeout_s=5.0)) <= 1:
                     break
+                stats = engine.stats()
             except Exception:  # noqa: BLE001 - the leader is gone: nothing to wait for
+                break
+            if stats.num_running or stats.num_waiting:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE_BEFORE_STOP_S:
                 break
             time.sleep(0.2)
         engine.shutdown()

@@ -1,7 +1,8 @@
 """How an API server finds its engine with --api-server-count > 1 (no Ray): ShardServeEngine
 turns away an API server of another node while that one looks on its own, and one past its
 count; one API server at a time reports the engine's figures to Ray. The API server asks an
-engine on its own node first, then any, and says so when its rows will cross the network."""
+engine on its own node first, then any, and says so when its rows will cross the network.
+A stopping engine waits for its requests, not for an API server that never detaches."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import api.deployment as deployment
 from api.deployment import ShardServeEngine
 from api.settings import ServerSettings
 from cluster.engine_client import EngineAttachment
+from workers.messages import EngineStats
 
 
 class FakeEngineClient:
@@ -95,3 +97,41 @@ def test_an_api_server_with_no_engine_on_its_node_takes_another_and_warns(quick_
         assert asyncio.run(deployment._attachment(engines)) == (attachment, False)
     assert engines.asked[0] == "node-a" and engines.asked[-1] is None and len(engines.asked) > 2
     assert "on node node-b" in caplog.text and "across the network" in caplog.text
+
+
+class StoppingEngineClient(FakeEngineClient):
+    """An engine whose API server never detaches (Serve killed it), running `busy_polls`
+    more polls' worth of requests, then nothing."""
+
+    def __init__(self, busy_polls: int):
+        super().__init__()
+        self.attached, self.busy_polls, self.stopped, self.dead_reason = {1: 5}, busy_polls, False, None
+
+    def stats(self) -> EngineStats:
+        self.busy_polls -= 1
+        return EngineStats(num_running=int(self.busy_polls > 0), num_waiting=0, num_total_blocks=4, num_free_blocks=4)
+
+    def clients(self, timeout_s: float = 0.0) -> dict[int, int]:
+        return super().clients()
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def test_a_stopping_engine_waits_for_its_requests_not_for_an_api_server_that_never_detaches(monkeypatch):
+    monkeypatch.setattr(deployment, "IDLE_BEFORE_STOP_S", 0.3)
+    monkeypatch.setattr(deployment.time, "sleep", lambda s: None)  # the loop's own pause
+    now = [0.0]
+
+    def ticking() -> float:
+        now[0] += 0.1
+        return now[0]
+
+    monkeypatch.setattr(deployment.time, "monotonic", ticking)
+    host = engine_host()
+    host.engine = StoppingEngineClient(busy_polls=10)
+    host.__del__()
+    assert host.engine.stopped
+    # Ten polls with a request running, then idle past 0.3 s: stopped long before the 30 s
+    # graceful timeout, and not before the requests ended.
+    assert host.engine.busy_polls < 0 and 1.0 < now[0] < 10.0, (host.engine.busy_polls, now[0])

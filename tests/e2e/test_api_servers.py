@@ -150,6 +150,11 @@ def test_deleting_the_application_lets_a_stream_finish_then_stops_the_engine(asc
     the shards, so the stream ends with its own finish reason, not an error."""
     from ray import serve
 
+    def api_servers_running() -> bool:  # a replica still starting when the app goes never detaches
+        states = serve.status().applications[APP].deployments["ShardServe"].replica_states
+        return states == {"RUNNING": 2}
+
+    assert wait_until(api_servers_running, 60), serve.status().applications[APP].deployments["ShardServe"]
     pids = [ray.get(leader().pid.remote())]
     deleting = threading.Thread(target=serve.delete, args=(APP,))
     events = stream_events(asc_url, {**LONG, "max_tokens": 100, "stream": True}, deleting.start)
