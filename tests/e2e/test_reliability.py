@@ -85,6 +85,18 @@ def fail_in_flight_requests(url: str, inject) -> tuple[float, list[str], httpx.R
         return time.monotonic() - injected_at, events, response
 
 
+def fail_then_recover(url: str, inject, label: str) -> None:
+    """The fault injected under a stream and a plain request: both end cleanly within
+    DEADLINE_S, then requests succeed again; prints how long each took."""
+    failed_after, events, response = fail_in_flight_requests(url, inject)
+    assert failed_after < DEADLINE_S
+    assert_failed_cleanly(events, response)
+    started = time.monotonic()
+    wait_recovered(url)
+    print(f"{label}: in-flight requests failed after {failed_after:.1f} s; "
+          f"recovered {time.monotonic() - started + failed_after:.1f} s after the fault")
+
+
 def assert_failed_cleanly(events: list[str], response: httpx.Response) -> None:
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
@@ -121,13 +133,7 @@ def test_shard_fault_fails_in_flight_requests_and_serve_replaces_the_replica(fau
             os.kill(pid, signal.SIGSTOP)  # alive but silent: caught by the 3 s step watchdog
 
     try:
-        failed_after, events, response = fail_in_flight_requests(faults_url, inject)
-        assert failed_after < DEADLINE_S
-        assert_failed_cleanly(events, response)
-        started = time.monotonic()
-        wait_recovered(faults_url)
-        print(f"{fault}: in-flight requests failed after {failed_after:.1f} s; "
-              f"recovered {time.monotonic() - started + failed_after:.1f} s after the fault")
+        fail_then_recover(faults_url, inject, fault)
     finally:
         if fault.startswith("hang") and not is_process_gone(pid):
             os.kill(pid, signal.SIGCONT)
