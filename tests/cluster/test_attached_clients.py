@@ -134,13 +134,12 @@ def test_a_client_process_that_dies_is_dropped_and_its_requests_aborted(owner):
     assert owner.stats().num_aborted >= 1
 
 
-def test_an_attached_client_of_a_stopped_engine_ends_its_requests_with_an_error(ray_cluster):
-    config, _ = EngineArgs(**ENGINE).resolve()
-    engine = EngineClient(config, name="attach-stop-test")
-    frontend = Frontend.remote(config, engine.open_client())
+def test_an_attached_client_of_a_stopped_engine_ends_its_requests_with_an_error(owner):
+    """Last in this module: it stops the module's engine."""
+    frontend = Frontend.remote(owner.config, owner.open_client())
     ray.get(frontend.start.remote("cut", LONG, PROMPTS[0]), timeout=60)
     finished = frontend.finish.remote(30)
-    engine.shutdown()
+    owner.shutdown()
     reason, error = ray.get(finished, timeout=30)
     assert reason == "error" and error, error
     with pytest.raises(EngineDeadError):
