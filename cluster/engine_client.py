@@ -569,9 +569,21 @@ class EngineClient:
         if self._closed:
             return
         self._closed = True
-        if not self._owns_engine:
+        if self._owns_engine:
+            self._stop_engine(timeout_s)
+            stopped = f"shardserve engine {self.name} was shut down"
+        else:
             self._detach(timeout_s)
-            return
+            stopped = f"the client of shardserve engine {self.name} was shut down"
+        self._calls.put((None, ()))
+        self._poller.join(timeout=POLL_TIMEOUT_S * 2)
+        self._caller.join(timeout=POLL_TIMEOUT_S * 2)
+        # Nothing more comes for this client (the leader stopped, or its outbox is closed): a
+        # request still running would wait forever.
+        if self.dead_reason is None:
+            self._end_requests(stopped)
+
+    def _stop_engine(self, timeout_s: float) -> None:
         if self.dead_reason is None:
             self.leader.shutdown.remote()
             ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=timeout_s)
@@ -580,12 +592,6 @@ class EngineClient:
         if self._hasher is not None:
             ray.kill(self._hasher, no_restart=True)
         self._release_group()
-        self._calls.put((None, ()))
-        self._poller.join(timeout=POLL_TIMEOUT_S * 2)
-        self._caller.join(timeout=POLL_TIMEOUT_S * 2)
-        # The stopped leader sends nothing more: a request still running would wait forever.
-        if self.dead_reason is None:
-            self._end_requests(f"shardserve engine {self.name} was shut down")
 
     def _detach(self, timeout_s: float) -> None:
         if self.dead_reason is None:
@@ -594,11 +600,6 @@ class EngineClient:
             except Exception as exc:  # noqa: BLE001 - a dead engine: nothing to detach from
                 logger.warning("engine client %d could not detach from engine %s (%s: %s)", self._client,
                                self.name, type(exc).__name__, exc)
-        self._calls.put((None, ()))
-        self._poller.join(timeout=POLL_TIMEOUT_S * 2)
-        self._caller.join(timeout=POLL_TIMEOUT_S * 2)
-        if self.dead_reason is None:
-            self._end_requests(f"the client of shardserve engine {self.name} was shut down")
 
     def _release_group(self) -> None:
         if self._owns_group:

@@ -470,8 +470,7 @@ def main(argv=None) -> dict:
         results[mode] += mode_results
         durations[mode] += duration
         if before is not None and after is not None:
-            compiles[mode] = compiles[mode] or 0.0
-            compiles[mode] += kernel_compiles(after) - kernel_compiles(before)
+            compiles[mode] = (compiles[mode] or 0.0) + kernel_compiles(after) - kernel_compiles(before)
             cache_tokens[mode] += prefix_cache_tokens(after) - prefix_cache_tokens(before)
         # With several API servers per engine each scrape is one API server's (Serve's router
         # picks it): the engine's figures above are every one's, its intake only that one's.
